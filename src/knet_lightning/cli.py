@@ -1,0 +1,235 @@
+"""Hydra entry point: ``python -m knet_lightning`` / ``knet-lightning``.
+
+``mode=train`` fits and then tests the best checkpoint, ``mode=eval`` tests ``ckpt_path``,
+``mode=predict`` writes predictions for ``inputs``. Every run gets its own folder
+(``logs/<task>/runs/<date_time>/``) holding the resolved config, checkpoints, logs and overlays.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("knet_lightning")
+
+# keys of the data config that describe the data set rather than construct the data module
+DATA_META_KEYS = ("num_things", "num_stuff", "num_classes")
+SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
+
+
+def config_dir() -> str:
+    """The folder holding ``train.yaml``: ``$KNET_CONFIG_DIR``, else the checkout's ``conf/``,
+    else the copy shipped inside the installed package."""
+    env = os.environ.get("KNET_CONFIG_DIR")
+    if env:
+        return str(Path(env).resolve())
+    checkout = Path(__file__).resolve().parents[2] / "conf"
+    if (checkout / "train.yaml").is_file():
+        return str(checkout)
+    shipped = Path(str(resources.files("knet_lightning") / "conf"))
+    if (shipped / "train.yaml").is_file():
+        return str(shipped)
+    raise FileNotFoundError(
+        f"knet-lightning configs not found: looked for {checkout}/train.yaml and {shipped}/train.yaml; "
+        "set KNET_CONFIG_DIR to the folder holding train.yaml"
+    )
+
+
+def redact(obj: Any) -> Any:
+    """A copy of a plain config container with secret-looking values replaced."""
+    if isinstance(obj, dict):
+        return {k: ("***" if SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The run's config with every interpolation resolved and secrets redacted."""
+    return redact(OmegaConf.to_container(cfg, resolve=True))
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
+    """``ckpt_path`` as a file: ``last`` means this run folder's ``checkpoints/last.ckpt`` if it
+    exists (resuming with ``hydra.run.dir=<old run>``), else the newest ``last.ckpt`` of any
+    earlier run of this task under ``paths.log_dir``."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is None:
+        return None
+    if str(ckpt) != "last":
+        path = Path(str(ckpt))
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt}: no such checkpoint file")
+        return str(path)
+    here = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if here.is_file():
+        return str(here)
+    runs = sorted(
+        Path(cfg.paths.log_dir).glob("*/runs/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
+    )
+    if not runs:
+        raise FileNotFoundError(
+            f"ckpt_path=last: no last.ckpt in {here.parent} nor under {cfg.paths.log_dir}/*/runs/*/checkpoints/"
+        )
+    return str(runs[-1])
+
+
+def check_output_dir(path: Path) -> None:
+    """Fail before any work if the run folder cannot be written."""
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".write_test"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"output folder {path} is not writable: {err}") from err
+
+
+def build_datamodule(cfg: DictConfig) -> Any:
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    for key in DATA_META_KEYS:
+        data_cfg.pop(key, None)
+    return hydra.utils.instantiate(data_cfg, _convert_="partial")
+
+
+def check_class_counts(cfg: DictConfig, class_info: Any) -> None:
+    """The model's class counts (from ``data.num_things`` / ``data.num_stuff``) must equal the
+    data set's metadata; a mismatch would silently train the wrong classifier."""
+    expected = {"num_things": class_info.num_things, "num_stuff": class_info.num_stuff}
+    for key, value in expected.items():
+        if key in cfg.data and cfg.data[key] is not None and int(cfg.data[key]) != int(value):
+            raise ValueError(
+                f"data.{key}={cfg.data[key]} but the data set's categories give {value} "
+                f"({class_info.num_things} things, {class_info.num_stuff} stuff); fix data.{key}"
+            )
+
+
+def build_callbacks(cfg: DictConfig) -> list[Any]:
+    callbacks_cfg = cfg.get("callbacks") or {}
+    return [
+        hydra.utils.instantiate(c)
+        for c in callbacks_cfg.values()
+        if isinstance(c, DictConfig) and "_target_" in c
+    ]
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    logger_cfg = cfg.get("logger") or {}
+    return [
+        hydra.utils.instantiate(c) for c in logger_cfg.values() if isinstance(c, DictConfig) and "_target_" in c
+    ]
+
+
+def print_results(title: str, metrics: dict[str, Any]) -> None:
+    """A results table on stdout (rich if available)."""
+    rows = [(k, float(v)) for k, v in sorted(metrics.items()) if not k.startswith("train/")]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k, v in rows:
+            table.add_row(k, f"{v:.2f}")
+        Console(width=100).print(table)
+    except ImportError:  # pragma: no cover - rich is a dependency
+        print(title)
+        for k, v in rows:
+            print(f"{k:>24s} {v:8.2f}")
+
+
+def run(cfg: DictConfig) -> Optional[float]:
+    """Run one job described by a composed config; returns ``optimized_metric`` if measured."""
+    import lightning as L
+
+    from knet_lightning.data.folder import folder_dataloader, write_predictions
+
+    if cfg.get("matmul_precision"):
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
+    L.seed_everything(cfg.seed, workers=True)
+
+    output_dir = Path(cfg.paths.output_dir)
+    check_output_dir(output_dir)
+    resolved = resolved_config(cfg)
+    if L.pytorch.utilities.rank_zero_only.rank == 0:
+        (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    class_info = datamodule.class_info
+    check_class_counts(cfg, class_info)
+
+    model = hydra.utils.instantiate(
+        cfg.model,
+        class_names=list(class_info.names),
+        isthing=list(class_info.isthing),
+        colors=[list(c) for c in class_info.colors],
+        _convert_="partial",
+    )
+    if cfg.get("compile"):
+        model.net = torch.compile(model.net)
+
+    loggers = build_loggers(cfg)
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False)
+
+    mode = cfg.mode
+    ckpt_path = resolve_ckpt_path(cfg)
+    metrics: dict[str, Any] = {}
+    if mode == "train":
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics.update({k: v for k, v in trainer.callback_metrics.items()})
+        if cfg.get("test_after_fit", True) and not trainer.fast_dev_run:
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            if not best:
+                log.warning("no best checkpoint was saved; testing the last weights")
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+            metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+        elif cfg.get("test_after_fit", True):
+            trainer.test(model, datamodule=datamodule)
+            metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+    elif mode == "eval":
+        if ckpt_path is None:
+            raise ValueError("mode=eval needs ckpt_path=<checkpoint> (or ckpt_path=last)")
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics.update({k: v for k, v in trainer.callback_metrics.items()})
+    elif mode == "predict":
+        if ckpt_path is None:
+            raise ValueError("mode=predict needs ckpt_path=<checkpoint> (or ckpt_path=last)")
+        if not cfg.get("inputs"):
+            raise ValueError("mode=predict needs inputs=<image file or folder>")
+        loader = folder_dataloader(cfg.inputs, datamodule)
+        batches = trainer.predict(model, dataloaders=loader, ckpt_path=ckpt_path)
+        if trainer.is_global_zero:
+            written = write_predictions(batches, Path(cfg.predict_output_dir), class_info, model.task)
+            log.info("wrote %d predictions to %s", written, cfg.predict_output_dir)
+        return None
+    else:
+        raise ValueError(f"mode={mode!r}: expected train, eval or predict")
+
+    metrics = {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) or isinstance(v, (int, float))}
+    if trainer.is_global_zero:
+        print_results(f"K-Net {model.task} ({mode})", metrics)
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return value
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> Optional[float]:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

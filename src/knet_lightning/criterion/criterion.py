@@ -1,0 +1,428 @@
+"""K-Net training criterion for the instance and panoptic tasks (spec §3.1-§3.3).
+
+Per stage, following the official code:
+
+* **Stage 0** (kernel head) is matched on its own detached stride-4 masks ``M0`` without a
+  class cost. Losses on the ``num_proposals`` instance kernels only: mask BCE, dice, the dense
+  auxiliary sigmoid-focal semantic loss on ``sem_logits`` and (panoptic) the rank loss.
+* **Update stage s >= 1** is matched on stage ``s-1``'s detached predictions: stage 1 on
+  ``M0`` with dice + mask costs only (so it reuses stage 0's assignment), stages >= 2 on the
+  previous stage's masks *and* class scores. Losses: focal class loss, mask BCE, dice and
+  (panoptic) rank over all ``num_proposals + num_stuff`` kernels.
+* Only thing GTs and the first ``num_proposals`` kernels take part in matching. Stuff kernel
+  ``num_proposals + k`` is hard-wired to stuff class ``num_things + k``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from knet_lightning.criterion.losses import dice_loss, mask_bce_loss, rank_loss, sigmoid_focal_loss
+from knet_lightning.criterion.matcher import HungarianMatcher
+from knet_lightning.models.outputs import StageOutput
+
+__all__ = ["KNetCriterion"]
+
+IGNORE_INDEX = 255
+# GT masks are padded to the image size and downsampled to the stride of the loss maps.
+MASK_ASSIGN_STRIDE = 4
+
+Assignment = list[tuple[Tensor, Tensor]]
+
+
+@dataclass
+class _Targets:
+    """Ground truth of one batch at stride 4.
+
+    Attributes:
+        thing_masks: ``B`` soft float tensors ``(G_b, h, w)``.
+        thing_labels: ``B`` int64 tensors ``(G_b,)`` in ``[0, num_things)``.
+        stuff_masks: ``(B, num_stuff, h, w)`` soft stuff masks, zero where a class is absent.
+        stuff_present: ``(B, num_stuff)`` bool, class present in the (full-resolution) image.
+    """
+
+    thing_masks: list[Tensor]
+    thing_labels: list[Tensor]
+    stuff_masks: Tensor
+    stuff_present: Tensor
+
+
+def _reduce_mean(x: Tensor) -> Tensor:
+    """Mean of ``x`` over processes when torch.distributed runs, else ``x``."""
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x.div_(dist.get_world_size()))
+    return x
+
+
+def _last_cover(masks: Tensor) -> Tensor:
+    """Index of the last mask covering each pixel (later masks overwrite earlier ones).
+
+    Args:
+        masks: ``(B, K, h, w)`` bool.
+
+    Returns:
+        ``(B, h, w)`` int64, ``-1`` where no mask covers the pixel.
+    """
+    B, K, h, w = masks.shape
+    if K == 0:
+        return torch.full((B, h, w), -1, dtype=torch.long, device=masks.device)
+    k = torch.arange(K, device=masks.device).view(1, K, 1, 1)
+    return torch.where(masks, k, torch.full_like(k, -1)).amax(1)
+
+
+def _downsample(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear (``align_corners=False``, no antialias, as mmdet) resize of ``(K, H, W)`` masks."""
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, *size))
+    return F.interpolate(masks[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+class KNetCriterion(nn.Module):
+    """Matching + weighted K-Net losses for all stages.
+
+    Args:
+        task: ``"panoptic"`` or ``"instance"``.
+        num_things: number of thing classes (ids ``[0, num_things)``).
+        num_stuff: number of stuff classes (ids ``[num_things, num_things + num_stuff)``); in
+            instance mode stuff segments in the targets are ignored.
+        num_proposals: number of instance kernels (the first rows of every stage's outputs).
+        matcher: the Hungarian matcher; default ``HungarianMatcher()`` (cls 2, dice 4, mask 1).
+        cls_weight: focal class loss weight (update stages).
+        mask_weight: mask BCE weight.
+        dice_weight: dice loss weight.
+        rank_weight: rank loss weight (panoptic only).
+        seg_weight: stage-0 auxiliary dense focal loss weight.
+        stage_weights: one weight per *update* stage ``1..S`` (default all 1); stage 0 is
+            unweighted, as in the official code.
+        alpha: focal alpha (class and dense losses).
+        gamma: focal gamma.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        num_things: int,
+        num_stuff: int,
+        num_proposals: int,
+        matcher: Optional[HungarianMatcher] = None,
+        cls_weight: float = 2.0,
+        mask_weight: float = 1.0,
+        dice_weight: float = 4.0,
+        rank_weight: float = 0.1,
+        seg_weight: float = 1.0,
+        stage_weights: Optional[Sequence[float]] = None,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if task not in ("panoptic", "instance"):
+            raise ValueError(f"KNetCriterion: task must be 'panoptic' or 'instance', got {task!r}")
+        if num_things < 1:
+            raise ValueError(f"KNetCriterion: num_things must be >= 1, got {num_things}")
+        if num_stuff < 0 or (task == "panoptic" and num_stuff < 1):
+            raise ValueError(
+                f"KNetCriterion: num_stuff must be >= 1 for panoptic and >= 0 otherwise, got {num_stuff}"
+            )
+        if num_proposals < 1:
+            raise ValueError(f"KNetCriterion: num_proposals must be >= 1, got {num_proposals}")
+        self.task = task
+        self.panoptic = task == "panoptic"
+        self.num_things = num_things
+        self.num_stuff = num_stuff
+        self.num_proposals = num_proposals
+        self.matcher = matcher if matcher is not None else HungarianMatcher()
+        self.cls_weight = cls_weight
+        self.mask_weight = mask_weight
+        self.dice_weight = dice_weight
+        self.rank_weight = rank_weight
+        self.seg_weight = seg_weight
+        self.stage_weights = None if stage_weights is None else [float(w) for w in stage_weights]
+        self.alpha = alpha
+        self.gamma = gamma
+
+    @property
+    def num_classes(self) -> int:
+        """Width of the class logits: things + stuff for panoptic, things for instance."""
+        return self.num_things + (self.num_stuff if self.panoptic else 0)
+
+    @property
+    def num_kernels(self) -> int:
+        """Kernels per image in the update stages."""
+        return self.num_proposals + (self.num_stuff if self.panoptic else 0)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, outputs: Sequence[StageOutput], targets: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
+        """Weighted loss terms of every stage.
+
+        Args:
+            outputs: ``S + 1`` stage outputs (stage 0 = kernel head); see
+                :class:`~knet_lightning.models.outputs.StageOutput`.
+            targets: ``B`` target dicts of the batch contract (``masks`` bool ``(K, h, w)``,
+                ``labels`` int64 ``(K,)``, ``iscrowd`` bool ``(K,)``).
+
+        Returns:
+            ``{"s0.mask", "s0.dice", "s0.seg", ["s0.rank"], "s1.cls", "s1.mask", "s1.dice",
+            ["s1.rank"], ...}``: scalar tensors, already multiplied by their loss and stage
+            weights; the caller sums them. Rank terms only for panoptic.
+        """
+        self._check_outputs(outputs, targets)
+        num_stages = len(outputs) - 1
+        stage_weights = self.stage_weights if self.stage_weights is not None else [1.0] * num_stages
+        if len(stage_weights) != num_stages:
+            raise ValueError(
+                f"KNetCriterion: stage_weights has {len(stage_weights)} entries but the model has "
+                f"{num_stages} update stages"
+            )
+        P = self.num_proposals
+        mask0 = outputs[0].mask_logits
+        gts = self._prepare_targets(targets, tuple(mask0.shape[-2:]), mask0.device)
+
+        losses: dict[str, Tensor] = {}
+        # Stage 0 and stage 1 are both matched on M0 without a class cost: one assignment.
+        assignment = self.matcher(mask0[:, :P].detach(), None, gts.thing_masks, gts.thing_labels)
+        losses.update(self._stage0_losses(outputs[0], assignment, gts))
+        for s in range(1, num_stages + 1):
+            if s >= 2:
+                prev = outputs[s - 1]
+                assignment = self.matcher(
+                    prev.mask_logits[:, :P].detach(),
+                    prev.cls_logits[:, :P, : self.num_things].detach(),
+                    gts.thing_masks,
+                    gts.thing_labels,
+                )
+            losses.update(self._update_stage_losses(s, outputs[s], assignment, gts, stage_weights[s - 1]))
+        return losses
+
+    # ------------------------------------------------------------------ targets
+
+    def _prepare_targets(self, targets: Sequence[dict[str, Any]], size: tuple[int, int], device: torch.device) -> _Targets:
+        """Drop crowd/empty segments, split things/stuff, pad to ``4 * size``, downsample ×4."""
+        h, w = size
+        pad_h, pad_w = MASK_ASSIGN_STRIDE * h, MASK_ASSIGN_STRIDE * w
+        T, S = self.num_things, self.num_stuff
+        thing_full: list[Tensor] = []
+        thing_labels: list[Tensor] = []
+        stuff_full: list[Tensor] = []
+        stuff_img: list[Tensor] = []
+        stuff_cls: list[Tensor] = []
+        for b, tgt in enumerate(targets):
+            masks, labels, crowd = self._read_target(b, tgt, pad_h, pad_w, device)
+            mh, mw = masks.shape[-2:]
+            # Empty segments (e.g. cropped away) carry no supervision and would distort matching.
+            keep = ~crowd & masks.flatten(1).any(1)
+            masks, labels = masks[keep], labels[keep]
+            is_thing = labels < T
+            pad = (0, pad_w - mw, 0, pad_h - mh)
+            thing_full.append(F.pad(masks[is_thing].float(), pad))
+            thing_labels.append(labels[is_thing])
+            if self.panoptic:
+                stuff_idx = labels[~is_thing] - T
+                # Several segments of one stuff class form one stuff target (``sem2ins_masks``).
+                uniq, inv = torch.unique(stuff_idx, return_inverse=True)
+                union = masks.new_zeros((uniq.numel(), mh, mw), dtype=torch.float32)
+                union.index_add_(0, inv, masks[~is_thing].float()).clamp_(max=1.0)
+                stuff_full.append(F.pad(union, pad))
+                stuff_img.append(torch.full_like(uniq, b))
+                stuff_cls.append(uniq)
+
+        counts = [int(t.shape[0]) for t in thing_full]
+        things = _downsample(torch.cat(thing_full), (h, w))
+        B = len(targets)
+        stuff_masks = torch.zeros((B, S, h, w), device=device)
+        stuff_present = torch.zeros((B, S), dtype=torch.bool, device=device)
+        if self.panoptic:
+            img_idx, cls_idx = torch.cat(stuff_img), torch.cat(stuff_cls)
+            stuff_masks[img_idx, cls_idx] = _downsample(torch.cat(stuff_full), (h, w))
+            stuff_present[img_idx, cls_idx] = True
+        return _Targets(list(things.split(counts)), thing_labels, stuff_masks, stuff_present)
+
+    def _read_target(
+        self, b: int, tgt: dict[str, Any], pad_h: int, pad_w: int, device: torch.device
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Validate ``targets[b]`` and return ``masks (K,h,w) bool, labels (K,), iscrowd (K,)``."""
+        for key in ("masks", "labels"):
+            if key not in tgt:
+                raise KeyError(f"KNetCriterion: targets[{b}] has no {key!r} entry")
+        # ``as_subclass`` drops tv_tensors wrappers (Mask) so that later ops return plain tensors.
+        masks = torch.as_tensor(tgt["masks"], device=device).as_subclass(Tensor)
+        labels = torch.as_tensor(tgt["labels"], device=device).as_subclass(Tensor)
+        if masks.dim() != 3:
+            raise ValueError(f"KNetCriterion: targets[{b}]['masks'] must be (K, h, w), got {tuple(masks.shape)}")
+        if masks.dtype != torch.bool:
+            if masks.is_floating_point() or not ((masks == 0) | (masks == 1)).all():
+                raise ValueError(
+                    f"KNetCriterion: targets[{b}]['masks'] must be bool (or 0/1 integers), got {masks.dtype}"
+                )
+            masks = masks.bool()
+        K, mh, mw = masks.shape
+        if labels.dim() != 1 or labels.shape[0] != K or labels.is_floating_point():
+            raise ValueError(
+                f"KNetCriterion: targets[{b}]['labels'] must be int64 ({K},) to match its masks, "
+                f"got {labels.dtype} {tuple(labels.shape)}"
+            )
+        labels = labels.long()
+        if K > 0 and (int(labels.min()) < 0 or int(labels.max()) >= self.num_things + self.num_stuff):
+            raise ValueError(
+                f"KNetCriterion: targets[{b}]['labels'] must lie in [0, {self.num_things + self.num_stuff}) "
+                f"(things first, then stuff); got values in [{int(labels.min())}, {int(labels.max())}]"
+            )
+        if mh > pad_h or mw > pad_w:
+            raise ValueError(
+                f"KNetCriterion: targets[{b}]['masks'] are {mh}x{mw} but the stride-4 mask logits only "
+                f"cover {pad_h}x{pad_w} pixels; targets must be at the (unpadded) network input size"
+            )
+        crowd = tgt.get("iscrowd")
+        if crowd is None:
+            crowd = torch.zeros(K, dtype=torch.bool, device=device)
+        else:
+            crowd = torch.as_tensor(crowd, device=device).bool()
+            if crowd.shape != (K,):
+                raise ValueError(
+                    f"KNetCriterion: targets[{b}]['iscrowd'] must be bool ({K},), got {tuple(crowd.shape)}"
+                )
+        if not self.panoptic:
+            # Instance mode learns things only; stuff segments of a panoptic data set are dropped.
+            crowd = crowd | (labels >= self.num_things)
+        return masks, labels, crowd
+
+    def _thing_targets(
+        self, assignment: Assignment, gts: _Targets, batch: int, num_rows: int, size: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
+        """Per-kernel labels and mask targets from the matching.
+
+        Returns:
+            ``labels (B, num_rows)`` int64 (``num_classes`` = background) and
+            ``mask_targets (B, num_rows, h, w)`` float (zero for unmatched kernels).
+        """
+        device = gts.stuff_masks.device
+        labels = torch.full((batch, num_rows), self.num_classes, dtype=torch.long, device=device)
+        mask_targets = torch.zeros((batch, num_rows, *size), device=device)
+        offsets = [0]
+        for m in gts.thing_masks:
+            offsets.append(offsets[-1] + int(m.shape[0]))
+        pred_flat = torch.cat([b * num_rows + p for b, (p, _) in enumerate(assignment)])
+        gt_flat = torch.cat([offsets[b] + g for b, (_, g) in enumerate(assignment)])
+        if pred_flat.numel() > 0:
+            labels.view(-1)[pred_flat] = torch.cat(gts.thing_labels)[gt_flat]
+            mask_targets.view(-1, *size)[pred_flat] = torch.cat(gts.thing_masks)[gt_flat]
+        return labels, mask_targets
+
+    def _rank_target(self, mask_targets: Tensor, pos: Tensor) -> Tensor:
+        """``(B, h, w)`` index of the last positive kernel whose binarized target covers the pixel."""
+        owner = _last_cover((mask_targets > 0) & pos[:, :, None, None])
+        return torch.where(owner >= 0, owner, torch.full_like(owner, IGNORE_INDEX))
+
+    # ------------------------------------------------------------------ losses
+
+    def _mask_losses(
+        self, mask_logits: Tensor, mask_targets: Tensor, pos: Tensor, prefix: str, weight: float
+    ) -> dict[str, Tensor]:
+        """Mask BCE, dice and (panoptic) rank on the positive kernels."""
+        out: dict[str, Tensor] = {}
+        if pos.any():
+            pos_logits, pos_targets = mask_logits[pos], mask_targets[pos]
+            out[f"{prefix}.mask"] = weight * self.mask_weight * mask_bce_loss(pos_logits, pos_targets)
+            out[f"{prefix}.dice"] = weight * self.dice_weight * dice_loss(pos_logits, pos_targets)
+            if self.panoptic:
+                rank = rank_loss(mask_logits, self._rank_target(mask_targets, pos), IGNORE_INDEX)
+                out[f"{prefix}.rank"] = weight * self.rank_weight * rank
+        else:
+            zero = mask_logits.sum() * 0.0
+            out[f"{prefix}.mask"] = zero
+            out[f"{prefix}.dice"] = zero.clone()
+            if self.panoptic:
+                out[f"{prefix}.rank"] = zero.clone()
+        return out
+
+    def _stage0_losses(self, out: StageOutput, assignment: Assignment, gts: _Targets) -> dict[str, Tensor]:
+        """Kernel-head losses on the ``num_proposals`` instance kernels + dense focal loss."""
+        mask_logits = out.mask_logits[:, : self.num_proposals]
+        B, P, h, w = mask_logits.shape
+        labels, mask_targets = self._thing_targets(assignment, gts, B, P, (h, w))
+        pos = labels < self.num_classes
+        losses = self._mask_losses(mask_logits, mask_targets, pos, "s0", 1.0)
+
+        # Dense target: stuff pixels first, then matched things overwrite in kernel order.
+        C = self.num_classes
+        seg_target = torch.full((B, h, w), C, dtype=torch.long, device=mask_logits.device)
+        if self.panoptic:
+            stuff_owner = _last_cover(gts.stuff_masks > 0)
+            seg_target = torch.where(stuff_owner >= 0, stuff_owner + self.num_things, seg_target)
+        thing_owner = _last_cover((mask_targets > 0) & pos[:, :, None, None])
+        thing_cls = labels.gather(1, thing_owner.clamp(min=0).flatten(1)).view(B, h, w)
+        seg_target = torch.where(thing_owner >= 0, thing_cls, seg_target)
+
+        sem_logits = F.interpolate(out.sem_logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+        onehot = F.one_hot(seg_target, C + 1)[..., :C].permute(0, 3, 1, 2)
+        num_fg = (seg_target < C).sum().float().clamp(min=1.0)
+        seg = sigmoid_focal_loss(sem_logits, onehot, alpha=self.alpha, gamma=self.gamma, avg_factor=num_fg)
+        losses["s0.seg"] = self.seg_weight * seg
+        return losses
+
+    def _update_stage_losses(
+        self, s: int, out: StageOutput, assignment: Assignment, gts: _Targets, stage_weight: float
+    ) -> dict[str, Tensor]:
+        """Class, mask, dice and (panoptic) rank losses of update stage ``s`` over all kernels."""
+        mask_logits, cls_logits = out.mask_logits, out.cls_logits
+        B, N, h, w = mask_logits.shape
+        P, T, C = self.num_proposals, self.num_things, self.num_classes
+        labels, mask_targets = self._thing_targets(assignment, gts, B, N, (h, w))
+        label_weights = mask_logits.new_zeros((B, N, C), dtype=torch.float32)
+        # Thing kernels never see a gradient on stuff columns (zero weight there).
+        label_weights[:, :P, :T] = 1.0
+        if self.panoptic:
+            S = self.num_stuff
+            stuff_cls = torch.arange(S, device=mask_logits.device) + T
+            labels[:, P:] = torch.where(gts.stuff_present, stuff_cls, torch.full_like(stuff_cls, C))
+            # Stuff kernel k learns only a present/absent logit in its own column T + k.
+            label_weights[:, P:, T:] = torch.eye(S, device=mask_logits.device)
+            mask_targets[:, P:] = gts.stuff_masks
+        pos = labels < C
+        avg_factor = _reduce_mean(pos.sum().float()).clamp(min=1.0)
+        onehot = F.one_hot(labels, C + 1)[..., :C]
+        cls = sigmoid_focal_loss(cls_logits, onehot, label_weights, self.alpha, self.gamma, avg_factor)
+        losses = {f"s{s}.cls": stage_weight * self.cls_weight * cls}
+        losses.update(self._mask_losses(mask_logits, mask_targets, pos, f"s{s}", stage_weight))
+        return losses
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_outputs(self, outputs: Sequence[StageOutput], targets: Sequence[dict[str, Any]]) -> None:
+        if len(outputs) < 1:
+            raise ValueError("KNetCriterion: outputs must hold at least the stage-0 output")
+        B = outputs[0].mask_logits.shape[0]
+        if len(targets) != B:
+            raise ValueError(f"KNetCriterion: got {len(targets)} targets for a batch of {B} images")
+        size = tuple(outputs[0].mask_logits.shape[-2:])
+        for s, out in enumerate(outputs):
+            m = out.mask_logits
+            n_expected = self.num_kernels
+            if m.dim() != 4 or m.shape[0] != B or m.shape[1] != n_expected or tuple(m.shape[-2:]) != size:
+                raise ValueError(
+                    f"KNetCriterion: outputs[{s}].mask_logits must be (B={B}, N={n_expected}, {size[0]}, "
+                    f"{size[1]}) (num_proposals + num_stuff kernels for panoptic), got {tuple(m.shape)}"
+                )
+            if s == 0:
+                sem = out.sem_logits
+                if sem is None or sem.dim() != 4 or sem.shape[:2] != (B, self.num_classes):
+                    got = None if sem is None else tuple(sem.shape)
+                    raise ValueError(
+                        f"KNetCriterion: outputs[0].sem_logits must be (B={B}, C={self.num_classes}, h, w) "
+                        f"auxiliary semantic logits, got {got}"
+                    )
+            else:
+                c = out.cls_logits
+                if c is None or c.shape != (B, n_expected, self.num_classes):
+                    got = None if c is None else tuple(c.shape)
+                    raise ValueError(
+                        f"KNetCriterion: outputs[{s}].cls_logits must be (B={B}, N={n_expected}, "
+                        f"C={self.num_classes}), got {got}"
+                    )

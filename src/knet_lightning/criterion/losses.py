@@ -1,0 +1,167 @@
+"""K-Net loss functions (spec §3.2-§3.4), as pure functions.
+
+Every function returns an *unweighted* scalar; the criteria multiply by the loss weights.
+They follow the reductions of the official MMDetection 2.x / MMSegmentation 0.x code, which
+are not always the "obvious" ones (see ``rank_loss`` and ``semantic_ce_loss``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "sigmoid_focal_loss",
+    "dice_loss",
+    "mask_bce_loss",
+    "rank_loss",
+    "semantic_ce_loss",
+]
+
+
+def sigmoid_focal_loss(
+    logits: Tensor,
+    targets: Tensor,
+    weight: Optional[Tensor] = None,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    avg_factor: Optional[Union[Tensor, float]] = None,
+) -> Tensor:
+    """Sigmoid focal loss (Lin et al.), as mmdet's ``py_sigmoid_focal_loss``.
+
+    ``loss = BCE(x, t) * (alpha t + (1 - alpha)(1 - t)) * pt^gamma`` with
+    ``pt = (1 - p) t + p (1 - t)`` and ``p = sigmoid(x)``.
+
+    Args:
+        logits: ``(..., C)`` (any shape) raw logits.
+        targets: same shape, one-hot (or soft) targets in ``[0, 1]``; an all-zero row is
+            background, since there is no background logit.
+        weight: optional per-element weights, same shape as ``logits`` (or broadcastable).
+        alpha: weight of the positive term.
+        gamma: focusing exponent.
+        avg_factor: if given, the weighted *sum* is divided by it (mmdet's normaliser, e.g.
+            the number of positives); otherwise the weighted mean over all elements.
+
+    Returns:
+        Scalar loss.
+    """
+    if logits.shape != targets.shape:
+        raise ValueError(
+            f"sigmoid_focal_loss: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} "
+            "must have the same shape"
+        )
+    logits = logits.float()
+    targets = targets.to(logits.dtype)
+    p = logits.sigmoid()
+    pt = (1 - p) * targets + p * (1 - targets)
+    focal_weight = (alpha * targets + (1 - alpha) * (1 - targets)) * pt.pow(gamma)
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * focal_weight
+    if weight is not None:
+        loss = loss * weight.to(loss.dtype)
+    if avg_factor is None:
+        return loss.mean()
+    return loss.sum() / avg_factor
+
+
+def dice_loss(logits: Tensor, targets: Tensor, eps: float = 1e-3) -> Tensor:
+    """Dice loss with squared denominators, averaged over masks (knet ``DiceLoss``).
+
+    ``1 - 2 sum(p t) / ((sum p^2 + eps) + (sum t^2 + eps))`` per mask, ``p = sigmoid(logits)``.
+
+    Args:
+        logits: ``(P, H, W)`` (or ``(P, ...)``) mask logits.
+        targets: same shape, soft targets in ``[0, 1]``.
+        eps: added to *each* squared sum, as the official code does.
+
+    Returns:
+        Scalar: mean over the ``P`` masks (``0 * sum`` of the logits when ``P == 0``, so the
+        graph stays connected).
+    """
+    if logits.shape != targets.shape:
+        raise ValueError(
+            f"dice_loss: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} "
+            "must have the same shape"
+        )
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    p = logits.float().sigmoid().flatten(1)
+    t = targets.float().flatten(1)
+    a = (p * t).sum(1)
+    b = (p * p).sum(1) + eps
+    c = (t * t).sum(1) + eps
+    return (1 - 2 * a / (b + c)).mean()
+
+
+def mask_bce_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Binary cross-entropy with logits, mean over every pixel of every mask.
+
+    Args:
+        logits: ``(P, H, W)`` mask logits.
+        targets: same shape, soft targets in ``[0, 1]``.
+
+    Returns:
+        Scalar (``0 * sum`` of the logits when ``P == 0``).
+    """
+    if logits.shape != targets.shape:
+        raise ValueError(
+            f"mask_bce_loss: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} "
+            "must have the same shape"
+        )
+    if logits.numel() == 0:
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="mean")
+
+
+def rank_loss(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
+    """Softmax cross-entropy across the kernel dimension at each pixel (panoptic rank loss).
+
+    The mean runs over **all** pixels, ignored ones included (they contribute 0): this is the
+    mmdet 2.17 ``CrossEntropyLoss`` reduction the official numbers were trained with.
+
+    Args:
+        logits: ``(B, N, H, W)`` mask logits of all kernels.
+        target: ``(B, H, W)`` int64 index of the kernel that owns each pixel, or
+            ``ignore_index``.
+        ignore_index: label of pixels that take no loss.
+
+    Returns:
+        Scalar loss.
+    """
+    if logits.dim() != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(
+            f"rank_loss: expected logits (B, N, H, W) and target (B, H, W); got "
+            f"{tuple(logits.shape)} and {tuple(target.shape)}"
+        )
+    loss = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, reduction="none")
+    return loss.mean()
+
+
+def semantic_ce_loss(
+    logits: Tensor, target: Tensor, ignore_index: int = 255, avg_non_ignore: bool = False
+) -> Tensor:
+    """Per-pixel softmax cross-entropy over classes, with an ignore label.
+
+    Args:
+        logits: ``(B, C, H, W)`` class logits (already at the label size).
+        target: ``(B, H, W)`` int64 class ids, ``ignore_index`` for void.
+        ignore_index: void label.
+        avg_non_ignore: ``False`` (mmseg 0.x default, the official K-Net setting) averages
+            over all pixels, ignored ones included; ``True`` averages over valid pixels only
+            (0 if there are none).
+
+    Returns:
+        Scalar loss.
+    """
+    if logits.dim() != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(
+            f"semantic_ce_loss: expected logits (B, C, H, W) and target (B, H, W); got "
+            f"{tuple(logits.shape)} and {tuple(target.shape)}"
+        )
+    loss = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, reduction="none")
+    if not avg_non_ignore:
+        return loss.mean()
+    num_valid = (target != ignore_index).sum().clamp(min=1)
+    return loss.sum() / num_valid

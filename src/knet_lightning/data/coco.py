@@ -1,0 +1,306 @@
+"""COCO panoptic reader (PNG segment maps + JSON), also used for the synthetic default.
+
+Two on-disk layouts are common for the panoptic PNG folder:
+
+- ``layout="annotations"`` (the official ``panoptic_annotations_trainval2017.zip`` unpacked
+  in place)::
+
+      root/train2017/*.jpg
+      root/annotations/panoptic_train2017.json
+      root/annotations/panoptic_train2017/*.png
+
+- ``layout="root"`` (detectron2's ``datasets/coco``)::
+
+      root/train2017/*.jpg
+      root/annotations/panoptic_train2017.json
+      root/panoptic_train2017/*.png
+
+Conventions of the target (see ``architecture.md`` §3):
+
+- Crowd segments are kept in ``masks``/``labels`` with ``iscrowd=True`` (the criterion drops
+  them, the PQ evaluator needs them), but their pixels are 255 (ignore) in ``sem_seg``:
+  a crowd region is an unreliable label and K-Net ignores crowds in training.
+- PNG pixels with id 0, or with an id that ``segments_info`` does not list, are void: 255 in
+  ``sem_seg`` and 0 in ``panoptic``. The official PQ evaluation also ignores such pixels.
+- ``panoptic`` is a plain ``torch.Tensor`` (not a ``tv_tensor``) so that ``transforms.v2``
+  passes it through untouched: it stays at the original resolution for evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from knet_lightning.data.meta import ClassInfo, DatasetError, UnknownCategoryError
+
+__all__ = ["COCOPanopticDataset", "id2rgb", "load_panoptic_png", "rgb2id"]
+
+_LAYOUTS = ("annotations", "root")
+
+Transforms = Callable[[tv_tensors.Image, dict[str, Any]], tuple[tv_tensors.Image, dict[str, Any]]]
+
+
+def rgb2id(rgb: np.ndarray) -> np.ndarray:
+    """COCO panoptic id decoding: ``(H, W, 3)`` uint8 → ``(H, W)`` uint32, id = R + 256 G + 256² B."""
+    rgb = rgb.astype(np.uint32)
+    return rgb[..., 0] + (rgb[..., 1] << 8) + (rgb[..., 2] << 16)
+
+
+def id2rgb(ids: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`rgb2id`: ``(H, W)`` ids → ``(H, W, 3)`` uint8."""
+    ids = ids.astype(np.uint32)
+    return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
+
+
+def _decode(path: Path, what: str) -> Image.Image:
+    """Open and fully decode an image file, turning every failure into a DatasetError."""
+    if not path.is_file():
+        raise DatasetError(f"{path}: {what} not found")
+    try:
+        with Image.open(path) as im:
+            im.load()  # PIL decodes lazily; force it so truncation is caught here
+            return im.copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{path}: cannot decode {what} (corrupt or not an image): {e}") from e
+
+
+def load_panoptic_png(path: str | Path) -> np.ndarray:
+    """Read a COCO panoptic PNG into ``(H, W)`` uint32 segment ids.
+
+    Raises:
+        DatasetError: missing file, undecodable file, or not an RGB(A) PNG.
+    """
+    path = Path(path)
+    im = _decode(path, "panoptic PNG")
+    if im.mode not in ("RGB", "RGBA"):
+        raise DatasetError(
+            f"{path}: panoptic PNG must be RGB (id = R + 256 G + 256^2 B), got PIL mode {im.mode!r}"
+        )
+    return rgb2id(np.asarray(im.convert("RGB")))
+
+
+def _require(obj: Any, keys: tuple[str, ...], where: str, source: Path) -> None:
+    if not isinstance(obj, Mapping):
+        raise DatasetError(f"{source}: {where} must be a JSON object, got {type(obj).__name__}")
+    for key in keys:
+        if key not in obj:
+            raise DatasetError(f"{source}: {where} is missing key '{key}'")
+
+
+class COCOPanopticDataset(Dataset):
+    """COCO panoptic segmentation samples as ``(image, target)`` pairs.
+
+    Args:
+        root: data set folder (``data.root``).
+        split: ``"train"`` or ``"val"`` (any name ``X`` with ``X2017`` folders works).
+        layout: ``"annotations"`` or ``"root"``: where the panoptic PNG folder lives.
+        transforms: ``transforms.v2``-style callable ``(image, target) -> (image, target)``.
+        json_file, image_dir, png_dir: explicit paths overriding the layout; relative
+            paths are taken relative to ``root``.
+
+    Attributes:
+        class_info: contiguous classes (things first) built from the JSON ``categories``.
+        json_path, image_dir, png_dir: the resolved paths.
+        categories: the raw JSON categories (for exporters and the official PQ evaluation).
+
+    ``__getitem__`` returns ``image``: ``tv_tensors.Image`` uint8 ``(3, H, W)`` RGB and a
+    ``target`` dict with ``masks`` (``tv_tensors.Mask`` bool ``(K, H, W)``), ``labels``
+    (int64 ``(K,)`` contiguous), ``iscrowd`` (bool ``(K,)``), ``sem_seg`` (``tv_tensors.Mask``
+    int64 ``(H, W)``, 255 = void or crowd), ``panoptic`` (plain int32 ``(H, W)``: ``k + 1``
+    on the pixels of segment ``k``, 0 = void), ``image_id`` (int), ``file_name`` (str, the
+    image's name in the JSON) and ``orig_size`` (``(H, W)``).
+
+    Raises:
+        DatasetError: at construction for missing folders or a malformed JSON; at
+            ``__getitem__`` for missing/corrupt/mismatched image and PNG files.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        layout: str = "annotations",
+        transforms: Transforms | None = None,
+        json_file: str | Path | None = None,
+        image_dir: str | Path | None = None,
+        png_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        if layout not in _LAYOUTS:
+            raise DatasetError(f"COCO panoptic: layout must be one of {_LAYOUTS}, got {layout!r}")
+        self.root = Path(root)
+        self.split = split
+        self.layout = layout
+        self.transforms = transforms
+        self.json_path = self.root / (json_file or Path("annotations") / f"panoptic_{split}2017.json")
+        self.image_dir = self.root / (image_dir or f"{split}2017")
+        default_png = (
+            Path("annotations") / f"panoptic_{split}2017" if layout == "annotations" else Path(f"panoptic_{split}2017")
+        )
+        self.png_dir = self.root / (png_dir or default_png)
+        self._check_paths()
+        self._load_json()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _check_paths(self) -> None:
+        wanted = {"panoptic JSON": self.json_path, "image folder": self.image_dir, "PNG folder": self.png_dir}
+        listing = "; ".join(f"{k}: {v}" for k, v in wanted.items())
+        if not self.root.is_dir():
+            raise DatasetError(
+                f"COCO panoptic root {self.root} does not exist or is not a folder "
+                f"(layout={self.layout!r} looks for {listing})"
+            )
+        missing = [
+            f"{k} {v}"
+            for k, v in wanted.items()
+            if not (v.is_file() if k == "panoptic JSON" else v.is_dir())
+        ]
+        if missing:
+            hint = ""
+            other = "root" if self.layout == "annotations" else "annotations"
+            other_png = (
+                self.root / f"panoptic_{self.split}2017"
+                if other == "root"
+                else self.root / "annotations" / f"panoptic_{self.split}2017"
+            )
+            if not self.png_dir.is_dir() and other_png.is_dir():
+                hint = f"; {other_png} exists: did you mean layout={other!r}?"
+            raise DatasetError(
+                f"COCO panoptic under {self.root} (layout={self.layout!r}): missing "
+                f"{', '.join(missing)} (looked for {listing}){hint}"
+            )
+
+    def _load_json(self) -> None:
+        src = self.json_path
+        try:
+            with open(src, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{src}: malformed JSON: {e}") from e
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{src}: not a UTF-8 JSON file: {e}") from e
+        _require(data, ("images", "annotations", "categories"), "top level", src)
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(data[key], list):
+                raise DatasetError(f"{src}: '{key}' must be a list, got {type(data[key]).__name__}")
+
+        self.categories: list[dict[str, Any]] = data["categories"]
+        self.class_info = ClassInfo.from_coco_categories(self.categories, source=str(src))
+
+        images: dict[int, dict[str, Any]] = {}
+        for i, img in enumerate(data["images"]):
+            _require(img, ("id", "file_name", "width", "height"), f"images[{i}]", src)
+            images[int(img["id"])] = img
+
+        self._items: list[dict[str, Any]] = []
+        for i, ann in enumerate(data["annotations"]):
+            _require(ann, ("image_id", "file_name", "segments_info"), f"annotations[{i}]", src)
+            image_id = int(ann["image_id"])
+            if image_id not in images:
+                raise DatasetError(
+                    f"{src}: annotations[{i}] refers to image_id {image_id}, which is not in 'images'"
+                )
+            if not isinstance(ann["segments_info"], list):
+                raise DatasetError(f"{src}: annotations[{i}]['segments_info'] must be a list")
+            seg_ids, labels, crowd = [], [], []
+            for j, seg in enumerate(ann["segments_info"]):
+                _require(seg, ("id", "category_id"), f"annotations[{i}]['segments_info'][{j}]", src)
+                try:
+                    labels.append(self.class_info.contiguous_id(seg["category_id"]))
+                except UnknownCategoryError as e:
+                    raise DatasetError(
+                        f"{src}: annotations[{i}] (image {image_id}, {ann['file_name']}) segment "
+                        f"{seg['id']}: {e}"
+                    ) from None
+                seg_ids.append(int(seg["id"]))
+                crowd.append(bool(seg.get("iscrowd", 0)))
+            if len(set(seg_ids)) != len(seg_ids):
+                raise DatasetError(
+                    f"{src}: annotations[{i}] ({ann['file_name']}) lists a segment id twice: {seg_ids}"
+                )
+            img = images[image_id]
+            self._items.append(
+                {
+                    "image_id": image_id,
+                    "file_name": str(img["file_name"]),
+                    "height": int(img["height"]),
+                    "width": int(img["width"]),
+                    "png_name": str(ann["file_name"]),
+                    "segment_ids": np.asarray(seg_ids, dtype=np.uint32),
+                    "labels": np.asarray(labels, dtype=np.int64),
+                    "iscrowd": np.asarray(crowd, dtype=bool),
+                }
+            )
+
+    # ------------------------------------------------------------------ access
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def image_info(self, index: int) -> dict[str, Any]:
+        """``image_id``, ``file_name``, ``height``, ``width`` of a sample without decoding it."""
+        item = self._items[index]
+        return {k: item[k] for k in ("image_id", "file_name", "height", "width")}
+
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        item = self._items[index]
+        image_path = self.image_dir / item["file_name"]
+        png_path = self.png_dir / item["png_name"]
+
+        pil = _decode(image_path, "image file")
+        rgb = np.array(pil.convert("RGB"))  # a writable copy, as torch.from_numpy wants
+        h, w = rgb.shape[:2]
+        if (h, w) != (item["height"], item["width"]):
+            raise DatasetError(
+                f"{image_path}: image is {w}x{h} (WxH) but {self.json_path} says "
+                f"{item['width']}x{item['height']}"
+            )
+        ids = load_panoptic_png(png_path)
+        if ids.shape != (h, w):
+            raise DatasetError(
+                f"{png_path}: PNG size {ids.shape[1]}x{ids.shape[0]} (WxH) differs from the image "
+                f"{image_path.name} size {w}x{h}"
+            )
+
+        seg_ids = item["segment_ids"]
+        labels = item["labels"]
+        iscrowd = item["iscrowd"]
+        # One pass over the pixels: map every distinct PNG id to its segment index.
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        inverse = inverse.reshape(h, w)
+        pos = np.searchsorted(uniq, seg_ids)
+        present = (pos < len(uniq)) & (uniq[np.minimum(pos, len(uniq) - 1)] == seg_ids)
+        if not present.all():
+            raise DatasetError(
+                f"{png_path}: segment id(s) {seg_ids[~present].tolist()} listed in {self.json_path.name} "
+                f"for image {item['image_id']} are absent from the PNG"
+            )
+        sem_lut = np.full(len(uniq), 255, dtype=np.int64)
+        sem_lut[pos[~iscrowd]] = labels[~iscrowd]
+        pan_lut = np.zeros(len(uniq), dtype=np.int32)
+        pan_lut[pos] = np.arange(1, len(seg_ids) + 1, dtype=np.int32)
+        masks = inverse[None] == pos[:, None, None]
+
+        image = tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1).contiguous())
+        target: dict[str, Any] = {
+            "masks": tv_tensors.Mask(torch.from_numpy(masks)),
+            "labels": torch.from_numpy(labels.copy()),
+            "iscrowd": torch.from_numpy(iscrowd.copy()),
+            "sem_seg": tv_tensors.Mask(torch.from_numpy(sem_lut[inverse])),
+            "panoptic": torch.from_numpy(pan_lut[inverse]),
+            "image_id": item["image_id"],
+            "file_name": item["file_name"],
+            "orig_size": (h, w),
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target

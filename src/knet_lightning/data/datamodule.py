@@ -1,0 +1,289 @@
+"""Lightning data modules: data sets per split, transforms and loaders with the batch collate.
+
+A batch is ``{"images": (B, 3, Hp, Wp) float, "image_sizes": [(h, w)], "targets": [dict]}``
+(see :func:`knet_lightning.data.transforms.collate_batch`). The loaders use plain
+``shuffle=True`` / ``False`` so that Lightning swaps in a ``DistributedSampler`` under DDP.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from knet_lightning.data.coco import COCOPanopticDataset
+from knet_lightning.data.meta import ClassInfo, DatasetError
+from knet_lightning.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_panoptic
+from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, collate_batch
+
+__all__ = ["COCOPanopticDataModule", "SegmentationDataModule", "SyntheticPanopticDataModule"]
+
+Transforms = Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]]
+
+# Which split each Lightning stage reads; "predict" reads the test split.
+_ROLES = ("train", "val", "test", "predict")
+
+
+class SegmentationDataModule(L.LightningDataModule, ABC):
+    """Base data module: split data sets, train/eval transforms and loaders.
+
+    Subclasses implement :meth:`make_dataset` (and :meth:`read_class_info` when the
+    classes can be known without building a data set).
+
+    Args:
+        batch_size: training images per device.
+        val_batch_size: evaluation images per device (``None``: ``batch_size``).
+        num_workers: loader worker processes per device.
+        pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
+        persistent_workers: keep workers alive between epochs (only with workers).
+        train_kind: ``"resize"``, ``"multiscale"`` or ``"lsj"`` (see ``build_transforms``).
+        train_short_edge: training short side; an int, a ``(low, high)`` range for
+            ``multiscale``, or ``None`` for no resize.
+        train_max_size: cap on the training long side (``None``: no cap).
+        crop_size: LSJ output size (int or ``(h, w)``).
+        scale_range: LSJ random scale range.
+        flip_prob: horizontal flip probability in training.
+        eval_short_edge, eval_max_size: single-scale evaluation resize (``None``: keep size).
+        size_divisor: padded batch sides are multiples of it.
+        mean, std: normalisation on the 0-1 scale, RGB.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 2,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        train_kind: str = "resize",
+        train_short_edge: int | Sequence[int] | None = 800,
+        train_max_size: int | None = 1333,
+        crop_size: int | Sequence[int] = 1024,
+        scale_range: Sequence[float] = (0.1, 2.0),
+        flip_prob: float = 0.5,
+        eval_short_edge: int | None = 800,
+        eval_max_size: int | None = 1333,
+        size_divisor: int = 32,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"{type(self).__name__}: batch_size must be >= 1, got {batch_size}")
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ValueError(f"{type(self).__name__}: val_batch_size must be >= 1, got {val_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"{type(self).__name__}: num_workers must be >= 0, got {num_workers}")
+        if size_divisor < 1:
+            raise ValueError(f"{type(self).__name__}: size_divisor must be >= 1, got {size_divisor}")
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size) if val_batch_size is not None else self.batch_size
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.size_divisor = int(size_divisor)
+        # Built now, so that a bad setting fails at instantiation, not in a worker.
+        self.train_transforms = build_transforms(
+            True,
+            kind=train_kind,
+            short_edge=_plain_size(train_short_edge),
+            max_size=train_max_size,
+            crop_size=_plain_size(crop_size),
+            scale_range=tuple(scale_range),
+            flip_prob=flip_prob,
+            mean=tuple(mean),
+            std=tuple(std),
+        )
+        self.eval_transforms = build_transforms(
+            False, short_edge=_plain_size(eval_short_edge), max_size=eval_max_size, mean=tuple(mean), std=tuple(std)
+        )
+        self.datasets: dict[str, Dataset] = {}
+        self._class_info: ClassInfo | None = None
+
+    # ----------------------------------------------------------- subclass API
+
+    @abstractmethod
+    def make_dataset(self, role: str, transforms: Transforms) -> Dataset:
+        """The data set for ``role`` (``"train"``, ``"val"``, ``"test"`` or ``"predict"``)."""
+
+    def read_class_info(self) -> ClassInfo:
+        """Classes without a prepared split; the default builds the validation data set."""
+        return _class_info_of(self.make_dataset("val", self.eval_transforms), "val")
+
+    # -------------------------------------------------------------- classes
+
+    @property
+    def class_info(self) -> ClassInfo:
+        """Contiguous classes, things first; readable before ``setup`` (the model needs it first)."""
+        if self._class_info is None:  # setup() sets it from the data sets it builds
+            self._class_info = self.read_class_info()
+        return self._class_info
+
+    @property
+    def num_classes(self) -> int:
+        return self.class_info.num_classes
+
+    @property
+    def num_things(self) -> int:
+        return self.class_info.num_things
+
+    @property
+    def num_stuff(self) -> int:
+        return self.class_info.num_stuff
+
+    def _set_class_info(self, info: ClassInfo, role: str) -> ClassInfo:
+        # Splits of one data set must agree, or labels would mean different classes.
+        if self._class_info is not None and self._class_info != info:
+            raise DatasetError(
+                f"{type(self).__name__}: the {role} split's categories {info.names} differ from "
+                f"the other splits' {self._class_info.names}"
+            )
+        self._class_info = info
+        return info
+
+    # --------------------------------------------------------------- set-up
+
+    def setup(self, stage: str | None = None) -> None:
+        """Builds the data sets the stage needs (``fit``, ``validate``, ``test``, ``predict``; ``None``: all)."""
+        roles = {
+            None: _ROLES,
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("predict",),
+        }
+        if stage not in roles:
+            raise ValueError(f"{type(self).__name__}.setup: unknown stage {stage!r}; expected one of {list(roles)}")
+        for role in roles[stage]:
+            if role not in self.datasets:
+                transforms = self.train_transforms if role == "train" else self.eval_transforms
+                dataset = self.make_dataset(role, transforms)
+                self._set_class_info(_class_info_of(dataset, role), role)
+                self.datasets[role] = dataset
+
+    def _dataset(self, role: str) -> Dataset:
+        if role not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[role])
+        return self.datasets[role]
+
+    # -------------------------------------------------------------- loaders
+
+    def _loader(self, role: str, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self._dataset(role),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=partial(collate_batch, size_divisor=self.size_divisor),
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.val_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", self.val_batch_size, shuffle=False)
+
+
+def _plain_size(value: Any) -> Any:
+    """OmegaConf lists (from Hydra) -> tuples; ints and ``None`` unchanged."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return tuple(int(v) for v in value)
+    return value
+
+
+def _class_info_of(dataset: Dataset, role: str) -> ClassInfo:
+    info = getattr(dataset, "class_info", None)
+    if not isinstance(info, ClassInfo):
+        raise TypeError(f"the {role} data set {type(dataset).__name__} has no 'class_info' ClassInfo attribute")
+    return info
+
+
+class COCOPanopticDataModule(SegmentationDataModule):
+    """COCO panoptic (PNG + JSON) read with :class:`COCOPanopticDataset`.
+
+    Args:
+        root: folder with ``annotations/panoptic_{split}2017.json`` and ``{split}2017/``.
+        layout: ``"annotations"`` (PNG folders under ``annotations/``) or ``"root"``.
+        train_split, val_split, test_split: split names (``test`` also serves predict).
+        **kwargs: :class:`SegmentationDataModule` settings.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        layout: str = "annotations",
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "val",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        self.layout = layout
+        self.splits = {"train": train_split, "val": val_split, "test": test_split, "predict": test_split}
+
+    def make_dataset(self, role: str, transforms: Transforms) -> Dataset:
+        return COCOPanopticDataset(self.root, split=self.splits[role], layout=self.layout, transforms=transforms)
+
+
+class SyntheticPanopticDataModule(COCOPanopticDataModule):
+    """The embedded shapes data set: generated once under ``root``, then read as COCO panoptic.
+
+    Its images are ``image_size`` squares, so by default nothing is resized
+    (``train_short_edge = eval_short_edge = None``) and LSJ crops to ``image_size``.
+
+    Args:
+        root: output folder of :func:`generate_synthetic_panoptic`.
+        num_train, num_val, image_size, seed, max_objects: generator settings.
+        **kwargs: :class:`SegmentationDataModule` settings; the test split is ``val``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        num_train: int = 300,
+        num_val: int = 50,
+        image_size: int = 96,
+        seed: int = 0,
+        max_objects: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("train_short_edge", None)
+        kwargs.setdefault("eval_short_edge", None)
+        kwargs.setdefault("crop_size", image_size)
+        super().__init__(root, layout="annotations", train_split="train", val_split="val", test_split="val", **kwargs)
+        self.generator_args = {
+            "num_train": int(num_train),
+            "num_val": int(num_val),
+            "image_size": int(image_size),
+            "seed": int(seed),
+            "max_objects": int(max_objects),
+        }
+
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process per node; the generator is idempotent.
+        generate_synthetic_panoptic(self.root, **self.generator_args)
+
+    def setup(self, stage: str | None = None) -> None:
+        # Also here: a run that skips prepare_data (e.g. plain loaders in a script) still
+        # finds the data; a finished data set makes this a stamp check.
+        generate_synthetic_panoptic(self.root, **self.generator_args)
+        super().setup(stage)
+
+    def read_class_info(self) -> ClassInfo:
+        # Known without writing any file: the generator's fixed categories.
+        return ClassInfo.from_coco_categories(SYNTHETIC_CATEGORIES, source="synthetic data set categories")

@@ -1,0 +1,142 @@
+"""K-Net for instance and panoptic segmentation: backbone -> FPN -> semantic FPN -> kernel head -> S update heads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from knet_lightning.models.backbone import FPN, ResNetBackbone
+from knet_lightning.models.kernel_head import KernelHead
+from knet_lightning.models.kernel_update import KernelUpdateHead
+from knet_lightning.models.neck import SemanticFPNNeck
+from knet_lightning.models.outputs import StageOutput
+
+_TASKS = ("panoptic", "instance")
+
+
+def _upsample2x(x: Tensor) -> Tensor:
+    return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+
+
+class KNet(nn.Module):
+    """K-Net (instance / panoptic) returning the outputs of every stage for deep supervision.
+
+    Panoptic: ``num_kernels = num_proposals + num_stuff``; kernel ``num_proposals + k`` is
+    stuff class ``num_things + k``; classifiers have ``num_things + num_stuff`` outputs.
+    Instance: ``num_kernels = num_proposals``; classifiers and ``conv_seg`` have
+    ``num_things`` outputs and ``num_stuff`` is ignored (stuff regions are not instances).
+
+    The backbone lives under the attribute ``backbone`` (the optimizer scales its lr);
+    :meth:`param_groups` splits the trainable parameters accordingly.
+    """
+
+    def __init__(
+        self,
+        num_things: int,
+        num_stuff: int = 0,
+        task: str = "panoptic",
+        num_proposals: int = 100,
+        num_stages: int = 3,
+        backbone_depth: int = 50,
+        frozen_stages: int = 1,
+        norm_eval: bool = True,
+        pretrained: bool = False,
+        weights_path: str | None = None,
+        channels: int = 256,
+        num_groups: int = 32,
+        feedforward_channels: int = 2048,
+        num_heads: int = 8,
+        num_cls_fcs: int = 1,
+        num_mask_fcs: int = 1,
+        hard_mask_thr: float = 0.5,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if task not in _TASKS:
+            raise ValueError(f"KNet task must be one of {_TASKS}, got {task!r}")
+        if num_things < 1:
+            raise ValueError(f"KNet num_things must be >= 1, got {num_things}")
+        if num_stuff < 0:
+            raise ValueError(f"KNet num_stuff must be >= 0, got {num_stuff}")
+        if num_stages < 0:
+            raise ValueError(f"KNet num_stages must be >= 0, got {num_stages}")
+        if num_proposals < 1:
+            raise ValueError(f"KNet num_proposals must be >= 1, got {num_proposals}")
+        self.task = task
+        self.num_things = num_things
+        self.num_stuff = num_stuff if task == "panoptic" else 0
+        self.num_classes = self.num_things + self.num_stuff
+        self.num_proposals = num_proposals
+        self.num_kernels = num_proposals + self.num_stuff
+        self.num_stages = num_stages
+
+        self.backbone = ResNetBackbone(
+            depth=backbone_depth,
+            frozen_stages=frozen_stages,
+            norm_eval=norm_eval,
+            pretrained=pretrained,
+            weights_path=weights_path,
+        )
+        self.fpn = FPN(self.backbone.out_channels, channels)
+        self.neck = SemanticFPNNeck(channels, channels, num_groups, num_levels=len(self.backbone.out_channels))
+        self.kernel_head = KernelHead(
+            num_proposals=num_proposals,
+            num_things=self.num_things,
+            num_stuff=self.num_stuff,
+            channels=channels,
+            num_groups=num_groups,
+            hard_mask_thr=hard_mask_thr,
+        )
+        self.update_heads = nn.ModuleList(
+            KernelUpdateHead(
+                num_classes=self.num_classes,
+                channels=channels,
+                feedforward_channels=feedforward_channels,
+                num_heads=num_heads,
+                num_cls_fcs=num_cls_fcs,
+                num_mask_fcs=num_mask_fcs,
+                hard_mask_thr=hard_mask_thr,
+                dropout=dropout,
+            )
+            for _ in range(num_stages)
+        )
+
+    def forward(self, images: Tensor) -> list[StageOutput]:
+        """Run all stages.
+
+        Args:
+            images: ``(B, 3, H, W)`` normalized images, H and W multiples of 32.
+
+        Returns:
+            ``[stage 0, stage 1, ..., stage S]``; each ``mask_logits`` is ``(B, N, H/4, W/4)``.
+            Stage 0 has ``cls_logits=None`` and ``sem_logits`` ``(B, num_classes, H/8, W/8)``.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"KNet.forward expects images (B, 3, H, W), got shape {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        if h % 32 != 0 or w % 32 != 0:
+            raise ValueError(f"KNet.forward expects H and W to be multiples of 32 (pad the batch), got {h}x{w}")
+        loc_feat, sem_feat = self.neck(self.fpn(self.backbone(images)))
+        head = self.kernel_head(loc_feat, sem_feat)
+        outputs = [StageOutput(_upsample2x(head.mask_logits), None, head.kernels, head.sem_logits)]
+        kernels, mask_logits = head.kernels, head.mask_logits
+        for stage in self.update_heads:
+            # The next stage gathers with the stride-8 masks; only the returned copy is upsampled.
+            kernels, mask_logits, cls_logits = stage(head.features, kernels, mask_logits)
+            outputs.append(StageOutput(_upsample2x(mask_logits), cls_logits, kernels, None))
+        return outputs
+
+    def param_groups(self, lr: float, backbone_lr_mult: float = 0.25, **group_kwargs: Any) -> list[dict[str, Any]]:
+        """Two optimizer groups of trainable parameters: ``backbone`` (lr x mult) and ``head``.
+
+        ``group_kwargs`` (e.g. ``weight_decay``) are copied into both groups.
+        """
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        backbone_ids = {id(p) for p in self.backbone.parameters()}
+        head = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
+        return [
+            {"name": "backbone", "params": backbone, "lr": lr * backbone_lr_mult, **group_kwargs},
+            {"name": "head", "params": head, "lr": lr, **group_kwargs},
+        ]

@@ -1,0 +1,406 @@
+"""KNetModule: the LightningModule that trains and evaluates a K-Net.
+
+It owns the network (``KNet`` or ``SemanticKNet``), the criterion (matcher + losses), the
+optimizer/scheduler policy of the official configs (spec §5) and the metrics. The network and
+criterion are plain PyTorch modules built by Hydra; nothing here knows about data-set formats.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+
+from knet_lightning.evaluation.panoptic import PanopticQuality
+from knet_lightning.evaluation.semantic import MeanIoU
+from knet_lightning.models.outputs import StageOutput
+from knet_lightning.postprocess import (
+    instance_inference,
+    panoptic_inference,
+    panoptic_to_semantic,
+    semantic_inference,
+)
+
+log = logging.getLogger(__name__)
+
+TASKS = ("panoptic", "instance", "semantic")
+IGNORE_INDEX = 255
+
+
+def warmup_step_lambda(
+    warmup_iters: int, warmup_ratio: float, milestones: list[int], gamma: float
+) -> Any:
+    """The official lr policy as a multiplicative factor of the step count.
+
+    Linear warmup from ``warmup_ratio`` to 1 over ``warmup_iters`` steps (mmcv's "linear"
+    warmup), times ``gamma`` per milestone passed. ``milestones`` are in steps.
+    """
+    sorted_milestones = sorted(int(m) for m in milestones)
+
+    def factor(step: int) -> float:
+        decay = gamma ** sum(step >= m for m in sorted_milestones)
+        if warmup_iters > 0 and step < warmup_iters:
+            k = (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
+            return decay * (1.0 - k)
+        return decay
+
+    return factor
+
+
+def _semantic_gt(target: dict[str, Any]) -> Tensor:
+    """The semantic ground truth at original image size (``sem_seg_orig``, a plain tensor that
+    the transforms leave untouched)."""
+    if "sem_seg_orig" not in target:
+        raise KeyError(
+            f"{target.get('file_name', '?')}: semantic evaluation needs target['sem_seg_orig'] "
+            "(the label map at original size); the data set reader did not provide it"
+        )
+    return target["sem_seg_orig"]
+
+
+class KNetModule(LightningModule):
+    """Training, evaluation and prediction of K-Net for one task.
+
+    Args:
+        net: the network; ``net(images (B,3,H,W)) -> list[StageOutput]`` (stage 0..S).
+        criterion: ``criterion(outputs, targets) -> dict[str, Tensor]`` of weighted loss terms.
+        task: ``panoptic``, ``instance`` or ``semantic``.
+        num_proposals: instance kernels (panoptic/instance); stuff kernels follow them.
+        num_stages: number of kernel update stages S.
+        optimizer: AdamW settings: ``lr``, ``weight_decay``, ``betas``, ``backbone_lr_mult``,
+            ``norm_bias_decay_mult``.
+        scheduler: ``warmup_iters``, ``warmup_ratio``, ``milestones``, ``milestone_unit``
+            (``epoch`` or ``step``), ``gamma``.
+        postprocess: thresholds of the panoptic merge / instance top-k (spec §4).
+        eval_all_stages: evaluate every stage depth at validation, not only the last.
+        num_vis_images: validation images kept for overlays each epoch (rank zero).
+        class_names / isthing / colors: data-set metadata, stored in the checkpoint.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        criterion: nn.Module,
+        task: str = "panoptic",
+        num_proposals: int = 100,
+        num_stages: int = 3,
+        optimizer: Optional[dict] = None,
+        scheduler: Optional[dict] = None,
+        postprocess: Optional[dict] = None,
+        eval_all_stages: bool = True,
+        num_vis_images: int = 4,
+        class_names: Optional[list[str]] = None,
+        isthing: Optional[list[bool]] = None,
+        colors: Optional[list[list[int]]] = None,
+    ) -> None:
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"model.task: expected one of {TASKS}, got {task!r}")
+        self.save_hyperparameters(ignore=["net", "criterion"], logger=False)
+        self.net = net
+        self.criterion = criterion
+        self.task = task
+        self.num_stages = int(num_stages)
+        self.num_proposals = int(num_proposals)
+        self.optimizer_cfg = dict(optimizer or {})
+        self.scheduler_cfg = dict(scheduler or {})
+        self.postprocess_cfg = dict(postprocess or {})
+        self.eval_all_stages = eval_all_stages
+        self.num_vis_images = num_vis_images
+
+        self.num_things = int(getattr(net, "num_things", 0))
+        self.num_classes = int(getattr(net, "num_classes"))
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
+        self.isthing = list(isthing) if isthing else [i < self.num_things for i in range(self.num_classes)]
+        self.colors = [tuple(c) for c in colors] if colors else None
+
+        # stages evaluated at validation: 1..S (stage 0 has no classifier, except semantic)
+        first = 0 if task == "semantic" else 1
+        self.eval_stages = list(range(first, self.num_stages + 1)) if eval_all_stages else [self.num_stages]
+        if task == "panoptic":
+            self.val_pq = nn.ModuleList(
+                PanopticQuality(self.num_classes, self.num_things, self.class_names) for _ in self.eval_stages
+            )
+            self.test_pq = PanopticQuality(self.num_classes, self.num_things, self.class_names)
+        if task in ("panoptic", "semantic"):
+            self.val_miou = MeanIoU(self.num_classes, ignore_index=IGNORE_INDEX)
+            self.test_miou = MeanIoU(self.num_classes, ignore_index=IGNORE_INDEX)
+        if task == "semantic":
+            self.val_stage_miou = nn.ModuleList(
+                MeanIoU(self.num_classes, ignore_index=IGNORE_INDEX) for _ in self.eval_stages
+            )
+        if task == "instance":
+            from torchmetrics.detection import MeanAveragePrecision
+
+            self.val_map = MeanAveragePrecision(iou_type="segm")
+            self.test_map = MeanAveragePrecision(iou_type="segm")
+
+        self.vis_samples: list[dict[str, Any]] = []
+        self._step_start: Optional[float] = None
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: Tensor) -> list[StageOutput]:
+        """``images (B, 3, H, W)`` normalized, H and W multiples of 32 → stage outputs 0..S."""
+        return self.net(images)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        images, targets = batch["images"], batch["targets"]
+        outputs = self.net(images)
+        losses = self.criterion(outputs, targets)
+        loss = torch.stack(list(losses.values())).sum()
+        batch_size = images.shape[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=batch_size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        return loss
+
+    # ------------------------------------------------------------------ evaluation
+    def _postprocess_image(
+        self, stage: StageOutput, b: int, image_size: tuple[int, int], padded: tuple[int, int], out_size: tuple[int, int]
+    ) -> Any:
+        pp = self.postprocess_cfg
+        if self.task == "panoptic":
+            return panoptic_inference(
+                stage.mask_logits[b],
+                stage.cls_logits[b],
+                num_things=self.num_things,
+                num_proposals=self.num_proposals,
+                image_size=image_size,
+                padded_size=padded,
+                output_size=out_size,
+                object_mask_thr=pp.get("object_mask_thr", 0.3),
+                overlap_thr=pp.get("overlap_thr", 0.6),
+                mask_thr=pp.get("mask_thr", 0.5),
+            )
+        if self.task == "instance":
+            return instance_inference(
+                stage.mask_logits[b],
+                stage.cls_logits[b],
+                image_size=image_size,
+                padded_size=padded,
+                output_size=out_size,
+                max_per_img=pp.get("max_per_img", 100),
+                mask_thr=pp.get("mask_thr", 0.5),
+            )
+        return semantic_inference(stage.mask_logits[b], image_size=image_size, padded_size=padded, output_size=out_size)
+
+    def predict_batch(self, batch: dict[str, Any], stage_index: int = -1) -> list[Any]:
+        """Post-processed predictions of one stage for every image, at original image size."""
+        outputs = self.net(batch["images"])
+        return self._predictions(outputs, batch, stage_index)
+
+    def _predictions(self, outputs: list[StageOutput], batch: dict[str, Any], stage_index: int) -> list[Any]:
+        padded = tuple(batch["images"].shape[-2:])
+        stage = outputs[stage_index]
+        results = []
+        for b, target in enumerate(batch["targets"]):
+            out_size = tuple(int(s) for s in target["orig_size"])
+            results.append(self._postprocess_image(stage, b, tuple(batch["image_sizes"][b]), padded, out_size))
+        return results
+
+    def _gt(self, target: dict[str, Any]) -> tuple[Tensor, list[dict[str, Any]], Tensor]:
+        """Ground truth at original size: (segment-id map, segments, semantic map with 255 void)."""
+        seg = target["panoptic"]
+        labels = target["labels"].to(torch.int64)
+        iscrowd = target["iscrowd"].to(torch.bool)
+        segments = [
+            {"id": k + 1, "category_id": int(labels[k]), "iscrowd": bool(iscrowd[k])} for k in range(len(labels))
+        ]
+        lut = torch.full((len(labels) + 1,), IGNORE_INDEX, dtype=torch.int64)
+        lut[1:] = torch.where(iscrowd, torch.full_like(labels, IGNORE_INDEX), labels)
+        sem = lut[seg.to(torch.int64).clamp_(0, len(labels))]
+        return seg, segments, sem
+
+    def _evaluate_batch(self, batch: dict[str, Any], split: str) -> None:
+        outputs = self.net(batch["images"])
+        targets = batch["targets"]
+        gts = [self._gt(t) for t in targets] if self.task != "semantic" else None
+        last = self.num_stages
+        stages = self.eval_stages if split == "val" else [last]
+        for si, s in enumerate(stages):
+            preds = self._predictions(outputs, batch, s)
+            if self.task == "panoptic":
+                metric = self.val_pq[si] if split == "val" else self.test_pq
+                for (seg, segments), (gt_seg, gt_segments, gt_sem) in zip(preds, gts):
+                    metric.update(seg, segments, gt_seg, gt_segments)
+                    if s == last:
+                        miou = self.val_miou if split == "val" else self.test_miou
+                        miou.update(panoptic_to_semantic(seg, segments, ignore_index=IGNORE_INDEX), gt_sem)
+            elif self.task == "semantic":
+                for pred, target in zip(preds, targets):
+                    gt_sem = _semantic_gt(target)
+                    if split == "val":
+                        self.val_stage_miou[si].update(pred, gt_sem)
+                    if s == last:
+                        (self.val_miou if split == "val" else self.test_miou).update(pred, gt_sem)
+            elif s == last:  # instance: mask AP on the last stage
+                metric = self.val_map if split == "val" else self.test_map
+                pred_list = [
+                    {"masks": p["masks"], "scores": p["scores"], "labels": p["labels"]} for p in preds
+                ]
+                gt_list = []
+                for gt_seg, gt_segments, _ in gts:
+                    ids = torch.tensor([g["id"] for g in gt_segments], dtype=gt_seg.dtype)
+                    masks = gt_seg.unsqueeze(0) == ids.view(-1, 1, 1)
+                    gt_list.append(
+                        {
+                            "masks": masks,
+                            "labels": torch.tensor([g["category_id"] for g in gt_segments], dtype=torch.int64),
+                            "iscrowd": torch.tensor([g["iscrowd"] for g in gt_segments], dtype=torch.int64),
+                        }
+                    )
+                metric.update(pred_list, gt_list)
+            if split == "val" and s == last and self.task == "panoptic":
+                self._keep_for_overlay(batch, preds)
+
+    def _keep_for_overlay(self, batch: dict[str, Any], preds: list[Any]) -> None:
+        if not self.trainer.is_global_zero or len(self.vis_samples) >= self.num_vis_images:
+            return
+        for b, (seg, segments) in enumerate(preds):
+            if len(self.vis_samples) >= self.num_vis_images:
+                break
+            target = batch["targets"][b]
+            self.vis_samples.append(
+                {
+                    "file_name": str(target.get("file_name", b)),
+                    "image": self._denormalized(batch, b, tuple(seg.shape)),
+                    "pan_seg": seg.cpu(),
+                    "segments_info": segments,
+                }
+            )
+
+    def _denormalized(self, batch: dict[str, Any], b: int, out_size: tuple[int, int]) -> Tensor:
+        """The network input of image b as uint8 RGB at ``out_size``, for overlays."""
+        mean = torch.tensor(batch.get("mean", (0.485, 0.456, 0.406)), device=batch["images"].device).view(3, 1, 1)
+        std = torch.tensor(batch.get("std", (0.229, 0.224, 0.225)), device=batch["images"].device).view(3, 1, 1)
+        h, w = batch["image_sizes"][b]
+        img = (batch["images"][b, :, :h, :w] * std + mean).clamp(0, 1)
+        img = nn.functional.interpolate(img[None], size=out_size, mode="bilinear", align_corners=False)[0]
+        return (img * 255).round().to(torch.uint8).cpu()
+
+    def on_validation_epoch_start(self) -> None:
+        self.vis_samples = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate_batch(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate_batch(batch, "test")
+
+    def _log_pq(self, prefix: str, values: dict[str, Tensor]) -> None:
+        keys = ("pq", "sq", "rq", "pq_th", "sq_th", "rq_th", "pq_st", "sq_st", "rq_st")
+        self.log_dict({f"{prefix}/{k}": values[k] for k in keys if k in values}, sync_dist=False)
+
+    def _end_of_evaluation(self, split: str) -> None:
+        if self.task == "panoptic":
+            if split == "val":
+                for s, metric in zip(self.eval_stages, self.val_pq):
+                    values = metric.compute()
+                    if s == self.num_stages:
+                        self._log_pq("val", values)
+                    self.log(f"val/pq_s{s}", values["pq"])
+                    metric.reset()
+            else:
+                self._log_pq("test", self.test_pq.compute())
+                self.test_pq.reset()
+        if self.task in ("panoptic", "semantic"):
+            miou = self.val_miou if split == "val" else self.test_miou
+            values = miou.compute()
+            self.log(f"{split}/miou", values["miou"])
+            self.log(f"{split}/acc", values["acc"])
+            miou.reset()
+        if self.task == "semantic" and split == "val":
+            for s, metric in zip(self.eval_stages, self.val_stage_miou):
+                self.log(f"val/miou_s{s}", metric.compute()["miou"])
+                metric.reset()
+        if self.task == "instance":
+            metric = self.val_map if split == "val" else self.test_map
+            values = metric.compute()
+            for key in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large"):
+                value = values[key]
+                # torchmetrics reports -1 when nothing at all was predicted; that is AP 0
+                self.log(f"{split}/{key}", torch.clamp(value, min=0.0) * 100)
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_of_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_of_evaluation("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        preds = self.predict_batch(batch)
+        return [
+            {"file_name": t.get("file_name"), "image_id": t.get("image_id"), "prediction": p}
+            for t, p in zip(batch["targets"], preds)
+        ]
+
+    # ------------------------------------------------------------------ optimisation
+    def _param_groups(self) -> list[dict[str, Any]]:
+        cfg = self.optimizer_cfg
+        lr = float(cfg.get("lr", 1e-4))
+        wd = float(cfg.get("weight_decay", 0.05))
+        backbone_mult = float(cfg.get("backbone_lr_mult", 0.25))
+        norm_bias_mult = float(cfg.get("norm_bias_decay_mult", 1.0))
+        norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+        norm_params = {
+            id(p) for m in self.net.modules() if isinstance(m, norm_types) for p in m.parameters(recurse=False)
+        }
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, p in self.net.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_backbone = name.startswith("backbone.")
+            no_decay = id(p) in norm_params or name.endswith(".bias")
+            groups.setdefault((is_backbone, no_decay), []).append(p)
+        result = []
+        for (is_backbone, no_decay), params in sorted(groups.items()):
+            result.append(
+                {
+                    "params": params,
+                    "lr": lr * (backbone_mult if is_backbone else 1.0),
+                    "weight_decay": wd * (norm_bias_mult if no_decay else 1.0),
+                    "name": ("backbone" if is_backbone else "head") + ("_no_decay" if no_decay else ""),
+                }
+            )
+        return result
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.optimizer_cfg
+        optimizer = torch.optim.AdamW(
+            self._param_groups(), lr=float(cfg.get("lr", 1e-4)), betas=tuple(cfg.get("betas", (0.9, 0.999)))
+        )
+        sch = self.scheduler_cfg
+        milestones = list(sch.get("milestones", []))
+        if sch.get("milestone_unit", "epoch") == "epoch" and milestones:
+            steps_per_epoch = self._steps_per_epoch()
+            milestones = [int(round(m * steps_per_epoch)) for m in milestones]
+        factor = warmup_step_lambda(
+            int(sch.get("warmup_iters", 0)), float(sch.get("warmup_ratio", 0.001)), milestones, float(sch.get("gamma", 0.1))
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def _steps_per_epoch(self) -> float:
+        trainer = self.trainer
+        total = trainer.estimated_stepping_batches
+        if trainer.max_epochs and trainer.max_epochs > 0 and math.isfinite(total):
+            return total / trainer.max_epochs
+        raise ValueError(
+            "model.scheduler.milestone_unit=epoch needs trainer.max_epochs; set it or give milestones in steps"
+        )
+
+    # ------------------------------------------------------------------ throughput
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._step_start is not None:
+            elapsed = time.perf_counter() - self._step_start
+            self.log("train/images_per_s", batch["images"].shape[0] / max(elapsed, 1e-9), batch_size=1)
+

@@ -1,0 +1,323 @@
+"""Post-processing of K-Net outputs: semantic argmax, instance top-k, panoptic merge.
+
+Follows the official K-Net test path (``KernelIterHead.simple_test``, ``get_panoptic``,
+``merge_stuff_thing``, ``rescale_masks``); see spec §4. All functions work on ONE image
+(images in a batch have different unpadded and original sizes), run without autograd and
+accept logits in any float dtype (they are promoted to fp32).
+
+Mask resizing ("rescale_masks"): sigmoid at stride 4 -> bilinear to the padded network
+input size -> crop to the unpadded input size -> bilinear to the original image size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "instance_inference",
+    "panoptic_inference",
+    "panoptic_to_semantic",
+    "rescale_maps",
+    "semantic_inference",
+]
+
+# Kernels are rescaled in chunks so that N x H x W float maps at padded size never exist
+# all at once (153 kernels at 800x1216 would be ~600 MB). Bilinear resizing is
+# per-channel, so chunking does not change any value.
+_RESCALE_CHUNK = 32
+
+
+def _check_size(name: str, size: Sequence[int]) -> tuple[int, int]:
+    if len(size) != 2 or any(int(s) <= 0 for s in size):
+        raise ValueError(f"postprocess: `{name}` must be (height, width) with positive entries, got {tuple(size)}")
+    return int(size[0]), int(size[1])
+
+
+def _check_sizes(
+    image_size: Sequence[int], padded_size: Sequence[int], output_size: Sequence[int]
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    img = _check_size("image_size", image_size)
+    pad = _check_size("padded_size", padded_size)
+    out = _check_size("output_size", output_size)
+    if img[0] > pad[0] or img[1] > pad[1]:
+        raise ValueError(f"postprocess: `image_size` {img} must fit inside `padded_size` {pad}")
+    return img, pad, out
+
+
+def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of ``(C, h, w)`` to ``(C, *size)``; a no-op when the size already matches."""
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x.unsqueeze(0), size=size, mode="bilinear", align_corners=False).squeeze(0)
+
+
+def rescale_maps(
+    maps: Tensor,
+    image_size: Sequence[int],
+    padded_size: Sequence[int],
+    output_size: Sequence[int],
+) -> Tensor:
+    """Resize per-channel maps from network scale back to the original image.
+
+    Args:
+        maps: ``(C, h, w)`` maps covering the padded network input (any stride).
+        image_size: ``(h_img, w_img)`` unpadded network input size.
+        padded_size: ``(Hp, Wp)`` padded network input size.
+        output_size: ``(H, W)`` original image size.
+
+    Returns:
+        ``(C, H, W)`` float32: bilinear to ``padded_size``, crop to ``image_size``, bilinear
+        to ``output_size`` (the official ``rescale_masks``).
+    """
+    if maps.dim() != 3:
+        raise ValueError(f"postprocess: maps must be (C, h, w), got shape {tuple(maps.shape)}")
+    img, pad, out = _check_sizes(image_size, padded_size, output_size)
+    x = _resize(maps.float(), pad)[:, : img[0], : img[1]]
+    return _resize(x, out)
+
+
+def _rescale_probs_chunks(
+    mask_logits: Tensor,
+    image_size: tuple[int, int],
+    padded_size: tuple[int, int],
+    output_size: tuple[int, int],
+):
+    """Yield ``(start, probs)`` with ``probs`` ``(n, H, W)`` rescaled sigmoid masks, chunk by chunk."""
+    for start in range(0, mask_logits.shape[0], _RESCALE_CHUNK):
+        chunk = mask_logits[start : start + _RESCALE_CHUNK].float().sigmoid()
+        yield start, rescale_maps(chunk, image_size, padded_size, output_size)
+
+
+def _check_logits(mask_logits: Tensor, cls_logits: Tensor) -> tuple[int, int]:
+    if mask_logits.dim() != 3:
+        raise ValueError(
+            f"postprocess: `mask_logits` must be (N, h, w) for one image, got shape {tuple(mask_logits.shape)}"
+        )
+    if cls_logits.dim() != 2 or cls_logits.shape[0] != mask_logits.shape[0]:
+        raise ValueError(
+            f"postprocess: `cls_logits` must be (N, C) with N = {mask_logits.shape[0]} "
+            f"(from mask_logits), got shape {tuple(cls_logits.shape)}"
+        )
+    return int(cls_logits.shape[0]), int(cls_logits.shape[1])
+
+
+@torch.no_grad()
+def panoptic_inference(
+    mask_logits: Tensor,
+    cls_logits: Tensor,
+    num_things: int,
+    num_proposals: int,
+    image_size: Sequence[int],
+    padded_size: Sequence[int],
+    output_size: Sequence[int],
+    object_mask_thr: float = 0.3,
+    overlap_thr: float = 0.6,
+    mask_thr: float = 0.5,
+) -> tuple[Tensor, list[dict[str, Any]]]:
+    """Merge thing and stuff kernels of one image into a panoptic segmentation (spec §4).
+
+    Kernels ``0..num_proposals-1`` are thing proposals: score and label are the max over
+    the thing columns ``[0, num_things)``. Kernel ``num_proposals + k`` is stuff class
+    ``num_things + k`` with score = its own column (the diagonal). Every pixel goes to the
+    kernel with the largest ``score * mask_prob``. Kernels are then visited by descending
+    score: a thing below ``object_mask_thr`` is dropped (stuff has no score threshold), and
+    any kernel keeping less than ``overlap_thr`` of its original mask (``prob >= mask_thr``)
+    after the argmax is dropped. Pixels of dropped kernels are void.
+
+    The official loop's decisions are independent per kernel (the argmax owner map is
+    fixed before the loop), so they are made here in one vectorised step; the loop order
+    only decides the segment ids, which follow descending score.
+
+    Args:
+        mask_logits: ``(N, h4, w4)`` stride-4 mask logits of one image, ``N >= num_proposals``.
+        cls_logits: ``(N, C)`` sigmoid class logits, C = num_classes (things first).
+        num_things: number of thing classes.
+        num_proposals: number of thing kernels; the remaining ``N - num_proposals`` are stuff
+            kernels (may be 0).
+        image_size: ``(h, w)`` unpadded network input size.
+        padded_size: ``(Hp, Wp)`` padded network input size.
+        output_size: ``(H, W)`` size of the returned map (the original image size).
+        object_mask_thr: thing score threshold (official ``instance_score_thr``).
+        overlap_thr: minimum kept/original area ratio (official ``overlap_thr``).
+        mask_thr: probability threshold of the original mask area.
+
+    Returns:
+        ``pan_seg`` ``(H, W)`` int32 segment ids (0 = void), and ``segments_info``: one dict
+        per segment, in id order, with ``id`` (int, 1..), ``category_id`` (contiguous class
+        id), ``isthing`` (bool) and ``score`` (float).
+    """
+    num_kernels, num_classes = _check_logits(mask_logits, cls_logits)
+    if num_kernels == 0:
+        raise ValueError("postprocess: `mask_logits` has no kernels (N = 0)")
+    if not 0 <= num_proposals <= num_kernels:
+        raise ValueError(f"postprocess: `num_proposals` ({num_proposals}) must be in [0, N={num_kernels}]")
+    num_stuff = num_kernels - num_proposals
+    if not 0 <= num_things <= num_classes or num_things + num_stuff > num_classes:
+        raise ValueError(
+            f"postprocess: `num_things` ({num_things}) + stuff kernels ({num_stuff}) must not exceed "
+            f"the {num_classes} columns of `cls_logits`"
+        )
+    if num_proposals > 0 and num_things == 0:
+        raise ValueError("postprocess: thing proposals need `num_things` > 0")
+    img, pad, out = _check_sizes(image_size, padded_size, output_size)
+    device = mask_logits.device
+
+    probs_cls = cls_logits.float().sigmoid()
+    thing_scores, thing_labels = probs_cls[:num_proposals, :num_things].max(dim=1)
+    stuff_scores = probs_cls[num_proposals:, num_things : num_things + num_stuff].diagonal()
+    stuff_labels = torch.arange(num_stuff, device=device) + num_things
+    scores = torch.cat([thing_scores, stuff_scores])  # (N,)
+    labels = torch.cat([thing_labels, stuff_labels])  # (N,)
+    isthing = torch.arange(num_kernels, device=device) < num_proposals
+
+    # Running argmax of score * prob over kernel chunks; strict '>' keeps the first
+    # maximum, like torch.argmax over all kernels at once.
+    best = torch.full(out, -1.0, device=device)
+    owner = torch.zeros(out, dtype=torch.long, device=device)
+    area_orig = torch.zeros(num_kernels, dtype=torch.long, device=device)
+    for start, probs in _rescale_probs_chunks(mask_logits, img, pad, out):
+        n = probs.shape[0]
+        area_orig[start : start + n] = (probs >= mask_thr).flatten(1).sum(1)
+        cur_prob = scores[start : start + n, None, None] * probs
+        chunk_best, chunk_arg = cur_prob.max(dim=0)
+        better = chunk_best > best
+        best = torch.where(better, chunk_best, best)
+        owner = torch.where(better, chunk_arg + start, owner)
+    area_kept = torch.bincount(owner.flatten(), minlength=num_kernels)
+
+    keep = (~isthing | (scores >= object_mask_thr)) & (area_kept > 0) & (area_orig > 0)
+    keep &= area_kept.double() / area_orig.clamp(min=1).double() >= overlap_thr
+
+    # Segment ids 1..K in descending-score order (the official visiting order).
+    order = torch.argsort(scores, descending=True, stable=True)
+    kept_order = order[keep[order]]
+    id_of_kernel = torch.zeros(num_kernels, dtype=torch.int32, device=device)
+    id_of_kernel[kept_order] = torch.arange(1, kept_order.numel() + 1, dtype=torch.int32, device=device)
+    pan_seg = id_of_kernel[owner]
+
+    segments_info = [
+        {"id": i + 1, "category_id": int(lab), "isthing": bool(th), "score": float(sc)}
+        for i, (lab, th, sc) in enumerate(
+            zip(labels[kept_order].tolist(), isthing[kept_order].tolist(), scores[kept_order].tolist())
+        )
+    ]
+    return pan_seg, segments_info
+
+
+@torch.no_grad()
+def instance_inference(
+    mask_logits: Tensor,
+    cls_logits: Tensor,
+    image_size: Sequence[int],
+    padded_size: Sequence[int],
+    output_size: Sequence[int],
+    max_per_img: int = 100,
+    mask_thr: float = 0.5,
+) -> dict[str, Tensor]:
+    """Top-k (kernel, class) pairs of one image, no NMS (spec §4 "Instance").
+
+    The N x C sigmoid scores are flattened and the ``max_per_img`` best pairs kept, so one
+    kernel can appear with several classes. The score is the class probability only.
+
+    Args:
+        mask_logits: ``(N, h4, w4)`` stride-4 mask logits.
+        cls_logits: ``(N, C)`` sigmoid class logits.
+        image_size: ``(h, w)`` unpadded network input size.
+        padded_size: ``(Hp, Wp)`` padded network input size.
+        output_size: ``(H, W)`` original image size.
+        max_per_img: number of detections kept (clamped to N*C).
+        mask_thr: mask probability threshold (strict ``>``, as the official code).
+
+    Returns:
+        dict with ``masks`` bool ``(K, H, W)``, ``scores`` float ``(K,)`` (descending) and
+        ``labels`` int64 ``(K,)``, K = min(max_per_img, N*C).
+    """
+    num_kernels, num_classes = _check_logits(mask_logits, cls_logits)
+    if num_kernels == 0 or num_classes == 0:
+        raise ValueError(f"postprocess: `cls_logits` must have N >= 1 and C >= 1, got {tuple(cls_logits.shape)}")
+    if max_per_img <= 0:
+        raise ValueError(f"postprocess: `max_per_img` must be positive, got {max_per_img}")
+    img, pad, out = _check_sizes(image_size, padded_size, output_size)
+    k = min(max_per_img, num_kernels * num_classes)
+    scores, flat_idx = cls_logits.float().sigmoid().flatten().topk(k, sorted=True)
+    kernel_idx = flat_idx // num_classes
+    labels = flat_idx % num_classes
+    # A kernel picked with several classes is rescaled once.
+    uniq, inverse = torch.unique(kernel_idx, return_inverse=True)
+    probs = torch.cat([p for _, p in _rescale_probs_chunks(mask_logits[uniq], img, pad, out)])
+    masks = probs[inverse] > mask_thr
+    return {"masks": masks, "scores": scores, "labels": labels}
+
+
+@torch.no_grad()
+def semantic_inference(
+    seg_logits: Tensor,
+    image_size: Sequence[int],
+    padded_size: Sequence[int],
+    output_size: Sequence[int],
+) -> Tensor:
+    """Per-pixel argmax of one image's class logits at the original size.
+
+    Args:
+        seg_logits: ``(C, h, w)`` class logits covering the padded input (any stride).
+        image_size: ``(h_img, w_img)`` unpadded network input size.
+        padded_size: ``(Hp, Wp)`` padded network input size.
+        output_size: ``(H, W)`` original image size.
+
+    Returns:
+        ``(H, W)`` int64 class ids.
+    """
+    if seg_logits.dim() != 3:
+        raise ValueError(f"postprocess: `seg_logits` must be (C, h, w), got shape {tuple(seg_logits.shape)}")
+    if seg_logits.shape[0] == 0:
+        raise ValueError("postprocess: `seg_logits` has no classes (C = 0)")
+    img, pad, out = _check_sizes(image_size, padded_size, output_size)
+    # Argmax only needs the running max over classes, so chunk over classes to bound memory.
+    best: Tensor | None = None
+    arg: Tensor | None = None
+    for start in range(0, seg_logits.shape[0], _RESCALE_CHUNK):
+        logits = rescale_maps(seg_logits[start : start + _RESCALE_CHUNK], img, pad, out)
+        chunk_best, chunk_arg = logits.max(dim=0)
+        if best is None or arg is None:
+            best, arg = chunk_best, chunk_arg
+        else:
+            better = chunk_best > best
+            best = torch.where(better, chunk_best, best)
+            arg = torch.where(better, chunk_arg + start, arg)
+    assert arg is not None  # C >= 1, so the loop ran
+    return arg
+
+
+@torch.no_grad()
+def panoptic_to_semantic(
+    pan_seg: Tensor, segments_info: Sequence[dict[str, Any]], ignore_index: int = 255
+) -> Tensor:
+    """Semantic map from a panoptic one: each pixel gets its segment's class.
+
+    Args:
+        pan_seg: ``(H, W)`` integer segment ids, 0 = void.
+        segments_info: dicts with ``id`` and ``category_id`` for every non-zero id in ``pan_seg``.
+        ignore_index: value written to void pixels and to ids missing from ``segments_info``.
+
+    Returns:
+        ``(H, W)`` int64 class ids.
+    """
+    if pan_seg.dim() != 2:
+        raise ValueError(f"postprocess: `pan_seg` must be (H, W), got shape {tuple(pan_seg.shape)}")
+    flat = pan_seg.long()
+    if len(segments_info) == 0:
+        return torch.full_like(flat, ignore_index)
+    try:
+        ids = torch.tensor([int(s["id"]) for s in segments_info], dtype=torch.long, device=flat.device)
+        cats = torch.tensor([int(s["category_id"]) for s in segments_info], dtype=torch.long, device=flat.device)
+    except KeyError as err:
+        raise ValueError(f"postprocess: every segments_info entry needs `id` and `category_id` (missing {err})") from err
+    sorted_ids, perm = ids.sort()
+    pos = torch.searchsorted(sorted_ids, flat).clamp(max=sorted_ids.numel() - 1)
+    found = sorted_ids[pos] == flat
+    return torch.where(found, cats[perm][pos], torch.full_like(flat, ignore_index))

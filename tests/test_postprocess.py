@@ -1,0 +1,180 @@
+"""Post-processing on crafted logits: panoptic merge, instance top-k, semantic argmax."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from knet_lightning.postprocess import (
+    instance_inference,
+    panoptic_inference,
+    panoptic_to_semantic,
+    semantic_inference,
+)
+
+ON, OFF = 12.0, -12.0  # saturated mask logits: sigmoid ~ 1 - 6e-6 / 6e-6
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def _box(rows: slice, cols: slice, size: tuple[int, int] = (8, 8)) -> torch.Tensor:
+    m = torch.full(size, OFF)
+    m[rows, cols] = ON
+    return m
+
+
+def _panoptic_case(small_thing_score: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """5 kernels on an 8x8 grid: 3 thing proposals (classes 0, 1) and 2 stuff kernels
+    (kernel 3 -> class 2, kernel 4 -> class 3)."""
+    masks = torch.stack(
+        [
+            _box(slice(0, 4), slice(0, 4)),  # k0 thing, class 1, score 0.9
+            _box(slice(0, 4), slice(1, 5)),  # k1 thing, class 0, 0.8: mostly under k0
+            _box(slice(6, 8), slice(0, 2)),  # k2 thing, class 0, score under test
+            _box(slice(4, 8), slice(0, 8)),  # k3 stuff class 2, score 0.01
+            _box(slice(0, 4), slice(5, 8)),  # k4 stuff class 3, score 0.5
+        ]
+    )
+    cls = torch.full((5, 4), 8.0)  # high everywhere: only the right columns may be read
+    for k, (label, score) in enumerate([(1, 0.9), (0, 0.8), (0, small_thing_score)]):
+        cls[k, :2] = logit(score) - 3.0
+        cls[k, label] = logit(score)
+    cls[3, 2] = logit(0.01)
+    cls[4, 3] = logit(0.5)
+    return masks, cls
+
+
+def test_panoptic_merge_overlap_threshold_and_void():
+    masks, cls = _panoptic_case(small_thing_score=0.29)
+    pan, segs = panoptic_inference(masks, cls, num_things=2, num_proposals=3, image_size=(8, 8),
+                                   padded_size=(8, 8), output_size=(8, 8))
+    assert pan.dtype == torch.int32 and pan.shape == (8, 8)
+    expected = torch.zeros(8, 8, dtype=torch.int32)
+    expected[0:4, 0:4] = 1  # k0
+    expected[0:4, 5:8] = 2  # k4 (stuff, 0.5)
+    expected[4:8, :] = 3  # k3 (stuff, score 0.01 is still kept)
+    expected[6:8, 0:2] = 0  # owned by k2 (0.29 < 0.3) -> void
+    # Column 4 rows 0-3 is owned by k1, which keeps 4/16 < 0.6 of its mask -> void.
+    torch.testing.assert_close(pan, expected)
+    assert [(s["id"], s["category_id"], s["isthing"]) for s in segs] == [(1, 1, True), (2, 3, False), (3, 2, False)]
+    assert [s["score"] for s in segs] == pytest.approx([0.9, 0.5, 0.01])
+
+
+def test_panoptic_thing_threshold_keeps_0_31():
+    masks, cls = _panoptic_case(small_thing_score=0.31)
+    pan, segs = panoptic_inference(masks, cls, 2, 3, (8, 8), (8, 8), (8, 8))
+    # Ids follow descending score: k0 0.9, k4 0.5, k2 0.31, k3 0.01.
+    assert [(s["id"], s["category_id"], s["isthing"]) for s in segs] == [
+        (1, 1, True), (2, 3, False), (3, 0, True), (4, 2, False)
+    ]
+    assert (pan[6:8, 0:2] == 3).all()
+    assert int((pan == 4).sum()) == 28
+    assert int((pan == 0).sum()) == 4  # only k1's leftover column
+
+
+def test_panoptic_crop_and_resize_to_output_size():
+    masks, cls = _panoptic_case(small_thing_score=0.31)
+    # The stride-4 grid covers a 32x32 padded input; the image is the top 16 rows, so the
+    # stuff kernel k3 and thing k2 (grid rows 4-7) lie in the padding and must vanish.
+    pan, segs = panoptic_inference(masks, cls, 2, 3, image_size=(16, 32), padded_size=(32, 32),
+                                   output_size=(8, 16))
+    assert pan.shape == (8, 16)
+    assert [(s["id"], s["category_id"]) for s in segs] == [(1, 1), (2, 3)]
+    # Output pixel (y, x) covers grid cell (y // 2, x // 2); check cell interiors.
+    assert (pan[:, 0:6] == 1).all()  # grid cols 0-2: k0
+    assert (pan[:, 11:16] == 2).all()  # grid cols 6-7 (and most of 5): k4
+    assert (pan[:, 8:10] == 0).all()  # grid col 4: dropped k1 -> void
+    # Same result as the official rescale chain done by hand.
+    probs = F.interpolate(masks[None].sigmoid(), size=(32, 32), mode="bilinear", align_corners=False)
+    probs = F.interpolate(probs[:, :, :16, :32], size=(8, 16), mode="bilinear", align_corners=False)[0]
+    scores = torch.tensor([0.9, 0.8, 0.31, 0.01, 0.5])
+    owner = (scores[:, None, None] * probs).argmax(0)
+    torch.testing.assert_close(pan == 1, owner == 0)
+    torch.testing.assert_close(pan == 2, owner == 4)
+
+
+def test_panoptic_without_stuff_kernels_official_argmax_ownership():
+    masks, cls = _panoptic_case(small_thing_score=0.31)
+    pan, segs = panoptic_inference(masks[:3], cls[:3, :2], num_things=2, num_proposals=3,
+                                   image_size=(8, 8), padded_size=(8, 8), output_size=(8, 8))
+    # Every pixel has an argmax owner: where no mask is on, the highest score (k0) wins, so
+    # k0 keeps more than its own mask and stays; k2 keeps its 4 px.
+    assert [(s["id"], s["category_id"], s["isthing"]) for s in segs] == [(1, 1, True), (2, 0, True)]
+    assert (pan[4:6] == 1).all() and (pan[6:8, 0:2] == 2).all() and (pan[0:4, 4] == 0).all()
+
+
+def test_panoptic_bad_inputs():
+    masks, cls = _panoptic_case(0.5)
+    with pytest.raises(ValueError, match="cls_logits"):
+        panoptic_inference(masks, cls[:4], 2, 3, (8, 8), (8, 8), (8, 8))
+    with pytest.raises(ValueError, match="image_size"):
+        panoptic_inference(masks, cls, 2, 3, (16, 8), (8, 8), (8, 8))
+    with pytest.raises(ValueError, match="num_things"):
+        panoptic_inference(masks, cls, 3, 3, (8, 8), (8, 8), (8, 8))  # 3 + 2 stuff > 4 columns
+    with pytest.raises(ValueError, match="mask_logits"):
+        panoptic_inference(masks[0], cls, 2, 3, (8, 8), (8, 8), (8, 8))
+
+
+def test_instance_topk_order_labels_and_masks():
+    probs = torch.tensor(
+        [
+            [0.9, 0.1, 0.7, 0.05],
+            [0.2, 0.8, 0.1, 0.1],
+            [0.3, 0.05, 0.05, 0.6],
+        ]
+    )
+    cls = torch.log(probs / (1 - probs))
+    masks = torch.stack([_box(slice(0, 4), slice(0, 4)), _box(slice(4, 8), slice(0, 8)), _box(slice(0, 4), slice(4, 8))])
+    out = instance_inference(masks, cls, image_size=(32, 32), padded_size=(32, 32), output_size=(16, 16),
+                             max_per_img=4)
+    torch.testing.assert_close(out["scores"], torch.tensor([0.9, 0.8, 0.7, 0.6]))
+    assert out["labels"].dtype == torch.int64
+    assert out["labels"].tolist() == [0, 1, 2, 3]
+    m = out["masks"]
+    assert m.dtype == torch.bool and m.shape == (4, 16, 16)
+    # Kernel 0 appears twice (classes 0 and 2) with the same mask.
+    assert torch.equal(m[0], m[2])
+    expected = [torch.zeros(16, 16, dtype=torch.bool) for _ in range(3)]
+    expected[0][:8, :8] = True
+    expected[1][8:, :] = True
+    expected[2][:8, 8:] = True
+    for got, kernel in zip(m, [0, 1, 0, 2]):
+        torch.testing.assert_close(got, expected[kernel])
+    all_pairs = instance_inference(masks, cls, (32, 32), (32, 32), (16, 16), max_per_img=100)
+    assert all_pairs["scores"].shape == (12,)
+    assert torch.all(all_pairs["scores"][:-1] >= all_pairs["scores"][1:])
+
+
+def test_semantic_argmax_with_crop_and_resize():
+    logits = torch.zeros(3, 4, 4)
+    logits[0, 0:2, 0:2] = 5.0  # class 0: top-left
+    logits[1, 0:2, 2:4] = 5.0  # class 1: top-right
+    logits[2, 2:4, :] = 5.0  # class 2: bottom half, which is padding
+    sem = semantic_inference(logits, image_size=(8, 16), padded_size=(16, 16), output_size=(10, 20))
+    assert sem.dtype == torch.int64 and sem.shape == (10, 20)
+    expected = torch.zeros(10, 20, dtype=torch.int64)
+    expected[:, 10:] = 1
+    torch.testing.assert_close(sem, expected)
+    # Without the crop the padding class shows up.
+    uncropped = semantic_inference(logits, image_size=(16, 16), padded_size=(16, 16), output_size=(16, 16))
+    assert (uncropped[12:] == 2).all()
+
+
+def test_panoptic_to_semantic_maps_ids_and_void():
+    pan = torch.tensor([[0, 1, 1], [2, 2, 7]], dtype=torch.int32)
+    sem = panoptic_to_semantic(pan, [{"id": 1, "category_id": 4}, {"id": 2, "category_id": 0}])
+    assert sem.dtype == torch.int64
+    assert sem.tolist() == [[255, 4, 4], [0, 0, 255]]
+    assert panoptic_to_semantic(pan, [], ignore_index=9).tolist() == [[9, 9, 9], [9, 9, 9]]
+
+
+def test_runs_under_inference_mode_and_half_precision():
+    masks, cls = _panoptic_case(0.31)
+    with torch.inference_mode():
+        pan, segs = panoptic_inference(masks.half(), cls.half(), 2, 3, (8, 8), (8, 8), (8, 8))
+    assert len(segs) == 4 and pan.shape == (8, 8)
