@@ -54,8 +54,29 @@ def redact(obj: Any) -> Any:
 
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
-    """The run's config with every interpolation resolved and secrets redacted."""
-    return redact(OmegaConf.to_container(cfg, resolve=True))
+    """The run's config with every interpolation resolved and secrets redacted (without the
+    ``hydra`` node, which is Hydra's own and records raw command-line overrides)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    return redact(container)
+
+
+def redact_hydra_dump(output_dir: Path) -> None:
+    """Hydra writes ``.hydra/config.yaml`` and ``overrides.yaml`` before the job starts; rewrite
+    any secret-looking value there too, so no API key stays in a run folder."""
+    hydra_dir = output_dir / ".hydra"
+    for name in ("config.yaml", "overrides.yaml"):
+        path = hydra_dir / name
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        cleaned = re.sub(
+            r"(?im)^(\s*-?\s*[+~]*[\w.]*(?:api[_-]?key|token|secret|password)[\w.]*\s*[:=]\s*)(\S.*)$",
+            r"\1'***'",
+            text,
+        )
+        if cleaned != text:
+            path.write_text(cleaned)
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
@@ -125,7 +146,11 @@ def build_callbacks(cfg: DictConfig) -> list[Any]:
 def build_loggers(cfg: DictConfig) -> list[Any]:
     logger_cfg = cfg.get("logger") or {}
     return [
-        hydra.utils.instantiate(c) for c in logger_cfg.values() if isinstance(c, DictConfig) and "_target_" in c
+        # plain, redacted containers: W&B cannot serialise an OmegaConf node passed as its run
+        # config, and a secret in a logger's settings must not reach the run's config
+        hydra.utils.instantiate(redact(OmegaConf.to_container(c, resolve=True)), _convert_="all")
+        for c in logger_cfg.values()
+        if isinstance(c, DictConfig) and "_target_" in c
     ]
 
 
@@ -148,8 +173,26 @@ def print_results(title: str, metrics: dict[str, Any]) -> None:
             print(f"{k:>24s} {v:8.2f}")
 
 
+def finish_loggers(loggers: list[Any]) -> None:
+    """Flush and close W&B runs: several jobs of a sweep may share one process, and an offline
+    run holds its last records until it is finished."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
 def run(cfg: DictConfig) -> Optional[float]:
     """Run one job described by a composed config; returns ``optimized_metric`` if measured."""
+    loggers: list[Any] = []
+    try:
+        return _run(cfg, loggers)
+    finally:
+        finish_loggers(loggers)
+
+
+def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     import lightning as L
 
     from knet_lightning.data.folder import folder_dataloader, write_predictions
@@ -162,6 +205,7 @@ def run(cfg: DictConfig) -> Optional[float]:
     check_output_dir(output_dir)
     resolved = resolved_config(cfg)
     if L.pytorch.utilities.rank_zero_only.rank == 0:
+        redact_hydra_dump(output_dir)
         (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
     datamodule = build_datamodule(cfg)
@@ -179,7 +223,7 @@ def run(cfg: DictConfig) -> Optional[float]:
     if cfg.get("compile"):
         model.net = torch.compile(model.net)
 
-    loggers = build_loggers(cfg)
+    loggers.extend(build_loggers(cfg))
     for logger in loggers:
         logger.log_hyperparams(resolved)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False)

@@ -1,0 +1,253 @@
+"""Smoke test of scripts/bench.py: the ``--tiny`` run end to end, and its helpers.
+
+Times are never asserted; only the structure of the JSON / Markdown and facts that hold by
+construction (the hooked parts fire and fit inside the total, FLOPs grow with N and S).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "bench.py"
+
+
+def _load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("knet_bench_script", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look the module up in sys.modules while the class body runs
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+def _has(module: str, attr: str | None = None) -> bool:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return False
+    return attr is None or hasattr(mod, attr)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    """One ``--tiny`` run of the script as a user runs it (fresh process, all sections)."""
+    out = tmp_path_factory.mktemp("bench") / "nested" / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--threads", "1", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"bench.py --tiny failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_tiny_run_header_and_machine(tiny_run: tuple[dict[str, Any], str]) -> None:
+    data, stdout = tiny_run
+    assert data["schema"] == bench.SCHEMA_VERSION
+    assert data["mode"] == "tiny"
+    assert data["argv"][:1] == ["--tiny"]
+    assert data["profile"]["depth"] == 18 and data["profile"]["num_proposals"] == 10
+    machine = data["machine"]
+    assert machine["cpu_model"]
+    assert machine["torch_threads"] == 1
+    assert machine["device"] == "cpu"
+    assert machine["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert list(data["sections"]) == list(bench.SECTIONS)
+    for name in bench.SECTIONS:
+        assert f"## {name}" in stdout
+        section = data["sections"][name]
+        assert section["status"] in ("ok", "skipped"), (name, section.get("reason"))
+        assert section["seconds"] >= 0.0
+    assert "JSON written to" in stdout
+
+
+def test_tiny_run_knet_section(tiny_run: tuple[dict[str, Any], str]) -> None:
+    data, stdout = tiny_run
+    knet = data["sections"]["knet"]
+    assert knet["status"] == "ok"
+    assert knet["model"]["num_classes"] == 133 and knet["model"]["num_stages"] == 1
+    assert 0 < knet["model"]["trainable_params"] < knet["model"]["params"]  # the stem is frozen
+    rows = knet["rows"]
+    assert [(r["size"], r["batch"], r["mode"]) for r in rows] == [
+        ("64x64", 1, "inference"),
+        ("64x64", 1, "train"),
+        ("64x64", 2, "inference"),
+        ("64x64", 2, "train"),
+    ]
+    for row in rows:
+        order = bench.INFER_PARTS if row["mode"] == "inference" else bench.TRAIN_PARTS
+        parts = row["parts_ms"]
+        assert list(parts) == list(order)
+        assert row["total_ms"] > 0 and len(row["runs_ms"]) == 1
+        assert row["images_per_s"] == pytest.approx(row["batch"] / (row["total_ms"] / 1e3))
+        # every hook / timer fired...
+        for name in order:
+            if name not in ("other", "losses"):
+                assert parts[name] > 0, (row["mode"], name)
+        # ...and the parts of one run lie inside that run's total
+        assert parts["other"] >= -1e-6
+        assert sum(parts.values()) == pytest.approx(row["breakdown_total_ms"])
+        assert row["breakdown_total_ms"] == row["total_ms"]
+        assert row["peak_mb"] > 0 and row["mem_kind"] in ("rss_peak", "rss_peak_process_lifetime")
+    assert "| size | batch | mode | median ms |" in stdout
+    assert "| size | batch | total | backbone | fpn_neck | kernel_head | update_stages | matching |" in stdout
+
+
+def test_tiny_run_scaling_section(tiny_run: tuple[dict[str, Any], str]) -> None:
+    data, _ = tiny_run
+    scaling = data["sections"]["scaling"]
+    assert scaling["status"] == "ok"
+    rows = scaling["rows"]
+    assert [(r["num_proposals"], r["num_stages"]) for r in rows] == [(10, 1), (20, 2)]
+    small, big = rows
+    # one more update stage and more proposals: strictly more weights and more work
+    assert big["params_m"] > small["params_m"] > 0
+    assert big["gflops"] > small["gflops"] > 0
+    assert small["infer_ms"] > 0 and big["infer_ms"] > 0
+    assert small["train_ms"] > 0 and big["train_ms"] is None  # only (10, 1) is in grid_train
+
+
+def test_tiny_run_eval_and_data_sections(tiny_run: tuple[dict[str, Any], str]) -> None:
+    data, stdout = tiny_run
+    rows = data["sections"]["eval"]["rows"]
+    metrics = [r["metric"] for r in rows]
+    assert metrics[:2] == ["PanopticQuality", "MeanIoU (incl. panoptic_to_semantic)"]
+    if _has("knet_lightning.evaluation.instance", "MaskAP"):
+        assert metrics[2].startswith("MaskAP")
+    else:
+        assert any("MaskAP skipped" in n for n in data["sections"]["eval"]["notes"])
+    for row in rows:
+        assert row["images"] == 8 and row["images_per_s"] > 0
+
+    rows = data["sections"]["data"]["rows"]
+    assert [r["pipeline"] for r in rows] == ["decode (reader only)", "decode + train transforms"]
+    for row in rows:
+        assert row["samples"] == 3 and row["median_ms"] > 0 and row["samples_per_s_per_worker"] > 0
+    assert "| pipeline | samples | median ms |" in stdout
+
+
+def test_tiny_run_mask2former_section(tiny_run: tuple[dict[str, Any], str]) -> None:
+    data, stdout = tiny_run
+    m2f = data["sections"]["mask2former"]
+    if importlib.util.find_spec("transformers") is None:
+        assert m2f["status"] == "skipped" and "transformers" in m2f["reason"]
+        assert "**skipped**" in stdout
+        return
+    assert m2f["status"] == "ok"
+    knet = {(r["size"], r["batch"], r["mode"]): r["total_ms"] for r in data["sections"]["knet"]["rows"]}
+    assert len(m2f["rows"]) == len(knet)
+    for row in m2f["rows"]:
+        assert row["m2f_ms"] > 0
+        assert row["knet_ms"] == knet[(row["size"], row["batch"], row["mode"])]
+        assert row["ratio_knet_over_m2f"] == pytest.approx(row["knet_ms"] / row["m2f_ms"])
+    assert "| K-Net / M2F |" in stdout
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def test_markdown_table() -> None:
+    rows = [{"a": "x", "b": 1234.5, "c": None}, {"a": "y", "b": 0.123, "c": 12.34}]
+    assert bench.markdown_table(rows, [("a", "A"), ("b", "B"), ("c", "C")]) == (
+        "| A | B | C |\n|---|---|---|\n| x | 1234 | - |\n| y | 0.12 | 12.3 |"
+    )
+
+
+def test_breakdown_splits_criterion_and_closes_the_sum() -> None:
+    result = {
+        "total_ms": 90.0,
+        "parts_total_ms": 100.0,
+        "parts_ms": {"backbone": 40.0, "criterion": 25.0, "matching": 10.0, "backward": 20.0},
+    }
+    parts = bench.breakdown(result, bench.TRAIN_PARTS)
+    assert list(parts) == list(bench.TRAIN_PARTS)
+    assert parts["losses"] == 15.0 and parts["matching"] == 10.0
+    assert parts["kernel_head"] == 0.0  # a part that did not run is 0, not missing
+    assert parts["other"] == pytest.approx(100.0 - 40.0 - 25.0 - 20.0)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--quick", "--tiny"], ["--sections", "nope"], ["--threads", "0"], ["--device", "tpu"]],
+)
+def test_parse_args_rejects(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+
+
+def test_parse_args_defaults() -> None:
+    args = bench.parse_args([])
+    assert args.sections == list(bench.SECTIONS)
+    assert args.out == Path("bench_results/bench.json")
+    assert not args.quick and not args.tiny
+
+
+def test_make_scene_is_a_partition_with_contiguous_labels() -> None:
+    rng = np.random.default_rng(0)
+    seg, labels = bench.make_scene(rng, 40, 56, num_things=5, num_stuff=3)
+    assert seg.shape == (40, 56) and seg.dtype == np.int32
+    ids = np.unique(seg)
+    assert ids.tolist() == list(range(1, len(labels) + 1))  # no void, no missing segment
+    assert ((labels >= 0) & (labels < bench.NUM_CLASSES)).all()
+    # the 3 stuff bands may be occluded by things, but never all of them
+    assert (labels >= bench.NUM_THINGS).any()
+    target = bench.scene_target(seg, labels, torch.device("cpu"))
+    assert target["masks"].shape == (len(labels), 40, 56)
+    assert bool((target["masks"].sum(0) == 1).all())
+
+
+def test_written_coco_panoptic_files_read_back(tmp_path: Path) -> None:
+    from knet_lightning.data.coco import COCOPanopticDataset
+
+    bench.write_coco_panoptic(tmp_path, num_images=2, size=(24, 40), scene=(3, 2), seed=1)
+    ds = COCOPanopticDataset(tmp_path, "train")
+    assert len(ds) == 2 and ds.class_info.num_things == 80 and ds.class_info.num_stuff == 53
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        seg, labels = bench.make_scene(rng, 24, 40, 3, 2)
+        rng.integers(0, 256, size=(len(labels) + 1, 3))  # replay the colour and noise draws
+        rng.normal(0.0, 20.0, size=(24, 40, 3))
+        image, target = ds[i]
+        assert tuple(image.shape) == (3, 24, 40)
+        assert target["labels"].tolist() == labels.tolist()
+        assert torch.equal(target["panoptic"], torch.from_numpy(seg))
+
+
+def test_a_failing_section_is_reported_and_the_others_still_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def broken(ctx: Any) -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(bench.SECTION_FUNCS, "data", broken)
+    out = tmp_path / "b.json"
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--tiny", "--device", "cpu", "--threads", "1", "--sections", "data", "eval", "--out", str(out)]
+        rc = bench.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 1
+    data = json.loads(out.read_text())
+    assert list(data["sections"]) == ["eval", "data"]  # canonical order, not the command line's
+    assert data["sections"]["eval"]["status"] == "ok"
+    assert data["sections"]["data"]["status"] == "error"
+    assert "RuntimeError: boom" in data["sections"]["data"]["reason"]
+    assert "**error**: RuntimeError: boom" in capsys.readouterr().out

@@ -1,0 +1,248 @@
+"""The Hydra app end to end: composition of every config group, train → eval → predict,
+resume from last.ckpt, W&B offline, bad configs failing early."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, Trainer
+from omegaconf import OmegaConf
+
+from cli_utils import compose_cfg, metrics_csv, run_cfg, tiny_overrides
+from wandb_utils import read_offline_run
+from knet_lightning.cli import DATA_META_KEYS, config_dir, redact, resolve_ckpt_path
+
+CONF = Path(config_dir())
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_config_dir_is_the_checkout_conf() -> None:
+    assert (CONF / "train.yaml").is_file()
+    assert CONF == Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.mark.parametrize("option", _options("data"))
+def test_every_data_config_composes_and_its_datamodule_instantiates(tmp_path: Path, option: str) -> None:
+    cfg = compose_cfg(tmp_path, [f"data={option}"])
+    for key in DATA_META_KEYS:
+        assert key in cfg.data, f"data/{option}.yaml lacks {key}"
+    assert cfg.data.num_classes == cfg.data.num_things + cfg.data.num_stuff
+    data_cfg = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in DATA_META_KEYS}
+    dm = hydra.utils.instantiate(data_cfg, _convert_="partial")
+    assert isinstance(dm, LightningDataModule)
+
+
+@pytest.mark.parametrize("option", _options("model"))
+def test_every_model_config_instantiates(tmp_path: Path, option: str) -> None:
+    data = "ade20k" if option == "knet_semantic" else "synthetic"
+    cfg = compose_cfg(tmp_path, [f"model={option}", f"data={data}", "~experiment", "model.net.backbone_depth=18"]
+                      + (["model.net.decode_head=uper"] if option == "knet_semantic" else []))
+    module = hydra.utils.instantiate(cfg.model, _convert_="partial")
+    assert module.task == cfg.model.task
+    images = torch.randn(2, 3, 64, 64)
+    module.eval()
+    with torch.no_grad():
+        outputs = module(images)
+    assert len(outputs) == cfg.model.num_stages + 1
+
+
+@pytest.mark.parametrize("option", _options("trainer"))
+def test_every_trainer_config_composes(tmp_path: Path, option: str) -> None:
+    cfg = compose_cfg(tmp_path, [f"trainer={option}"])
+    assert cfg.trainer._target_ == "lightning.pytorch.trainer.Trainer"
+    if option in ("cpu", "ddp_cpu"):  # the others need GPUs
+        trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        assert isinstance(trainer, Trainer)
+        assert trainer.num_devices == (2 if option == "ddp_cpu" else 1)
+    else:
+        assert cfg.trainer.accelerator == "gpu"
+
+
+@pytest.mark.parametrize("option", _options("logger"))
+def test_every_logger_config_composes(tmp_path: Path, option: str) -> None:
+    cfg = compose_cfg(tmp_path, [f"logger={option}"])
+    for name, node in (cfg.logger or {}).items():
+        assert "_target_" in node, name
+        if name in ("csv", "wandb"):
+            node = OmegaConf.merge(node, {"offline": True} if name == "wandb" else {})
+            hydra.utils.instantiate(node)
+
+
+@pytest.mark.parametrize(
+    "group", ["callbacks", "debug", "experiment", "hparams_search", "paths", "hydra"]
+)
+def test_every_other_group_composes(tmp_path: Path, group: str) -> None:
+    for option in _options(group):
+        cfg = compose_cfg(tmp_path, [f"{group}={option}"])
+        assert cfg.mode == "train"
+        if group == "callbacks":
+            for node in (cfg.callbacks or {}).values():
+                hydra.utils.instantiate(node)
+
+
+@pytest.mark.parametrize("config_name,mode", [("train", "train"), ("eval", "eval"), ("predict", "predict")])
+def test_entry_configs_set_the_mode(tmp_path: Path, config_name: str, mode: str) -> None:
+    assert compose_cfg(tmp_path, [], config_name=config_name).mode == mode
+
+
+def test_fast_dev_run_trains(tmp_path: Path) -> None:
+    cfg = compose_cfg(tmp_path, tiny_overrides("debug=fast_dev_run"))
+    run_cfg(cfg)
+
+
+def test_train_then_eval_then_predict_from_the_checkpoint(tmp_path: Path) -> None:
+    cfg = compose_cfg(tmp_path / "a", tiny_overrides("debug=limit", "trainer.check_val_every_n_epoch=1"))
+    value = run_cfg(cfg)
+    run_dir = tmp_path / "a" / "run"
+    assert (run_dir / "config_resolved.yaml").is_file()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"val/pq", "test/pq", "test/sq", "test/rq", "test/miou", "val/pq_s1"} <= set(metrics)
+    assert value == pytest.approx(metrics["val/pq"])
+    overlays = list((run_dir / "overlays").rglob("*.png"))
+    assert overlays, "validation overlays were not written"
+
+    cfg = compose_cfg(tmp_path / "b", tiny_overrides(f"ckpt_path={last}"), config_name="eval")
+    OmegaConf.update(cfg, "paths.data_dir", str(tmp_path / "a" / "data"), force_add=True)
+    run_cfg(cfg)
+    eval_metrics = json.loads((tmp_path / "b" / "run" / "metrics.json").read_text())
+    assert eval_metrics["test/pq"] == pytest.approx(metrics["test/pq"], abs=1e-6)
+
+    images = tmp_path / "a" / "data" / "synthetic" / "val2017"
+    cfg = compose_cfg(tmp_path / "c", tiny_overrides(f"ckpt_path={last}", f"inputs={images}"), config_name="predict")
+    OmegaConf.update(cfg, "paths.data_dir", str(tmp_path / "a" / "data"), force_add=True)
+    run_cfg(cfg)
+    out = tmp_path / "c" / "run" / "predictions"
+    pngs = sorted((out / "panoptic").glob("*.png"))
+    assert len(pngs) == 4
+    annotations = json.loads((out / "panoptic.json").read_text())["annotations"]
+    assert len(annotations) == 4
+
+
+def test_resume_from_last_checkpoint_continues_at_the_right_step(tmp_path: Path) -> None:
+    # 2 batches per epoch: a 1-epoch run ends at step 2; resuming for 2 epochs ends at step 4
+    first = compose_cfg(tmp_path / "a", tiny_overrides("trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                                                       "test_after_fit=false"))
+    run_cfg(first)
+    last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 2
+
+    second = compose_cfg(tmp_path / "b", tiny_overrides("trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                                                        "test_after_fit=false", "trainer.max_epochs=2",
+                                                        f"ckpt_path={last}"))
+    OmegaConf.update(second, "paths.data_dir", str(tmp_path / "a" / "data"), force_add=True)
+    # capture the optimizer state right after the checkpoint is restored
+    from lightning.pytorch import Callback
+
+    seen = {}
+
+    class Probe(Callback):
+        def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            seen["step"] = trainer.global_step
+            seen["opt"] = copy.deepcopy(trainer.optimizers[0].state_dict())
+
+    import knet_lightning.cli as cli
+
+    original = cli.build_callbacks
+    cli.build_callbacks = lambda cfg: original(cfg) + [Probe()]
+    try:
+        run_cfg(second)
+    finally:
+        cli.build_callbacks = original
+    assert seen["step"] == 2
+    saved = state["optimizer_states"][0]["state"]
+    restored = seen["opt"]["state"]
+    assert saved.keys() == restored.keys()
+    for k in saved:
+        assert int(saved[k]["step"]) == int(restored[k]["step"])
+        torch.testing.assert_close(saved[k]["exp_avg"], restored[k]["exp_avg"])
+    resumed = torch.load(tmp_path / "b" / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 4
+    rows = metrics_csv(tmp_path / "b" / "run")
+    steps = sorted({int(r["step"]) for r in rows if r.get("train/loss")})
+    assert steps and min(steps) >= 2
+
+
+def test_ckpt_path_last_finds_the_newest_run(tmp_path: Path) -> None:
+    cfg = compose_cfg(tmp_path, ["ckpt_path=last"])
+    with pytest.raises(FileNotFoundError, match="no last.ckpt"):
+        resolve_ckpt_path(cfg)
+    ckpt = tmp_path / "logs" / "train" / "runs" / "2026-01-01_00-00-00" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    assert resolve_ckpt_path(cfg) == str(ckpt)
+
+
+def test_class_count_mismatch_fails_before_training(tmp_path: Path) -> None:
+    cfg = compose_cfg(tmp_path, tiny_overrides("data.num_things=5", "data.num_classes=8"))
+    with pytest.raises(ValueError, match=r"data.num_things=5 but the data set's categories give 4"):
+        run_cfg(cfg)
+
+
+def test_unwritable_output_dir_fails_early(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    cfg = compose_cfg(tmp_path, tiny_overrides())
+    OmegaConf.update(cfg, "paths.output_dir", str(blocker / "run"))
+    with pytest.raises((PermissionError, FileExistsError, NotADirectoryError, OSError)):
+        run_cfg(cfg)
+
+
+def test_wandb_offline_run_writes_its_folder_with_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    cfg = compose_cfg(tmp_path, tiny_overrides("debug=limit", "logger=wandb", "trainer.check_val_every_n_epoch=1",
+                                               "logger.wandb.offline=true", "+logger.wandb.config.api_key=hunter2"))
+    run_cfg(cfg)
+    import wandb
+
+    wandb.teardown()  # waits for the W&B service to flush the run file
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run = read_offline_run(runs[0])
+    keys = set().union(*(row.keys() for row in run["history"]))
+    assert {"train/loss", "val/pq", "test/pq"} <= keys
+    assert run["config"]["model"]["num_proposals"] == 6
+    assert "hunter2" not in json.dumps(run["config"])
+    assert run["tags"] == ["synthetic", "panoptic"]
+
+
+def test_redact_hides_secrets() -> None:
+    cfg = {"logger": {"wandb": {"api_key": "abc", "project": "p"}}, "token": "t", "x": [{"password": "p"}]}
+    assert redact(cfg) == {"logger": {"wandb": {"api_key": "***", "project": "p"}}, "token": "***", "x": [{"password": "***"}]}
+
+
+def test_python_dash_m_entry_point(tmp_path: Path) -> None:
+    env = dict(os.environ, KNET_ROOT=str(tmp_path))
+    out = subprocess.run(
+        [sys.executable, "-m", "knet_lightning", "--cfg", "job", "model.num_stages=2"],
+        capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "num_stages: 2" in out.stdout
+
+
+def test_hydra_dump_is_redacted(tmp_path: Path) -> None:
+    from knet_lightning.cli import redact_hydra_dump
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("logger:\n  wandb:\n    api_key: hunter2\n    project: p\n")
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- +logger.wandb.config.api_key=hunter2\n- model.num_stages=2\n")
+    redact_hydra_dump(tmp_path)
+    config = (tmp_path / ".hydra" / "config.yaml").read_text()
+    overrides = (tmp_path / ".hydra" / "overrides.yaml").read_text()
+    assert "hunter2" not in config + overrides
+    assert "project: p" in config and "model.num_stages=2" in overrides
