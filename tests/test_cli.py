@@ -114,11 +114,15 @@ def test_train_then_eval_then_predict_from_the_checkpoint(tmp_path: Path) -> Non
     overlays = list((run_dir / "overlays").rglob("*.png"))
     assert overlays, "validation overlays were not written"
 
-    cfg = compose_cfg(tmp_path / "b", tiny_overrides(f"ckpt_path={last}"), config_name="eval")
+    cfg = compose_cfg(tmp_path / "b", tiny_overrides(f"ckpt_path={last}", "export_predictions=true"),
+                      config_name="eval")
     OmegaConf.update(cfg, "paths.data_dir", str(tmp_path / "a" / "data"), force_add=True)
     run_cfg(cfg)
     eval_metrics = json.loads((tmp_path / "b" / "run" / "metrics.json").read_text())
     assert eval_metrics["test/pq"] == pytest.approx(metrics["test/pq"], abs=1e-6)
+    exported = tmp_path / "b" / "run" / "predictions"
+    assert len(json.loads((exported / "panoptic.json").read_text())["annotations"]) == 4
+    assert len(list((exported / "panoptic").glob("*.png"))) == 4
 
     images = tmp_path / "a" / "data" / "synthetic" / "val2017"
     cfg = compose_cfg(tmp_path / "c", tiny_overrides(f"ckpt_path={last}", f"inputs={images}"), config_name="predict")

@@ -8,9 +8,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from knet_lightning.evaluation.export import open_writer, write_item
 from knet_lightning.visualize import overlay_panoptic, save_png
 
 log = logging.getLogger(__name__)
@@ -74,3 +76,50 @@ class PredictionOverlays(Callback):
                 )
             )
         logger.experiment.log({"val/overlays": logged, "trainer/global_step": step})
+
+
+class PredictionExport(BasePredictionWriter):
+    """Streams ``predict_step`` outputs to disk in the official formats as batches arrive
+    (COCO panoptic PNG + JSON, COCO results JSON with RLE, label PNGs), so nothing accumulates
+    in memory. Under DDP every process writes its own images and its own JSON
+    (``panoptic.rank<r>.json``); a single process writes ``panoptic.json``.
+    """
+
+    def __init__(self, out_dir: str | Path, class_info: Any, task: str, semantic_id_map: Any = None) -> None:
+        super().__init__(write_interval="batch")
+        self.out_dir = Path(out_dir)
+        self.class_info = class_info
+        self.task = task
+        self.semantic_id_map = semantic_id_map
+        self.writer: Any = None
+        self.count = 0
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        suffix = "" if trainer.world_size == 1 else f".rank{trainer.global_rank}"
+        self.writer = open_writer(self.out_dir, self.class_info, self.task, self.semantic_id_map, suffix=suffix)
+        self.count = 0
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        for item in prediction:
+            write_item(self.writer, item)
+            self.count += 1
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # never leave a JSON that looks complete after a crash
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None

@@ -195,7 +195,8 @@ def run(cfg: DictConfig) -> Optional[float]:
 def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     import lightning as L
 
-    from knet_lightning.data.folder import folder_dataloader, write_predictions
+    from knet_lightning.callbacks import PredictionExport
+    from knet_lightning.data.folder import folder_dataloader
 
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
@@ -248,16 +249,22 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
             raise ValueError("mode=eval needs ckpt_path=<checkpoint> (or ckpt_path=last)")
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})
+        if cfg.get("export_predictions"):
+            # a second, streamed pass writes the test split in the official formats
+            exporter = PredictionExport(cfg.predict_output_dir, class_info, model.task)
+            trainer.callbacks.append(exporter)
+            trainer.predict(model, dataloaders=datamodule.test_dataloader(), return_predictions=False)
+            log.info("wrote %d predictions to %s", exporter.count, cfg.predict_output_dir)
     elif mode == "predict":
         if ckpt_path is None:
             raise ValueError("mode=predict needs ckpt_path=<checkpoint> (or ckpt_path=last)")
         if not cfg.get("inputs"):
             raise ValueError("mode=predict needs inputs=<image file or folder>")
-        loader = folder_dataloader(cfg.inputs, datamodule)
-        batches = trainer.predict(model, dataloaders=loader, ckpt_path=ckpt_path)
-        if trainer.is_global_zero:
-            written = write_predictions(batches, Path(cfg.predict_output_dir), class_info, model.task)
-            log.info("wrote %d predictions to %s", written, cfg.predict_output_dir)
+        exporter = PredictionExport(cfg.predict_output_dir, class_info, model.task)
+        trainer.callbacks.append(exporter)
+        trainer.predict(model, dataloaders=folder_dataloader(cfg.inputs, datamodule), ckpt_path=ckpt_path,
+                        return_predictions=False)
+        log.info("wrote %d predictions to %s", exporter.count, cfg.predict_output_dir)
         return None
     else:
         raise ValueError(f"mode={mode!r}: expected train, eval or predict")

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+import zlib
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
+from knet_lightning.evaluation.instance import MaskAP, encode_masks
 from knet_lightning.evaluation.panoptic import PanopticQuality
 from knet_lightning.evaluation.semantic import MeanIoU
 from knet_lightning.models.outputs import StageOutput
@@ -61,6 +63,35 @@ def _semantic_gt(target: dict[str, Any]) -> Tensor:
             "(the label map at original size); the data set reader did not provide it"
         )
     return target["sem_seg_orig"]
+
+
+def _int_image_id(image_id: Any) -> int:
+    """COCO ids are ints; Cityscapes uses the file stem: map strings to a stable int."""
+    try:
+        return int(image_id)
+    except (TypeError, ValueError):
+        return zlib.crc32(str(image_id).encode()) & 0x7FFFFFFF
+
+
+def _instance_gt(target: dict[str, Any], num_things: int) -> dict[str, Any]:
+    """Instance ground truth at original size as RLEs: the reader's ``eval_gt``, or the thing
+    segments of a panoptic reader's ``panoptic`` map."""
+    if "eval_gt" in target:
+        return target["eval_gt"]
+    if "panoptic" not in target:
+        raise KeyError(
+            f"{target.get('file_name', '?')}: instance evaluation needs target['eval_gt'] or target['panoptic']"
+        )
+    seg = target["panoptic"]
+    labels = target["labels"].to(torch.int64)
+    keep = (labels < num_things).nonzero().flatten()
+    masks = seg.unsqueeze(0) == (keep + 1).to(seg.dtype).view(-1, 1, 1)
+    return {
+        "rles": encode_masks(masks),
+        "labels": labels[keep],
+        "iscrowd": target["iscrowd"][keep].to(torch.bool),
+        "area": masks.flatten(1).sum(1).to(torch.float64),
+    }
 
 
 class KNetModule(LightningModule):
@@ -135,10 +166,8 @@ class KNetModule(LightningModule):
                 MeanIoU(self.num_classes, ignore_index=IGNORE_INDEX) for _ in self.eval_stages
             )
         if task == "instance":
-            from torchmetrics.detection import MeanAveragePrecision
-
-            self.val_map = MeanAveragePrecision(iou_type="segm")
-            self.test_map = MeanAveragePrecision(iou_type="segm")
+            self.val_map = MaskAP(self.num_classes, class_names=self.class_names)
+            self.test_map = MaskAP(self.num_classes, class_names=self.class_names)
 
         self.vis_samples: list[dict[str, Any]] = []
         self._step_start: Optional[float] = None
@@ -219,7 +248,7 @@ class KNetModule(LightningModule):
     def _evaluate_batch(self, batch: dict[str, Any], split: str) -> None:
         outputs = self.net(batch["images"])
         targets = batch["targets"]
-        gts = [self._gt(t) for t in targets] if self.task != "semantic" else None
+        gts = [self._gt(t) for t in targets] if self.task == "panoptic" else None
         last = self.num_stages
         stages = self.eval_stages if split == "val" else [last]
         for si, s in enumerate(stages):
@@ -240,21 +269,12 @@ class KNetModule(LightningModule):
                         (self.val_miou if split == "val" else self.test_miou).update(pred, gt_sem)
             elif s == last:  # instance: mask AP on the last stage
                 metric = self.val_map if split == "val" else self.test_map
-                pred_list = [
-                    {"masks": p["masks"], "scores": p["scores"], "labels": p["labels"]} for p in preds
-                ]
-                gt_list = []
-                for gt_seg, gt_segments, _ in gts:
-                    ids = torch.tensor([g["id"] for g in gt_segments], dtype=gt_seg.dtype)
-                    masks = gt_seg.unsqueeze(0) == ids.view(-1, 1, 1)
-                    gt_list.append(
-                        {
-                            "masks": masks,
-                            "labels": torch.tensor([g["category_id"] for g in gt_segments], dtype=torch.int64),
-                            "iscrowd": torch.tensor([g["iscrowd"] for g in gt_segments], dtype=torch.int64),
-                        }
-                    )
-                metric.update(pred_list, gt_list)
+                metric.update(
+                    preds,
+                    [_instance_gt(t, self.num_things) for t in targets],
+                    image_ids=[_int_image_id(t.get("image_id", -1)) for t in targets],
+                    image_sizes=[tuple(int(v) for v in t["orig_size"]) for t in targets],
+                )
             if split == "val" and s == last and self.task == "panoptic":
                 self._keep_for_overlay(batch, preds)
 
@@ -322,9 +342,7 @@ class KNetModule(LightningModule):
             metric = self.val_map if split == "val" else self.test_map
             values = metric.compute()
             for key in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large"):
-                value = values[key]
-                # torchmetrics reports -1 when nothing at all was predicted; that is AP 0
-                self.log(f"{split}/{key}", torch.clamp(value, min=0.0) * 100)
+                self.log(f"{split}/{key}", values[key])
             metric.reset()
 
     def on_validation_epoch_end(self) -> None:

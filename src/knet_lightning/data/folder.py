@@ -1,9 +1,7 @@
-"""Inputs and outputs of ``mode=predict``: a folder (or file) of images in, panoptic PNG +
-JSON (COCO panoptic format), semantic PNGs or instance JSON and overlays out."""
+"""Inputs of ``mode=predict``: a folder (or one file) of images, read like a data set."""
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -14,8 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
-from knet_lightning.data.coco import id2rgb
-from knet_lightning.data.meta import ClassInfo, DatasetError
+from knet_lightning.data.meta import DatasetError
 from knet_lightning.data.transforms import collate_batch
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -72,67 +69,3 @@ def folder_dataloader(inputs: str | Path, datamodule: Any) -> DataLoader:
         num_workers=datamodule.num_workers,
         collate_fn=partial(collate_batch, size_divisor=datamodule.size_divisor),
     )
-
-
-def write_predictions(
-    batches: list[list[dict[str, Any]]], out_dir: Path, class_info: ClassInfo, task: str
-) -> int:
-    """Writes predictions in the official formats; returns how many images were written.
-
-    panoptic: ``out_dir/panoptic/<stem>.png`` (RGB-encoded ids) + ``out_dir/panoptic.json`` with
-    COCO ``annotations`` (category ids of the data set); semantic: ``out_dir/semantic/<stem>.png``
-    (contiguous ids, 255 void); instance: ``out_dir/instances.json`` (COCO results with RLE).
-    """
-    from pycocotools import mask as mask_utils
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    annotations: list[dict[str, Any]] = []
-    results: list[dict[str, Any]] = []
-    count = 0
-    for batch in batches:
-        for item in batch:
-            stem = Path(str(item["file_name"])).stem
-            pred = item["prediction"]
-            count += 1
-            if task == "panoptic":
-                seg, segments = pred
-                png_dir = out_dir / "panoptic"
-                png_dir.mkdir(exist_ok=True)
-                Image.fromarray(id2rgb(seg.cpu().numpy())).save(png_dir / f"{stem}.png")
-                annotations.append(
-                    {
-                        "image_id": item["image_id"],
-                        "file_name": f"{stem}.png",
-                        "segments_info": [
-                            {
-                                "id": int(s["id"]),
-                                "category_id": class_info.dataset_id(int(s["category_id"])),
-                                "isthing": bool(s.get("isthing", class_info.isthing[int(s["category_id"])])),
-                                "score": float(s.get("score", 1.0)),
-                            }
-                            for s in segments
-                        ],
-                    }
-                )
-            elif task == "semantic":
-                sem_dir = out_dir / "semantic"
-                sem_dir.mkdir(exist_ok=True)
-                Image.fromarray(pred.cpu().numpy().astype(np.uint8)).save(sem_dir / f"{stem}.png")
-            else:
-                masks = pred["masks"].cpu().numpy()
-                for k in range(masks.shape[0]):
-                    rle = mask_utils.encode(np.asfortranarray(masks[k].astype(np.uint8)))
-                    rle["counts"] = rle["counts"].decode("ascii")
-                    results.append(
-                        {
-                            "image_id": item["image_id"],
-                            "category_id": class_info.dataset_id(int(pred["labels"][k])),
-                            "segmentation": rle,
-                            "score": float(pred["scores"][k]),
-                        }
-                    )
-    if task == "panoptic":
-        (out_dir / "panoptic.json").write_text(json.dumps({"annotations": annotations}, indent=1))
-    elif task == "instance":
-        (out_dir / "instances.json").write_text(json.dumps(results))
-    return count

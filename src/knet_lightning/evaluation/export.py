@@ -134,10 +134,10 @@ class COCOPanopticWriter(_Writer):
     "panoptic.json", gt_folder, pred_folder=out_dir / "panoptic")``.
     """
 
-    def __init__(self, out_dir: str | Path, class_info: ClassInfo) -> None:
+    def __init__(self, out_dir: str | Path, class_info: ClassInfo, json_name: str = "panoptic.json") -> None:
         self.out_dir = Path(out_dir)
         self.png_dir = self.out_dir / "panoptic"
-        self.json_path = self.out_dir / "panoptic.json"
+        self.json_path = self.out_dir / json_name
         self.class_info = class_info
         self.png_dir.mkdir(parents=True, exist_ok=True)
         self.annotations: list[dict[str, Any]] = []
@@ -418,6 +418,40 @@ class SemanticPNGWriter(_Writer):
         self.closed = True
 
 
+def open_writer(
+    out_dir: Path, class_info: ClassInfo, task: str, semantic_id_map: Sequence[int] | None = None, suffix: str = ""
+) -> COCOPanopticWriter | COCOResultsWriter | SemanticPNGWriter:
+    """The writer of ``task``'s official format under ``out_dir`` (see :func:`write_predictions`).
+
+    ``suffix`` goes into the JSON file name (``panoptic{suffix}.json``, ``instances{suffix}.json``),
+    so that several processes can write side by side.
+    """
+    if task not in ("panoptic", "instance", "semantic"):
+        raise ValueError(f"write_predictions: task must be 'panoptic', 'instance' or 'semantic', got {task!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if task == "panoptic":
+        return COCOPanopticWriter(out_dir, class_info, json_name=f"panoptic{suffix}.json")
+    if task == "instance":
+        return COCOResultsWriter(out_dir / f"instances{suffix}.json", class_info)
+    return SemanticPNGWriter(out_dir / "semantic", id_map=semantic_id_map)
+
+
+def write_item(writer: COCOPanopticWriter | COCOResultsWriter | SemanticPNGWriter, item: Mapping[str, Any]) -> None:
+    """Adds one ``{file_name, image_id, prediction}`` item to ``writer``."""
+    for key in ("file_name", "image_id", "prediction"):
+        if key not in item:
+            raise ValueError(f"write_predictions: a batch item has no `{key}` field")
+    pred = item["prediction"]
+    if isinstance(writer, COCOPanopticWriter):
+        pan_seg, segments_info = pred
+        writer.add(item["image_id"], item["file_name"], pan_seg, segments_info)
+    elif isinstance(writer, COCOResultsWriter):
+        writer.add(item["image_id"], pred["masks"], pred["scores"], pred["labels"])
+    else:
+        writer.add(item["file_name"], pred)
+
+
 def write_predictions(
     batches: Iterable[Sequence[Mapping[str, Any]]],
     out_dir: Path,
@@ -440,31 +474,11 @@ def write_predictions(
     Writes: panoptic → ``out_dir/panoptic/<stem>.png`` + ``out_dir/panoptic.json``;
     semantic → ``out_dir/semantic/<stem>.png``; instance → ``out_dir/instances.json``.
     """
-    if task not in ("panoptic", "instance", "semantic"):
-        raise ValueError(f"write_predictions: task must be 'panoptic', 'instance' or 'semantic', got {task!r}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    writer: COCOPanopticWriter | COCOResultsWriter | SemanticPNGWriter
-    if task == "panoptic":
-        writer = COCOPanopticWriter(out_dir, class_info)
-    elif task == "instance":
-        writer = COCOResultsWriter(out_dir / "instances.json", class_info)
-    else:
-        writer = SemanticPNGWriter(out_dir / "semantic", id_map=semantic_id_map)
+    writer = open_writer(out_dir, class_info, task, semantic_id_map)
     count = 0
     with writer:
         for batch in batches:
             for item in batch:
-                for key in ("file_name", "image_id", "prediction"):
-                    if key not in item:
-                        raise ValueError(f"write_predictions: a batch item has no `{key}` field")
-                pred = item["prediction"]
-                if isinstance(writer, COCOPanopticWriter):
-                    pan_seg, segments_info = pred
-                    writer.add(item["image_id"], item["file_name"], pan_seg, segments_info)
-                elif isinstance(writer, COCOResultsWriter):
-                    writer.add(item["image_id"], pred["masks"], pred["scores"], pred["labels"])
-                else:
-                    writer.add(item["file_name"], pred)
+                write_item(writer, item)
                 count += 1
     return count
