@@ -129,17 +129,25 @@ def test_test_and_predict_loaders(root: Path) -> None:
         assert batch["image_sizes"] == [(96, 96)] * 3
 
 
-def test_loaders_let_lightning_insert_a_distributed_sampler(root: Path) -> None:
+def test_training_loader_shards_itself_under_ddp(root: Path) -> None:
+    # the training sampler is a DistributedSampler (resumable mid-epoch), so Lightning keeps it
+    # under DDP instead of replacing it; each rank reads its own half of the shuffled order
+    from knet_lightning.reliability import ResumableSampler
+
     dm = SyntheticPanopticDataModule(root, batch_size=2, **GEN)
     dm.setup("fit")
     train, val = dm.train_dataloader(), dm.val_dataloader()
-    assert _is_dataloader_shuffled(train) and not _is_dataloader_shuffled(val)
-    sampler = DistributedSampler(dm.datasets["train"], num_replicas=2, rank=1, shuffle=True)
-    replaced = _update_dataloader(train, sampler)
-    assert replaced.sampler is sampler and replaced.collate_fn is train.collate_fn
-    batches = list(replaced)
-    assert sum(b["images"].shape[0] for b in batches) == 3  # this rank's half of 6
-    check_batch(batches[0], 2, padded=(64, 64))
+    assert isinstance(train.sampler, DistributedSampler) and not _is_dataloader_shuffled(val)
+    seen = []
+    for rank in (0, 1):
+        sampler = ResumableSampler(train.dataset, batch_size=2, seed=0, num_replicas=2, rank=rank)
+        replaced = _update_dataloader(train, sampler)
+        assert replaced.sampler is sampler and replaced.collate_fn is train.collate_fn
+        batches = list(replaced)
+        assert sum(b["images"].shape[0] for b in batches) == 3  # this rank's half of 6
+        check_batch(batches[0], 2, padded=(64, 64))
+        seen += [index for _, index in sampler]
+    assert sorted(seen) == list(range(6))
 
 
 def test_hydra_instantiation_with_plain_args(root: Path) -> None:

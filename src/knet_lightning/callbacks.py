@@ -83,6 +83,10 @@ class PredictionExport(BasePredictionWriter):
     (COCO panoptic PNG + JSON, COCO results JSON with RLE, label PNGs), so nothing accumulates
     in memory. Under DDP every process writes its own images and its own JSON
     (``panoptic.rank<r>.json``); a single process writes ``panoptic.json``.
+
+    Semantic label PNGs hold the data set's own class ids by default (``class_info.dataset_id``:
+    Cityscapes labelIds, ADE20K 1..150 with 0 = other), which is what the official evaluation
+    scripts read; pass ``semantic_id_map`` to write other ids.
     """
 
     def __init__(self, out_dir: str | Path, class_info: Any, task: str, semantic_id_map: Any = None) -> None:
@@ -90,6 +94,8 @@ class PredictionExport(BasePredictionWriter):
         self.out_dir = Path(out_dir)
         self.class_info = class_info
         self.task = task
+        if semantic_id_map is None and task == "semantic":
+            semantic_id_map = [class_info.dataset_id(c) for c in range(class_info.num_classes)]
         self.semantic_id_map = semantic_id_map
         self.writer: Any = None
         self.count = 0

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import signal
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +20,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from knet_lightning.distributed import end_of_job, is_global_zero_from_env
+from knet_lightning.sweep import register_resolvers
+
 log = logging.getLogger("knet_lightning")
+# ${knet.sweep_group:} / ${knet.sweep_tags:...} of logger/wandb.yaml, before any config resolves
+register_resolvers()
 
 # keys of the data config that describe the data set rather than construct the data module
 DATA_META_KEYS = ("num_things", "num_stuff", "num_classes")
@@ -134,6 +140,31 @@ def check_class_counts(cfg: DictConfig, class_info: Any) -> None:
             )
 
 
+def check_data(cfg: DictConfig, datamodule: Any) -> None:
+    """Builds the data sets this run reads before the Trainer exists, so that a missing data
+    root or a wrong layout fails with the reader's ``DatasetError`` (naming the path) before any
+    step; then warns when ``model.num_proposals`` is below the most thing segments in one
+    training image (those images cannot have every instance matched)."""
+    stage = {"train": "fit", "eval": "test"}.get(str(cfg.mode))
+    if stage is None:
+        return
+    datamodule.setup(stage)
+    if stage != "fit" or cfg.model.get("task") == "semantic" or "num_proposals" not in cfg.model:
+        return
+    count = getattr(datamodule.datasets.get("train"), "max_things_per_image", None)
+    if count is None:
+        log.debug("the training set cannot count thing segments per image; num_proposals not checked")
+        return
+    most = int(count())
+    if most > int(cfg.model.num_proposals):
+        log.warning(
+            "model.num_proposals=%d is below the largest number of thing segments in one training image "
+            "(%d): some instances of such images can never be matched to a kernel; consider "
+            "model.num_proposals>=%d",
+            int(cfg.model.num_proposals), most, most,
+        )
+
+
 def build_callbacks(cfg: DictConfig) -> list[Any]:
     callbacks_cfg = cfg.get("callbacks") or {}
     return [
@@ -190,10 +221,14 @@ def run(cfg: DictConfig) -> Optional[float]:
         return _run(cfg, loggers)
     finally:
         finish_loggers(loggers)
+        # DDP: wait for the ranks this job started and reset the process group and DDP
+        # environment, so that the next job of a multirun starts its own ranks
+        end_of_job()
 
 
 def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     import lightning as L
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from knet_lightning.callbacks import PredictionExport
     from knet_lightning.data.folder import folder_dataloader
@@ -205,7 +240,8 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     output_dir = Path(cfg.paths.output_dir)
     check_output_dir(output_dir)
     resolved = resolved_config(cfg)
-    if L.pytorch.utilities.rank_zero_only.rank == 0:
+    # not Lightning's rank_zero_only yet: before the strategy sets up, it says 0 on node 1 too
+    if is_global_zero_from_env():
         redact_hydra_dump(output_dir)
         (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
@@ -213,12 +249,14 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     datamodule.prepare_data()
     class_info = datamodule.class_info
     check_class_counts(cfg, class_info)
+    check_data(cfg, datamodule)
 
     model = hydra.utils.instantiate(
         cfg.model,
         class_names=list(class_info.names),
         isthing=list(class_info.isthing),
         colors=[list(c) for c in class_info.colors],
+        max_bad_steps=int(cfg.get("max_bad_steps", 20)),
         _convert_="partial",
     )
     if cfg.get("compile"):
@@ -233,7 +271,14 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     ckpt_path = resolve_ckpt_path(cfg)
     metrics: dict[str, Any] = {}
     if mode == "train":
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:
+            # PreemptionCheckpoint has written last.ckpt at the step boundary; no test, no
+            # metrics.json (the run is not finished), and the code a SIGTERM-ed process exits with
+            log.warning("stopped by SIGTERM at step %d; resume with ckpt_path=last hydra.run.dir=%s",
+                        trainer.global_step, output_dir)
+            raise SystemExit(128 + signal.SIGTERM) from None
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})
         if cfg.get("test_after_fit", True) and not trainer.fast_dev_run:
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

@@ -111,6 +111,8 @@ class KNetModule(LightningModule):
         eval_all_stages: evaluate every stage depth at validation, not only the last.
         num_vis_images: validation images kept for overlays each epoch (rank zero).
         class_names / isthing / colors: data-set metadata, stored in the checkpoint.
+        max_bad_steps: a NaN/Inf loss skips its optimizer step; more than this many consecutive
+            such steps stop the run with :class:`NonFiniteLossError`.
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class KNetModule(LightningModule):
         class_names: Optional[list[str]] = None,
         isthing: Optional[list[bool]] = None,
         colors: Optional[list[list[int]]] = None,
+        max_bad_steps: int = 20,
     ) -> None:
         super().__init__()
         if task not in TASKS:
@@ -143,12 +146,27 @@ class KNetModule(LightningModule):
         self.postprocess_cfg = dict(postprocess or {})
         self.eval_all_stages = eval_all_stages
         self.num_vis_images = num_vis_images
+        if int(max_bad_steps) < 0:
+            raise ValueError(f"max_bad_steps must be >= 0, got {max_bad_steps}")
+        self.max_bad_steps = int(max_bad_steps)
+        self.bad_steps = 0  # consecutive steps with a non-finite loss
 
         self.num_things = int(getattr(net, "num_things", 0))
         self.num_classes = int(getattr(net, "num_classes"))
         self.class_names = list(class_names) if class_names else [str(i) for i in range(self.num_classes)]
         self.isthing = list(isthing) if isthing else [i < self.num_things for i in range(self.num_classes)]
         self.colors = [tuple(c) for c in colors] if colors else None
+        if task == "instance" and len(self.class_names) > self.num_classes:
+            # instance mode on a panoptic data set (things first, then stuff): the network
+            # classifies the things only, so the stuff classes drop out of names and metrics
+            if any(not t for t in self.isthing[: self.num_classes]):
+                raise ValueError(
+                    f"model.task=instance: the first {self.num_classes} classes must be things, got "
+                    f"isthing={self.isthing[: self.num_classes]}"
+                )
+            self.class_names = self.class_names[: self.num_classes]
+            self.isthing = self.isthing[: self.num_classes]
+            self.colors = self.colors[: self.num_classes] if self.colors else None
 
         # stages evaluated at validation: 1..S (stage 0 has no classifier, except semantic)
         first = 0 if task == "semantic" else 1
@@ -178,15 +196,42 @@ class KNetModule(LightningModule):
         return self.net(images)
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Optional[Tensor]:
         images, targets = batch["images"], batch["targets"]
         outputs = self.net(images)
         losses = self.criterion(outputs, targets)
         loss = torch.stack(list(losses.values())).sum()
         batch_size = images.shape[0]
+        # every rank must agree, or DDP would wait forever for the gradients of a skipping rank
+        bad = self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
+        if bad:
+            return self._skip_non_finite(losses, targets, batch_idx)
+        self.bad_steps = 0
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=batch_size)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
         return loss
+
+    def _skip_non_finite(self, losses: dict[str, Tensor], targets: list[dict[str, Any]], batch_idx: int) -> None:
+        """Logs a non-finite loss with the batch's images; returning None makes Lightning skip
+        the backward pass and the optimizer step."""
+        self.bad_steps += 1
+        terms = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v).all()}
+        images = [f"{t.get('image_id', '?')}:{t.get('file_name', '?')}" for t in targets]
+        log.warning(
+            "non-finite training loss at step %d (batch %d, %d consecutive): terms %s; images %s; "
+            "the optimizer step is skipped",
+            self.global_step, batch_idx, self.bad_steps, terms or "(on this rank all finite)", images,
+        )
+        self.log("train/skipped_steps", float(self.bad_steps), batch_size=1)
+        if self.bad_steps > self.max_bad_steps:
+            from knet_lightning.reliability import NonFiniteLossError
+
+            raise NonFiniteLossError(
+                f"{self.bad_steps} consecutive training steps had a NaN/Inf loss (max_bad_steps="
+                f"{self.max_bad_steps}); last terms {terms}, images {images}. Lower the learning rate, "
+                "check the data (or raise max_bad_steps)"
+            )
+        return None
 
     # ------------------------------------------------------------------ evaluation
     def _postprocess_image(

@@ -251,6 +251,14 @@ class COCOPanopticDataset(Dataset):
         item = self._items[index]
         return {k: item[k] for k in ("image_id", "file_name", "height", "width")}
 
+    def max_things_per_image(self) -> int:
+        """The most non-crowd thing segments in one image, from the JSON alone (no decoding):
+        the criterion matches each to its own proposal kernel."""
+        num_things = self.class_info.num_things
+        return max(
+            (int(((it["labels"] < num_things) & ~it["iscrowd"]).sum()) for it in self._items), default=0
+        )
+
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
         item = self._items[index]
         image_path = self.image_dir / item["file_name"]

@@ -7,6 +7,7 @@ A batch is ``{"images": (B, 3, Hp, Wp) float, "image_sizes": [(h, w)], "targets"
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -14,12 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from knet_lightning.data.coco import COCOPanopticDataset
 from knet_lightning.data.meta import ClassInfo, DatasetError
 from knet_lightning.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_panoptic
 from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, collate_batch
+from knet_lightning.distributed import eval_sampler
+from knet_lightning.reliability import (
+    BAD_SAMPLE_POLICIES,
+    ResumableDataLoader,
+    ResumableSampler,
+    SeededSamples,
+)
 
 __all__ = ["COCOPanopticDataModule", "SegmentationDataModule", "SyntheticPanopticDataModule"]
 
@@ -51,6 +60,12 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         eval_short_edge, eval_max_size: single-scale evaluation resize (``None``: keep size).
         size_divisor: padded batch sides are multiples of it.
         mean, std: normalisation on the 0-1 scale, RGB.
+        on_bad_sample: ``"error"`` (default): a training sample with a missing or corrupt file
+            stops the run with the reader's error; ``"skip"``: it is logged, replaced by the next
+            sample and counted (``BadSampleReport``). Evaluation always stops: metrics over a
+            silently different image set would not be comparable.
+        sampler_seed: seed of the training order and of the per-sample augmentation draws
+            (``None``: the run's ``seed``, which ``seed_everything`` exports as ``PL_GLOBAL_SEED``).
     """
 
     def __init__(
@@ -71,8 +86,18 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         size_divisor: int = 32,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        on_bad_sample: str = "error",
+        sampler_seed: int | None = None,
     ) -> None:
         super().__init__()
+        if on_bad_sample not in BAD_SAMPLE_POLICIES:
+            raise ValueError(
+                f"{type(self).__name__}: data.on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}"
+            )
+        self.on_bad_sample = on_bad_sample
+        self.sampler_seed = sampler_seed
+        self._train_sampler: ResumableSampler | None = None
+        self._sampler_state: dict[str, Any] | None = None
         if batch_size < 1:
             raise ValueError(f"{type(self).__name__}: batch_size must be >= 1, got {batch_size}")
         if val_batch_size is not None and val_batch_size < 1:
@@ -174,19 +199,77 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
     # -------------------------------------------------------------- loaders
 
     def _loader(self, role: str, batch_size: int, shuffle: bool) -> DataLoader:
+        dataset = self._dataset(role)
+        # Under DDP, evaluation splits get a sampler that repeats no image (Lightning's
+        # DistributedSampler pads with repeats, which PQ / mIoU would count twice); training
+        # uses train_dataloader's ResumableSampler, which shards itself.
+        sampler = None if role == "train" else eval_sampler(dataset, getattr(self, "trainer", None))
         return DataLoader(
-            self._dataset(role),
+            dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else False,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=partial(collate_batch, size_divisor=self.size_divisor),
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             drop_last=False,
+            # a loader's own generator seeds its workers: starting an iterator must not draw
+            # from the global RNG, or a resumed run's dropout draws would shift
+            generator=torch.Generator().manual_seed(self._seed()),
         )
 
+    def _seed(self) -> int:
+        if self.sampler_seed is not None:
+            return int(self.sampler_seed)
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
+        """Shuffled and resumable mid-epoch (:class:`ResumableSampler`, a ``DistributedSampler``
+        that shards itself under DDP, so Lightning does not replace it), augmentations seeded per
+        (seed, epoch, sample) (:class:`SeededSamples`)."""
+        seed = self._seed()
+        dataset = SeededSamples(self._dataset("train"), seed=seed, on_bad_sample=self.on_bad_sample)
+        sampler = ResumableSampler(dataset, batch_size=self.batch_size, shuffle=True, seed=seed)
+        if self._sampler_state is not None:
+            sampler.load_state_dict(self._sampler_state)
+            self._sampler_state = None
+        self._train_sampler = sampler
+        return ResumableDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=partial(collate_batch, size_divisor=self.size_divisor),
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            drop_last=False,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
+    # ------------------------------------------------------ resumable position
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # called when the training loop takes a batch (after any prefetching), so the count
+        # is what the weights have seen
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self._train_sampler is not None:
+            self._train_sampler.mark_consumed()
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training position (in every checkpoint). Also kept here, not only in the loader's
+        state that Lightning restores mid-epoch: after an epoch-end checkpoint Lightning starts the
+        next epoch's iterator before it sets the sampler's epoch, so the sampler must know it."""
+        sampler = self._train_sampler
+        if sampler is None:
+            return {}
+        trainer = self.trainer
+        done = bool(trainer is not None and sampler.consumed_batches >= trainer.num_training_batches)
+        return {"train_sampler": sampler.state_dict(epoch_done=done)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._sampler_state = state_dict.get("train_sampler")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.val_batch_size, shuffle=False)

@@ -56,6 +56,16 @@ def _png_name(file_name: str | Path) -> str:
     return Path(str(file_name)).stem + ".png"
 
 
+def json_image_id(image_id: Any) -> int | str:
+    """The image id as the output JSON records it: COCO ids are ints; Cityscapes ids are file
+    stems (``cityscapes_panoptic_{split}.json`` uses them too), kept as strings so that the
+    predictions refer to the same ids as the ground truth."""
+    try:
+        return int(image_id)
+    except (TypeError, ValueError):
+        return str(image_id)
+
+
 def segment_areas_and_boxes(seg: Tensor | np.ndarray, ids: Sequence[int]) -> tuple[list[int], list[list[int]]]:
     """Pixel area and COCO box of each listed segment of an id map, in one pass.
 
@@ -142,13 +152,13 @@ class COCOPanopticWriter(_Writer):
         self.png_dir.mkdir(parents=True, exist_ok=True)
         self.annotations: list[dict[str, Any]] = []
         self.images: list[dict[str, Any]] = []
-        self._file_of_id: dict[int, str] = {}
-        self._id_of_png: dict[str, int] = {}
+        self._file_of_id: dict[int | str, str] = {}
+        self._id_of_png: dict[str, int | str] = {}
         self.closed = False
 
     def add(
         self,
-        image_id: int,
+        image_id: int | str,
         file_name: str,
         pan_seg: Tensor | np.ndarray,
         segments_info: Sequence[Mapping[str, Any]],
@@ -165,7 +175,7 @@ class COCOPanopticWriter(_Writer):
         """
         if self.closed:
             raise RuntimeError("COCOPanopticWriter.add: the writer is closed")
-        image_id = int(image_id)
+        image_id = json_image_id(image_id)
         png_name = _png_name(file_name)
         if image_id in self._file_of_id:
             if self._file_of_id[image_id] != str(file_name):
@@ -276,7 +286,7 @@ class COCOResultsWriter(_Writer):
         self._file: IO[str] | None = open(self.out_path, "w", encoding="utf-8")
         self._file.write("[")
         self.num_entries = 0
-        self._seen: set[int] = set()
+        self._seen: set[int | str] = set()
 
     @property
     def closed(self) -> bool:
@@ -284,7 +294,7 @@ class COCOResultsWriter(_Writer):
 
     def add(
         self,
-        image_id: int,
+        image_id: int | str,
         masks: Tensor | np.ndarray,
         scores: Tensor | np.ndarray | Sequence[float],
         labels: Tensor | np.ndarray | Sequence[int],
@@ -301,7 +311,7 @@ class COCOResultsWriter(_Writer):
 
         if self._file is None:
             raise RuntimeError(f"COCOResultsWriter.add: {self.out_path} is closed")
-        image_id = int(image_id)
+        image_id = json_image_id(image_id)
         if image_id in self._seen:
             return  # a padded repeat (see the module docstring)
         masks_np = _to_numpy(masks)
