@@ -40,7 +40,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from knet_lightning.data.coco import _decode
+from knet_lightning.data.coco import decode_image
 from knet_lightning.data.datamodule import SegmentationDataModule
 from knet_lightning.data.meta import ClassInfo, DatasetError, default_palette
 from knet_lightning.data.transforms import (
@@ -186,7 +186,7 @@ class ADE20KDataset(Dataset):
         Raises:
             DatasetError: undecodable, not single channel, or values out of range.
         """
-        im = _decode(path, "label PNG")
+        im = decode_image(path, "label PNG")
         # 'P' (palette) PNGs store class indices too; anything with colour channels does not.
         if im.mode not in ("L", "P"):
             raise DatasetError(f"{path}: label PNG must be single channel 8-bit (PIL mode 'L'), got mode {im.mode!r}")
@@ -208,7 +208,7 @@ class ADE20KDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
         image_path, label_path = self._items[index]
-        rgb = np.array(_decode(image_path, "image file").convert("RGB"))
+        rgb = np.array(decode_image(image_path, "image file").convert("RGB"))
         h, w = rgb.shape[:2]
         label = self.load_label(label_path)
         if label.shape != (h, w):

@@ -46,7 +46,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from knet_lightning.data.coco import COCOPanopticDataset, _decode, _require
+from knet_lightning.data.coco import COCOPanopticDataset, decode_image, load_coco_json, require_keys
 from knet_lightning.data.datamodule import SegmentationDataModule
 from knet_lightning.data.meta import ClassInfo, DatasetError, UnknownCategoryError
 from knet_lightning.data.transforms import IGNORE_INDEX
@@ -196,7 +196,7 @@ def _check_root(root: Path, what: str, extra: str = "") -> None:
 
 def _read_label_png(path: Path, what: str, modes: Sequence[str]) -> np.ndarray:
     """Decode a single-channel label PNG to int64 ``(H, W)``, rejecting other PIL modes."""
-    im = _decode(path, what)
+    im = decode_image(path, what)
     if im.mode not in modes:
         raise DatasetError(
             f"{path}: {what} must be a single-channel PNG (PIL mode one of {list(modes)}), got mode {im.mode!r}"
@@ -206,7 +206,7 @@ def _read_label_png(path: Path, what: str, modes: Sequence[str]) -> np.ndarray:
 
 def _read_rgb(path: Path) -> np.ndarray:
     """``(H, W, 3)`` uint8 writable RGB array of an image file."""
-    return np.array(_decode(path, "image file").convert("RGB"))
+    return np.array(decode_image(path, "image file").convert("RGB"))
 
 
 def _stem_of(image_name: str) -> str:
@@ -542,28 +542,18 @@ class CityscapesPanopticDataset(COCOPanopticDataset):
     def _load_json(self) -> None:
         # COCOPanopticDataset._load_json casts image ids to int; Cityscapes' are strings.
         src = self.json_path
-        try:
-            with open(src, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{src}: malformed JSON: {e}") from e
-        except UnicodeDecodeError as e:
-            raise DatasetError(f"{src}: not a UTF-8 JSON file: {e}") from e
-        _require(data, ("images", "annotations", "categories"), "top level", src)
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(data[key], list):
-                raise DatasetError(f"{src}: '{key}' must be a list, got {type(data[key]).__name__}")
+        data = load_coco_json(src)
         self.categories: list[dict[str, Any]] = data["categories"]
         self.class_info = ClassInfo.from_coco_categories(self.categories, source=str(src))
 
         images: dict[str, dict[str, Any]] = {}
         for i, img in enumerate(data["images"]):
-            _require(img, ("id", "file_name", "width", "height"), f"images[{i}]", src)
+            require_keys(img, ("id", "file_name", "width", "height"), f"images[{i}]", src)
             images[str(img["id"])] = img
 
         self._items: list[dict[str, Any]] = []
         for i, ann in enumerate(data["annotations"]):
-            _require(ann, ("image_id", "file_name", "segments_info"), f"annotations[{i}]", src)
+            require_keys(ann, ("image_id", "file_name", "segments_info"), f"annotations[{i}]", src)
             image_id = str(ann["image_id"])
             if image_id not in images:
                 raise DatasetError(f"{src}: annotations[{i}] refers to image_id {image_id!r}, which is not in 'images'")
@@ -576,7 +566,7 @@ class CityscapesPanopticDataset(COCOPanopticDataset):
                 raise DatasetError(f"{src}: annotations[{i}]['segments_info'] must be a list")
             seg_ids, labels, crowd = [], [], []
             for j, seg in enumerate(ann["segments_info"]):
-                _require(seg, ("id", "category_id"), f"annotations[{i}]['segments_info'][{j}]", src)
+                require_keys(seg, ("id", "category_id"), f"annotations[{i}]['segments_info'][{j}]", src)
                 try:
                     labels.append(self.class_info.contiguous_id(seg["category_id"]))
                 except UnknownCategoryError as e:

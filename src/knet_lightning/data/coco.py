@@ -60,7 +60,7 @@ def id2rgb(ids: np.ndarray) -> np.ndarray:
     return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
 
 
-def _decode(path: Path, what: str) -> Image.Image:
+def decode_image(path: Path, what: str) -> Image.Image:
     """Open and fully decode an image file, turning every failure into a DatasetError."""
     if not path.is_file():
         raise DatasetError(f"{path}: {what} not found")
@@ -79,7 +79,7 @@ def load_panoptic_png(path: str | Path) -> np.ndarray:
         DatasetError: missing file, undecodable file, or not an RGB(A) PNG.
     """
     path = Path(path)
-    im = _decode(path, "panoptic PNG")
+    im = decode_image(path, "panoptic PNG")
     if im.mode not in ("RGB", "RGBA"):
         raise DatasetError(
             f"{path}: panoptic PNG must be RGB (id = R + 256 G + 256^2 B), got PIL mode {im.mode!r}"
@@ -87,12 +87,30 @@ def load_panoptic_png(path: str | Path) -> np.ndarray:
     return rgb2id(np.asarray(im.convert("RGB")))
 
 
-def _require(obj: Any, keys: tuple[str, ...], where: str, source: Path) -> None:
+def require_keys(obj: Any, keys: tuple[str, ...], where: str, source: Path) -> None:
+    """``obj`` must be a JSON object holding ``keys``; the error names the file and the place."""
     if not isinstance(obj, Mapping):
         raise DatasetError(f"{source}: {where} must be a JSON object, got {type(obj).__name__}")
     for key in keys:
         if key not in obj:
             raise DatasetError(f"{source}: {where} is missing key '{key}'")
+
+
+def load_coco_json(src: Path) -> dict[str, Any]:
+    """A COCO-style JSON (panoptic or instance) with its ``images``, ``annotations`` and
+    ``categories`` lists checked; errors name the file and the problem."""
+    try:
+        with open(src, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{src}: malformed JSON: {e}") from e
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{src}: not a UTF-8 JSON file: {e}") from e
+    require_keys(data, ("images", "annotations", "categories"), "top level", src)
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list):
+            raise DatasetError(f"{src}: '{key}' must be a list, got {type(data[key]).__name__}")
+    return data
 
 
 class COCOPanopticDataset(Dataset):
@@ -181,29 +199,19 @@ class COCOPanopticDataset(Dataset):
 
     def _load_json(self) -> None:
         src = self.json_path
-        try:
-            with open(src, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{src}: malformed JSON: {e}") from e
-        except UnicodeDecodeError as e:
-            raise DatasetError(f"{src}: not a UTF-8 JSON file: {e}") from e
-        _require(data, ("images", "annotations", "categories"), "top level", src)
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(data[key], list):
-                raise DatasetError(f"{src}: '{key}' must be a list, got {type(data[key]).__name__}")
+        data = load_coco_json(src)
 
         self.categories: list[dict[str, Any]] = data["categories"]
         self.class_info = ClassInfo.from_coco_categories(self.categories, source=str(src))
 
         images: dict[int, dict[str, Any]] = {}
         for i, img in enumerate(data["images"]):
-            _require(img, ("id", "file_name", "width", "height"), f"images[{i}]", src)
+            require_keys(img, ("id", "file_name", "width", "height"), f"images[{i}]", src)
             images[int(img["id"])] = img
 
         self._items: list[dict[str, Any]] = []
         for i, ann in enumerate(data["annotations"]):
-            _require(ann, ("image_id", "file_name", "segments_info"), f"annotations[{i}]", src)
+            require_keys(ann, ("image_id", "file_name", "segments_info"), f"annotations[{i}]", src)
             image_id = int(ann["image_id"])
             if image_id not in images:
                 raise DatasetError(
@@ -213,7 +221,7 @@ class COCOPanopticDataset(Dataset):
                 raise DatasetError(f"{src}: annotations[{i}]['segments_info'] must be a list")
             seg_ids, labels, crowd = [], [], []
             for j, seg in enumerate(ann["segments_info"]):
-                _require(seg, ("id", "category_id"), f"annotations[{i}]['segments_info'][{j}]", src)
+                require_keys(seg, ("id", "category_id"), f"annotations[{i}]['segments_info'][{j}]", src)
                 try:
                     labels.append(self.class_info.contiguous_id(seg["category_id"]))
                 except UnknownCategoryError as e:
@@ -264,7 +272,7 @@ class COCOPanopticDataset(Dataset):
         image_path = self.image_dir / item["file_name"]
         png_path = self.png_dir / item["png_name"]
 
-        pil = _decode(image_path, "image file")
+        pil = decode_image(image_path, "image file")
         rgb = np.array(pil.convert("RGB"))  # a writable copy, as torch.from_numpy wants
         h, w = rgb.shape[:2]
         if (h, w) != (item["height"], item["width"]):

@@ -44,7 +44,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from knet_lightning.data.coco import _decode
+from knet_lightning.data.coco import decode_image, load_coco_json, require_keys
 from knet_lightning.data.datamodule import SegmentationDataModule
 from knet_lightning.data.meta import ClassInfo, DatasetError, UnknownCategoryError
 from knet_lightning.data.transforms import IGNORE_INDEX
@@ -84,14 +84,6 @@ def rle_string_counts(counts: str) -> list[int]:
             x += out[-2]
         out.append(x)
     return out
-
-
-def _require(obj: Any, keys: tuple[str, ...], where: str, source: Path) -> None:
-    if not isinstance(obj, Mapping):
-        raise DatasetError(f"{source}: {where} must be a JSON object, got {type(obj).__name__}")
-    for key in keys:
-        if key not in obj:
-            raise DatasetError(f"{source}: {where} is missing key '{key}'")
 
 
 class COCOInstanceDataset(Dataset):
@@ -164,17 +156,7 @@ class COCOInstanceDataset(Dataset):
 
     def _load_json(self) -> None:
         src = self.json_path
-        try:
-            with open(src, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{src}: malformed JSON: {e}") from e
-        except UnicodeDecodeError as e:
-            raise DatasetError(f"{src}: not a UTF-8 JSON file: {e}") from e
-        _require(data, ("images", "annotations", "categories"), "top level", src)
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(data[key], list):
-                raise DatasetError(f"{src}: '{key}' must be a list, got {type(data[key]).__name__}")
+        data = load_coco_json(src)
 
         self.categories: list[dict[str, Any]] = data["categories"]
         # Instance JSONs have no 'isthing': every category is a thing.
@@ -182,7 +164,7 @@ class COCOInstanceDataset(Dataset):
 
         images: dict[int, dict[str, Any]] = {}
         for i, img in enumerate(data["images"]):
-            _require(img, ("id", "file_name", "width", "height"), f"images[{i}]", src)
+            require_keys(img, ("id", "file_name", "width", "height"), f"images[{i}]", src)
             image_id = int(img["id"])
             if image_id in images:
                 raise DatasetError(f"{src}: images[{i}] repeats image id {image_id}")
@@ -195,7 +177,7 @@ class COCOInstanceDataset(Dataset):
             }
 
         for i, ann in enumerate(data["annotations"]):
-            _require(ann, ("image_id", "category_id"), f"annotations[{i}]", src)
+            require_keys(ann, ("image_id", "category_id"), f"annotations[{i}]", src)
             where = f"annotations[{i}] (id {ann.get('id', '?')})"
             image_id = int(ann["image_id"])
             if image_id not in images:
@@ -313,7 +295,7 @@ class COCOInstanceDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
         item = self._items[index]
         image_path = self.image_dir / item["file_name"]
-        pil = _decode(image_path, "image file")
+        pil = decode_image(image_path, "image file")
         rgb = np.array(pil.convert("RGB"))  # a writable copy, as torch.from_numpy wants
         h, w = rgb.shape[:2]
         if (h, w) != (item["height"], item["width"]):
