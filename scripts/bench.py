@@ -70,7 +70,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from knet_lightning.criterion.criterion import KNetCriterion  # noqa: E402
 from knet_lightning.data.coco import COCOPanopticDataset, id2rgb  # noqa: E402
-from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms  # noqa: E402
+from knet_lightning.data.transforms import build_transforms  # noqa: E402
 from knet_lightning.evaluation.panoptic import PanopticQuality  # noqa: E402
 from knet_lightning.evaluation.semantic import MeanIoU  # noqa: E402
 from knet_lightning.models.knet import KNet  # noqa: E402

@@ -35,20 +35,18 @@ backport (which drops a ``typing.py`` into site-packages) only for a 35-row tabl
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from knet_lightning.data.coco import COCOPanopticDataset, decode_image, load_coco_json, require_keys
+from knet_lightning.data.coco import COCOPanopticDataset, decode_image
 from knet_lightning.data.datamodule import SegmentationDataModule
-from knet_lightning.data.meta import ClassInfo, DatasetError, UnknownCategoryError
+from knet_lightning.data.meta import ClassInfo, DatasetError
 from knet_lightning.data.transforms import IGNORE_INDEX
 
 __all__ = [
@@ -539,62 +537,19 @@ class CityscapesPanopticDataset(COCOPanopticDataset):
         if missing:
             raise DatasetError(f"Cityscapes panoptic under {self.root}: missing {', '.join(missing)}{hint}")
 
-    def _load_json(self) -> None:
-        # COCOPanopticDataset._load_json casts image ids to int; Cityscapes' are strings.
-        src = self.json_path
-        data = load_coco_json(src)
-        self.categories: list[dict[str, Any]] = data["categories"]
-        self.class_info = ClassInfo.from_coco_categories(self.categories, source=str(src))
+    # Cityscapes' ids are the file stems <city>_<seq>_<frame> (strings), and createPanopticImgs
+    # names a non-existent "<stem>_gtFine_leftImg8bit.png" as the image: the image is found at
+    # leftImg8bit/<split>/<city>/<stem>_leftImg8bit.png instead, as detectron2 does.
+    def _image_key(self, raw_id: Any) -> Any:
+        return str(raw_id)
 
-        images: dict[str, dict[str, Any]] = {}
-        for i, img in enumerate(data["images"]):
-            require_keys(img, ("id", "file_name", "width", "height"), f"images[{i}]", src)
-            images[str(img["id"])] = img
+    def _check_image_id(self, image_id: Any, where: str) -> None:
+        parts = image_id.rsplit("_", 2)
+        if len(parts) != 3 or not all(parts):
+            raise DatasetError(f"{where} image_id {image_id!r} is not a Cityscapes stem <city>_<seq>_<frame>")
 
-        self._items: list[dict[str, Any]] = []
-        for i, ann in enumerate(data["annotations"]):
-            require_keys(ann, ("image_id", "file_name", "segments_info"), f"annotations[{i}]", src)
-            image_id = str(ann["image_id"])
-            if image_id not in images:
-                raise DatasetError(f"{src}: annotations[{i}] refers to image_id {image_id!r}, which is not in 'images'")
-            parts = image_id.rsplit("_", 2)
-            if len(parts) != 3 or not all(parts):
-                raise DatasetError(
-                    f"{src}: annotations[{i}] image_id {image_id!r} is not a Cityscapes stem <city>_<seq>_<frame>"
-                )
-            if not isinstance(ann["segments_info"], list):
-                raise DatasetError(f"{src}: annotations[{i}]['segments_info'] must be a list")
-            seg_ids, labels, crowd = [], [], []
-            for j, seg in enumerate(ann["segments_info"]):
-                require_keys(seg, ("id", "category_id"), f"annotations[{i}]['segments_info'][{j}]", src)
-                try:
-                    labels.append(self.class_info.contiguous_id(seg["category_id"]))
-                except UnknownCategoryError as e:
-                    raise DatasetError(
-                        f"{src}: annotations[{i}] ({ann['file_name']}) segment {seg['id']}: {e}"
-                    ) from None
-                seg_ids.append(int(seg["id"]))
-                crowd.append(bool(seg.get("iscrowd", 0)))
-            if len(set(seg_ids)) != len(seg_ids):
-                raise DatasetError(f"{src}: annotations[{i}] ({ann['file_name']}) lists a segment id twice: {seg_ids}")
-            img = images[image_id]
-            try:
-                height, width = int(img["height"]), int(img["width"])
-            except (TypeError, ValueError):
-                raise DatasetError(f"{src}: images entry {image_id!r} has non-integer width/height") from None
-            self._items.append(
-                {
-                    # The base __getitem__ reads image_dir / file_name and reports file_name.
-                    "image_id": image_id,
-                    "file_name": f"{parts[0]}/{image_id}_leftImg8bit.png",
-                    "height": height,
-                    "width": width,
-                    "png_name": str(ann["file_name"]),
-                    "segment_ids": np.asarray(seg_ids, dtype=np.uint32),
-                    "labels": np.asarray(labels, dtype=np.int64),
-                    "iscrowd": np.asarray(crowd, dtype=bool),
-                }
-            )
+    def _image_file(self, image_id: Any, img: dict[str, Any]) -> str:
+        return f"{image_id.rsplit('_', 2)[0]}/{image_id}_leftImg8bit.png"
 
 
 # ---------------------------------------------------------------------------- data modules

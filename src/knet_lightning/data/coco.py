@@ -204,19 +204,20 @@ class COCOPanopticDataset(Dataset):
         self.categories: list[dict[str, Any]] = data["categories"]
         self.class_info = ClassInfo.from_coco_categories(self.categories, source=str(src))
 
-        images: dict[int, dict[str, Any]] = {}
+        images: dict[Any, dict[str, Any]] = {}
         for i, img in enumerate(data["images"]):
             require_keys(img, ("id", "file_name", "width", "height"), f"images[{i}]", src)
-            images[int(img["id"])] = img
+            images[self._image_key(img["id"])] = img
 
         self._items: list[dict[str, Any]] = []
         for i, ann in enumerate(data["annotations"]):
             require_keys(ann, ("image_id", "file_name", "segments_info"), f"annotations[{i}]", src)
-            image_id = int(ann["image_id"])
+            image_id = self._image_key(ann["image_id"])
             if image_id not in images:
                 raise DatasetError(
-                    f"{src}: annotations[{i}] refers to image_id {image_id}, which is not in 'images'"
+                    f"{src}: annotations[{i}] refers to image_id {image_id!r}, which is not in 'images'"
                 )
+            self._check_image_id(image_id, f"{src}: annotations[{i}]")
             if not isinstance(ann["segments_info"], list):
                 raise DatasetError(f"{src}: annotations[{i}]['segments_info'] must be a list")
             seg_ids, labels, crowd = [], [], []
@@ -236,18 +237,33 @@ class COCOPanopticDataset(Dataset):
                     f"{src}: annotations[{i}] ({ann['file_name']}) lists a segment id twice: {seg_ids}"
                 )
             img = images[image_id]
+            try:
+                height, width = int(img["height"]), int(img["width"])
+            except (TypeError, ValueError):
+                raise DatasetError(f"{src}: images entry {image_id!r} has non-integer width/height") from None
             self._items.append(
                 {
                     "image_id": image_id,
-                    "file_name": str(img["file_name"]),
-                    "height": int(img["height"]),
-                    "width": int(img["width"]),
+                    "file_name": self._image_file(image_id, img),
+                    "height": height,
+                    "width": width,
                     "png_name": str(ann["file_name"]),
                     "segment_ids": np.asarray(seg_ids, dtype=np.uint32),
                     "labels": np.asarray(labels, dtype=np.int64),
                     "iscrowd": np.asarray(crowd, dtype=bool),
                 }
             )
+
+    def _image_key(self, raw_id: Any) -> Any:
+        """The key that ties an annotation to its ``images`` entry (COCO: an int)."""
+        return int(raw_id)
+
+    def _check_image_id(self, image_id: Any, where: str) -> None:
+        """Further checks of an annotation's image id; COCO needs none."""
+
+    def _image_file(self, image_id: Any, img: dict[str, Any]) -> str:
+        """The image's path under ``image_dir`` (COCO: the JSON's ``file_name``)."""
+        return str(img["file_name"])
 
     # ------------------------------------------------------------------ access
 

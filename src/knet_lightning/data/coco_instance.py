@@ -32,7 +32,6 @@ Conventions of the target (see ``architecture.md`` §3):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from numbers import Real
 from pathlib import Path
