@@ -178,3 +178,28 @@ def test_runs_under_inference_mode_and_half_precision():
     with torch.inference_mode():
         pan, segs = panoptic_inference(masks.half(), cls.half(), 2, 3, (8, 8), (8, 8), (8, 8))
     assert len(segs) == 4 and pan.shape == (8, 8)
+
+
+@pytest.mark.parametrize(
+    "image_size,padded_size,output_size",
+    [((64, 80), (64, 96), (64, 80)), ((50, 70), (64, 96), (123, 171)), ((64, 80), (64, 96), (20, 25))],
+)
+def test_pruning_kernels_that_cannot_win_changes_nothing(
+    image_size: tuple[int, int], padded_size: tuple[int, int], output_size: tuple[int, int]
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(16), torch.arange(24), indexing="ij")
+    for trial in range(6):
+        if trial % 2:  # noise: many kernels can win somewhere
+            mask_logits = torch.randn(30, 16, 24, generator=gen) * 3
+        else:  # confident blobs with a few high scores, like a trained model
+            mask_logits = torch.full((30, 16, 24), -6.0)
+            for n in range(30):
+                cy, cx = int(torch.randint(0, 16, (1,), generator=gen)), int(torch.randint(0, 24, (1,), generator=gen))
+                blob = ((yy - cy) ** 2 + (xx - cx) ** 2 < int(torch.randint(2, 8, (1,), generator=gen)) ** 2)
+                mask_logits[n] = -6 + 12 * blob.float() + torch.randn(16, 24, generator=gen)
+        cls_logits = torch.randn(30, 12, generator=gen) * 3
+        full = panoptic_inference(mask_logits, cls_logits, 7, 25, image_size, padded_size, output_size, prune=False)
+        pruned = panoptic_inference(mask_logits, cls_logits, 7, 25, image_size, padded_size, output_size, prune=True)
+        assert torch.equal(full[0], pruned[0])
+        assert full[1] == pruned[1]

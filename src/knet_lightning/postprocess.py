@@ -106,6 +106,37 @@ def _check_logits(mask_logits: Tensor, cls_logits: Tensor) -> tuple[int, int]:
     return int(cls_logits.shape[0]), int(cls_logits.shape[1])
 
 
+def _possible_owners(mask_logits: Tensor, scores: Tensor, margin: float = 1e-5) -> Tensor:
+    """Indices of the kernels that can win the ``score * prob`` argmax at some output pixel.
+
+    Every output pixel is a convex combination (bilinear taps, resize after resize, crop) of
+    the stride-4 probabilities in a 3x3 window of cells: one tap pair of the final resize
+    falls on adjacent pixels of the upsampled map, whose own taps span at most three cells.
+    Over such a window, kernel n is at most ``U_n = s_n * max(p_n)`` and kernel m at least
+    ``L_m = s_m * min(p_m)``; a kernel with ``U_n < max_{m != n} L_m`` in every window is
+    beaten everywhere. ``margin`` absorbs float rounding of the interpolation weights.
+
+    Args:
+        mask_logits: ``(N, h, w)`` mask logits at network stride.
+        scores: ``(N,)`` kernel scores.
+
+    Returns:
+        ``(K,)`` ascending kernel indices, a superset of the kernels that own a pixel.
+    """
+    probs = mask_logits.float().sigmoid().unsqueeze(0)  # (1, N, h, w)
+    upper = F.max_pool2d(probs, 3, stride=1, padding=1)[0] * scores[:, None, None]
+    lower = -F.max_pool2d(-probs, 3, stride=1, padding=1)[0] * scores[:, None, None]
+    if lower.shape[0] == 1:
+        return torch.zeros(1, dtype=torch.long, device=mask_logits.device)
+    first, first_idx = lower.max(dim=0)  # (h, w)
+    second = lower.scatter(0, first_idx[None], float("-inf")).amax(dim=0)
+    kernel = torch.arange(lower.shape[0], device=lower.device)[:, None, None]
+    # the strongest lower bound among the *other* kernels
+    best_other = torch.where(first_idx[None] == kernel, second[None], first[None])
+    possible = (upper + margin >= best_other - margin).flatten(1).any(dim=1)
+    return possible.nonzero().flatten()
+
+
 @torch.no_grad()
 def panoptic_inference(
     mask_logits: Tensor,
@@ -118,6 +149,7 @@ def panoptic_inference(
     object_mask_thr: float = 0.3,
     overlap_thr: float = 0.6,
     mask_thr: float = 0.5,
+    prune: bool = True,
 ) -> tuple[Tensor, list[dict[str, Any]]]:
     """Merge thing and stuff kernels of one image into a panoptic segmentation (spec §4).
 
@@ -175,19 +207,24 @@ def panoptic_inference(
     labels = torch.cat([thing_labels, stuff_labels])  # (N,)
     isthing = torch.arange(num_kernels, device=device) < num_proposals
 
+    # Only kernels that can win some pixel need the full-resolution work; the others
+    # never own a pixel and are never kept, so the result is the same without them.
+    candidates = _possible_owners(mask_logits, scores) if prune else torch.arange(num_kernels, device=device)
+
     # Running argmax of score * prob over kernel chunks; strict '>' keeps the first
     # maximum, like torch.argmax over all kernels at once.
     best = torch.full(out, -1.0, device=device)
     owner = torch.zeros(out, dtype=torch.long, device=device)
     area_orig = torch.zeros(num_kernels, dtype=torch.long, device=device)
-    for start, probs in _rescale_probs_chunks(mask_logits, img, pad, out):
+    cand_scores = scores[candidates]
+    for start, probs in _rescale_probs_chunks(mask_logits[candidates], img, pad, out):
         n = probs.shape[0]
-        area_orig[start : start + n] = (probs >= mask_thr).flatten(1).sum(1)
-        cur_prob = scores[start : start + n, None, None] * probs
+        area_orig[candidates[start : start + n]] = (probs >= mask_thr).flatten(1).sum(1)
+        cur_prob = cand_scores[start : start + n, None, None] * probs
         chunk_best, chunk_arg = cur_prob.max(dim=0)
         better = chunk_best > best
         best = torch.where(better, chunk_best, best)
-        owner = torch.where(better, chunk_arg + start, owner)
+        owner = torch.where(better, candidates[chunk_arg + start], owner)
     area_kept = torch.bincount(owner.flatten(), minlength=num_kernels)
 
     keep = (~isthing | (scores >= object_mask_thr)) & (area_kept > 0) & (area_orig > 0)
