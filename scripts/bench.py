@@ -480,6 +480,16 @@ def make_batch(
     return images, targets
 
 
+# K-Net's memory format, as KNetModule(channels_last=True) runs it by default; --no-channels-last
+# measures the contiguous layout
+MEMORY_FORMAT = torch.channels_last
+
+
+def knet_images(images: Tensor) -> Tensor:
+    """K-Net's input in the memory format it runs in."""
+    return images.contiguous(memory_format=MEMORY_FORMAT)
+
+
 def build_knet(profile: Profile, num_proposals: int, num_stages: int, device: torch.device, seed: int) -> KNet:
     torch.manual_seed(seed)
     net = KNet(
@@ -490,7 +500,7 @@ def build_knet(profile: Profile, num_proposals: int, num_stages: int, device: to
         num_stages=num_stages,
         backbone_depth=profile.depth,
     )
-    return net.to(device)
+    return net.to(device=device, memory_format=MEMORY_FORMAT)
 
 
 def build_criterion(num_proposals: int, device: torch.device) -> KNetCriterion:
@@ -600,6 +610,7 @@ def section_knet(ctx: Context) -> dict[str, Any]:
         for size in p.sizes:
             for batch in p.batches:
                 images, targets = make_batch(p, size, batch, device, ctx.seed)
+                images = knet_images(images)
                 base = {"size": f"{size[0]}x{size[1]}", "batch": batch}
                 net.eval()
                 with PeakMemory(device) as mem:
@@ -658,6 +669,7 @@ def section_scaling(ctx: Context) -> dict[str, Any]:
     p, device = ctx.profile, ctx.device
     rows: list[dict[str, Any]] = []
     images, targets = make_batch(p, p.grid_size, 1, device, ctx.seed)
+    images = knet_images(images)
     for n, s in p.grid:
         net = build_knet(p, n, s, device, ctx.seed).eval()
         params, _ = count_params(net)
@@ -1224,6 +1236,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"sections to run, in this order: {' '.join(SECTIONS)} (default: all)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-channels-last",
+        dest="channels_last",
+        action="store_false",
+        help="run K-Net in the contiguous (NCHW) layout instead of channels-last (the package default)",
+    )
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -1234,6 +1252,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    global MEMORY_FORMAT
+    MEMORY_FORMAT = torch.channels_last if args.channels_last else torch.contiguous_format
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -1242,6 +1262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections = [s for s in SECTIONS if s in args.sections]
     results: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
+        "knet_memory_format": "channels_last" if args.channels_last else "contiguous",
         "mode": profile.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "argv": list(sys.argv[1:] if argv is None else argv),
