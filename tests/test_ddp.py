@@ -41,6 +41,8 @@ def test_ddp_cpu_trains_and_evaluates_like_one_process(tmp_path: Path) -> None:
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
     assert list((run_dir / "overlays").rglob("*.png"))
+    # each process keeps its own log file in the shared run folder
+    assert (run_dir / "train.log").is_file() and (run_dir / "train.node0.local1.log").is_file()
     # rank 1 ran in the same folder: no second run folder anywhere
     assert not (tmp_path / "logs").exists(), list((tmp_path / "logs").rglob("*"))
     fit_metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -157,3 +159,18 @@ def test_loss_normaliser_is_averaged_across_processes(tmp_path: Path) -> None:
 
     mp.spawn(_reduce_mean_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     assert [float((tmp_path / f"{r}.txt").read_text()) for r in (0, 1)] == [4.5, 4.5]
+
+
+def test_each_process_logs_to_its_own_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    from knet_lightning.distributed import RANK_ENV_KEYS, log_file_suffix
+
+    for key in RANK_ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    assert log_file_suffix() == ""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert log_file_suffix() == ".node0.local1"
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert log_file_suffix() == ".node1.local0"
+    monkeypatch.setenv("RANK", "3")
+    assert log_file_suffix() == ".rank3"

@@ -20,12 +20,15 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from knet_lightning.distributed import end_of_job, is_global_zero_from_env
+from knet_lightning.distributed import end_of_job, is_global_zero_from_env, log_file_suffix
 from knet_lightning.sweep import register_resolvers
 
 log = logging.getLogger("knet_lightning")
-# ${knet.sweep_group:} / ${knet.sweep_tags:...} of logger/wandb.yaml, before any config resolves
+# ${knet.sweep_group:} / ${knet.sweep_tags:...} of logger/wandb.yaml and ${knet.log_suffix:} of
+# hydra/default.yaml, before any config resolves
 register_resolvers()
+if not OmegaConf.has_resolver("knet.log_suffix"):
+    OmegaConf.register_new_resolver("knet.log_suffix", log_file_suffix)
 
 # keys of the data config that describe the data set rather than construct the data module
 DATA_META_KEYS = ("num_things", "num_stuff", "num_classes")

@@ -42,6 +42,19 @@ _launchers: list["HydraSubprocessLauncher"] = []
 _env_before: Optional[dict[str, Optional[str]]] = None
 
 
+def log_file_suffix() -> str:
+    """``""`` on global rank zero, else a suffix naming the process (``.rank3``,
+    ``.node1.local0``): every process of a DDP run shares the run folder, and each keeps its own
+    log file instead of interleaving lines in one. Used as ``${knet.log_suffix:}``."""
+    if is_global_zero_from_env():
+        return ""
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key) not in (None, ""):
+            return f".rank{int(os.environ[key])}"
+    node = int(os.environ.get("NODE_RANK") or os.environ.get("GROUP_RANK") or 0)
+    return f".node{node}.local{int(os.environ.get('LOCAL_RANK') or 0)}"
+
+
 def is_global_zero_from_env() -> bool:
     """Whether this process is global rank zero, before any Trainer exists.
 
