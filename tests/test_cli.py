@@ -250,3 +250,16 @@ def test_hydra_dump_is_redacted(tmp_path: Path) -> None:
     overrides = (tmp_path / ".hydra" / "overrides.yaml").read_text()
     assert "hunter2" not in config + overrides
     assert "project: p" in config and "model.num_stages=2" in overrides
+
+
+def test_predict_inputs_errors_name_the_file(tmp_path: Path) -> None:
+    from knet_lightning.data.folder import ImageFolderDataset
+    from knet_lightning.data.meta import DatasetError
+
+    with pytest.raises(DatasetError, match="no such image file or folder"):
+        ImageFolderDataset(tmp_path / "missing")
+    with pytest.raises(DatasetError, match="no images"):
+        ImageFolderDataset(tmp_path)
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetError, match=r"broken\.jpg: cannot decode image file"):
+        ImageFolderDataset(tmp_path)[0]

@@ -40,7 +40,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from knet_lightning.data.coco import decode_image
+from knet_lightning.data.coco import decode_image, read_rgb_image
 from knet_lightning.data.datamodule import SegmentationDataModule
 from knet_lightning.data.meta import ClassInfo, DatasetError, default_palette
 from knet_lightning.data.transforms import (
@@ -208,7 +208,7 @@ class ADE20KDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
         image_path, label_path = self._items[index]
-        rgb = np.array(decode_image(image_path, "image file").convert("RGB"))
+        rgb = read_rgb_image(image_path)
         h, w = rgb.shape[:2]
         label = self.load_label(label_path)
         if label.shape != (h, w):

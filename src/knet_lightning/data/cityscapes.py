@@ -44,7 +44,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from knet_lightning.data.coco import COCOPanopticDataset, decode_image
+from knet_lightning.data.coco import COCOPanopticDataset, decode_image, read_rgb_image
 from knet_lightning.data.datamodule import SegmentationDataModule
 from knet_lightning.data.meta import ClassInfo, DatasetError
 from knet_lightning.data.transforms import IGNORE_INDEX
@@ -202,11 +202,6 @@ def _read_label_png(path: Path, what: str, modes: Sequence[str]) -> np.ndarray:
     return np.asarray(im).astype(np.int64)
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    """``(H, W, 3)`` uint8 writable RGB array of an image file."""
-    return np.array(decode_image(path, "image file").convert("RGB"))
-
-
 def _stem_of(image_name: str) -> str:
     return image_name[: -len("_leftImg8bit.png")]
 
@@ -273,7 +268,7 @@ class _CityscapesFolderDataset(Dataset):
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Image ``(H, W, 3)`` uint8, raw ground-truth PNG values ``(H, W)`` int64, and the item."""
         item = self._items[index]
-        rgb = _read_rgb(item["image_path"])
+        rgb = read_rgb_image(item["image_path"])
         gt = self._read_gt(item["gt_path"])
         if gt.shape != rgb.shape[:2]:
             raise DatasetError(

@@ -72,6 +72,21 @@ def decode_image(path: Path, what: str) -> Image.Image:
         raise DatasetError(f"{path}: cannot decode {what} (corrupt or not an image): {e}") from e
 
 
+def read_rgb_image(
+    path: Path, expected_size: tuple[int, int] | None = None, source: Path | None = None
+) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB array of an image file (a writable copy, as torch.from_numpy
+    wants). With ``expected_size`` ``(H, W)``, a different size is an error naming ``source``
+    (the annotation file that gave the size)."""
+    rgb = np.array(decode_image(path, "image file").convert("RGB"))
+    h, w = rgb.shape[:2]
+    if expected_size is not None and (h, w) != tuple(expected_size):
+        raise DatasetError(
+            f"{path}: image is {w}x{h} (WxH) but {source} says {expected_size[1]}x{expected_size[0]}"
+        )
+    return rgb
+
+
 def load_panoptic_png(path: str | Path) -> np.ndarray:
     """Read a COCO panoptic PNG into ``(H, W)`` uint32 segment ids.
 
@@ -288,14 +303,8 @@ class COCOPanopticDataset(Dataset):
         image_path = self.image_dir / item["file_name"]
         png_path = self.png_dir / item["png_name"]
 
-        pil = decode_image(image_path, "image file")
-        rgb = np.array(pil.convert("RGB"))  # a writable copy, as torch.from_numpy wants
+        rgb = read_rgb_image(image_path, (item["height"], item["width"]), self.json_path)
         h, w = rgb.shape[:2]
-        if (h, w) != (item["height"], item["width"]):
-            raise DatasetError(
-                f"{image_path}: image is {w}x{h} (WxH) but {self.json_path} says "
-                f"{item['width']}x{item['height']}"
-            )
         ids = load_panoptic_png(png_path)
         if ids.shape != (h, w):
             raise DatasetError(

@@ -43,7 +43,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from knet_lightning.data.coco import decode_image, load_coco_json, require_keys
+from knet_lightning.data.coco import load_coco_json, read_rgb_image, require_keys
 from knet_lightning.data.datamodule import SegmentationDataModule
 from knet_lightning.data.meta import ClassInfo, DatasetError, UnknownCategoryError
 from knet_lightning.data.transforms import IGNORE_INDEX
@@ -294,13 +294,8 @@ class COCOInstanceDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
         item = self._items[index]
         image_path = self.image_dir / item["file_name"]
-        pil = decode_image(image_path, "image file")
-        rgb = np.array(pil.convert("RGB"))  # a writable copy, as torch.from_numpy wants
+        rgb = read_rgb_image(image_path, (item["height"], item["width"]), self.json_path)
         h, w = rgb.shape[:2]
-        if (h, w) != (item["height"], item["width"]):
-            raise DatasetError(
-                f"{image_path}: image is {w}x{h} (WxH) but {self.json_path} says {item['width']}x{item['height']}"
-            )
 
         anns = item["anns"]
         rles = [self._to_rle(ann, h, w, item["file_name"]) for ann in anns]

@@ -6,12 +6,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
+from knet_lightning.data.coco import read_rgb_image
 from knet_lightning.data.meta import DatasetError
 from knet_lightning.data.transforms import collate_batch
 
@@ -43,12 +42,8 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
         path = self.files[index]
-        try:
-            with Image.open(path) as img:
-                array = np.asarray(img.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as err:
-            raise DatasetError(f"{path}: cannot decode image ({err})") from err
-        image = tv_tensors.Image(torch.from_numpy(array.copy()).permute(2, 0, 1))
+        array = read_rgb_image(path)
+        image = tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1))
         target: dict[str, Any] = {
             "file_name": path.name,
             "image_id": index,
