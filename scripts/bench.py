@@ -66,6 +66,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from knet_lightning.criterion.criterion import KNetCriterion  # noqa: E402
@@ -597,6 +598,71 @@ class Context:
     results: dict[str, Any]
 
 
+def confident_outputs(target: dict[str, Tensor], num_proposals: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Stride-4 logits shaped like a trained K-Net's, built from one synthetic target.
+
+    Each ground-truth segment gets a kernel (things: a proposal with a 0.9 class score;
+    stuff: its class kernel with a smooth edge), the other proposals repeat a random
+    thing's mask with a low score (the duplicates a trained model leaves), and absent stuff
+    classes get empty masks. Random-weight outputs are the opposite: no confident pixel,
+    so every kernel competes everywhere (the worst case of the sparse merge).
+
+    Returns:
+        ``mask_logits`` ``(N, H/4, W/4)`` and ``cls_logits`` ``(N, C)``, N = proposals + stuff.
+    """
+    masks = target["masks"].float()[:, None]  # (G, 1, H, W)
+    soft = F.avg_pool2d(F.avg_pool2d(masks, 4, 4), 3, 1, 1, count_include_pad=False)[:, 0]  # (G, h, w)
+    seg_logits = (soft * 16 - 8).clamp(-8, 8)
+    labels = target["labels"]
+    num_kernels = num_proposals + NUM_STUFF
+    mask_logits = torch.full((num_kernels, *seg_logits.shape[1:]), -8.0)
+    cls_logits = torch.full((num_kernels, NUM_CLASSES), -6.0)
+    things = (labels < NUM_THINGS).nonzero().flatten().tolist()
+    slot = 0
+    for g, label in enumerate(labels.tolist()):
+        noise = torch.randn(seg_logits.shape[1:], generator=gen)
+        if label < NUM_THINGS and slot < num_proposals:
+            mask_logits[slot], cls_logits[slot, label] = seg_logits[g] + noise, 2.2  # score 0.90
+            slot += 1
+        elif label >= NUM_THINGS:
+            k = num_proposals + label - NUM_THINGS
+            mask_logits[k], cls_logits[k, label] = seg_logits[g] + noise, 2.2
+    for k in range(slot, num_proposals):
+        if things:
+            g = things[int(torch.randint(len(things), (1,), generator=gen))]
+            mask_logits[k] = seg_logits[g] + torch.randn(seg_logits.shape[1:], generator=gen)
+        cls_logits[k, int(torch.randint(NUM_THINGS, (1,), generator=gen))] = -3.0  # score 0.05
+    return mask_logits, cls_logits
+
+
+def postprocess_rows(
+    net: KNet, images: Tensor, target: dict[str, Tensor], p: Profile, seed: int
+) -> list[dict[str, Any]]:
+    """One image's panoptic merge by method (dense / sparse) on random-weight and confident outputs."""
+    size = tuple(images.shape[-2:])
+    with torch.inference_mode():
+        last = net(images[:1])[-1]
+    gen = torch.Generator().manual_seed(seed)
+    sources = {
+        "random-weight model": (last.mask_logits[0].cpu(), last.cls_logits[0].cpu()),
+        "confident (trained-like)": confident_outputs({k: v.cpu() for k, v in target.items()}, net.num_proposals, gen),
+    }
+    rows = []
+    for source, (mask_logits, cls_logits) in sources.items():
+        mask_logits = mask_logits.to(images.device)
+        cls_logits = cls_logits.to(images.device)
+        for method in ("dense", "sparse"):
+
+            def merge(method: str = method) -> None:
+                panoptic_inference(
+                    mask_logits, cls_logits, net.num_things, net.num_proposals, size, size, size, method=method
+                )
+
+            res = measure(merge, images.device, p.warmup, p.repeats)
+            rows.append({"size": f"{size[0]}x{size[1]}", "outputs": source, "method": method, "ms": res["total_ms"]})
+    return rows
+
+
 def section_knet(ctx: Context) -> dict[str, Any]:
     """K-Net R50 panoptic: inference and train step per (size, batch), with breakdowns."""
     p, device = ctx.profile, ctx.device
@@ -606,6 +672,7 @@ def section_knet(ctx: Context) -> dict[str, Any]:
     timer = PartTimer(device)
     attach_knet(timer, net, criterion)
     rows: list[dict[str, Any]] = []
+    merge_rows: list[dict[str, Any]] = []
     try:
         for size in p.sizes:
             for batch in p.batches:
@@ -616,6 +683,8 @@ def section_knet(ctx: Context) -> dict[str, Any]:
                 with PeakMemory(device) as mem:
                     res = measure(knet_infer_step(net, images, timer), device, p.warmup, p.repeats, timer)
                 rows.append(_knet_row(base, "inference", res, INFER_PARTS, batch, mem.result()))
+                if batch == p.batches[0]:
+                    merge_rows += postprocess_rows(net, images, targets[0], p, ctx.seed)
                 net.train()
                 optimizer = make_optimizer(net)
                 with PeakMemory(device) as mem:
@@ -636,8 +705,13 @@ def section_knet(ctx: Context) -> dict[str, Any]:
             "trainable_params": trainable,
         },
         "rows": rows,
+        "postprocess": merge_rows,
         "notes": [
-            "inference = forward + panoptic post-processing (output at input size) under torch.inference_mode",
+            "inference = forward + panoptic post-processing (output at input size) under torch.inference_mode; "
+            f"the post-processing runs method='auto' ({'dense' if device.type == 'cuda' else 'sparse'} here)",
+            "post-processing by method: one image's merge of the same outputs; random-weight model = the forward "
+            "above, confident = logits built from the synthetic ground truth like a trained model's (segments "
+            "with score 0.9, duplicate proposals with 0.05)",
             "train = forward + matching + losses + backward + AdamW step; random weights, synthetic targets "
             f"with {p.scene[0]} things + {p.scene[1]} stuff segments per image",
             "other = total - sum of the measured parts (stage-output upsampling, loss sum, Python overhead)",
@@ -1116,6 +1190,10 @@ def render_section(name: str, data: dict[str, Any]) -> str:
             out += ["", f"Breakdown ({mode}, ms, of the median run):", ""]
             cols = [("size", "size"), ("batch", "batch"), ("breakdown_total_ms", "total")] + [(k, k) for k in order]
             out.append(markdown_table(sub, cols))
+        if data.get("postprocess"):
+            out += ["", "Panoptic post-processing of one image by merge method (ms):", ""]
+            out.append(markdown_table(data["postprocess"], [("size", "size"), ("outputs", "outputs"),
+                                                            ("method", "method"), ("ms", "median ms")]))
     elif name == "scaling":
         out.append(f"Input {data['size']}, batch 1\n")
         out.append(

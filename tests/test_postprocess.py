@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from knet_lightning.postprocess import (
+    _axis_taps,
+    _merge_sparse,
     instance_inference,
     panoptic_inference,
     panoptic_to_semantic,
@@ -180,26 +182,183 @@ def test_runs_under_inference_mode_and_half_precision():
     assert len(segs) == 4 and pan.shape == (8, 8)
 
 
-@pytest.mark.parametrize(
-    "image_size,padded_size,output_size",
-    [((64, 80), (64, 96), (64, 80)), ((50, 70), (64, 96), (123, 171)), ((64, 80), (64, 96), (20, 25))],
-)
-def test_pruning_kernels_that_cannot_win_changes_nothing(
+CHAINS = [
+    ((64, 80), (64, 96), (64, 80)),  # crop only
+    ((50, 70), (64, 96), (123, 171)),  # crop, then upsample to a larger original
+    ((64, 80), (64, 96), (20, 25)),  # crop, then downsample
+    ((64, 96), (64, 96), (64, 96)),  # x4 only, the common evaluation case
+    ((61, 93), (64, 96), (480, 640)),  # large non-integer upsampling
+    ((16, 24), (16, 24), (16, 24)),  # no resize at all
+]
+
+
+def _random_outputs(gen: torch.Generator, trial: int, num_kernels: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    yy, xx = torch.meshgrid(torch.arange(16), torch.arange(24), indexing="ij")
+    if trial % 2:  # noise: many kernels can win somewhere
+        mask_logits = torch.randn(num_kernels, 16, 24, generator=gen) * 3
+    else:  # confident blobs with a few high scores, like a trained model
+        mask_logits = torch.full((num_kernels, 16, 24), -6.0)
+        for n in range(num_kernels):
+            cy, cx = int(torch.randint(0, 16, (1,), generator=gen)), int(torch.randint(0, 24, (1,), generator=gen))
+            blob = ((yy - cy) ** 2 + (xx - cx) ** 2 < int(torch.randint(2, 8, (1,), generator=gen)) ** 2)
+            mask_logits[n] = -6 + 12 * blob.float() + torch.randn(16, 24, generator=gen)
+    return mask_logits, torch.randn(num_kernels, 12, generator=gen) * 3
+
+
+def _official_scores(
+    mask_logits: torch.Tensor, cls_logits: torch.Tensor, num_things: int, num_proposals: int,
+    image_size: tuple[int, int], padded_size: tuple[int, int], output_size: tuple[int, int],
+) -> torch.Tensor:
+    """score * prob of every kernel at every output pixel, by the official rescale chain."""
+    probs = F.interpolate(mask_logits[None].sigmoid(), size=padded_size, mode="bilinear", align_corners=False)
+    probs = probs[:, :, : image_size[0], : image_size[1]]
+    probs = F.interpolate(probs, size=output_size, mode="bilinear", align_corners=False)[0]
+    cls = cls_logits.sigmoid()
+    num_stuff = cls.shape[0] - num_proposals
+    scores = torch.cat([cls[:num_proposals, :num_things].max(1).values,
+                        cls[num_proposals:, num_things : num_things + num_stuff].diagonal()])
+    return scores[:, None, None] * probs
+
+
+@pytest.mark.parametrize("image_size,padded_size,output_size", CHAINS)
+def test_pruning_and_sparse_merge_equal_the_full_official_merge(
     image_size: tuple[int, int], padded_size: tuple[int, int], output_size: tuple[int, int]
 ) -> None:
     gen = torch.Generator().manual_seed(0)
-    yy, xx = torch.meshgrid(torch.arange(16), torch.arange(24), indexing="ij")
+    kept = 0
     for trial in range(6):
-        if trial % 2:  # noise: many kernels can win somewhere
-            mask_logits = torch.randn(30, 16, 24, generator=gen) * 3
-        else:  # confident blobs with a few high scores, like a trained model
-            mask_logits = torch.full((30, 16, 24), -6.0)
-            for n in range(30):
-                cy, cx = int(torch.randint(0, 16, (1,), generator=gen)), int(torch.randint(0, 24, (1,), generator=gen))
-                blob = ((yy - cy) ** 2 + (xx - cx) ** 2 < int(torch.randint(2, 8, (1,), generator=gen)) ** 2)
-                mask_logits[n] = -6 + 12 * blob.float() + torch.randn(16, 24, generator=gen)
-        cls_logits = torch.randn(30, 12, generator=gen) * 3
-        full = panoptic_inference(mask_logits, cls_logits, 7, 25, image_size, padded_size, output_size, prune=False)
-        pruned = panoptic_inference(mask_logits, cls_logits, 7, 25, image_size, padded_size, output_size, prune=True)
-        assert torch.equal(full[0], pruned[0])
-        assert full[1] == pruned[1]
+        mask_logits, cls_logits = _random_outputs(gen, trial)
+        args = (mask_logits, cls_logits, 7, 25, image_size, padded_size, output_size)
+        full = panoptic_inference(*args, method="dense", prune=False)
+        pruned = panoptic_inference(*args, method="dense", prune=True)
+        sparse = panoptic_inference(*args, method="sparse")
+        assert torch.equal(full[0], pruned[0]) and full[1] == pruned[1]
+        assert full[1] == sparse[1]
+        # The sparse merge resizes with composed taps: equal up to float rounding, so a pixel
+        # may only differ where two kernels tie to within rounding.
+        differ = full[0] != sparse[0]
+        assert differ.sum() <= 2
+        if differ.any():
+            top2 = _official_scores(mask_logits, cls_logits, 7, 25, image_size, padded_size, output_size).topk(2, 0)
+            gap = (top2.values[0] - top2.values[1]) / top2.values[0]
+            assert (gap[differ] < 1e-6).all()
+        kept += len(full[1])
+    assert kept >= 6  # the cases keep segments, so the ids and areas are compared too
+
+
+@pytest.mark.parametrize("image_size,padded_size,output_size", CHAINS)
+def test_sparse_merge_owner_and_areas_against_brute_force(
+    image_size: tuple[int, int], padded_size: tuple[int, int], output_size: tuple[int, int]
+) -> None:
+    """The bounds may only skip work: every owner and every area of a kernel that owns a
+    pixel equals an evaluation of all kernels at all pixels with the composed taps."""
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(4):
+        mask_logits, cls_logits = _random_outputs(gen, trial, num_kernels=12)
+        probs = mask_logits.sigmoid()
+        scores = cls_logits[:, 0].sigmoid()
+        owner, area = _merge_sparse(probs, scores, image_size, padded_size, output_size, mask_thr=0.5)
+        ystart, wy = _axis_taps(output_size[0], image_size[0], padded_size[0], 16)
+        xstart, wx = _axis_taps(output_size[1], image_size[1], padded_size[1], 24)
+        rows = ystart[:, None] + torch.arange(wy.shape[1])  # (H, Ky)
+        cols = xstart[:, None] + torch.arange(wx.shape[1])  # (W, Kx)
+        cells = probs[:, rows[:, :, None, None], cols[None, None, :, :]]  # (N, H, Ky, W, Kx)
+        full = torch.einsum("ha,wc,nhawc->nhw", wy.double(), wx.double(), cells.double())
+        cur = scores[:, None, None].double() * full
+        margin = cur.max(0).values - cur.topk(2, dim=0).values[1]
+        clear = margin > 1e-6  # away from float ties, the argmax is unambiguous
+        assert torch.equal(owner[clear], cur.argmax(0)[clear])
+        owners = owner.unique()
+        expected = (full >= 0.5).flatten(1).sum(1)
+        near = ((full - 0.5).abs() < 1e-6).flatten(1).sum(1)
+        assert ((area[owners] - expected[owners]).abs() <= near[owners]).all()
+
+
+def test_composed_taps_equal_the_official_resize_chain() -> None:
+    x = torch.rand(3, 16, 24, dtype=torch.float64)
+    for image_size, padded_size, output_size in CHAINS:
+        chain = F.interpolate(x[None], size=padded_size, mode="bilinear", align_corners=False)
+        chain = chain[:, :, : image_size[0], : image_size[1]]
+        chain = F.interpolate(chain, size=output_size, mode="bilinear", align_corners=False)[0]
+        ystart, wy = _axis_taps(output_size[0], image_size[0], padded_size[0], 16)
+        xstart, wx = _axis_taps(output_size[1], image_size[1], padded_size[1], 24)
+        assert wy.shape[1] <= 3 and wx.shape[1] <= 3
+        torch.testing.assert_close(wy.sum(1), torch.ones(output_size[0]))
+        rows = ystart[:, None] + torch.arange(wy.shape[1])
+        cols = xstart[:, None] + torch.arange(wx.shape[1])
+        composed = torch.einsum("ha,wc,nhawc->nhw", wy.double(), wx.double(), x[:, rows[:, :, None, None], cols])
+        torch.testing.assert_close(composed, chain, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["sparse", "dense"])
+def test_ties_go_to_the_first_kernel(method: str) -> None:
+    # Four identical kernels with equal scores: every pixel is a four-way tie.
+    mask_logits = torch.full((4, 8, 8), 20.0)  # sigmoid saturates to exactly 1.0
+    cls_logits = torch.zeros(4, 3)
+    pan, segs = panoptic_inference(mask_logits, cls_logits, 1, 2, (32, 32), (32, 32), (32, 32), method=method)
+    assert (pan == 1).all()
+    assert [(s["category_id"], s["isthing"]) for s in segs] == [(0, True)]  # kernel 0
+    # A single kernel owns everything.
+    pan, segs = panoptic_inference(mask_logits[:1], cls_logits[:1, :1], 1, 1, (32, 32), (32, 32), (16, 16),
+                                   method=method)
+    assert (pan == 1).all() and len(segs) == 1
+
+
+def test_sparse_merge_at_network_resolution_matches_on_model_like_outputs() -> None:
+    """A 153-kernel, 512x512 case like the benchmark's: both methods agree."""
+    gen = torch.Generator().manual_seed(3)
+    mask_logits = torch.randn(153, 128, 128, generator=gen) * 5 - 8
+    cls_logits = torch.randn(153, 133, generator=gen) * 2 - 1
+    args = (mask_logits, cls_logits, 80, 100, (500, 512), (512, 512), (375, 384))
+    dense = panoptic_inference(*args, method="dense")
+    sparse = panoptic_inference(*args, method="sparse")
+    assert torch.equal(dense[0], sparse[0]) and dense[1] == sparse[1]
+
+
+def test_unknown_merge_method() -> None:
+    masks, cls = _panoptic_case(0.5)
+    with pytest.raises(ValueError, match="method"):
+        panoptic_inference(masks, cls, 2, 3, (8, 8), (8, 8), (8, 8), method="fast")
+
+
+def test_auto_method_picks_sparse_for_smooth_outputs_and_dense_for_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    import knet_lightning.postprocess as pp
+
+    calls: list[str] = []
+    dense, sparse = pp._merge_dense, pp._merge_sparse
+
+    def spy_dense(*args, **kwargs):
+        calls.append("dense")
+        return dense(*args, **kwargs)
+
+    def spy_sparse(*args, **kwargs):
+        out = sparse(*args, **kwargs)
+        calls.append("sparse" if out is not None else "sparse-gave-up")
+        return out
+
+    monkeypatch.setattr(pp, "_merge_dense", spy_dense)
+    monkeypatch.setattr(pp, "_merge_sparse", spy_sparse)
+    gen = torch.Generator().manual_seed(4)
+    cls_logits = torch.randn(40, 12, generator=gen) * 3
+    size = ((256, 256), (256, 256), (256, 256))
+    # confident discs with soft edges, like a trained model's masks
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    centers, radii = torch.rand(40, 2, generator=gen) * 64, 4 + torch.rand(40, generator=gen) * 12
+    dist = ((yy - centers[:, 0, None, None]) ** 2 + (xx - centers[:, 1, None, None]) ** 2).sqrt()
+    smooth = ((radii[:, None, None] - dist) * 2).clamp(-8, 8)
+    for k in range(5):  # the 5 stuff kernels: horizontal bands that cover the background
+        smooth[35 + k] = (((yy - 6.4 - 12.8 * k).abs() - 6.4) * -2).clamp(-8, 8)
+    smooth += torch.randn(40, 64, 64, generator=gen) * 0.5
+    pan, segs = panoptic_inference(smooth, cls_logits, 7, 35, *size)
+    assert calls == ["sparse"]
+    ref = panoptic_inference(smooth, cls_logits, 7, 35, *size, method="dense")
+    assert segs == ref[1] and (pan != ref[0]).sum() <= 2
+    calls.clear()
+    noise = torch.randn(40, 64, 64, generator=gen) * 5
+    pan, segs = panoptic_inference(noise, cls_logits, 7, 35, *size)
+    assert calls == ["sparse-gave-up", "dense"]
+    ref = panoptic_inference(noise, cls_logits, 7, 35, *size, method="dense")
+    assert torch.equal(pan, ref[0]) and segs == ref[1]
+    calls.clear()
+    panoptic_inference(smooth[:, :16, :16], cls_logits, 7, 35, (64, 64), (64, 64), (64, 64))  # 40 x 64 x 64: small
+    assert calls == ["dense"]

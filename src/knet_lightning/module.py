@@ -259,6 +259,7 @@ class KNetModule(LightningModule):
                 object_mask_thr=pp.get("object_mask_thr", 0.3),
                 overlap_thr=pp.get("overlap_thr", 0.6),
                 mask_thr=pp.get("mask_thr", 0.5),
+                method=pp.get("method", "auto"),
             )
         if self.task == "instance":
             return instance_inference(
