@@ -108,6 +108,28 @@ def test_tiny_run_knet_section(tiny_run: tuple[dict[str, Any], str]) -> None:
         assert row["peak_mb"] > 0 and row["mem_kind"] in ("rss_peak", "rss_peak_process_lifetime")
     assert "| size | batch | mode | median ms |" in stdout
     assert "| size | batch | total | backbone | fpn_neck | kernel_head | update_stages | matching |" in stdout
+    merges = knet["postprocess"]
+    assert [(r["outputs"], r["method"]) for r in merges] == [
+        ("random-weight model", "dense"),
+        ("random-weight model", "sparse"),
+        ("confident (trained-like)", "dense"),
+        ("confident (trained-like)", "sparse"),
+    ]
+    assert all(r["ms"] > 0 and r["size"] == "64x64" for r in merges)
+    assert "Panoptic post-processing of one image by merge method" in stdout
+
+
+def test_confident_outputs_follow_the_ground_truth() -> None:
+    from knet_lightning.postprocess import panoptic_inference
+
+    seg, labels = bench.make_scene(np.random.default_rng(0), 128, 160, 5, 3)
+    target = bench.scene_target(seg, labels, torch.device("cpu"))
+    mask_logits, cls_logits = bench.confident_outputs(target, 20, torch.Generator().manual_seed(0))
+    assert mask_logits.shape == (20 + bench.NUM_STUFF, 32, 40) and cls_logits.shape == (20 + bench.NUM_STUFF, 133)
+    pan, segs = panoptic_inference(mask_logits, cls_logits, bench.NUM_THINGS, 20, (128, 160), (128, 160), (128, 160))
+    # the merge recovers every segment with its class (the duplicates score 0.05 and lose)
+    assert sorted(s["category_id"] for s in segs) == sorted(labels.tolist())
+    assert all(s["score"] == pytest.approx(0.9, abs=0.01) for s in segs)
 
 
 def test_tiny_run_scaling_section(tiny_run: tuple[dict[str, Any], str]) -> None:

@@ -295,35 +295,30 @@ def _merge_sparse(
     block_pixels = (ycount[:, None] * xcount[None, :]).flatten()  # (B,)
 
     # Ownership: kernel n can win somewhere in block b unless its upper bound (with slack)
-    # is below the best lower bound among the other kernels. The kernel with the best
-    # lower bound always can; when it is the only one, it owns the whole block.
-    upper = pmax * (scores * ((1 + eps) / (1 - eps)))[:, None]
+    # is below the best lower bound of the other kernels. Comparing every kernel with the
+    # best lower bound overall is the same test: the kernel holding it passes anyway, as
+    # its upper bound is at least its lower bound. When it is the only one, it owns the block.
     lower = pmin * scores[:, None]
-    if num_kernels > 1:
-        top_lower, top_idx = lower.topk(2, dim=0)  # (2, B)
-        contender = upper >= top_lower[0][None]  # (N, B)
-        # the top kernel competes against the runner-up, which its upper bound always beats
-        contender.scatter_(0, top_idx[:1], True)
-    else:
-        top_idx = torch.zeros(1, lower.shape[1], dtype=torch.long, device=device)
-        contender = torch.ones_like(upper, dtype=torch.bool)
+    top_lower, top_idx = lower.max(dim=0)  # (B,)
+    contender = pmax * (scores * ((1 + eps) / (1 - eps)))[:, None] >= top_lower[None]  # (N, B)
     settled = contender.sum(dim=0, dtype=torch.int32) == 1
-    # A kernel that contends nowhere owns no pixel, so it is never kept: its area is moot.
-    relevant = contender.any(dim=1)  # (N,)
+    # A kernel that contends nowhere owns no pixel, so it is never kept: its area is moot
+    # and the threshold work below skips it.
+    relevant = contender.any(dim=1).nonzero().squeeze(1)  # (K,)
+    if relevant.numel() < num_kernels:
+        pmin, pmax, contender = pmin[relevant], pmax[relevant], contender[relevant]
 
     # Original areas: blocks wholly above / below the threshold count at once.
-    surely_in = pmin >= mask_thr / (1 - eps)
+    surely_in = pmin >= mask_thr / (1 - eps)  # (K, B)
     unsure_thr = (pmax >= mask_thr / (1 + eps)) & ~surely_in
-    if not bool(relevant.all()):
-        surely_in &= relevant[:, None]
-        unsure_thr &= relevant[:, None]
     count_dtype = torch.float32 if out_h * out_w <= 2**24 else torch.float64  # exact integer sums
-    area_orig = (surely_in.to(count_dtype) @ block_pixels.to(count_dtype)).round().long()
+    area_orig = torch.zeros(num_kernels, dtype=torch.long, device=device)
+    area_orig[relevant] = (surely_in.to(count_dtype) @ block_pixels.to(count_dtype)).round().long()
 
     # (H, W), exact on settled blocks
-    owner = top_idx[0].view(num_r, num_c).repeat_interleave(ycount, 0).repeat_interleave(xcount, 1)
+    owner = top_idx.view(num_r, num_c).repeat_interleave(ycount, 0).repeat_interleave(xcount, 1)
 
-    eval_mask = unsure_thr | (contender & ~settled[None])  # (N, B)
+    eval_mask = unsure_thr | (contender & ~settled[None])  # (K, B)
     flat_idx = eval_mask.view(-1).nonzero().squeeze(1)
     if flat_idx.numel() == 0:
         return owner, area_orig
@@ -331,7 +326,7 @@ def _merge_sparse(
     if max_eval_fraction is not None:
         if flat_idx.numel() * max_rows * max_cols > max_eval_fraction * num_kernels * out_h * out_w:
             return None
-    kernel_idx, block_idx = flat_idx // eval_mask.shape[1], flat_idx % eval_mask.shape[1]
+    kernel_idx, block_idx = relevant[flat_idx // eval_mask.shape[1]], flat_idx % eval_mask.shape[1]
     contends = contender.view(-1)[flat_idx]
     counts_thr = unsure_thr.view(-1)[flat_idx]
     # Per run of rows (columns): its output indices, their validity and their weights.
