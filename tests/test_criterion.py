@@ -366,3 +366,16 @@ def test_accepts_tv_tensors_masks() -> None:
         assert got[k].item() == pytest.approx(plain[k].item(), rel=1e-6)
     sem = SemanticCriterion(num_classes=3)(_sem_outputs(1, 3, 1), [{"sem_seg": tv_tensors.Mask(torch.zeros(8, 8, dtype=torch.long))}])
     assert all(type(v) is torch.Tensor for v in sem.values())
+
+
+def test_last_cover_reads_only_selected_masks_and_later_ones_win() -> None:
+    from knet_lightning.criterion.criterion import _last_cover
+
+    gen = torch.Generator().manual_seed(0)
+    masks = (torch.rand(3, 9, 5, 6, generator=gen) > 0.6).float() * torch.rand(3, 9, 5, 6, generator=gen)
+    rows = torch.rand(3, 9, generator=gen) > 0.5
+    rows[2] = False  # an image without positives
+    k = torch.arange(9).view(1, 9, 1, 1)
+    naive = torch.where((masks > 0) & rows[:, :, None, None], k, -1).amax(1)
+    assert torch.equal(_last_cover(masks, rows), naive)
+    assert (_last_cover(masks, rows)[2] == -1).all()

@@ -13,6 +13,7 @@ from knet_lightning.criterion.losses import (
     rank_loss,
     semantic_ce_loss,
     sigmoid_focal_loss,
+    sigmoid_focal_loss_dense,
 )
 
 LN2 = math.log(2.0)
@@ -101,3 +102,27 @@ def test_losses_backpropagate() -> None:
     target = torch.rand(3, 4, 4)
     (dice_loss(logits, target) + mask_bce_loss(logits, target)).backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("avg_factor", [None, 7.0])
+def test_dense_focal_loss_equals_the_one_hot_focal_loss_with_gradients(avg_factor: float | None) -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 5, 6, 7, generator=gen) * 4).requires_grad_()
+    target = torch.randint(0, 6, (2, 6, 7), generator=gen)  # 5 = background
+    target[0, 0, :3] = -1  # another background id
+    onehot = torch.nn.functional.one_hot(target.clamp(min=0), 6)[..., :5].permute(0, 3, 1, 2)
+    onehot[0, :, 0, :3] = 0
+    ref = sigmoid_focal_loss(logits, onehot, avg_factor=avg_factor)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    got = sigmoid_focal_loss_dense(logits, target, avg_factor=avg_factor)
+    (got_grad,) = torch.autograd.grad(got, logits)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(got_grad, ref_grad)
+    # all background: only negative terms
+    bg = torch.full((2, 6, 7), 5)
+    torch.testing.assert_close(
+        sigmoid_focal_loss_dense(logits, bg, avg_factor=1.0),
+        sigmoid_focal_loss(logits, torch.zeros_like(logits), avg_factor=1.0),
+    )
+    with pytest.raises(ValueError, match="expected logits"):
+        sigmoid_focal_loss_dense(logits, target[0])

@@ -7,6 +7,7 @@ from knet_lightning.criterion.losses import (
     rank_loss,
     semantic_ce_loss,
     sigmoid_focal_loss,
+    sigmoid_focal_loss_dense,
 )
 from knet_lightning.criterion.matcher import HungarianMatcher
 from knet_lightning.criterion.semantic import SemanticCriterion
@@ -20,4 +21,5 @@ __all__ = [
     "rank_loss",
     "semantic_ce_loss",
     "sigmoid_focal_loss",
+    "sigmoid_focal_loss_dense",
 ]

@@ -23,7 +23,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from knet_lightning.criterion.losses import dice_loss, mask_bce_loss, rank_loss, sigmoid_focal_loss
+from knet_lightning.criterion.losses import (
+    dice_loss,
+    mask_bce_loss,
+    rank_loss,
+    sigmoid_focal_loss,
+    sigmoid_focal_loss_dense,
+)
 from knet_lightning.criterion.matcher import HungarianMatcher
 from knet_lightning.models.outputs import StageOutput
 
@@ -61,20 +67,26 @@ def _reduce_mean(x: Tensor) -> Tensor:
     return x
 
 
-def _last_cover(masks: Tensor) -> Tensor:
-    """Index of the last mask covering each pixel (later masks overwrite earlier ones).
+def _last_cover(masks: Tensor, rows: Tensor) -> Tensor:
+    """Index of the last selected mask covering each pixel (later masks overwrite earlier ones).
+
+    Only the selected rows are read: the positives are a few of the N kernels, so this
+    avoids an (B, N, h, w) int64 pass per stage.
 
     Args:
-        masks: ``(B, K, h, w)`` bool.
+        masks: ``(B, K, h, w)`` float targets; a pixel is covered where the target is > 0.
+        rows: ``(B, K)`` bool, the masks that may cover.
 
     Returns:
-        ``(B, h, w)`` int64, ``-1`` where no mask covers the pixel.
+        ``(B, h, w)`` int64, ``-1`` where no selected mask covers the pixel.
     """
-    B, K, h, w = masks.shape
-    if K == 0:
-        return torch.full((B, h, w), -1, dtype=torch.long, device=masks.device)
-    k = torch.arange(K, device=masks.device).view(1, K, 1, 1)
-    return torch.where(masks, k, torch.full_like(k, -1)).amax(1)
+    B, _, h, w = masks.shape
+    out = torch.full((B, h, w), -1, dtype=torch.long, device=masks.device)
+    img, k = rows.nonzero(as_tuple=True)
+    if img.numel() > 0:
+        covering = torch.where(masks[img, k] > 0, k[:, None, None], -1).flatten(1)  # (P, h*w)
+        out.view(B, h * w).scatter_reduce_(0, img[:, None].expand_as(covering), covering, "amax")
+    return out
 
 
 def _downsample(masks: Tensor, size: tuple[int, int]) -> Tensor:
@@ -317,7 +329,7 @@ class KNetCriterion(nn.Module):
 
     def _rank_target(self, mask_targets: Tensor, pos: Tensor) -> Tensor:
         """``(B, h, w)`` index of the last positive kernel whose binarized target covers the pixel."""
-        owner = _last_cover((mask_targets > 0) & pos[:, :, None, None])
+        owner = _last_cover(mask_targets, pos)
         return torch.where(owner >= 0, owner, torch.full_like(owner, IGNORE_INDEX))
 
     # ------------------------------------------------------------------ losses
@@ -354,16 +366,15 @@ class KNetCriterion(nn.Module):
         C = self.num_classes
         seg_target = torch.full((B, h, w), C, dtype=torch.long, device=mask_logits.device)
         if self.panoptic:
-            stuff_owner = _last_cover(gts.stuff_masks > 0)
+            stuff_owner = _last_cover(gts.stuff_masks, gts.stuff_present)
             seg_target = torch.where(stuff_owner >= 0, stuff_owner + self.num_things, seg_target)
-        thing_owner = _last_cover((mask_targets > 0) & pos[:, :, None, None])
+        thing_owner = _last_cover(mask_targets, pos)
         thing_cls = labels.gather(1, thing_owner.clamp(min=0).flatten(1)).view(B, h, w)
         seg_target = torch.where(thing_owner >= 0, thing_cls, seg_target)
 
         sem_logits = F.interpolate(out.sem_logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-        onehot = F.one_hot(seg_target, C + 1)[..., :C].permute(0, 3, 1, 2)
         num_fg = (seg_target < C).sum().float().clamp(min=1.0)
-        seg = sigmoid_focal_loss(sem_logits, onehot, alpha=self.alpha, gamma=self.gamma, avg_factor=num_fg)
+        seg = sigmoid_focal_loss_dense(sem_logits, seg_target, alpha=self.alpha, gamma=self.gamma, avg_factor=num_fg)
         losses["s0.seg"] = self.seg_weight * seg
         return losses
 
