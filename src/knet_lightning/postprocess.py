@@ -244,15 +244,15 @@ def _window_reduce(x: Tensor, starts: Tensor, span: int, dim: int, fn: Callable[
     return out.index_select(dim, starts)
 
 
-def _groups(start: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _groups(start: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Runs of equal window starts along one axis (``start`` is non-decreasing).
 
-    Returns ``(starts, first, count, group_of)``: the distinct starts, the first output
-    index and the length of each run, and the run index of every output index.
+    Returns ``(starts, first, count)``: the distinct starts, and the first output index and
+    the length of each run.
     """
-    starts, group_of, count = torch.unique_consecutive(start, return_inverse=True, return_counts=True)
+    starts, count = torch.unique_consecutive(start, return_counts=True)
     first = torch.cumsum(count, 0) - count
-    return starts, first, count, group_of
+    return starts, first, count
 
 
 def _merge_sparse(
@@ -284,8 +284,8 @@ def _merge_sparse(
     ystart, wy = (t.to(device) for t in _axis_taps(out_h, image_size[0], padded_size[0], h))
     xstart, wx = (t.to(device) for t in _axis_taps(out_w, image_size[1], padded_size[1], w))
     ky, kx = wy.shape[1], wx.shape[1]
-    ys, yfirst, ycount, ygroup = _groups(ystart)
-    xs, xfirst, xcount, xgroup = _groups(xstart)
+    ys, yfirst, ycount = _groups(ystart)
+    xs, xfirst, xcount = _groups(xstart)
     num_r, num_c = ys.numel(), xs.numel()
 
     # Bounds of every kernel over every block's window of cells: (N, R, C).
