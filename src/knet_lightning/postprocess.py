@@ -145,17 +145,20 @@ def _merge_dense(
     output_size: tuple[int, int],
     mask_thr: float,
     prune: bool,
+    candidates: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Owner map and original mask areas from full-resolution maps, as the official code.
 
     Same contract as :func:`_merge_sparse`; the masks are rescaled with ``F.interpolate``
-    (in kernel chunks), so every value is bit for bit the official one.
+    (in kernel chunks), so every value is bit for bit the official one. ``candidates``: the
+    kernels that can own a pixel, when already known (else found here if ``prune``).
     """
     num_kernels, device = mask_logits.shape[0], mask_logits.device
     img, pad, out = image_size, padded_size, output_size
     # Only kernels that can win some pixel need the full-resolution work; the others
     # never own a pixel and are never kept, so the result is the same without them.
-    candidates = _possible_owners(mask_logits, scores) if prune else torch.arange(num_kernels, device=device)
+    if candidates is None:
+        candidates = _possible_owners(mask_logits, scores) if prune else torch.arange(num_kernels, device=device)
 
     # Running argmax of score * prob over kernel chunks; strict '>' keeps the first
     # maximum, like torch.argmax over all kernels at once.
@@ -263,20 +266,22 @@ def _merge_sparse(
     output_size: tuple[int, int],
     mask_thr: float,
     max_eval_fraction: float | None = None,
-) -> tuple[Tensor, Tensor] | None:
+) -> tuple[Tensor, Tensor] | Tensor:
     """Owner map and original mask areas, evaluating exact values only where bounds overlap.
 
     Args:
         probs: ``(N, h, w)`` float32 stride-4 mask probabilities.
         scores: ``(N,)`` kernel scores.
-        max_eval_fraction: give up (return None) when the values left to evaluate exceed
-            this fraction of the ``N * H * W`` a dense merge computes: per value, the sparse
-            evaluation costs about 6x a dense one, so noisy outputs are faster dense.
+        max_eval_fraction: give up when the values left to evaluate exceed this fraction of
+            the ``N * H * W`` a dense merge computes: per value, the sparse evaluation costs
+            about 6x a dense one, so noisy outputs are faster dense.
 
     Returns:
         ``owner`` ``(H, W)`` int64: argmax over kernels of ``score * prob`` at the output
         size (first kernel on ties); ``area_orig`` ``(N,)`` int64: ``#(prob >= mask_thr)``,
         exact for every kernel that owns a pixel (0 may be returned for the others).
+        When it gives up: the ``(K,)`` ascending indices of the kernels that can own a
+        pixel, for the dense merge.
     """
     num_kernels, h, w = probs.shape
     device = probs.device
@@ -325,7 +330,7 @@ def _merge_sparse(
     max_rows, max_cols = int(ycount.max()), int(xcount.max())
     if max_eval_fraction is not None:
         if flat_idx.numel() * max_rows * max_cols > max_eval_fraction * num_kernels * out_h * out_w:
-            return None
+            return relevant
     kernel_idx, block_idx = relevant[flat_idx // eval_mask.shape[1]], flat_idx % eval_mask.shape[1]
     contends = contender.view(-1)[flat_idx]
     counts_thr = unsure_thr.view(-1)[flat_idx]
@@ -462,14 +467,14 @@ def panoptic_inference(
 
     if method not in ("auto", "sparse", "dense"):
         raise ValueError(f"postprocess: `method` must be 'auto', 'sparse' or 'dense', got {method!r}")
-    merged = None
+    merged: tuple[Tensor, Tensor] | Tensor | None = None
     small = num_kernels * out[0] * out[1] < _AUTO_MIN_VALUES
     if method == "sparse" or (method == "auto" and not mask_logits.is_cuda and not small):
         # auto: sparse unless the outputs are too noisy for the bounds to settle most pixels
         fraction = _AUTO_MAX_EVAL_FRACTION if method == "auto" else None
         merged = _merge_sparse(mask_logits.float().sigmoid(), scores, img, pad, out, mask_thr, fraction)
-    if merged is None:
-        merged = _merge_dense(mask_logits, scores, img, pad, out, mask_thr, prune)
+    if not isinstance(merged, tuple):  # dense, or the sparse merge gave up with the candidates
+        merged = _merge_dense(mask_logits, scores, img, pad, out, mask_thr, prune, candidates=merged)
     owner, area_orig = merged
     area_kept = torch.bincount(owner.flatten(), minlength=num_kernels)
 
