@@ -137,6 +137,11 @@ def _possible_owners(mask_logits: Tensor, scores: Tensor, margin: float = 1e-5) 
     return possible.nonzero().flatten()
 
 
+def _count_dtype(num_pixels: int) -> torch.dtype:
+    """Float dtype whose sums of up to ``num_pixels`` ones are exact integers."""
+    return torch.float32 if num_pixels <= 2**24 else torch.float64
+
+
 def _merge_dense(
     mask_logits: Tensor,
     scores: Tensor,
@@ -168,9 +173,8 @@ def _merge_dense(
     cand_scores = scores[candidates]
     for start, probs in _rescale_probs_chunks(mask_logits[candidates], img, pad, out):
         n = probs.shape[0]
-        # summing floats is about twice as fast as summing bools here; float32 counts are
-        # exact up to 2**24 pixels, float64 beyond
-        count_dtype = torch.float32 if probs[0].numel() <= 2**24 else torch.float64
+        # summing floats is about twice as fast as summing bools here
+        count_dtype = _count_dtype(probs[0].numel())
         area_orig[candidates[start : start + n]] = (probs >= mask_thr).flatten(1).to(count_dtype).sum(1).long()
         cur_prob = cand_scores[start : start + n, None, None] * probs
         chunk_best, chunk_arg = cur_prob.max(dim=0)
@@ -316,7 +320,7 @@ def _merge_sparse(
     # Original areas: blocks wholly above / below the threshold count at once.
     surely_in = pmin >= mask_thr / (1 - eps)  # (K, B)
     unsure_thr = (pmax >= mask_thr / (1 + eps)) & ~surely_in
-    count_dtype = torch.float32 if out_h * out_w <= 2**24 else torch.float64  # exact integer sums
+    count_dtype = _count_dtype(out_h * out_w)
     area_orig = torch.zeros(num_kernels, dtype=torch.long, device=device)
     area_orig[relevant] = (surely_in.to(count_dtype) @ block_pixels.to(count_dtype)).round().long()
 
@@ -431,9 +435,9 @@ def panoptic_inference(
             of pixels from per-cell bounds and evaluates the composed bilinear taps only
             where the bounds overlap (7x faster on 153 kernels at 512x512 on CPU; a pixel can
             differ only where two kernels tie to float rounding, ~1e-7 relative);
-            ``"auto"``: sparse on CPU unless the bounds leave over 8% of the values to evaluate
-            (noisy outputs) or there are under 2M values, dense then and on GPUs (where the dense maps are cheap and the
-            sparse path would wait on host syncs).
+            ``"auto"``: sparse on CPU unless the bounds leave over 8% of the values to
+            evaluate (noisy outputs) or there are under 2M values; dense then and on GPUs
+            (where the dense maps are cheap and the sparse path would wait on host syncs).
         prune: with ``method="dense"``, skip kernels that cannot own any pixel (exact).
 
     Returns:
