@@ -15,15 +15,12 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from knet_lightning.data.ade20k import (
-    ADE20K_CLASSES,
-    ADE20KDataModule,
-    ADE20KDataset,
+from knet_lightning.data.ade20k import ADE20K_CLASSES, ADE20KDataModule, ADE20KDataset, ade20k_class_info
+from knet_lightning.data.mmseg_pipeline import (
     PadToSize,
     PhotoMetricDistortion,
     RandomCropCatMax,
     RatioRangeResize,
-    ade20k_class_info,
     build_ade20k_transforms,
     scale_saturation,
 )

@@ -14,7 +14,8 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from knet_lightning.data.coco import COCOPanopticDataset, id2rgb, load_panoptic_png, rgb2id
+from knet_lightning.data.coco import COCOPanopticDataset
+from knet_lightning.data.io import id2rgb, load_panoptic_png, rgb2id
 from knet_lightning.data.meta import ClassInfo, DatasetError, UnknownCategoryError, default_palette
 
 # JSON order interleaves stuff and things; the reader must put things first.

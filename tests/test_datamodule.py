@@ -119,20 +119,21 @@ def test_lsj_through_the_data_module(root: Path) -> None:
             assert bool(target["masks"].flatten(1).any(1).all())
 
 
-def test_test_and_predict_loaders(root: Path) -> None:
-    dm = SyntheticPanopticDataModule(root, val_batch_size=3, eval_short_edge=96, eval_max_size=96, **GEN)
+def test_test_loader(root: Path) -> None:
+    dm = SyntheticPanopticDataModule(root, val_batch_size=3, eval_short_edge=96, eval_max_size=96,
+                                     mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), **GEN)  # fmt: skip
     dm.setup("test")
-    dm.setup("predict")
-    for loader in (dm.test_dataloader(), dm.predict_dataloader()):
-        (batch,) = list(loader)
-        check_batch(batch, 3, padded=(96, 96))
-        assert batch["image_sizes"] == [(96, 96)] * 3
+    (batch,) = list(dm.test_dataloader())
+    check_batch(batch, 3, padded=(96, 96))
+    assert batch["image_sizes"] == [(96, 96)] * 3
+    # the batch carries the data module's normalisation, which the overlays undo
+    assert (batch["mean"], batch["std"]) == ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
 
 
 def test_training_loader_shards_itself_under_ddp(root: Path) -> None:
     # the training sampler is a DistributedSampler (resumable mid-epoch), so Lightning keeps it
     # under DDP instead of replacing it; each rank reads its own half of the shuffled order
-    from knet_lightning.reliability import ResumableSampler
+    from knet_lightning.data.sampling import ResumableSampler
 
     dm = SyntheticPanopticDataModule(root, batch_size=2, **GEN)
     dm.setup("fit")

@@ -15,17 +15,11 @@ from omegaconf import OmegaConf
 
 import knet_lightning.cli as cli
 from cli_utils import TINY_MODEL, compose_cfg, metrics_csv, run_cfg, tiny_overrides
+from knet_lightning.checkpoint_io import CheckpointError, SafeCheckpointIO, atomic_torch_save, load_checkpoint_file
 from knet_lightning.data.meta import DatasetError
+from knet_lightning.data.sampling import ResumableSampler, SeededSamples
 from knet_lightning.data.synthetic import generate_synthetic_panoptic
-from knet_lightning.reliability import (
-    CheckpointError,
-    NonFiniteLossError,
-    ResumableSampler,
-    SafeCheckpointIO,
-    SeededSamples,
-    atomic_torch_save,
-    load_checkpoint_file,
-)
+from knet_lightning.errors import NonFiniteLossError
 
 # the synthetic set that tiny_overrides() describes, so a test can alter it before a run
 TINY_GEN = {"num_train": 8, "num_val": 4, "image_size": 64, "seed": 0, "max_objects": 4}
@@ -76,7 +70,7 @@ def test_unsafe_objects_need_trusted_checkpoint(tmp_path: Path) -> None:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder with checkpoints/last.ckpt after one training step."""
     tmp = tmp_path_factory.mktemp("trained")
-    cfg = compose_cfg(tmp, tiny_overrides("+trainer.max_steps=1", "trainer.limit_train_batches=1",
+    cfg = compose_cfg(tmp, tiny_overrides("trainer.max_steps=1", "trainer.limit_train_batches=1",
                                           "trainer.limit_val_batches=0", "test_after_fit=false",
                                           "callbacks.step_checkpoint.every_n_train_steps=1"))
     run_cfg(cfg)

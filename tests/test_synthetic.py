@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from knet_lightning.data.coco import COCOPanopticDataset, rgb2id
+from knet_lightning.data.coco import COCOPanopticDataset
+from knet_lightning.data.io import rgb2id
 from knet_lightning.data.meta import DatasetError
 from knet_lightning.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_panoptic
 

@@ -15,7 +15,7 @@ Two on-disk layouts are common for the panoptic PNG folder:
       root/annotations/panoptic_train2017.json
       root/panoptic_train2017/*.png
 
-Conventions of the target (see ``architecture.md`` §3):
+Conventions of the target (see "Contracts" in the README's Architecture):
 
 - Crowd segments are kept in ``masks``/``labels`` with ``iscrowd=True`` (the criterion drops
   them, the PQ evaluator needs them), but their pixels are 255 (ignore) in ``sem_seg``:
@@ -28,104 +28,23 @@ Conventions of the target (see ``architecture.md`` §3):
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from knet_lightning.data.io import load_coco_json, load_panoptic_png, read_rgb_image, require_keys
 from knet_lightning.data.meta import ClassInfo, DatasetError, UnknownCategoryError
 
-__all__ = ["COCOPanopticDataset", "id2rgb", "load_panoptic_png", "rgb2id"]
+__all__ = ["COCOPanopticDataset"]
 
 _LAYOUTS = ("annotations", "root")
 
 Transforms = Callable[[tv_tensors.Image, dict[str, Any]], tuple[tv_tensors.Image, dict[str, Any]]]
-
-
-def rgb2id(rgb: np.ndarray) -> np.ndarray:
-    """COCO panoptic id decoding: ``(H, W, 3)`` uint8 → ``(H, W)`` uint32, id = R + 256 G + 256² B."""
-    rgb = rgb.astype(np.uint32)
-    return rgb[..., 0] + (rgb[..., 1] << 8) + (rgb[..., 2] << 16)
-
-
-def id2rgb(ids: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`rgb2id`: ``(H, W)`` ids → ``(H, W, 3)`` uint8."""
-    ids = ids.astype(np.uint32)
-    return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
-
-
-def decode_image(path: Path, what: str) -> Image.Image:
-    """Open and fully decode an image file, turning every failure into a DatasetError."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: {what} not found")
-    try:
-        with Image.open(path) as im:
-            im.load()  # PIL decodes lazily; force it so truncation is caught here
-            return im.copy()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"{path}: cannot decode {what} (corrupt or not an image): {e}") from e
-
-
-def read_rgb_image(
-    path: Path, expected_size: tuple[int, int] | None = None, source: Path | None = None
-) -> np.ndarray:
-    """``(H, W, 3)`` uint8 RGB array of an image file (a writable copy, as torch.from_numpy
-    wants). With ``expected_size`` ``(H, W)``, a different size is an error naming ``source``
-    (the annotation file that gave the size)."""
-    rgb = np.array(decode_image(path, "image file").convert("RGB"))
-    h, w = rgb.shape[:2]
-    if expected_size is not None and (h, w) != tuple(expected_size):
-        raise DatasetError(
-            f"{path}: image is {w}x{h} (WxH) but {source} says {expected_size[1]}x{expected_size[0]}"
-        )
-    return rgb
-
-
-def load_panoptic_png(path: str | Path) -> np.ndarray:
-    """Read a COCO panoptic PNG into ``(H, W)`` uint32 segment ids.
-
-    Raises:
-        DatasetError: missing file, undecodable file, or not an RGB(A) PNG.
-    """
-    path = Path(path)
-    im = decode_image(path, "panoptic PNG")
-    if im.mode not in ("RGB", "RGBA"):
-        raise DatasetError(
-            f"{path}: panoptic PNG must be RGB (id = R + 256 G + 256^2 B), got PIL mode {im.mode!r}"
-        )
-    return rgb2id(np.asarray(im.convert("RGB")))
-
-
-def require_keys(obj: Any, keys: tuple[str, ...], where: str, source: Path) -> None:
-    """``obj`` must be a JSON object holding ``keys``; the error names the file and the place."""
-    if not isinstance(obj, Mapping):
-        raise DatasetError(f"{source}: {where} must be a JSON object, got {type(obj).__name__}")
-    for key in keys:
-        if key not in obj:
-            raise DatasetError(f"{source}: {where} is missing key '{key}'")
-
-
-def load_coco_json(src: Path) -> dict[str, Any]:
-    """A COCO-style JSON (panoptic or instance) with its ``images``, ``annotations`` and
-    ``categories`` lists checked; errors name the file and the problem."""
-    try:
-        with open(src, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{src}: malformed JSON: {e}") from e
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{src}: not a UTF-8 JSON file: {e}") from e
-    require_keys(data, ("images", "annotations", "categories"), "top level", src)
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data[key], list):
-            raise DatasetError(f"{src}: '{key}' must be a list, got {type(data[key]).__name__}")
-    return data
 
 
 class COCOPanopticDataset(Dataset):

@@ -15,7 +15,7 @@ An annotation's ``segmentation`` comes in one of three COCO encodings, all decod
   starting with background), used by COCO for ``iscrowd=1`` regions;
 - compressed RLE ``{"size": [H, W], "counts": "<string>"}`` (LVIS, detectron2 exports).
 
-Conventions of the target (see ``architecture.md`` §3):
+Conventions of the target (see "Contracts" in the README's Architecture):
 
 - All categories are things (``num_stuff = 0``); contiguous ids follow the JSON order.
 - Crowd annotations stay in ``masks`` / ``labels`` with ``iscrowd=True`` (the criterion
@@ -43,10 +43,10 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from knet_lightning.data.coco import load_coco_json, read_rgb_image, require_keys
-from knet_lightning.data.datamodule import SegmentationDataModule
+from knet_lightning.constants import IGNORE_INDEX
+from knet_lightning.data.datamodule import SegmentationDataModule, role_splits
+from knet_lightning.data.io import load_coco_json, read_rgb_image, require_keys
 from knet_lightning.data.meta import ClassInfo, DatasetError, UnknownCategoryError
-from knet_lightning.data.transforms import IGNORE_INDEX
 
 __all__ = ["COCOInstanceDataModule", "COCOInstanceDataset", "rle_string_counts"]
 
@@ -358,7 +358,7 @@ class COCOInstanceDataModule(SegmentationDataModule):
         super().__init__(**kwargs)
         self.root = Path(root)
         self.filter_empty_train = bool(filter_empty_train)
-        self.splits = {"train": train_split, "val": val_split, "test": test_split, "predict": test_split}
+        self.splits = role_splits(train_split, val_split, test_split)
 
     def make_dataset(self, role: str, transforms: Transforms) -> Dataset:
         return COCOInstanceDataset(

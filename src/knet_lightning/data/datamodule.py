@@ -20,22 +20,22 @@ from torch.utils.data import DataLoader, Dataset
 
 from knet_lightning.data.coco import COCOPanopticDataset
 from knet_lightning.data.meta import ClassInfo, DatasetError
+from knet_lightning.data.sampling import BAD_SAMPLE_POLICIES, ResumableDataLoader, ResumableSampler, SeededSamples
 from knet_lightning.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_panoptic
 from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, collate_batch
 from knet_lightning.distributed import eval_sampler
-from knet_lightning.reliability import (
-    BAD_SAMPLE_POLICIES,
-    ResumableDataLoader,
-    ResumableSampler,
-    SeededSamples,
-)
 
-__all__ = ["COCOPanopticDataModule", "SegmentationDataModule", "SyntheticPanopticDataModule"]
+__all__ = ["COCOPanopticDataModule", "SegmentationDataModule", "SyntheticPanopticDataModule", "role_splits"]
 
 Transforms = Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]]
 
-# Which split each Lightning stage reads; "predict" reads the test split.
-_ROLES = ("train", "val", "test", "predict")
+# The splits a run reads; mode=predict reads a folder of images (data/folder.py), not a split.
+_ROLES = ("train", "val", "test")
+
+
+def role_splits(train_split: str, val_split: str, test_split: str) -> dict[str, str]:
+    """The split name each role of ``_ROLES`` reads."""
+    return {"train": train_split, "val": val_split, "test": test_split}
 
 
 class SegmentationDataModule(L.LightningDataModule, ABC):
@@ -112,6 +112,8 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.size_divisor = int(size_divisor)
+        # the batches carry the normalisation, so that overlays undo this one (not ImageNet's)
+        self.collate = partial(collate_batch, size_divisor=self.size_divisor, mean=tuple(mean), std=tuple(std))
         # Built now, so that a bad setting fails at instantiation, not in a worker.
         self.train_transforms = build_transforms(
             True,
@@ -134,7 +136,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
 
     @abstractmethod
     def make_dataset(self, role: str, transforms: Transforms) -> Dataset:
-        """The data set for ``role`` (``"train"``, ``"val"``, ``"test"`` or ``"predict"``)."""
+        """The data set for ``role`` (``"train"``, ``"val"`` or ``"test"``)."""
 
     def read_class_info(self) -> ClassInfo:
         """Classes without a prepared split; the default builds the validation data set."""
@@ -174,13 +176,16 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
     # --------------------------------------------------------------- set-up
 
     def setup(self, stage: str | None = None) -> None:
-        """Builds the data sets the stage needs (``fit``, ``validate``, ``test``, ``predict``; ``None``: all)."""
+        """Builds the data sets the stage needs (``fit``, ``validate``, ``test``; ``predict``
+        needs none; ``None``: all)."""
         roles = {
             None: _ROLES,
             "fit": ("train", "val"),
             "validate": ("val",),
             "test": ("test",),
-            "predict": ("predict",),
+            # Lightning sets an attached data module up for trainer.predict too; predict reads
+            # the loader it is given (a folder of images, or the test split for exports)
+            "predict": (),
         }
         if stage not in roles:
             raise ValueError(f"{type(self).__name__}.setup: unknown stage {stage!r}; expected one of {list(roles)}")
@@ -193,7 +198,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
 
     def _dataset(self, role: str) -> Dataset:
         if role not in self.datasets:
-            self.setup({"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[role])
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[role])
         return self.datasets[role]
 
     # -------------------------------------------------------------- loaders
@@ -210,7 +215,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             shuffle=shuffle if sampler is None else False,
             sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=partial(collate_batch, size_divisor=self.size_divisor),
+            collate_fn=self.collate,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             drop_last=False,
@@ -240,7 +245,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=partial(collate_batch, size_divisor=self.size_divisor),
+            collate_fn=self.collate,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             drop_last=False,
@@ -276,9 +281,6 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.val_batch_size, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", self.val_batch_size, shuffle=False)
 
 
 def _plain_size(value: Any) -> Any:
@@ -317,7 +319,7 @@ class COCOPanopticDataModule(SegmentationDataModule):
         super().__init__(**kwargs)
         self.root = Path(root)
         self.layout = layout
-        self.splits = {"train": train_split, "val": val_split, "test": test_split, "predict": test_split}
+        self.splits = role_splits(train_split, val_split, test_split)
 
     def make_dataset(self, role: str, transforms: Transforms) -> Dataset:
         return COCOPanopticDataset(self.root, split=self.splits[role], layout=self.layout, transforms=transforms)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -10,9 +9,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
-from knet_lightning.data.coco import read_rgb_image
+from knet_lightning.data.io import read_rgb_image
 from knet_lightning.data.meta import DatasetError
-from knet_lightning.data.transforms import collate_batch
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -62,5 +60,5 @@ def folder_dataloader(inputs: str | Path, datamodule: Any) -> DataLoader:
         batch_size=datamodule.val_batch_size,
         shuffle=False,
         num_workers=datamodule.num_workers,
-        collate_fn=partial(collate_batch, size_divisor=datamodule.size_divisor),
+        collate_fn=datamodule.collate,
     )

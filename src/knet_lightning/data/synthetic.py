@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from knet_lightning.data.coco import id2rgb
+from knet_lightning.data.io import id2rgb
 from knet_lightning.data.meta import DatasetError
 
 __all__ = ["SYNTHETIC_CATEGORIES", "generate_synthetic_panoptic"]

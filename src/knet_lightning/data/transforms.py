@@ -32,10 +32,11 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from knet_lightning.constants import IGNORE_INDEX
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "IGNORE_INDEX",
     "DropEmptySegments",
     "LargeScaleJitter",
     "ResizeShortestEdge",
@@ -48,7 +49,6 @@ __all__ = [
 # (mmdet's [123.675, 116.28, 103.53] / [58.395, 57.12, 57.375] are these times 255.)
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
 
 # Target keys that hold one entry per segment and must be filtered together.
 PER_SEGMENT_KEYS: tuple[str, ...] = ("masks", "labels", "iscrowd", "boxes", "area", "segment_ids")
@@ -315,7 +315,12 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def collate_batch(samples: Sequence[tuple[Tensor, dict[str, Any]]], size_divisor: int = 32) -> dict[str, Any]:
+def collate_batch(
+    samples: Sequence[tuple[Tensor, dict[str, Any]]],
+    size_divisor: int = 32,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> dict[str, Any]:
     """Pads the images of a batch to one size and keeps the targets as a list.
 
     Args:
@@ -323,6 +328,8 @@ def collate_batch(samples: Sequence[tuple[Tensor, dict[str, Any]]], size_divisor
             ``target`` a dict whose ``masks`` / ``sem_seg`` are at ``(h_i, w_i)``.
         size_divisor: the padded height and width are multiples of it (32: the
             backbone's coarsest stride).
+        mean, std: the normalisation the images went through (0-1 scale, RGB), passed on in
+            the batch so that consumers (overlays) can undo it; left out when not given.
 
     Returns:
         ``{"images": (B, 3, Hp, Wp) float, zero-padded bottom/right (0 is the mean colour
@@ -364,8 +371,11 @@ def collate_batch(samples: Sequence[tuple[Tensor, dict[str, Any]]], size_divisor
     batch = images[0].new_zeros((len(images), 3, pad_h, pad_w))
     for i, img in enumerate(images):
         batch[i, :, : img.shape[1], : img.shape[2]].copy_(img)
-    return {
+    out: dict[str, Any] = {
         "images": batch,
         "image_sizes": [(int(img.shape[1]), int(img.shape[2])) for img in images],
         "targets": targets,
     }
+    if mean is not None and std is not None:
+        out["mean"], out["std"] = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    return out

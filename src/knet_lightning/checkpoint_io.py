@@ -1,0 +1,123 @@
+"""Checkpoint file IO: atomic writes and safe, well-reported loading.
+
+:class:`SafeCheckpointIO` (a Lightning ``CheckpointIO`` plugin) writes every checkpoint to a
+temporary file in the same folder, fsyncs it and renames it over the target, so a kill during
+the write leaves the previous ``last.ckpt`` intact; it loads with ``weights_only=True`` unless
+the user marks the file trusted, and names the file when it is truncated or corrupt. (The
+README's "Fault tolerance" section says it for users.)
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+__all__ = ["CheckpointError", "SafeCheckpointIO", "atomic_torch_save", "load_checkpoint_file"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, corrupt or holds objects that are not safe to load."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    # the rename is only durable once the folder entry is on disk (POSIX); best effort elsewhere
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``: temporary file in the same
+    folder (same file system, so the rename is atomic), flushed and fsynced, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    # temporary files of writers that were killed mid-write (other pids) are garbage now
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", trusted: bool = False) -> Any:
+    """Loads a checkpoint or weight file, with ``weights_only=True`` unless ``trusted``.
+
+    Raises:
+        CheckpointError: the file is missing, empty, truncated or corrupt, or (untrusted) holds
+            objects that ``weights_only`` loading refuses; the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the write that made it did not finish")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=not trusted)
+    except pickle.UnpicklingError as err:
+        if not trusted and "weights only load failed" in str(err).lower():
+            raise CheckpointError(
+                f"checkpoint {path} holds objects that safe loading (torch.load weights_only=True) refuses: "
+                f"{str(err).splitlines()[0]} ... If you trust this file, load it with trusted_checkpoint=true."
+            ) from err
+        raise CheckpointError(f"checkpoint {path} ({size} bytes) is corrupt: {err}") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        # torch's zip reader says "failed finding central directory" for a cut-off file
+        raise CheckpointError(
+            f"checkpoint {path} ({size} bytes) is truncated or corrupt and cannot be loaded "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); use an earlier "
+            "checkpoint of the run (checkpoints/*.ckpt)"
+        ) from err
+
+
+def _is_local(path: Any) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O with atomic local writes and safe, well-reported loading.
+
+    Args:
+        trusted: load with ``weights_only=False`` (only for files you trust: unpickling can run
+            code). ``trusted_checkpoint`` in the config.
+    """
+
+    def __init__(self, trusted: bool = False) -> None:
+        super().__init__()
+        self.trusted = bool(trusted)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
+        if not _is_local(path):  # object stores: Lightning's fsspec transaction
+            return super().save_checkpoint(checkpoint, path)
+        atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Optional[bool] = None) -> Any:
+        if not _is_local(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        trusted = self.trusted if weights_only is None else not weights_only
+        if map_location is None:
+            map_location = lambda storage, loc: storage  # noqa: E731 - Lightning's own default
+        return load_checkpoint_file(str(path).removeprefix("file://"), map_location=map_location, trusted=trusted)
