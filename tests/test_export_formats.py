@@ -15,15 +15,16 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from knet_lightning.data.coco import COCOPanopticDataset, load_panoptic_png
+from knet_lightning.data.coco import COCOPanopticDataset
+from knet_lightning.data.io import load_panoptic_png
 from knet_lightning.data.meta import ClassInfo
 from knet_lightning.evaluation.export import (
     COCOPanopticWriter,
     COCOResultsWriter,
     SemanticPNGWriter,
     segment_areas_and_boxes,
-    write_predictions,
 )
+from knet_lightning.tasks import build_task
 
 # Things first; data-set ids not contiguous and not sorted.
 CLASS_INFO = ClassInfo(
@@ -243,13 +244,27 @@ def test_semantic_png_writer_with_cityscapes_id_map(tmp_path: Path) -> None:
         SemanticPNGWriter(tmp_path, id_map=[7, 300])
 
 
-def test_write_predictions_all_tasks(tmp_path: Path) -> None:
+def _write(task: str, batches: list[list[dict[str, Any]]], out_dir: Path) -> int:
+    """Writes prediction batches the way ``PredictionExport`` does: through the task's writer."""
+    kinds = {"panoptic": (4, 2), "instance": (2, 2), "semantic": (4, 0)}
+    num_classes, num_things = kinds[task]
+    task_obj = build_task(task, num_classes=num_classes, num_things=num_things, num_proposals=3, num_stages=1)
+    count = 0
+    with task_obj.open_writer(out_dir, CLASS_INFO) as writer:
+        for batch in batches:
+            for item in batch:
+                task_obj.write(writer, item["image_id"], item["file_name"], item["prediction"])
+                count += 1
+    return count
+
+
+def test_each_task_writes_its_official_format(tmp_path: Path) -> None:
     seg, segments = _pan_case()
     pan_batches = [
         [{"file_name": "a.jpg", "image_id": 0, "prediction": (seg, segments)}],
         [{"file_name": "b.jpg", "image_id": 1, "prediction": (seg.clone(), segments)}],
     ]
-    assert write_predictions(pan_batches, tmp_path / "pan", CLASS_INFO, "panoptic") == 2
+    assert _write("panoptic", pan_batches, tmp_path / "pan") == 2
     data = json.loads((tmp_path / "pan" / "panoptic.json").read_text())
     assert [a["file_name"] for a in data["annotations"]] == ["a.png", "b.png"]
     assert np.array_equal(load_panoptic_png(tmp_path / "pan" / "panoptic" / "b.png"), seg.numpy())
@@ -257,7 +272,7 @@ def test_write_predictions_all_tasks(tmp_path: Path) -> None:
     masks = torch.rand(2, 24, 32) > 0.5
     inst = {"masks": masks, "scores": torch.tensor([0.8, 0.3]), "labels": torch.tensor([0, 1])}
     batches = [[{"file_name": "a.jpg", "image_id": 3, "prediction": inst}]]
-    assert write_predictions(batches, tmp_path / "inst", CLASS_INFO, "instance") == 1
+    assert _write("instance", batches, tmp_path / "inst") == 1
     entries = json.loads((tmp_path / "inst" / "instances.json").read_text())
     assert [e["category_id"] for e in entries] == [1, 3]
     decoded = mask_utils.decode([e["segmentation"] for e in entries])
@@ -265,8 +280,9 @@ def test_write_predictions_all_tasks(tmp_path: Path) -> None:
 
     sem = torch.tensor([[0, 1], [3, 255]])
     batches = [[{"file_name": "c.jpg", "image_id": 0, "prediction": sem}]]
-    assert write_predictions(batches, tmp_path / "sem", CLASS_INFO, "semantic") == 1
+    assert _write("semantic", batches, tmp_path / "sem") == 1
     with Image.open(tmp_path / "sem" / "semantic" / "c.png") as im:
-        assert np.asarray(im).tolist() == [[0, 1], [3, 255]]
-    with pytest.raises(ValueError, match="task must be"):
-        write_predictions([], tmp_path, CLASS_INFO, "depth")
+        # the data set's own ids (CLASS_INFO.dataset_ids); ignored pixels as 0, the data sets' "unlabeled"
+        assert np.asarray(im).tolist() == [[1, 3], [149, 0]]
+    with pytest.raises(ValueError, match="task must be|expected one of"):
+        build_task("depth", num_classes=2, num_things=0, num_proposals=2, num_stages=1)

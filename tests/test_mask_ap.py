@@ -488,7 +488,7 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.slow  # two fresh interpreters importing torch + torchmetrics: ~10 s of CPU
+@pytest.mark.slow  # two fresh interpreters importing torch + torchmetrics
 def test_two_process_gloo_sync(tmp_path: Any) -> None:
     """Two real gloo processes, each with part of the set: both compute the full-set AP."""
     import json

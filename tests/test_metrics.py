@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from knet_lightning.evaluation import MeanIoU, PanopticQuality, target_to_panoptic_gt
+from knet_lightning.evaluation import MeanIoU, PanopticQuality
 
 # Classes used in the crafted PQ cases: 0, 1 things; 2, 3 stuff.
 NUM_CLASSES, NUM_THINGS = 4, 2
@@ -346,34 +346,6 @@ def test_bad_inputs_raise_clear_errors():
 
 
 # --------------------------------------------------------------------- target conversion
-
-
-def test_target_to_panoptic_gt_later_mask_wins_and_empty_segments_dropped():
-    masks = torch.zeros(4, 3, 4, dtype=torch.bool)
-    masks[0, :, :2] = True
-    masks[1, :, 1:3] = True  # overlaps mask 0 in column 1 and wins there
-    masks[2, 0, 3] = True
-    masks[3, 0, 3] = True  # fully covers mask 2, so segment 3 (id 3) disappears
-    target = {
-        "masks": masks,
-        "labels": torch.tensor([0, 2, 1, 3]),
-        "iscrowd": torch.tensor([False, True, False, False]),
-    }
-    gt_seg, segs = target_to_panoptic_gt(target)
-    assert gt_seg.dtype == torch.int32
-    assert gt_seg.tolist() == [[1, 2, 2, 4], [1, 2, 2, 0], [1, 2, 2, 0]]
-    assert segs == [
-        {"id": 1, "category_id": 0, "iscrowd": False},
-        {"id": 2, "category_id": 2, "iscrowd": True},
-        {"id": 4, "category_id": 3, "iscrowd": False},
-    ]
-    empty, none = target_to_panoptic_gt({"masks": torch.zeros(0, 2, 3, dtype=torch.bool), "labels": torch.zeros(0)})
-    assert empty.shape == (2, 3) and none == [] and int(empty.abs().sum()) == 0
-    with pytest.raises(ValueError, match="labels"):
-        target_to_panoptic_gt({"masks": masks, "labels": torch.tensor([0, 1])})
-
-
-# ----------------------------------------------------------------------------------- mIoU
 
 
 def test_miou_matches_hand_computed_confusion_matrix():

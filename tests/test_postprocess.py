@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from knet_lightning.postprocess import (
-    _axis_taps,
-    _merge_sparse,
     instance_inference,
     panoptic_inference,
     panoptic_to_semantic,
     semantic_inference,
 )
+from knet_lightning.sparse_merge import _axis_taps
+from knet_lightning.sparse_merge import merge_sparse as _merge_sparse
 
 ON, OFF = 12.0, -12.0  # saturated mask logits: sigmoid ~ 1 - 6e-6 / 6e-6
 
@@ -325,7 +325,7 @@ def test_auto_method_picks_sparse_for_smooth_outputs_and_dense_for_noise(monkeyp
     import knet_lightning.postprocess as pp
 
     calls: list[str] = []
-    dense, sparse = pp._merge_dense, pp._merge_sparse
+    dense, sparse = pp._merge_dense, pp.merge_sparse
 
     def spy_dense(*args, **kwargs):
         calls.append("dense")
@@ -337,7 +337,7 @@ def test_auto_method_picks_sparse_for_smooth_outputs_and_dense_for_noise(monkeyp
         return out
 
     monkeypatch.setattr(pp, "_merge_dense", spy_dense)
-    monkeypatch.setattr(pp, "_merge_sparse", spy_sparse)
+    monkeypatch.setattr(pp, "merge_sparse", spy_sparse)
     gen = torch.Generator().manual_seed(4)
     cls_logits = torch.randn(40, 12, generator=gen) * 3
     size = ((256, 256), (256, 256), (256, 256))

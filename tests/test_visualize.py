@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from knet_lightning.data.meta import default_palette
 from knet_lightning.visualize import (
-    make_palette,
     overlay_instances,
     overlay_panoptic,
     overlay_semantic,
@@ -90,7 +90,7 @@ def test_save_png_roundtrip(tmp_path):
         save_png(img.float(), tmp_path / "y.png")
 
 
-def test_make_palette_distinct_colours():
-    pal = make_palette(20)
+def test_default_palette_distinct_colours():
+    pal = default_palette(20)
     assert len(pal) == 20 and len(set(pal)) == 20
     assert all(0 <= v <= 255 for c in pal for v in c)

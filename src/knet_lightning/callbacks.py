@@ -1,34 +1,38 @@
-"""Lightning callbacks of knet-lightning."""
+"""The Lightning callbacks of knet-lightning.
+
+* :class:`PredictionOverlays`: the task's overlays of a few validation images (PNG, W&B).
+* :class:`PredictionExport`: predictions streamed to the task's official format.
+* :class:`RNGStateCheckpoint`: the global torch / numpy / python RNG states (dropout) go into
+  the checkpoint and are put back right before the first resumed training step.
+* :class:`PreemptionCheckpoint`: on SIGTERM Lightning stops at the next step boundary; this
+  callback writes ``last.ckpt`` there, so the run resumes with ``ckpt_path=last``.
+* :class:`BadSampleReport`: with ``on_bad_sample=skip`` it counts and reports the skipped files.
+"""
 
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from knet_lightning.evaluation.export import open_writer, write_item
-from knet_lightning.visualize import overlay_panoptic, save_png
+from knet_lightning.data.meta import default_palette
+from knet_lightning.visualize import save_png
 
 log = logging.getLogger(__name__)
 
 
-def default_palette(num_classes: int) -> list[tuple[int, int, int]]:
-    """Deterministic distinct-ish colours for data sets without their own."""
-    gen = torch.Generator().manual_seed(1234)
-    colors = torch.randint(40, 256, (num_classes, 3), generator=gen)
-    return [tuple(int(v) for v in c) for c in colors]
-
-
 class PredictionOverlays(Callback):
-    """Saves the panoptic predictions of a few fixed validation images as overlay PNGs in the
-    run folder (``overlays/epoch_XXX/``) and, with a W&B logger, logs them as ``wandb.Image``
-    with the segment masks attached.
+    """Saves the predictions of a few fixed validation images as overlay PNGs in the run folder
+    (``overlays/epoch_XXX/``) and, with a W&B logger, logs them as ``wandb.Image`` with the class
+    masks attached. The task object draws them (panoptic segments, instances or classes).
 
     The module collects the samples (``pl_module.vis_samples``) while it validates, on rank
     zero only, from the first validation batches, which are the same images every epoch
@@ -48,7 +52,7 @@ class PredictionOverlays(Callback):
         out_dir = Path(trainer.default_root_dir) / self.dirname / f"epoch_{trainer.current_epoch:03d}"
         images = []
         for i, sample in enumerate(samples):
-            overlay = overlay_panoptic(sample["image"], sample["pan_seg"], sample["segments_info"], colors)
+            overlay = pl_module.task.overlay(sample["image"], sample["prediction"], colors)
             save_png(overlay, out_dir / f"{i:02d}_{Path(sample['file_name']).stem}.png")
             images.append((overlay, sample))
         for logger in trainer.loggers:
@@ -64,10 +68,7 @@ class PredictionOverlays(Callback):
         logged = []
         for overlay, sample in images:
             # W&B's mask overlay wants a class map; 0 is void, class c is c + 1
-            seg = sample["pan_seg"]
-            sem = torch.zeros_like(seg, dtype=torch.int64)
-            for s in sample["segments_info"]:
-                sem[seg == s["id"]] = int(s["category_id"]) + 1
+            sem = pl_module.task.class_map(sample["prediction"]).cpu()
             logged.append(
                 wandb.Image(
                     overlay.permute(1, 2, 0).numpy(),
@@ -84,25 +85,19 @@ class PredictionExport(BasePredictionWriter):
     in memory. Under DDP every process writes its own images and its own JSON
     (``panoptic.rank<r>.json``); a single process writes ``panoptic.json``.
 
-    Semantic label PNGs hold the data set's own class ids by default (``class_info.dataset_id``:
-    Cityscapes labelIds, ADE20K 1..150 with 0 = other), which is what the official evaluation
-    scripts read; pass ``semantic_id_map`` to write other ids.
+    The module's task object chooses the format and writes each image.
     """
 
-    def __init__(self, out_dir: str | Path, class_info: Any, task: str, semantic_id_map: Any = None) -> None:
+    def __init__(self, out_dir: str | Path, class_info: Any) -> None:
         super().__init__(write_interval="batch")
         self.out_dir = Path(out_dir)
         self.class_info = class_info
-        self.task = task
-        if semantic_id_map is None and task == "semantic":
-            semantic_id_map = [class_info.dataset_id(c) for c in range(class_info.num_classes)]
-        self.semantic_id_map = semantic_id_map
         self.writer: Any = None
         self.count = 0
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         suffix = "" if trainer.world_size == 1 else f".rank{trainer.global_rank}"
-        self.writer = open_writer(self.out_dir, self.class_info, self.task, self.semantic_id_map, suffix=suffix)
+        self.writer = pl_module.task.open_writer(self.out_dir, self.class_info, suffix=suffix)
         self.count = 0
 
     def write_on_batch_end(
@@ -116,7 +111,7 @@ class PredictionExport(BasePredictionWriter):
         dataloader_idx: int = 0,
     ) -> None:
         for item in prediction:
-            write_item(self.writer, item)
+            pl_module.task.write(self.writer, item["image_id"], item["file_name"], item["prediction"])
             self.count += 1
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -129,3 +124,120 @@ class PredictionExport(BasePredictionWriter):
         if self.writer is not None:
             self.writer.abort()
             self.writer = None
+
+
+
+def _rng_states() -> dict[str, Any]:
+    # plain types only (lists, ints, tensors), so the checkpoint loads with weights_only=True
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": int(version), "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    npst = states["numpy"]
+    np.random.set_state(
+        (npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"])
+    )
+    py = states["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RNGStateCheckpoint(Callback):
+    """Saves the global RNG states (torch, numpy, python, CUDA) in every checkpoint and puts them
+    back right before the first training step of a resumed run.
+
+    Restoring at ``on_train_batch_start`` rather than at load time matters: between loading and
+    the first step Lightning builds loaders and prefetches, and the states must be those of the
+    moment the checkpoint was written, which was also between two steps.
+    """
+
+    def __init__(self) -> None:
+        self._pending: Optional[dict[str, Any]] = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": _rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict.get("rng")
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._pending is not None:
+            _set_rng_states(self._pending)
+            self._pending = None
+
+
+class PreemptionCheckpoint(Callback):
+    """On SIGTERM (preemption, ``scancel``, a SLURM time limit) Lightning finishes the current
+    step and raises ``SIGTERMException``; this callback then writes ``<dirpath>/last.ckpt``, so
+    ``ckpt_path=last`` continues from that step. (Under SLURM with requeue, Lightning's own
+    SIGUSR1 handler writes ``hpc_ckpt_<n>.ckpt`` in the run folder and requeues the job.)
+
+    Args:
+        dirpath: checkpoint folder (the run's ``checkpoints/``).
+        filename: file name of the checkpoint.
+    """
+
+    def __init__(self, dirpath: str | Path, filename: str = "last.ckpt") -> None:
+        self.dirpath = Path(dirpath)
+        self.filename = filename
+        self.saved_path: Optional[Path] = None
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException) or not trainer.training and not trainer.validating:
+            return
+        if trainer.state.fn != "fit":
+            return
+        path = self.dirpath / self.filename
+        trainer.save_checkpoint(path)
+        self.saved_path = path
+        if trainer.is_global_zero:
+            log.warning(
+                "SIGTERM: saved %s at step %d (epoch %d); resume with ckpt_path=%s (or ckpt_path=last "
+                "hydra.run.dir=%s)",
+                path, trainer.global_step, trainer.current_epoch, path, trainer.default_root_dir,
+            )
+
+
+class BadSampleReport(Callback):
+    """Counts the training samples skipped under ``data.on_bad_sample=skip`` (the replacements
+    carry ``target["skipped"]``), logs ``train/skipped_samples`` and lists them at epoch end."""
+
+    def __init__(self, max_listed: int = 20) -> None:
+        self.max_listed = int(max_listed)
+        self.epoch_skipped: list[str] = []
+        self.total = 0
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.epoch_skipped = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if isinstance(batch, dict):
+            for target in batch.get("targets", []):
+                self.epoch_skipped.extend(target.pop("skipped", []) if isinstance(target, dict) else [])
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        local = torch.tensor(float(len(self.epoch_skipped)), device=pl_module.device)
+        count = int(trainer.strategy.reduce(local, reduce_op="sum").item())
+        self.total += count
+        pl_module.log("train/skipped_samples", float(count), on_epoch=True, on_step=False, batch_size=1)
+        if self.epoch_skipped:
+            listed = "\n  ".join(self.epoch_skipped[: self.max_listed])
+            more = len(self.epoch_skipped) - self.max_listed
+            log.warning(
+                "epoch %d: skipped %d bad training sample(s) (data.on_bad_sample=skip):\n  %s%s",
+                trainer.current_epoch, count, listed, f"\n  ... and {more} more" if more > 0 else "",
+            )

@@ -6,7 +6,6 @@ Only pixels that belong to a segment change: unlabelled/void pixels keep the ima
 
 from __future__ import annotations
 
-import colorsys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,22 +15,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["make_palette", "overlay_instances", "overlay_panoptic", "overlay_semantic", "save_png"]
+__all__ = ["overlay_instances", "overlay_panoptic", "overlay_semantic", "save_png"]
 
 BOUNDARY_COLOR = (255, 255, 255)
-
-
-def make_palette(num_classes: int, seed: int = 0) -> list[tuple[int, int, int]]:
-    """Deterministic, well-spread RGB colours (golden-ratio hues), one per class."""
-    golden = 0.618033988749895
-    colors = []
-    for c in range(num_classes):
-        hue = (seed * 0.1 + c * golden) % 1.0
-        sat = 0.65 + 0.35 * ((c * 7) % 3) / 2
-        val = 0.75 + 0.25 * ((c * 5) % 2)
-        r, g, b = colorsys.hsv_to_rgb(hue, sat, val)
-        colors.append((int(r * 255), int(g * 255), int(b * 255)))
-    return colors
 
 
 def _check_image(image: Tensor, seg: Tensor, seg_name: str) -> None:

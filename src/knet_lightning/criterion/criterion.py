@@ -1,4 +1,6 @@
-"""K-Net training criterion for the instance and panoptic tasks (spec §3.1-§3.3).
+"""K-Net training criterion for the instance and panoptic tasks (paper §3.3; the official
+``KernelIterHead.forward_train`` in ``knet/det/kernel_iter_head.py`` and the ``loss()`` of
+``knet/det/kernel_head.py`` / ``knet/det/kernel_update_head.py``).
 
 Per stage, following the official code:
 
@@ -23,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from knet_lightning.constants import IGNORE_INDEX
 from knet_lightning.criterion.losses import (
     dice_loss,
     mask_bce_loss,
@@ -35,7 +38,6 @@ from knet_lightning.models.outputs import StageOutput
 
 __all__ = ["KNetCriterion"]
 
-IGNORE_INDEX = 255
 # GT masks are padded to the image size and downsampled to the stride of the loss maps.
 MASK_ASSIGN_STRIDE = 4
 
@@ -104,7 +106,9 @@ class KNetCriterion(nn.Module):
         num_things: number of thing classes (ids ``[0, num_things)``).
         num_stuff: number of stuff classes (ids ``[num_things, num_things + num_stuff)``); in
             instance mode stuff segments in the targets are ignored.
-        num_proposals: number of instance kernels (the first rows of every stage's outputs).
+        num_proposals: number of instance kernels (the first rows of every stage's outputs);
+            ``None`` (what the configs use) reads it off the network's outputs, and a number is
+            checked against them.
         matcher: the Hungarian matcher; default ``HungarianMatcher()`` (cls 2, dice 4, mask 1).
         cls_weight: focal class loss weight (update stages).
         mask_weight: mask BCE weight.
@@ -122,7 +126,7 @@ class KNetCriterion(nn.Module):
         task: str,
         num_things: int,
         num_stuff: int,
-        num_proposals: int,
+        num_proposals: Optional[int] = None,
         matcher: Optional[HungarianMatcher] = None,
         cls_weight: float = 2.0,
         mask_weight: float = 1.0,
@@ -142,7 +146,7 @@ class KNetCriterion(nn.Module):
             raise ValueError(
                 f"KNetCriterion: num_stuff must be >= 1 for panoptic and >= 0 otherwise, got {num_stuff}"
             )
-        if num_proposals < 1:
+        if num_proposals is not None and num_proposals < 1:
             raise ValueError(f"KNetCriterion: num_proposals must be >= 1, got {num_proposals}")
         self.task = task
         self.panoptic = task == "panoptic"
@@ -165,9 +169,14 @@ class KNetCriterion(nn.Module):
         return self.num_things + (self.num_stuff if self.panoptic else 0)
 
     @property
-    def num_kernels(self) -> int:
-        """Kernels per image in the update stages."""
-        return self.num_proposals + (self.num_stuff if self.panoptic else 0)
+    def num_stuff_kernels(self) -> int:
+        """Stuff kernels after the instance kernels: one per stuff class for panoptic."""
+        return self.num_stuff if self.panoptic else 0
+
+    def instance_kernels(self, out: StageOutput) -> int:
+        """The number of instance kernels P of a stage output: the network's ``num_proposals``
+        (its kernels less the stuff kernels), the one source of that number."""
+        return out.mask_logits.shape[1] - self.num_stuff_kernels
 
     # ------------------------------------------------------------------ forward
 
@@ -193,7 +202,7 @@ class KNetCriterion(nn.Module):
                 f"KNetCriterion: stage_weights has {len(stage_weights)} entries but the model has "
                 f"{num_stages} update stages"
             )
-        P = self.num_proposals
+        P = self.instance_kernels(outputs[0])
         mask0 = outputs[0].mask_logits
         gts = self._prepare_targets(targets, tuple(mask0.shape[-2:]), mask0.device)
 
@@ -356,7 +365,7 @@ class KNetCriterion(nn.Module):
 
     def _stage0_losses(self, out: StageOutput, assignment: Assignment, gts: _Targets) -> dict[str, Tensor]:
         """Kernel-head losses on the ``num_proposals`` instance kernels + dense focal loss."""
-        mask_logits = out.mask_logits[:, : self.num_proposals]
+        mask_logits = out.mask_logits[:, : self.instance_kernels(out)]
         B, P, h, w = mask_logits.shape
         labels, mask_targets = self._thing_targets(assignment, gts, B, P, (h, w))
         pos = labels < self.num_classes
@@ -384,7 +393,7 @@ class KNetCriterion(nn.Module):
         """Class, mask, dice and (panoptic) rank losses of update stage ``s`` over all kernels."""
         mask_logits, cls_logits = out.mask_logits, out.cls_logits
         B, N, h, w = mask_logits.shape
-        P, T, C = self.num_proposals, self.num_things, self.num_classes
+        P, T, C = self.instance_kernels(out), self.num_things, self.num_classes
         labels, mask_targets = self._thing_targets(assignment, gts, B, N, (h, w))
         label_weights = mask_logits.new_zeros((B, N, C), dtype=torch.float32)
         # Thing kernels never see a gradient on stuff columns (zero weight there).
@@ -413,9 +422,12 @@ class KNetCriterion(nn.Module):
         if len(targets) != B:
             raise ValueError(f"KNetCriterion: got {len(targets)} targets for a batch of {B} images")
         size = tuple(outputs[0].mask_logits.shape[-2:])
+        if self.num_proposals is not None:
+            n_expected = self.num_proposals + self.num_stuff_kernels
+        else:  # whatever the network has, as long as every stage agrees and P >= 1
+            n_expected = max(outputs[0].mask_logits.shape[1], self.num_stuff_kernels + 1)
         for s, out in enumerate(outputs):
             m = out.mask_logits
-            n_expected = self.num_kernels
             if m.dim() != 4 or m.shape[0] != B or m.shape[1] != n_expected or tuple(m.shape[-2:]) != size:
                 raise ValueError(
                     f"KNetCriterion: outputs[{s}].mask_logits must be (B={B}, N={n_expected}, {size[0]}, "

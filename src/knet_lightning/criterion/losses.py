@@ -1,4 +1,5 @@
-"""K-Net loss functions (spec §3.2-§3.4), as pure functions.
+"""K-Net loss functions (paper §3.3; the ``loss()`` of the official ``knet/det/kernel_head.py``
+and ``knet/det/kernel_update_head.py``), as pure functions.
 
 Every function returns an *unweighted* scalar; the criteria multiply by the loss weights.
 They follow the reductions of the official MMDetection 2.x / MMSegmentation 0.x code, which

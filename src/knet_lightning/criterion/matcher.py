@@ -1,9 +1,10 @@
-"""One-to-one Hungarian matching of kernels to ground-truth masks (spec §3.1).
+"""One-to-one Hungarian matching of kernels to ground-truth masks (paper §3.3, bipartite matching).
 
-Mirrors knet's ``MaskHungarianAssigner`` with ``FocalLossCost`` (weight 2), ``DiceCost``
-(weight 4) and ``MaskCost`` (weight 1). The cost matrices of the whole batch are built with
-batched matmuls over flattened pixels (ground truths padded to the batch maximum), never as an
-``N x G x H x W`` broadcast; only the assignment itself runs per image, in scipy on the CPU.
+Mirrors the official ``MaskHungarianAssigner`` (``knet/det/mask_hungarian_assigner.py``) with
+``FocalLossCost`` (weight 2), ``DiceCost`` (weight 4) and ``MaskCost`` (weight 1). The cost
+matrices of the whole batch are built with batched matmuls over flattened pixels (ground truths
+padded to the batch maximum), never as an ``N x G x H x W`` broadcast; only the assignment
+itself runs per image, in scipy on the CPU.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Semantic-task criterion (spec §3.4): per-stage softmax CE, plus the auxiliary FCN head.
+"""Semantic-task criterion: per-stage softmax CE, plus the auxiliary FCN head.
 
-No matching and no classification branch: kernel ``n`` is class ``n`` and every stage's mask
-logits are segmentation logits.
+Paper §3.4 (semantic segmentation); the official ``IterativeDecodeHead.losses`` in
+``knet/seg/iter_decode_head.py``. No matching and no classification branch: kernel ``n`` is
+class ``n`` and every stage's mask logits are segmentation logits.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class SemanticCriterion(nn.Module):
         aux_weight: weight of the auxiliary FCN head's CE (``outputs[0].sem_logits``).
         avg_non_ignore: ``False`` (mmseg 0.x, the official setting) averages the CE over all
             label pixels, void and padding included; ``True`` over valid pixels only.
+        size_divisor: what the collate function pads images to a multiple of
+            (``data.size_divisor``); the labels are padded the same way.
     """
 
     def __init__(
@@ -39,10 +42,14 @@ class SemanticCriterion(nn.Module):
         stage_weights: Optional[Sequence[float]] = None,
         aux_weight: float = 0.4,
         avg_non_ignore: bool = False,
+        size_divisor: int = 32,
     ) -> None:
         super().__init__()
+        if int(size_divisor) < 1:
+            raise ValueError(f"SemanticCriterion: size_divisor must be >= 1, got {size_divisor}")
+        self.size_divisor = int(size_divisor)
         if num_classes < 2:
-            # Softmax assembling over class masks needs >= 2 channels (spec §8.11, issue #19).
+            # the assembling is a softmax over the class masks (paper Eq. 9 on semantic masks)
             raise ValueError(f"SemanticCriterion: num_classes must be >= 2, got {num_classes}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
@@ -63,8 +70,8 @@ class SemanticCriterion(nn.Module):
                 stride; ``outputs[0].sem_logits`` the aux head logits or ``None`` (no aux term).
             targets: ``B`` dicts with ``sem_seg`` int64 ``(h_b, w_b)`` (255 = void).
             pad_size: ``(Hp, Wp)`` of the padded image batch; the labels are padded with
-                ``ignore_index`` to it. Default: the largest label size rounded up to /32, which
-                is what the collate function pads images to.
+                ``ignore_index`` to it. Default: the largest label size rounded up to a multiple
+                of ``size_divisor``, which is what the collate function pads images to.
 
         Returns:
             ``{"s0.ce", "s1.ce", ..., "aux.ce"}``: weighted scalar losses.
@@ -131,10 +138,8 @@ class SemanticCriterion(nn.Module):
                 )
             segs.append(seg)
         if pad_size is None:
-            pad_size = (
-                32 * math.ceil(max(s.shape[0] for s in segs) / 32),
-                32 * math.ceil(max(s.shape[1] for s in segs) / 32),
-            )
+            d = self.size_divisor
+            pad_size = (d * math.ceil(max(s.shape[0] for s in segs) / d), d * math.ceil(max(s.shape[1] for s in segs) / d))
         hp, wp = pad_size
         label = torch.full((batch, hp, wp), self.ignore_index, dtype=torch.long, device=device)
         for b, seg in enumerate(segs):

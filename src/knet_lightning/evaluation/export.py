@@ -11,7 +11,7 @@ Each writer writes its files as images arrive; what stays in memory is small per
 - :class:`SemanticPNGWriter`: single-channel PNGs of class ids, optionally mapped to the
   data set's ids (e.g. Cityscapes labelIds for ``cityscapesscripts``' evaluation).
 
-:func:`write_predictions` writes a prediction run (``mode=predict``) with these writers.
+Which writer a run uses is its task's choice (:meth:`knet_lightning.tasks.SegmentationTask.open_writer`).
 
 A repeated ``image_id`` is written once: ``DistributedSampler`` pads the last batch by
 repeating samples, and a second copy would count twice in the official evaluations.
@@ -20,7 +20,7 @@ repeating samples, and a second copy would count twice in the official evaluatio
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, TypeVar
@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from knet_lightning.data.coco import id2rgb
+from knet_lightning.data.io import id2rgb
 from knet_lightning.data.meta import ClassInfo
 from knet_lightning.evaluation.instance import encode_masks
 
@@ -39,7 +39,6 @@ __all__ = [
     "COCOResultsWriter",
     "SemanticPNGWriter",
     "segment_areas_and_boxes",
-    "write_predictions",
 ]
 
 _W = TypeVar("_W", bound="_Writer")
@@ -426,69 +425,3 @@ class SemanticPNGWriter(_Writer):
     def close(self) -> None:
         """Nothing is buffered; marks the writer closed."""
         self.closed = True
-
-
-def open_writer(
-    out_dir: Path, class_info: ClassInfo, task: str, semantic_id_map: Sequence[int] | None = None, suffix: str = ""
-) -> COCOPanopticWriter | COCOResultsWriter | SemanticPNGWriter:
-    """The writer of ``task``'s official format under ``out_dir`` (see :func:`write_predictions`).
-
-    ``suffix`` goes into the JSON file name (``panoptic{suffix}.json``, ``instances{suffix}.json``),
-    so that several processes can write side by side.
-    """
-    if task not in ("panoptic", "instance", "semantic"):
-        raise ValueError(f"write_predictions: task must be 'panoptic', 'instance' or 'semantic', got {task!r}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if task == "panoptic":
-        return COCOPanopticWriter(out_dir, class_info, json_name=f"panoptic{suffix}.json")
-    if task == "instance":
-        return COCOResultsWriter(out_dir / f"instances{suffix}.json", class_info)
-    return SemanticPNGWriter(out_dir / "semantic", id_map=semantic_id_map)
-
-
-def write_item(writer: COCOPanopticWriter | COCOResultsWriter | SemanticPNGWriter, item: Mapping[str, Any]) -> None:
-    """Adds one ``{file_name, image_id, prediction}`` item to ``writer``."""
-    for key in ("file_name", "image_id", "prediction"):
-        if key not in item:
-            raise ValueError(f"write_predictions: a batch item has no `{key}` field")
-    pred = item["prediction"]
-    if isinstance(writer, COCOPanopticWriter):
-        pan_seg, segments_info = pred
-        writer.add(item["image_id"], item["file_name"], pan_seg, segments_info)
-    elif isinstance(writer, COCOResultsWriter):
-        writer.add(item["image_id"], pred["masks"], pred["scores"], pred["labels"])
-    else:
-        writer.add(item["file_name"], pred)
-
-
-def write_predictions(
-    batches: Iterable[Sequence[Mapping[str, Any]]],
-    out_dir: Path,
-    class_info: ClassInfo,
-    task: str,
-    semantic_id_map: Sequence[int] | None = None,
-) -> int:
-    """Write predictions in the official formats; returns how many images were written.
-
-    Args:
-        batches: lists of dicts ``{file_name, image_id, prediction}`` where ``prediction`` is
-            what ``knet_lightning.postprocess`` returns for ``task``: panoptic
-            ``(pan_seg, segments_info)``, instance ``{masks, scores, labels}``, semantic an
-            ``(H, W)`` class map. Any iterable works: batches are written as they come.
-        out_dir: output folder.
-        class_info: the classes (data-set ids for the JSON files).
-        task: ``"panoptic"``, ``"instance"`` or ``"semantic"``.
-        semantic_id_map: see :class:`SemanticPNGWriter` (semantic task only).
-
-    Writes: panoptic → ``out_dir/panoptic/<stem>.png`` + ``out_dir/panoptic.json``;
-    semantic → ``out_dir/semantic/<stem>.png``; instance → ``out_dir/instances.json``.
-    """
-    writer = open_writer(out_dir, class_info, task, semantic_id_map)
-    count = 0
-    with writer:
-        for batch in batches:
-            for item in batch:
-                write_item(writer, item)
-                count += 1
-    return count

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -94,6 +95,15 @@ def _as_list(values: Any, where: str, cast: Callable[[Any], Any]) -> list[Any]:
         return [cast(v) for v in values]
     except (TypeError, ValueError) as err:
         raise ValueError(f"MaskAP.update: {where} must be a 1-D sequence of numbers ({err})") from err
+
+
+def coco_image_id(image_id: Any) -> int:
+    """An int id for COCOeval: COCO ids are ints already; a string id (a Cityscapes file stem)
+    maps to a stable int through CRC-32."""
+    try:
+        return int(image_id)
+    except (TypeError, ValueError):
+        return zlib.crc32(str(image_id).encode()) & 0x7FFFFFFF
 
 
 class MaskAP(Metric):
@@ -170,7 +180,8 @@ class MaskAP(Metric):
             gts: per image, the reader's ``eval_gt``: ``rles`` (``G`` COCO RLE dicts at the
                 original size), ``labels`` int64 ``(G,)``, ``iscrowd`` bool ``(G,)``,
                 ``area`` float ``(G,)`` (COCO's area, used for the small/medium/large ranges).
-            image_ids: per image, its data-set id (repeats are evaluated once). ``None``
+            image_ids: per image, its data-set id (repeats are evaluated once); a string id
+                (Cityscapes' file stems) maps to a stable int, as COCOeval needs. ``None``
                 gives every image a fresh id of its own.
             image_sizes: per image, ``(H, W)``; checked against the masks and RLEs. ``None``
                 takes it from ``masks``.
@@ -182,7 +193,7 @@ class MaskAP(Metric):
         if image_sizes is not None and len(image_sizes) != len(preds):
             raise ValueError(f"MaskAP.update: got {len(image_sizes)} image_sizes for {len(preds)} images")
         for i, (pred, gt) in enumerate(zip(preds, gts)):
-            image_id = None if image_ids is None else int(image_ids[i])
+            image_id = None if image_ids is None else coco_image_id(image_ids[i])
             size = None if image_sizes is None else (int(image_sizes[i][0]), int(image_sizes[i][1]))
             self.images.append(self._record(pred, gt, image_id, size))
 

@@ -25,57 +25,10 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["PanopticQuality", "target_to_panoptic_gt"]
+__all__ = ["PanopticQuality"]
 
 # Largest segment id mapped through a lookup table (8 MB of int64); larger ids use a binary search.
 _MAX_LUT_ID = 1 << 20
-
-
-def target_to_panoptic_gt(target: Mapping[str, Any]) -> tuple[Tensor, list[dict[str, Any]]]:
-    """Panoptic ground truth from a data-module target.
-
-    Args:
-        target: dict with ``masks`` bool ``(K, H, W)``, ``labels`` int ``(K,)`` (contiguous
-            class ids) and optionally ``iscrowd`` bool ``(K,)`` (default all False).
-
-    Returns:
-        ``gt_seg`` ``(H, W)`` int32 with segment ``k`` written as id ``k + 1`` and 0 = void
-        (where masks overlap, the later segment wins), and ``gt_segments``: dicts with
-        ``id``, ``category_id``, ``iscrowd`` for every segment that still has pixels.
-    """
-    for key in ("masks", "labels"):
-        if key not in target:
-            raise ValueError(f"target_to_panoptic_gt: target has no `{key}` field")
-    masks = torch.as_tensor(target["masks"])
-    labels = torch.as_tensor(target["labels"])
-    if masks.dim() != 3:
-        raise ValueError(f"target_to_panoptic_gt: target['masks'] must be (K, H, W), got shape {tuple(masks.shape)}")
-    num_segments = masks.shape[0]
-    if labels.shape != (num_segments,):
-        raise ValueError(
-            f"target_to_panoptic_gt: target['labels'] must have shape ({num_segments},) to match "
-            f"target['masks'], got {tuple(labels.shape)}"
-        )
-    iscrowd = torch.as_tensor(target.get("iscrowd", torch.zeros(num_segments, dtype=torch.bool)))
-    if iscrowd.shape != (num_segments,):
-        raise ValueError(
-            f"target_to_panoptic_gt: target['iscrowd'] must have shape ({num_segments},), got {tuple(iscrowd.shape)}"
-        )
-    height, width = masks.shape[-2:]
-    if num_segments == 0:
-        return torch.zeros((height, width), dtype=torch.int32, device=masks.device), []
-    masks = masks.bool()
-    covered = masks.any(0)
-    # argmax returns the first maximum; on the flipped stack that is the LAST mask.
-    last = (num_segments - 1) - masks.flip(0).to(torch.uint8).argmax(0)
-    gt_seg = torch.where(covered, last + 1, torch.zeros_like(last)).to(torch.int32)
-    present = torch.bincount(gt_seg.flatten().long(), minlength=num_segments + 1)[1:] > 0
-    segments = [
-        {"id": k + 1, "category_id": int(lab), "iscrowd": bool(crowd)}
-        for k, (lab, crowd, pres) in enumerate(zip(labels.tolist(), iscrowd.bool().tolist(), present.tolist()))
-        if pres
-    ]
-    return gt_seg, segments
 
 
 def _index_map(seg: Tensor, ids: Tensor, what: str) -> Tensor:
@@ -100,7 +53,7 @@ def _index_map(seg: Tensor, ids: Tensor, what: str) -> Tensor:
     if lo < 0 or hi > max_id:
         raise unknown_id(lo if lo < 0 else hi)
     if max_id <= _MAX_LUT_ID and int(ids.min()) > 0:
-        # A lookup table is ~5x faster than searchsorted; used for the usual small ids.
+        # A lookup table is faster than searchsorted; used for the usual small ids.
         lut = torch.full((max_id + 1,), -1, dtype=torch.long, device=seg.device)
         lut[0] = 0
         lut[ids] = torch.arange(1, ids.numel() + 1, device=seg.device)

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from knet_lightning.constants import IGNORE_INDEX
+
 __all__ = ["MeanIoU"]
 
 
@@ -37,7 +39,7 @@ class MeanIoU(Metric):
     def __init__(
         self,
         num_classes: int,
-        ignore_index: int = 255,
+        ignore_index: int = IGNORE_INDEX,
         class_names: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:

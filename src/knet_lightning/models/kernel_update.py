@@ -1,4 +1,5 @@
-"""Kernel updator and one kernel update head (paper §3.3; official ``KernelUpdator`` / ``KernelUpdateHead``)."""
+"""Kernel updator and one kernel update head (paper §3.2; the official
+``knet/kernel_updator.py`` and ``knet/det/kernel_update_head.py``)."""
 
 from __future__ import annotations
 

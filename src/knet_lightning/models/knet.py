@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -11,7 +10,7 @@ from knet_lightning.models.backbone import FPN, ResNetBackbone
 from knet_lightning.models.kernel_head import KernelHead
 from knet_lightning.models.kernel_update import KernelUpdateHead
 from knet_lightning.models.neck import SemanticFPNNeck
-from knet_lightning.models.outputs import StageOutput
+from knet_lightning.models.outputs import StageOutput, check_images
 
 _TASKS = ("panoptic", "instance")
 
@@ -29,7 +28,7 @@ class KNet(nn.Module):
     ``num_things`` outputs and ``num_stuff`` is ignored (stuff regions are not instances).
 
     The backbone lives under the attribute ``backbone`` (the optimizer scales its lr);
-    :meth:`param_groups` splits the trainable parameters accordingly.
+    :func:`knet_lightning.optim.param_groups` splits the trainable parameters accordingly.
     """
 
     def __init__(
@@ -113,11 +112,7 @@ class KNet(nn.Module):
             ``[stage 0, stage 1, ..., stage S]``; each ``mask_logits`` is ``(B, N, H/4, W/4)``.
             Stage 0 has ``cls_logits=None`` and ``sem_logits`` ``(B, num_classes, H/8, W/8)``.
         """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"KNet.forward expects images (B, 3, H, W), got shape {tuple(images.shape)}")
-        h, w = images.shape[-2:]
-        if h % 32 != 0 or w % 32 != 0:
-            raise ValueError(f"KNet.forward expects H and W to be multiples of 32 (pad the batch), got {h}x{w}")
+        check_images(images, "KNet.forward")
         loc_feat, sem_feat = self.neck(self.fpn(self.backbone(images)))
         head = self.kernel_head(loc_feat, sem_feat)
         outputs = [StageOutput(_upsample2x(head.mask_logits), None, head.kernels, head.sem_logits)]
@@ -127,16 +122,3 @@ class KNet(nn.Module):
             kernels, mask_logits, cls_logits = stage(head.features, kernels, mask_logits)
             outputs.append(StageOutput(_upsample2x(mask_logits), cls_logits, kernels, None))
         return outputs
-
-    def param_groups(self, lr: float, backbone_lr_mult: float = 0.25, **group_kwargs: Any) -> list[dict[str, Any]]:
-        """Two optimizer groups of trainable parameters: ``backbone`` (lr x mult) and ``head``.
-
-        ``group_kwargs`` (e.g. ``weight_decay``) are copied into both groups.
-        """
-        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
-        backbone_ids = {id(p) for p in self.backbone.parameters()}
-        head = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
-        return [
-            {"name": "backbone", "params": backbone, "lr": lr * backbone_lr_mult, **group_kwargs},
-            {"name": "head", "params": head, "lr": lr, **group_kwargs},
-        ]

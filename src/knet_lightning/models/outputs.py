@@ -30,3 +30,13 @@ class StageOutput(NamedTuple):
     cls_logits: Optional[Tensor]
     kernels: Tensor
     sem_logits: Optional[Tensor] = None
+
+
+def check_images(images: Tensor, owner: str, divisor: int = 32) -> None:
+    """The networks' input contract: ``(B, 3, H, W)`` with H and W multiples of ``divisor``
+    (the backbone's coarsest stride; the collate function pads to it)."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"{owner}: images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+    h, w = images.shape[-2:]
+    if h % divisor or w % divisor:
+        raise ValueError(f"{owner}: image height and width must be multiples of {divisor}, got {h}x{w} (pad the batch)")

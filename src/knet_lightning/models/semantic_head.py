@@ -1,4 +1,5 @@
-"""Decode heads for the semantic task that expose their class kernels (spec §1.3).
+"""Decode heads for the semantic task that expose their class kernels (paper §3.4; the official
+``knet/seg/seg_kernel_head.py``).
 
 K-Net's semantic variant starts from an ordinary mmseg decode head ("kernel generate
 head"). Besides its logits it hands over the feature map ``F`` it classifies (before

@@ -1,4 +1,4 @@
-"""K-Net for semantic segmentation (spec §1.3, §2.6): one kernel per class.
+"""K-Net for semantic segmentation (paper §3.4; the official ``knet/seg/``): one kernel per class.
 
 A decode head (FCN or UPerNet) predicts ordinary segmentation logits and exposes its
 ``conv_seg`` weights as class kernels. ``S`` kernel update heads then refine the kernels
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from knet_lightning.models.backbone import ResNetBackbone
 from knet_lightning.models.kernel_update import KernelUpdator, dynamic_conv
-from knet_lightning.models.outputs import StageOutput
+from knet_lightning.models.outputs import StageOutput, check_images
 from knet_lightning.models.semantic_head import DecodeHeadOutput, FCNHead, UPerHead
 
 __all__ = ["SemanticKNet", "SemanticKernelUpdateHead", "assemble_group_features"]
@@ -262,6 +262,8 @@ class SemanticKNet(nn.Module):
         if channels is None:
             channels = 512 if decode_head == "fcn" else 256
         self.num_classes = num_classes
+        # one kernel per class: the N of the semantic model
+        self.num_proposals = num_classes
         self.decode_head_type = decode_head
         self.num_stages = num_stages
         self.channels = channels
@@ -332,11 +334,7 @@ class SemanticKNet(nn.Module):
             ``sem_logits`` is the aux head's ``(B, num_classes, H/16, W/16)`` (fcn: H/8) in
             training mode, else ``None``.
         """
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"SemanticKNet: images must be (B, 3, H, W), got {tuple(images.shape)}")
-        h, w = images.shape[-2:]
-        if h % 32 != 0 or w % 32 != 0:
-            raise ValueError(f"SemanticKNet: image height and width must be multiples of 32, got {h}x{w}")
+        check_images(images, "SemanticKNet")
 
         features = self.backbone(images)
         decoded: DecodeHeadOutput = self.decode_head(features)
