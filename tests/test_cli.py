@@ -13,12 +13,16 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import LightningDataModule, Trainer
 from omegaconf import OmegaConf
 
 from cli_utils import compose_cfg, metrics_csv, run_cfg, tiny_overrides
 from wandb_utils import read_offline_run
-from knet_lightning.cli import DATA_META_KEYS, config_dir, redact, resolve_ckpt_path
+
+from knet_lightning.cli import DATA_META_KEYS, build_model, config_dir, resolve_ckpt_path
+from knet_lightning.data.meta import ClassInfo
+from knet_lightning.secrets import hide_secret_overrides, redact, redact_hydra_dump
 
 CONF = Path(config_dir())
 
@@ -48,8 +52,11 @@ def test_every_model_config_instantiates(tmp_path: Path, option: str) -> None:
     data = "ade20k" if option == "knet_semantic" else "synthetic"
     cfg = compose_cfg(tmp_path, [f"model={option}", f"data={data}", "~experiment", "model.net.backbone_depth=18"]
                       + (["model.net.decode_head=uper"] if option == "knet_semantic" else []))
-    module = hydra.utils.instantiate(cfg.model, _convert_="partial")
-    assert module.task == cfg.model.task
+    n = cfg.data.num_classes
+    info = ClassInfo(names=tuple(f"c{i}" for i in range(n)), isthing=tuple(i < cfg.data.num_things for i in range(n)),
+                     colors=tuple((i, i, i) for i in range(n)), dataset_ids=tuple(range(1, n + 1)))  # fmt: skip
+    module = build_model(cfg, info)
+    assert module.task.name == cfg.model.task
     images = torch.randn(2, 3, 64, 64)
     module.eval()
     with torch.no_grad():
@@ -61,12 +68,12 @@ def test_every_model_config_instantiates(tmp_path: Path, option: str) -> None:
 def test_every_trainer_config_composes(tmp_path: Path, option: str) -> None:
     cfg = compose_cfg(tmp_path, [f"trainer={option}"])
     assert cfg.trainer._target_ == "lightning.pytorch.trainer.Trainer"
-    if option in ("cpu", "ddp_cpu"):  # the others need GPUs
+    if option in ("cpu", "ddp_cpu", "ddp"):  # ddp: every device of the node, one CPU process here
         trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
         assert isinstance(trainer, Trainer)
         assert trainer.num_devices == (2 if option == "ddp_cpu" else 1)
     else:
-        assert cfg.trainer.accelerator == "gpu"
+        assert cfg.trainer.accelerator == ("gpu" if option == "gpu" else "auto")
 
 
 @pytest.mark.parametrize("option", _options("logger"))
@@ -96,9 +103,11 @@ def test_entry_configs_set_the_mode(tmp_path: Path, config_name: str, mode: str)
     assert compose_cfg(tmp_path, [], config_name=config_name).mode == mode
 
 
-def test_fast_dev_run_trains(tmp_path: Path) -> None:
+def test_fast_dev_run_trains_and_writes_no_checkpoint(tmp_path: Path) -> None:
     cfg = compose_cfg(tmp_path, tiny_overrides("debug=fast_dev_run"))
     run_cfg(cfg)
+    assert (tmp_path / "run" / "config_resolved.yaml").is_file()
+    assert list(tmp_path.rglob("*.ckpt")) == []  # the preset promises no checkpoint
 
 
 def test_train_then_eval_then_predict_from_the_checkpoint(tmp_path: Path) -> None:
@@ -180,14 +189,33 @@ def test_resume_from_last_checkpoint_continues_at_the_right_step(tmp_path: Path)
     assert steps and min(steps) >= 2
 
 
-def test_ckpt_path_last_finds_the_newest_run(tmp_path: Path) -> None:
-    cfg = compose_cfg(tmp_path, ["ckpt_path=last"])
-    with pytest.raises(FileNotFoundError, match="no last.ckpt"):
-        resolve_ckpt_path(cfg)
-    ckpt = tmp_path / "logs" / "train" / "runs" / "2026-01-01_00-00-00" / "checkpoints" / "last.ckpt"
+def _fake_run(log_dir: Path, kind: str, name: str, experiment: str, task: str) -> Path:
+    """A run folder as the CLI leaves it: .hydra/hydra.yaml (the choices), config_resolved.yaml, last.ckpt."""
+    run = log_dir / kind / "runs" / name
+    ckpt = run / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"x")
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    choices:\n      experiment: {experiment}\n")
+    (run / "config_resolved.yaml").write_text(f"model:\n  task: {task}\n")
+    return ckpt
+
+
+def test_ckpt_path_last_finds_the_newest_run_of_the_same_experiment_and_task(tmp_path: Path) -> None:
+    cfg = compose_cfg(tmp_path, ["ckpt_path=last"])
+    HydraConfig.instance().set_config(cfg)  # the experiment choice, as the CLI sees it
+    with pytest.raises(FileNotFoundError, match="no last.ckpt"):
+        resolve_ckpt_path(cfg)
+    logs = tmp_path / "logs"
+    ckpt = _fake_run(logs, "train", "2026-01-01_00-00-00", "synthetic", "panoptic")
     assert resolve_ckpt_path(cfg) == str(ckpt)
+    # newer runs of a debug preset, another experiment or another task are never picked
+    _fake_run(logs, "debug", "2026-01-02_00-00-00", "synthetic", "panoptic")
+    _fake_run(logs, "train", "2026-01-03_00-00-00", "knet_r50_coco_panoptic_1x", "panoptic")
+    _fake_run(logs, "train", "2026-01-04_00-00-00", "synthetic", "instance")
+    assert resolve_ckpt_path(cfg) == str(ckpt)
+    newer = _fake_run(logs, "train", "2026-01-05_00-00-00", "synthetic", "panoptic")
+    assert resolve_ckpt_path(cfg) == str(newer)
 
 
 def test_class_count_mismatch_fails_before_training(tmp_path: Path) -> None:
@@ -240,8 +268,6 @@ def test_python_dash_m_entry_point(tmp_path: Path) -> None:
 
 
 def test_hydra_dump_is_redacted(tmp_path: Path) -> None:
-    from knet_lightning.cli import redact_hydra_dump
-
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("logger:\n  wandb:\n    api_key: hunter2\n    project: p\n")
     (tmp_path / ".hydra" / "overrides.yaml").write_text("- +logger.wandb.config.api_key=hunter2\n- model.num_stages=2\n")
@@ -250,6 +276,54 @@ def test_hydra_dump_is_redacted(tmp_path: Path) -> None:
     overrides = (tmp_path / ".hydra" / "overrides.yaml").read_text()
     assert "hunter2" not in config + overrides
     assert "project: p" in config and "model.num_stages=2" in overrides
+
+
+def test_secret_overrides_move_to_the_environment() -> None:
+    env: dict[str, str] = {}
+    argv = hide_secret_overrides(["prog", "+hf_token=hf_abc", "model.num_stages=2", "+logger.wandb.config.api_key=k1",
+                                  "+my_password=${oc.env:PW}", "trainer=ddp"], env)  # fmt: skip
+    assert argv == ["prog", "+hf_token=${oc.env:KNET_SECRET_0}", "model.num_stages=2",
+                    "+logger.wandb.config.api_key=${oc.env:KNET_SECRET_1}", "+my_password=${oc.env:PW}", "trainer=ddp"]
+    assert env == {"KNET_SECRET_0": "hf_abc", "KNET_SECRET_1": "k1"}
+
+
+SECRETS = ("hf_SEKRIT_token_0123456789", "wandbSEKRITkey_abcdef0123456789")
+
+
+def test_no_secret_reaches_a_file_of_the_run_or_of_wandb(tmp_path: Path) -> None:
+    args = ["logger=wandb", "debug=limit", f"+hf_token={SECRETS[0]}", f"+logger.wandb.config.api_key={SECRETS[1]}",
+            *tiny_overrides()]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "KNET_ROOT"}
+    out = subprocess.run([sys.executable, "-m", "knet_lightning", *args], capture_output=True, text=True,
+                         env={**env, "WANDB_MODE": "offline"}, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.parent.name == ".hydra" for p in files) and any("offline-run" in str(p) for p in files)
+    leaked = [str(p) for p in files for secret in SECRETS if secret.encode() in p.read_bytes()]
+    assert leaked == []
+    (run,) = tmp_path.glob("logs/train/runs/*")
+    assert OmegaConf.load(run / "config_resolved.yaml").hf_token == "***"
+
+
+@pytest.mark.parametrize("seed", ["abc", "1.5", "true"])
+def test_a_bad_seed_names_the_key_before_any_work(tmp_path: Path, seed: str) -> None:
+    cfg = compose_cfg(tmp_path, tiny_overrides(f"seed={seed}"))
+    with pytest.raises(ValueError, match=r"seed=.*expected an integer"):
+        run_cfg(cfg)
+    assert not (tmp_path / "run" / "config_resolved.yaml").exists()
+
+
+def test_a_bad_postprocess_setting_fails_before_the_first_step(tmp_path: Path) -> None:
+    cfg = compose_cfg(tmp_path, tiny_overrides("model.postprocess.method=fastest"))
+    with pytest.raises(Exception, match="method='fastest'"):
+        run_cfg(cfg)
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "run" / "csv").exists()
+
+
+def test_wandb_api_key_in_the_config_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = compose_cfg(tmp_path, tiny_overrides("logger=wandb", "+logger.wandb.api_key=abc"))
+    with pytest.raises(ValueError, match=r"logger.wandb.api_key: .*`wandb login`.*WANDB_API_KEY"):
+        run_cfg(cfg)
 
 
 def test_predict_inputs_errors_name_the_file(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -20,19 +20,19 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from knet_lightning.distributed import end_of_job, is_global_zero_from_env, log_file_suffix
-from knet_lightning.sweep import register_resolvers
+from knet_lightning.distributed import end_of_job, is_global_zero_from_env
+from knet_lightning.configs import register_configs
+from knet_lightning.secrets import hide_secret_overrides, redact, redact_hydra_dump
 
 log = logging.getLogger("knet_lightning")
-# ${knet.sweep_group:} / ${knet.sweep_tags:...} of logger/wandb.yaml and ${knet.log_suffix:} of
-# hydra/default.yaml, before any config resolves
-register_resolvers()
-if not OmegaConf.has_resolver("knet.log_suffix"):
-    OmegaConf.register_new_resolver("knet.log_suffix", log_file_suffix)
+# the knet.* resolvers and structured configs of conf/, before @hydra.main composes any config
+register_configs()
 
 # keys of the data config that describe the data set rather than construct the data module
 DATA_META_KEYS = ("num_things", "num_stuff", "num_classes")
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
+# keys of the model config that only parametrize the network by interpolation (the handles that
+# sweeps vary); the network is their one consumer, the module and criterion read it
+MODEL_HANDLE_KEYS = ("num_proposals", "num_stages")
 
 
 def config_dir() -> str:
@@ -53,15 +53,6 @@ def config_dir() -> str:
     )
 
 
-def redact(obj: Any) -> Any:
-    """A copy of a plain config container with secret-looking values replaced."""
-    if isinstance(obj, dict):
-        return {k: ("***" if SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
-
-
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     """The run's config with every interpolation resolved and secrets redacted (without the
     ``hydra`` node, which is Hydra's own and records raw command-line overrides)."""
@@ -70,28 +61,36 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return redact(container)
 
 
-def redact_hydra_dump(output_dir: Path) -> None:
-    """Hydra writes ``.hydra/config.yaml`` and ``overrides.yaml`` before the job starts; rewrite
-    any secret-looking value there too, so no API key stays in a run folder."""
-    hydra_dir = output_dir / ".hydra"
-    for name in ("config.yaml", "overrides.yaml"):
-        path = hydra_dir / name
-        if not path.is_file():
-            continue
-        text = path.read_text()
-        cleaned = re.sub(
-            r"(?im)^(\s*-?\s*[+~]*[\w.]*(?:api[_-]?key|token|secret|password)[\w.]*\s*[:=]\s*)(\S.*)$",
-            r"\1'***'",
-            text,
-        )
-        if cleaned != text:
-            path.write_text(cleaned)
+def _experiment_choice() -> Optional[str]:
+    """This run's ``experiment`` option (``None`` when it has none, or outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    choice = HydraConfig.get().runtime.choices.get("experiment")
+    return None if choice in (None, "null") else str(choice)
+
+
+def run_identity(run_dir: Path) -> Optional[tuple[Optional[str], Optional[str]]]:
+    """``(experiment, model.task)`` of an earlier run folder, from the ``.hydra/hydra.yaml`` and
+    ``config_resolved.yaml`` it wrote; ``None`` for a folder our CLI did not write."""
+    hydra_file, config_file = run_dir / ".hydra" / "hydra.yaml", run_dir / "config_resolved.yaml"
+    if not (hydra_file.is_file() and config_file.is_file()):
+        return None
+    try:
+        choices = OmegaConf.load(hydra_file).hydra.runtime.choices
+        task = OmegaConf.select(OmegaConf.load(config_file), "model.task")
+    except Exception:  # an unreadable folder is not a candidate
+        return None
+    experiment = choices.get("experiment")
+    return (None if experiment in (None, "null") else str(experiment), task)
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
-    """``ckpt_path`` as a file: ``last`` means this run folder's ``checkpoints/last.ckpt`` if it
-    exists (resuming with ``hydra.run.dir=<old run>``), else the newest ``last.ckpt`` of any
-    earlier run of this task under ``paths.log_dir``."""
+    """``ckpt_path`` as a file. ``last`` means this run folder's ``checkpoints/last.ckpt`` if it
+    exists (resuming with ``hydra.run.dir=<old run>``), else the newest ``last.ckpt`` of an
+    earlier training run (``<log_dir>/train/runs/*``) of the same experiment and task; runs of
+    other experiments, tasks or of ``debug=...`` presets are never picked. The choice is logged."""
     ckpt = cfg.get("ckpt_path")
     if ckpt is None:
         return None
@@ -102,14 +101,21 @@ def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
         return str(path)
     here = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     if here.is_file():
+        log.info("ckpt_path=last: %s (this run folder)", here)
         return str(here)
+    wanted = (_experiment_choice(), OmegaConf.select(cfg, "model.task"))
     runs = sorted(
-        Path(cfg.paths.log_dir).glob("*/runs/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
-    )
+        (p for p in Path(cfg.paths.log_dir).glob("train/runs/*/checkpoints/last.ckpt")
+         if run_identity(p.parent.parent) == wanted),
+        key=lambda p: (p.stat().st_mtime, str(p)),
+    )  # fmt: skip
     if not runs:
         raise FileNotFoundError(
-            f"ckpt_path=last: no last.ckpt in {here.parent} nor under {cfg.paths.log_dir}/*/runs/*/checkpoints/"
+            f"ckpt_path=last: no last.ckpt in {here.parent} nor in a training run of experiment={wanted[0]} "
+            f"(task {wanted[1]}) under {cfg.paths.log_dir}/train/runs/*/checkpoints/; give ckpt_path=<file>"
         )
+    log.info("ckpt_path=last: %s (the newest training run of experiment=%s, task %s: %s)",
+             runs[-1], wanted[0], wanted[1], runs[-1].parent.parent)  # fmt: skip
     return str(runs[-1])
 
 
@@ -122,6 +128,14 @@ def check_output_dir(path: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise PermissionError(f"output folder {path} is not writable: {err}") from err
+
+
+def _seed(cfg: DictConfig) -> int:
+    """``seed`` as an int; anything else names the key before any work."""
+    value = cfg.get("seed")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"seed={value!r}: expected an integer (e.g. seed=42)")
+    return value
 
 
 def build_datamodule(cfg: DictConfig) -> Any:
@@ -146,26 +160,26 @@ def check_class_counts(cfg: DictConfig, class_info: Any) -> None:
 def check_data(cfg: DictConfig, datamodule: Any) -> None:
     """Builds the data sets this run reads before the Trainer exists, so that a missing data
     root or a wrong layout fails with the reader's ``DatasetError`` (naming the path) before any
-    step; then warns when ``model.num_proposals`` is below the most thing segments in one
-    training image (those images cannot have every instance matched)."""
+    step."""
     stage = {"train": "fit", "eval": "test"}.get(str(cfg.mode))
-    if stage is None:
-        return
-    datamodule.setup(stage)
-    if stage != "fit" or cfg.model.get("task") == "semantic" or "num_proposals" not in cfg.model:
-        return
-    count = getattr(datamodule.datasets.get("train"), "max_things_per_image", None)
-    if count is None:
-        log.debug("the training set cannot count thing segments per image; num_proposals not checked")
-        return
-    most = int(count())
-    if most > int(cfg.model.num_proposals):
-        log.warning(
-            "model.num_proposals=%d is below the largest number of thing segments in one training image "
-            "(%d): some instances of such images can never be matched to a kernel; consider "
-            "model.num_proposals>=%d",
-            int(cfg.model.num_proposals), most, most,
-        )
+    if stage is not None:
+        datamodule.setup(stage)
+
+
+def build_model(cfg: DictConfig, class_info: Any) -> Any:
+    """The ``KNetModule`` of ``cfg.model`` with the data set's class metadata."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    for key in MODEL_HANDLE_KEYS:
+        model_cfg.pop(key, None)
+    return hydra.utils.instantiate(
+        model_cfg,
+        class_names=list(class_info.names),
+        isthing=list(class_info.isthing),
+        colors=[list(c) for c in class_info.colors],
+        max_bad_steps=int(cfg.get("max_bad_steps", 20)),
+        compile=bool(cfg.get("compile", False)),
+        _convert_="partial",
+    )
 
 
 def build_callbacks(cfg: DictConfig) -> list[Any]:
@@ -179,6 +193,12 @@ def build_callbacks(cfg: DictConfig) -> list[Any]:
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
     logger_cfg = cfg.get("logger") or {}
+    wandb_cfg = logger_cfg.get("wandb") if isinstance(logger_cfg, DictConfig) else None
+    if isinstance(wandb_cfg, DictConfig) and "api_key" in wandb_cfg:
+        raise ValueError(
+            "logger.wandb.api_key: W&B takes its key from the environment, never from a config or the command "
+            "line (which Hydra and W&B record): run `wandb login` once, or set WANDB_API_KEY"
+        )
     return [
         # plain, redacted containers: W&B cannot serialise an OmegaConf node passed as its run
         # config, and a secret in a logger's settings must not reach the run's config
@@ -238,7 +258,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
 
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(_seed(cfg), workers=True)
 
     output_dir = Path(cfg.paths.output_dir)
     check_output_dir(output_dir)
@@ -254,16 +274,9 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     check_class_counts(cfg, class_info)
     check_data(cfg, datamodule)
 
-    model = hydra.utils.instantiate(
-        cfg.model,
-        class_names=list(class_info.names),
-        isthing=list(class_info.isthing),
-        colors=[list(c) for c in class_info.colors],
-        max_bad_steps=int(cfg.get("max_bad_steps", 20)),
-        _convert_="partial",
-    )
-    if cfg.get("compile"):
-        model.net = torch.compile(model.net)
+    model = build_model(cfg, class_info)
+    if cfg.mode == "train":
+        model.task.check_training_set(datamodule.datasets.get("train"))
 
     loggers.extend(build_loggers(cfg))
     for logger in loggers:
@@ -299,7 +312,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})
         if cfg.get("export_predictions"):
             # a second, streamed pass writes the test split in the official formats
-            exporter = PredictionExport(cfg.predict_output_dir, class_info, model.task)
+            exporter = PredictionExport(cfg.predict_output_dir, class_info)
             trainer.callbacks.append(exporter)
             trainer.predict(model, dataloaders=datamodule.test_dataloader(), return_predictions=False)
             log.info("wrote %d predictions to %s", exporter.count, cfg.predict_output_dir)
@@ -308,7 +321,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
             raise ValueError("mode=predict needs ckpt_path=<checkpoint> (or ckpt_path=last)")
         if not cfg.get("inputs"):
             raise ValueError("mode=predict needs inputs=<image file or folder>")
-        exporter = PredictionExport(cfg.predict_output_dir, class_info, model.task)
+        exporter = PredictionExport(cfg.predict_output_dir, class_info)
         trainer.callbacks.append(exporter)
         trainer.predict(model, dataloaders=folder_dataloader(cfg.inputs, datamodule), ckpt_path=ckpt_path,
                         return_predictions=False)
@@ -319,15 +332,22 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
 
     metrics = {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) or isinstance(v, (int, float))}
     if trainer.is_global_zero:
-        print_results(f"K-Net {model.task} ({mode})", metrics)
+        print_results(f"K-Net {model.task.name} ({mode})", metrics)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     value = metrics.get(cfg.get("optimized_metric") or "")
     return value
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def main(cfg: DictConfig) -> Optional[float]:
+def _hydra_main(cfg: DictConfig) -> Optional[float]:
     return run(cfg)
+
+
+def main() -> Optional[float]:
+    """``python -m knet_lightning`` / ``knet-lightning``: the Hydra app, with secret-looking
+    overrides moved off the command line first (see :mod:`knet_lightning.secrets`)."""
+    sys.argv = hide_secret_overrides(sys.argv, os.environ)
+    return _hydra_main()
 
 
 if __name__ == "__main__":

@@ -150,6 +150,14 @@ class HydraDDPStrategy(DDPStrategy):
     ``MASTER_ADDR``+``NODE_RANK`` environments, ``num_nodes``.
     """
 
+    def setup(self, trainer: Any) -> None:
+        # torch's SyncBatchNorm refuses CPU modules: trainer=ddp on a node without a GPU (one
+        # gloo process) keeps plain BatchNorm rather than failing
+        if self._layer_sync is not None and self.root_device.type != "cuda":
+            log.warning("trainer.sync_batchnorm needs GPUs; this CPU run keeps plain BatchNorm")
+            self._layer_sync = None
+        super().setup(trainer)
+
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
         if self._start_method == "popen":

@@ -76,12 +76,6 @@ def sweep_tags(tags: Any, num_proposals: Any, num_stages: Any) -> list[str]:
     return out
 
 
-def register_resolvers() -> None:
-    """``${knet.sweep_group:}`` and ``${knet.sweep_tags:tags,N,S}`` (idempotent)."""
-    for name, fn in (("knet.sweep_group", sweep_group), ("knet.sweep_tags", sweep_tags)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
-
 
 # ---------------------------------------------------------------------- per-job figures
 
@@ -111,9 +105,10 @@ def model_complexity(net: torch.nn.Module, images: torch.Tensor) -> dict[str, fl
 
 class JobStats(LightningCallback):
     """Logs ``model/params_m``, ``model/gflops`` (one forward pass of the first training image,
-    at its padded size) and ``train/throughput`` (training images per second over the epoch,
+    at its padded size), ``train/throughput`` (training images per second over the epoch,
     summed over processes; the time of forward, backward and optimizer step, not data loading)
-    at the end of every training epoch."""
+    and, on GPU, ``train/peak_memory_mb`` (the largest ``max_memory_allocated`` of the
+    processes) at the end of every training epoch."""
 
     def __init__(self) -> None:
         self.complexity: Optional[dict[str, float]] = None
@@ -147,6 +142,9 @@ class JobStats(LightningCallback):
         pl_module.log("model/params_m", self.complexity["params_m"], sync_dist=False)
         pl_module.log("model/gflops", self.complexity["gflops"], sync_dist=False)
         pl_module.log("train/throughput", float(rate), sync_dist=False)
+        if pl_module.device.type == "cuda":
+            peak = torch.tensor(torch.cuda.max_memory_allocated(pl_module.device) / 2**20, device=pl_module.device)
+            pl_module.log("train/peak_memory_mb", float(trainer.strategy.reduce(peak, reduce_op="max")), sync_dist=False)
 
 
 # ---------------------------------------------------------------------- summary table

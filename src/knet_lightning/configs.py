@@ -1,0 +1,60 @@
+"""The Python side of ``conf/``, registered in one place before Hydra composes a config.
+
+Structured configs (Hydra's ConfigStore), the single source of these settings' defaults and
+types, so that a misspelled key in an experiment file fails at composition:
+
+* ``model/postprocess``: ``panoptic``, ``instance``, ``semantic`` (:mod:`knet_lightning.tasks.settings`);
+* ``model/optimizer``: ``adamw`` and ``model/scheduler``: ``warmup_step`` (:mod:`knet_lightning.optim`).
+
+Resolvers:
+
+* ``${knet.root_dir:}`` (``paths/default.yaml``): ``$KNET_ROOT``, else the working directory.
+  It must not read Hydra's runtime node: in a multirun the launcher resolves
+  ``hydra.sweep.dir`` (built on ``paths.log_dir``) before Hydra's config is set, and
+  ``${hydra:runtime.cwd}`` would fail there. ``hydra.job.chdir`` is false, so the working
+  directory of every job is the one the command started in.
+* ``${knet.log_suffix:}`` (``hydra/default.yaml``): the per-process log file suffix of DDP runs.
+* ``${knet.sweep_group:}`` and ``${knet.sweep_tags:tags,N,S}`` (``logger/wandb.yaml``): the W&B
+  group and tags of a sweep's jobs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from omegaconf import OmegaConf
+
+
+def root_dir() -> str:
+    """The project root that data and logs live under: ``$KNET_ROOT`` or the working directory."""
+    return os.environ.get("KNET_ROOT") or os.getcwd()
+
+
+def _resolvers() -> dict[str, Callable[..., Any]]:
+    from knet_lightning.distributed import log_file_suffix
+    from knet_lightning.sweep import sweep_group, sweep_tags
+
+    return {
+        "knet.root_dir": root_dir,
+        "knet.log_suffix": log_file_suffix,
+        "knet.sweep_group": sweep_group,
+        "knet.sweep_tags": sweep_tags,
+    }
+
+
+def register_configs() -> None:
+    """Registers every ``knet.*`` resolver and the structured configs (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    from knet_lightning.optim import OptimizerSettings, SchedulerSettings
+    from knet_lightning.tasks import TASKS
+
+    for name, fn in _resolvers().items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+    store = ConfigStore.instance()
+    for name, task in TASKS.items():
+        store.store(group="model/postprocess", name=name, node=task.settings_cls)
+    store.store(group="model/optimizer", name="adamw", node=OptimizerSettings)
+    store.store(group="model/scheduler", name="warmup_step", node=SchedulerSettings)
