@@ -1,4 +1,5 @@
-"""Smoke test of scripts/bench.py: the ``--tiny`` run end to end, and its helpers.
+"""Smoke test of scripts/bench.py: the ``--tiny`` run end to end, and the helpers of its
+``knet_bench`` package.
 
 Times are never asserted; only the structure of the JSON / Markdown and facts that hold by
 construction (the hooked parts fire and fit inside the total, FLOPs grow with N and S).
@@ -11,7 +12,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -20,19 +20,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench.py"
+# the benchmark package sits next to the script, outside the installed package
+sys.path.insert(0, str(ROOT / "scripts"))
 
-
-def _load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("knet_bench_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look the module up in sys.modules while the class body runs
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+from knet_bench import cli, common, report, timing  # noqa: E402
+from knet_bench import data as bench_data  # noqa: E402
+from knet_bench import knet as bench_knet  # noqa: E402
 
 
 def _has(module: str, attr: str | None = None) -> bool:
@@ -60,7 +53,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], 
 
 def test_tiny_run_header_and_machine(tiny_run: tuple[dict[str, Any], str]) -> None:
     data, stdout = tiny_run
-    assert data["schema"] == bench.SCHEMA_VERSION
+    assert data["schema"] == cli.SCHEMA_VERSION
     assert data["mode"] == "tiny"
     assert data["argv"][:1] == ["--tiny"]
     assert data["profile"]["depth"] == 18 and data["profile"]["num_proposals"] == 10
@@ -69,8 +62,8 @@ def test_tiny_run_header_and_machine(tiny_run: tuple[dict[str, Any], str]) -> No
     assert machine["torch_threads"] == 1
     assert machine["device"] == "cpu"
     assert machine["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
-    assert list(data["sections"]) == list(bench.SECTIONS)
-    for name in bench.SECTIONS:
+    assert list(data["sections"]) == list(cli.SECTIONS)
+    for name in cli.SECTIONS:
         assert f"## {name}" in stdout
         section = data["sections"][name]
         assert section["status"] in ("ok", "skipped"), (name, section.get("reason"))
@@ -92,7 +85,7 @@ def test_tiny_run_knet_section(tiny_run: tuple[dict[str, Any], str]) -> None:
         ("64x64", 2, "train"),
     ]
     for row in rows:
-        order = bench.INFER_PARTS if row["mode"] == "inference" else bench.TRAIN_PARTS
+        order = common.INFER_PARTS if row["mode"] == "inference" else common.TRAIN_PARTS
         parts = row["parts_ms"]
         assert list(parts) == list(order)
         assert row["total_ms"] > 0 and len(row["runs_ms"]) == 1
@@ -122,11 +115,11 @@ def test_tiny_run_knet_section(tiny_run: tuple[dict[str, Any], str]) -> None:
 def test_confident_outputs_follow_the_ground_truth() -> None:
     from knet_lightning.postprocess import panoptic_inference
 
-    seg, labels = bench.make_scene(np.random.default_rng(0), 128, 160, 5, 3)
-    target = bench.scene_target(seg, labels, torch.device("cpu"))
-    mask_logits, cls_logits = bench.confident_outputs(target, 20, torch.Generator().manual_seed(0))
-    assert mask_logits.shape == (20 + bench.NUM_STUFF, 32, 40) and cls_logits.shape == (20 + bench.NUM_STUFF, 133)
-    pan, segs = panoptic_inference(mask_logits, cls_logits, bench.NUM_THINGS, 20, (128, 160), (128, 160), (128, 160))
+    seg, labels = common.make_scene(np.random.default_rng(0), 128, 160, 5, 3)
+    target = common.scene_target(seg, labels, torch.device("cpu"))
+    mask_logits, cls_logits = bench_knet.confident_outputs(target, 20, torch.Generator().manual_seed(0))
+    assert mask_logits.shape == (20 + common.NUM_STUFF, 32, 40) and cls_logits.shape == (20 + common.NUM_STUFF, 133)
+    pan, segs = panoptic_inference(mask_logits, cls_logits, common.NUM_THINGS, 20, (128, 160), (128, 160), (128, 160))
     # the merge recovers every segment with its class (the duplicates score 0.05 and lose)
     assert sorted(s["category_id"] for s in segs) == sorted(labels.tolist())
     assert all(s["score"] == pytest.approx(0.9, abs=0.01) for s in segs)
@@ -187,7 +180,7 @@ def test_tiny_run_mask2former_section(tiny_run: tuple[dict[str, Any], str]) -> N
 
 def test_markdown_table() -> None:
     rows = [{"a": "x", "b": 1234.5, "c": None}, {"a": "y", "b": 0.123, "c": 12.34}]
-    assert bench.markdown_table(rows, [("a", "A"), ("b", "B"), ("c", "C")]) == (
+    assert report.markdown_table(rows, [("a", "A"), ("b", "B"), ("c", "C")]) == (
         "| A | B | C |\n|---|---|---|\n| x | 1234 | - |\n| y | 0.12 | 12.3 |"
     )
 
@@ -198,8 +191,8 @@ def test_breakdown_splits_criterion_and_closes_the_sum() -> None:
         "parts_total_ms": 100.0,
         "parts_ms": {"backbone": 40.0, "criterion": 25.0, "matching": 10.0, "backward": 20.0},
     }
-    parts = bench.breakdown(result, bench.TRAIN_PARTS)
-    assert list(parts) == list(bench.TRAIN_PARTS)
+    parts = timing.breakdown(result, common.TRAIN_PARTS)
+    assert list(parts) == list(common.TRAIN_PARTS)
     assert parts["losses"] == 15.0 and parts["matching"] == 10.0
     assert parts["kernel_head"] == 0.0  # a part that did not run is 0, not missing
     assert parts["other"] == pytest.approx(100.0 - 40.0 - 25.0 - 20.0)
@@ -211,26 +204,37 @@ def test_breakdown_splits_criterion_and_closes_the_sum() -> None:
 )
 def test_parse_args_rejects(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
-        bench.parse_args(argv)
+        cli.parse_args(argv)
 
 
 def test_parse_args_defaults() -> None:
-    args = bench.parse_args([])
-    assert args.sections == list(bench.SECTIONS)
+    args = cli.parse_args([])
+    assert args.sections == list(cli.SECTIONS)
     assert args.out == Path("bench_results/bench.json")
     assert not args.quick and not args.tiny
 
 
+@pytest.mark.parametrize(
+    ("command", "cwd"),
+    [(["scripts/knet_bench"], ROOT), (["-m", "knet_bench"], ROOT / "scripts")],
+    ids=["folder", "module"],
+)
+def test_the_package_runs_without_the_script(command: list[str], cwd: Path) -> None:
+    proc = subprocess.run([sys.executable, *command, "--help"], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--no-channels-last" in proc.stdout
+
+
 def test_make_scene_is_a_partition_with_contiguous_labels() -> None:
     rng = np.random.default_rng(0)
-    seg, labels = bench.make_scene(rng, 40, 56, num_things=5, num_stuff=3)
+    seg, labels = common.make_scene(rng, 40, 56, num_things=5, num_stuff=3)
     assert seg.shape == (40, 56) and seg.dtype == np.int32
     ids = np.unique(seg)
     assert ids.tolist() == list(range(1, len(labels) + 1))  # no void, no missing segment
-    assert ((labels >= 0) & (labels < bench.NUM_CLASSES)).all()
+    assert ((labels >= 0) & (labels < common.NUM_CLASSES)).all()
     # the 3 stuff bands may be occluded by things, but never all of them
-    assert (labels >= bench.NUM_THINGS).any()
-    target = bench.scene_target(seg, labels, torch.device("cpu"))
+    assert (labels >= common.NUM_THINGS).any()
+    target = common.scene_target(seg, labels, torch.device("cpu"))
     assert target["masks"].shape == (len(labels), 40, 56)
     assert bool((target["masks"].sum(0) == 1).all())
 
@@ -238,12 +242,12 @@ def test_make_scene_is_a_partition_with_contiguous_labels() -> None:
 def test_written_coco_panoptic_files_read_back(tmp_path: Path) -> None:
     from knet_lightning.data.coco import COCOPanopticDataset
 
-    bench.write_coco_panoptic(tmp_path, num_images=2, size=(24, 40), scene=(3, 2), seed=1)
+    bench_data.write_coco_panoptic(tmp_path, num_images=2, size=(24, 40), scene=(3, 2), seed=1)
     ds = COCOPanopticDataset(tmp_path, "train")
     assert len(ds) == 2 and ds.class_info.num_things == 80 and ds.class_info.num_stuff == 53
     rng = np.random.default_rng(1)
     for i in range(2):
-        seg, labels = bench.make_scene(rng, 24, 40, 3, 2)
+        seg, labels = common.make_scene(rng, 24, 40, 3, 2)
         rng.integers(0, 256, size=(len(labels) + 1, 3))  # replay the colour and noise draws
         rng.normal(0.0, 20.0, size=(24, 40, 3))
         image, target = ds[i]
@@ -258,12 +262,12 @@ def test_a_failing_section_is_reported_and_the_others_still_run(
     def broken(ctx: Any) -> dict[str, Any]:
         raise RuntimeError("boom")
 
-    monkeypatch.setitem(bench.SECTION_FUNCS, "data", broken)
+    monkeypatch.setitem(cli.SECTION_FUNCS, "data", broken)
     out = tmp_path / "b.json"
     threads = torch.get_num_threads()
     try:
         argv = ["--tiny", "--device", "cpu", "--threads", "1", "--sections", "data", "eval", "--out", str(out)]
-        rc = bench.main(argv)
+        rc = cli.main(argv)
     finally:
         torch.set_num_threads(threads)
     assert rc == 1
