@@ -215,3 +215,21 @@ def test_no_task_branch_outside_tasks_and_short_modules() -> None:
     assert offenders == []
     assert len((SRC / "module.py").read_text().splitlines()) < 250
     assert isinstance(build_task("panoptic", num_classes=3, num_things=2, num_proposals=2, num_stages=1), PanopticTask)
+
+
+def test_overlay_callback_draws_the_task_overlay_without_data_set_colours(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from knet_lightning.callbacks import PredictionOverlays
+
+    module = _module()  # no class colours given: the default palette
+    assert module.colors is None
+    seg = torch.zeros(8, 8, dtype=torch.int32)
+    seg[:4] = 3
+    module.vis_samples = [{"file_name": "img.jpg", "image": torch.full((3, 8, 8), 90, dtype=torch.uint8),
+                           "prediction": (seg, [{"id": 3, "category_id": 4}])}]  # fmt: skip
+    trainer = SimpleNamespace(sanity_checking=False, current_epoch=2, default_root_dir=str(tmp_path), loggers=[],
+                              global_step=5)  # fmt: skip
+    PredictionOverlays(dirname="overlays").on_validation_epoch_end(trainer, module)
+    (png,) = (tmp_path / "overlays" / "epoch_002").glob("*.png")
+    assert png.name == "00_img.png"

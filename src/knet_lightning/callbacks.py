@@ -48,7 +48,7 @@ class PredictionOverlays(Callback):
         samples: list[dict[str, Any]] = getattr(pl_module, "vis_samples", [])
         if not samples or trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
             return
-        colors = pl_module.colors or default_palette(pl_module.num_classes)
+        colors = pl_module.colors or default_palette(len(pl_module.class_names))
         out_dir = Path(trainer.default_root_dir) / self.dirname / f"epoch_{trainer.current_epoch:03d}"
         images = []
         for i, sample in enumerate(samples):
