@@ -103,9 +103,12 @@ def test_entry_configs_set_the_mode(tmp_path: Path, config_name: str, mode: str)
     assert compose_cfg(tmp_path, [], config_name=config_name).mode == mode
 
 
-def test_fast_dev_run_trains_and_writes_no_checkpoint(tmp_path: Path) -> None:
+def test_fast_dev_run_trains_and_writes_no_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = compose_cfg(tmp_path, tiny_overrides("debug=fast_dev_run"))
-    run_cfg(cfg)
+    with caplog.at_level("INFO", logger="knet_lightning"):
+        run_cfg(cfg)
+    # the run folder is named at the start and at the end
+    assert [r.getMessage() for r in caplog.records].count(f"run folder: {tmp_path / 'run'}") == 2
     assert (tmp_path / "run" / "config_resolved.yaml").is_file()
     assert list(tmp_path.rglob("*.ckpt")) == []  # the preset promises no checkpoint
 

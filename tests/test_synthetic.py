@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -172,3 +173,14 @@ def test_reader_loads_synthetic_with_things_first_mapping(small_root: Path) -> N
     assert target["masks"].sum(0).eq(1).all()  # the segments tile the image
     for k in range(len(target["labels"])):
         assert (target["sem_seg"][target["masks"][k]] == target["labels"][k]).all()
+
+
+def test_generation_is_announced_and_needs_an_existing_parent(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(DatasetError, match=r"missing.*does not exist; create it or point data.root elsewhere"):
+        generate_synthetic_panoptic(tmp_path / "missing" / "deeper" / "shapes", **SMALL)
+    assert not (tmp_path / "missing").exists()
+    with caplog.at_level(logging.INFO, logger="knet_lightning.data.synthetic"):
+        generate_synthetic_panoptic(tmp_path / "shapes", **SMALL)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("generating the synthetic data set" in m and str(tmp_path / "shapes") in m for m in messages)
+    assert any(m.startswith("wrote the synthetic data set in") for m in messages)

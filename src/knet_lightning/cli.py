@@ -240,6 +240,8 @@ def finish_loggers(loggers: list[Any]) -> None:
 def run(cfg: DictConfig) -> Optional[float]:
     """Run one job described by a composed config; returns ``optimized_metric`` if measured."""
     loggers: list[Any] = []
+    # first and last lines of every run, failed ones included: where to look
+    log.info("run folder: %s", cfg.paths.output_dir)
     try:
         return _run(cfg, loggers)
     finally:
@@ -247,6 +249,7 @@ def run(cfg: DictConfig) -> Optional[float]:
         # DDP: wait for the ranks this job started and reset the process group and DDP
         # environment, so that the next job of a multirun starts its own ranks
         end_of_job()
+        log.info("run folder: %s", cfg.paths.output_dir)
 
 
 def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
@@ -262,6 +265,9 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
 
     output_dir = Path(cfg.paths.output_dir)
     check_output_dir(output_dir)
+    # the project's data folder (data/ by default) is created on first use; a data.root outside
+    # it must already exist
+    Path(cfg.paths.data_dir).mkdir(parents=True, exist_ok=True)
     resolved = resolved_config(cfg)
     # not Lightning's rank_zero_only yet: before the strategy sets up, it says 0 on node 1 too
     if is_global_zero_from_env():

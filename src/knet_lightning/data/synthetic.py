@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import colorsys
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,8 @@ from PIL import Image, ImageDraw
 
 from knet_lightning.data.io import id2rgb
 from knet_lightning.data.meta import DatasetError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SYNTHETIC_CATEGORIES", "generate_synthetic_panoptic"]
 
@@ -381,7 +385,15 @@ def generate_synthetic_panoptic(
                 f"{root}: exists and is not a synthetic data set (no '{_STAMP}' stamp); "
                 "refusing to overwrite it; pick another data.root"
             )
-    root.parent.mkdir(parents=True, exist_ok=True)
+    if not root.parent.is_dir():
+        # a typo in data.root must not create a tree of folders somewhere unexpected
+        raise DatasetError(
+            f"{root}: the folder that would hold the synthetic data set, {root.parent}, does not exist; "
+            "create it or point data.root elsewhere"
+        )
+    log.info("generating the synthetic data set (%d train + %d val images of %d px) in %s",
+             num_train, num_val, image_size, root)  # fmt: skip
+    start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the data set is not
     old: Path | None = None
@@ -395,6 +407,7 @@ def generate_synthetic_panoptic(
             os.rename(root, old)
         try:
             os.rename(tmp, root)
+            log.info("wrote the synthetic data set in %.1f s: %s", time.perf_counter() - start, root)
         except OSError:
             # Another process finished first; its folder is identical.
             if _read_stamp(root) == params:
