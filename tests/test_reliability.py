@@ -97,6 +97,41 @@ def test_truncated_checkpoint_gives_an_error_naming_it(tmp_path: Path, trained: 
         run_cfg(cfg)
 
 
+def _flip_a_bit_in_the_largest_tensor(src: Path, dst: Path) -> None:
+    """A copy of a torch zip checkpoint with one bit changed in the middle of its largest tensor
+    record: the zip and the pickle stay intact, so only a checksum can tell."""
+    import zipfile
+
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    # local header: 30 bytes + name + extra field, then the stored (uncompressed) record
+    name_len = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.file_size // 2] ^= 0x10
+    dst.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_flipped_bit_in_tensor_data_is_refused_naming_the_file(tmp_path: Path, trained: Path, mode: str) -> None:
+    good = trained / "run" / "checkpoints" / "last.ckpt"
+    bad = tmp_path / "flipped.ckpt"
+    _flip_a_bit_in_the_largest_tensor(good, bad)
+    torch.load(bad, map_location="cpu", weights_only=True)  # torch itself does not notice
+    load_checkpoint_file(good)  # the intact file passes its check
+    cfg = compose_cfg(tmp_path, tiny_overrides(f"mode={mode}", f"ckpt_path={bad}", "test_after_fit=false"))
+    OmegaConf.update(cfg, "paths.data_dir", str(trained / "data"))
+    with pytest.raises(CheckpointError, match=r"checkpoint .*flipped.ckpt \(\d+ bytes\) is corrupt: .*checksum"):
+        run_cfg(cfg)
+
+
+def test_files_without_a_checksum_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "published.pth"
+    torch.save({"state_dict": {"w": torch.ones(3)}}, path)  # written elsewhere: no digest
+    assert torch.equal(load_checkpoint_file(path)["state_dict"]["w"], torch.ones(3))
+
+
 # --------------------------------------------------------------------------- non-finite losses
 
 
@@ -163,6 +198,7 @@ def test_a_stream_of_nan_losses_stops_the_run(tmp_path: Path, monkeypatch) -> No
 
 
 def _corrupt_first_training_image(data_dir: Path) -> Path:
+    data_dir.mkdir(parents=True, exist_ok=True)  # as the CLI makes paths.data_dir
     root = generate_synthetic_panoptic(data_dir / "synthetic", **TINY_GEN)
     victim = sorted((root / "train2017").glob("*.jpg"))[0]
     victim.write_bytes(victim.read_bytes()[:200])  # a truncated JPEG
@@ -279,6 +315,7 @@ def test_missing_training_split_fails_before_the_trainer(tmp_path: Path, monkeyp
 
 def test_too_few_proposals_warns_with_the_number(tmp_path: Path, monkeypatch, caplog) -> None:
     _stop_before_trainer(monkeypatch)
+    (tmp_path / "data").mkdir()  # as the CLI makes paths.data_dir
     root = generate_synthetic_panoptic(tmp_path / "data" / "synthetic", **TINY_GEN)
     from knet_lightning.data.coco import COCOPanopticDataset
 

@@ -3,12 +3,16 @@
 :class:`SafeCheckpointIO` (a Lightning ``CheckpointIO`` plugin) writes every checkpoint to a
 temporary file in the same folder, fsyncs it and renames it over the target, so a kill during
 the write leaves the previous ``last.ckpt`` intact; it loads with ``weights_only=True`` unless
-the user marks the file trusted, and names the file when it is truncated or corrupt. (The
-README's "Fault tolerance" section says it for users.)
+the user marks the file trusted, and names the file when it is truncated or corrupt. Every
+checkpoint it writes carries a BLAKE2b digest of its whole payload (tensor bytes, shapes, dtypes
+and plain values), checked on load: a bit flip inside tensor data, which ``torch.load`` cannot
+notice, is refused with the file's name. (The README's "Fault tolerance" section says it for
+users.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import zipfile
@@ -18,7 +22,11 @@ from typing import Any, Optional
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-__all__ = ["CheckpointError", "SafeCheckpointIO", "atomic_torch_save", "load_checkpoint_file"]
+__all__ = ["CheckpointError", "SafeCheckpointIO", "atomic_torch_save", "load_checkpoint_file", "payload_digest"]
+
+# the key of a checkpoint dict that holds the digest of the rest
+CHECKSUM_KEY = "knet_payload_blake2b"
+_PLAIN = (bool, int, float, str, bytes, type(None))
 
 
 class CheckpointError(RuntimeError):
@@ -39,10 +47,39 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def payload_digest(obj: Any) -> str:
+    """BLAKE2b (128 bit) of a checkpoint's content: every tensor's path, dtype, shape and bytes,
+    and every plain value (numbers, strings) with its path, in a fixed order."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def visit(x: Any, path: str) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().to("cpu").contiguous()
+            h.update(f"{path}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                if not (path == "" and k == CHECKSUM_KEY):
+                    visit(x[k], f"{path}/{k}")
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                visit(v, f"{path}[{i}]")
+        elif isinstance(x, _PLAIN):
+            h.update(f"{path}={x!r}|".encode())
+        else:  # other objects (trusted files only): their type, not their state
+            h.update(f"{path}:{type(x).__qualname__}|".encode())
+
+    visit(obj, "")
+    return h.hexdigest()
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` that never leaves a partial file at ``path``: temporary file in the same
-    folder (same file system, so the rename is atomic), flushed and fsynced, then renamed."""
+    folder (same file system, so the rename is atomic), flushed and fsynced, then renamed. A
+    dict gets :data:`CHECKSUM_KEY`, the :func:`payload_digest` that loading checks."""
     path = Path(path)
+    if isinstance(obj, dict):
+        obj = {**obj, CHECKSUM_KEY: payload_digest(obj)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -74,7 +111,7 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", trusted: b
     if size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the write that made it did not finish")
     try:
-        return torch.load(path, map_location=map_location, weights_only=not trusted)
+        obj = torch.load(path, map_location=map_location, weights_only=not trusted)
     except pickle.UnpicklingError as err:
         if not trusted and "weights only load failed" in str(err).lower():
             raise CheckpointError(
@@ -89,6 +126,16 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", trusted: b
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); use an earlier "
             "checkpoint of the run (checkpoints/*.ckpt)"
         ) from err
+    # files written elsewhere (published weights, older runs) have no digest to check
+    if isinstance(obj, dict) and CHECKSUM_KEY in obj:
+        expected = obj.pop(CHECKSUM_KEY)
+        if payload_digest(obj) != expected:
+            raise CheckpointError(
+                f"checkpoint {path} ({size} bytes) is corrupt: its content does not match the checksum stored "
+                "when it was written (a changed byte in the tensor data); use an earlier checkpoint of the run "
+                "(checkpoints/*.ckpt)"
+            )
+    return obj
 
 
 def _is_local(path: Any) -> bool:

@@ -139,6 +139,9 @@ def _seed(cfg: DictConfig) -> int:
 
 
 def build_datamodule(cfg: DictConfig) -> Any:
+    # the project's data folder (data/ by default) is created on first use; a data.root outside
+    # it must already exist
+    Path(cfg.paths.data_dir).mkdir(parents=True, exist_ok=True)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     for key in DATA_META_KEYS:
         data_cfg.pop(key, None)
@@ -265,9 +268,6 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
 
     output_dir = Path(cfg.paths.output_dir)
     check_output_dir(output_dir)
-    # the project's data folder (data/ by default) is created on first use; a data.root outside
-    # it must already exist
-    Path(cfg.paths.data_dir).mkdir(parents=True, exist_ok=True)
     resolved = resolved_config(cfg)
     # not Lightning's rank_zero_only yet: before the strategy sets up, it says 0 on node 1 too
     if is_global_zero_from_env():
