@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from cli_utils import compose_cfg, metrics_csv, run_cfg, tiny_overrides
 from wandb_utils import read_offline_run
 
-from knet_lightning.cli import DATA_META_KEYS, build_model, config_dir, resolve_ckpt_path
+from knet_lightning.cli import DATA_META_KEYS, build_model, config_dir, print_results, resolve_ckpt_path
 from knet_lightning.data.meta import ClassInfo
 from knet_lightning.secrets import hide_secret_overrides, redact, redact_hydra_dump
 
@@ -279,6 +279,12 @@ def test_hydra_dump_is_redacted(tmp_path: Path) -> None:
     overrides = (tmp_path / ".hydra" / "overrides.yaml").read_text()
     assert "hunter2" not in config + overrides
     assert "project: p" in config and "model.num_stages=2" in overrides
+
+
+def test_results_table_shows_learning_rates_with_significant_digits(capsys: pytest.CaptureFixture) -> None:
+    print_results("K-Net", {"lr-AdamW/head": 1e-4, "lr-AdamW/backbone": 2.5e-5, "test/pq": 79.04, "zero": 0.0})
+    out = capsys.readouterr().out
+    assert "0.0001" in out and "2.5e-05" in out and "79.04" in out and "0.00" in out
 
 
 def test_secret_overrides_move_to_the_environment() -> None:

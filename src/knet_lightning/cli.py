@@ -211,6 +211,14 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     ]
 
 
+def format_value(value: float) -> str:
+    """Metrics in percent with two decimals; small values (learning rates) with three
+    significant digits rather than as 0.00."""
+    if value != 0 and abs(value) < 0.01:
+        return f"{value:.3g}"
+    return f"{value:.2f}"
+
+
 def print_results(title: str, metrics: dict[str, Any]) -> None:
     """A results table on stdout (rich if available)."""
     rows = [(k, float(v)) for k, v in sorted(metrics.items()) if not k.startswith("train/")]
@@ -222,12 +230,12 @@ def print_results(title: str, metrics: dict[str, Any]) -> None:
         table.add_column("metric")
         table.add_column("value", justify="right")
         for k, v in rows:
-            table.add_row(k, f"{v:.2f}")
+            table.add_row(k, format_value(v))
         Console(width=100).print(table)
     except ImportError:  # pragma: no cover - rich is a dependency
         print(title)
         for k, v in rows:
-            print(f"{k:>24s} {v:8.2f}")
+            print(f"{k:>24s} {format_value(v):>8s}")
 
 
 def finish_loggers(loggers: list[Any]) -> None:
