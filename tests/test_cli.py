@@ -322,6 +322,16 @@ def test_a_bad_seed_names_the_key_before_any_work(tmp_path: Path, seed: str) -> 
     assert not (tmp_path / "run" / "config_resolved.yaml").exists()
 
 
+def test_the_fatal_error_of_a_failed_run_is_in_its_log_file(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "KNET_ROOT"}
+    out = subprocess.run([sys.executable, "-m", "knet_lightning", "seed=abc"], capture_output=True, text=True,
+                         env=env, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert out.returncode != 0 and "expected an integer" in out.stderr
+    (log_file,) = tmp_path.glob("logs/train/runs/*/train.log")
+    text = log_file.read_text()
+    assert "run failed: ValueError: seed='abc': expected an integer" in text and "run folder:" in text
+
+
 def test_a_bad_postprocess_setting_fails_before_the_first_step(tmp_path: Path) -> None:
     cfg = compose_cfg(tmp_path, tiny_overrides("model.postprocess.method=fastest"))
     with pytest.raises(Exception, match="method='fastest'"):

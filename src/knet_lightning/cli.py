@@ -255,6 +255,13 @@ def run(cfg: DictConfig) -> Optional[float]:
     log.info("run folder: %s", cfg.paths.output_dir)
     try:
         return _run(cfg, loggers)
+    except SystemExit:
+        raise
+    except BaseException as err:
+        # Hydra prints the error on the console only: the run's log file keeps it too, as one
+        # line that comes before Hydra's traceback on the console
+        log.error("run failed: %s: %s", type(err).__name__, err)
+        raise
     finally:
         finish_loggers(loggers)
         # DDP: wait for the ranks this job started and reset the process group and DDP
