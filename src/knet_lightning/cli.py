@@ -20,8 +20,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from knet_lightning.distributed import end_of_job, is_global_zero_from_env
 from knet_lightning.configs import register_configs
+from knet_lightning.distributed import end_of_job, is_global_zero_from_env
 from knet_lightning.secrets import hide_secret_overrides, redact, redact_hydra_dump
 
 log = logging.getLogger("knet_lightning")
