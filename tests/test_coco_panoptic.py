@@ -336,3 +336,17 @@ def test_missing_json_keys(coco: tuple[Path, dict[str, Any]], edit: Any, message
     _rewrite_json(root, edit)
     with pytest.raises(DatasetError, match=r"panoptic_val2017\.json: " + message):
         COCOPanopticDataset(root, "val")
+
+
+def test_16_bit_grayscale_images_are_scaled_to_8_bits_not_clipped(tmp_path: Path) -> None:
+    from knet_lightning.data.io import read_rgb_image
+
+    values = np.array([[0, 257, 32896], [65535, 1000, 40000]], dtype=np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as im:
+        assert im.mode in ("I;16", "I")  # what PIL gives for a 16-bit grayscale PNG
+    rgb = read_rgb_image(path)
+    assert rgb.dtype == np.uint8 and rgb.shape == (2, 3, 3)
+    assert rgb[..., 0].tolist() == [[0, 1, 128], [255, 4, 156]]
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()

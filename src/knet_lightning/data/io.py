@@ -48,13 +48,27 @@ def decode_image(path: Path, what: str) -> Image.Image:
         raise DatasetError(f"{path}: cannot decode {what} (corrupt or not an image): {e}") from e
 
 
+# PIL's modes of 16-bit (and 32-bit integer) grayscale: convert("RGB") clips them at 255
+_WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb_array(im: Image.Image) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB of any PIL image: 16-bit grayscale is scaled to 8 bits (v / 257,
+    the inverse of 8 -> 16 bit replication) instead of clipped to white; palette, RGBA and
+    8-bit grayscale go through PIL's conversion."""
+    if im.mode in _WIDE_GRAY_MODES:
+        gray = np.clip(np.rint(np.asarray(im, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.array(im.convert("RGB"))
+
+
 def read_rgb_image(
     path: Path, expected_size: tuple[int, int] | None = None, source: Path | None = None
 ) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB array of an image file (a writable copy, as torch.from_numpy
     wants). With ``expected_size`` ``(H, W)``, a different size is an error naming ``source``
     (the annotation file that gave the size)."""
-    rgb = np.array(decode_image(path, "image file").convert("RGB"))
+    rgb = to_rgb_array(decode_image(path, "image file"))
     h, w = rgb.shape[:2]
     if expected_size is not None and (h, w) != tuple(expected_size):
         raise DatasetError(
