@@ -222,7 +222,7 @@ def test_parse_args_defaults() -> None:
 def test_the_package_runs_without_the_script(command: list[str], cwd: Path) -> None:
     proc = subprocess.run([sys.executable, *command, "--help"], cwd=cwd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "--no-channels-last" in proc.stdout
+    assert "--memory-format" in proc.stdout
 
 
 def test_make_scene_is_a_partition_with_contiguous_labels() -> None:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from knet_lightning.module import prefers_channels_last
+
 from .common import PROFILES, Context
 from .data import section_data
 from .evaluation import section_eval
@@ -97,10 +99,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", nargs="+", default=None, metavar="HxW",
                         help="input sizes of the knet section (multiples of 32), instead of the mode's")
     parser.add_argument(
-        "--no-channels-last",
-        dest="channels_last",
-        action="store_false",
-        help="run K-Net in the contiguous (NCHW) layout instead of channels-last (the package default)",
+        "--memory-format",
+        choices=("auto", "channels-last", "nchw"),
+        default="auto",
+        help="K-Net's memory format; auto (the package default, model.channels_last=auto): channels-last "
+        "on CUDA and AVX-512 CPUs, NCHW on AVX2-only CPUs",
     )
     args = parser.parse_args(argv)
     if args.sizes is not None:
@@ -125,11 +128,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile = PROFILES["tiny" if args.tiny else "quick" if args.quick else "full"]
     if args.sizes is not None:
         profile = replace(profile, sizes=args.sizes)
+    channels_last = {"auto": prefers_channels_last(device), "channels-last": True, "nchw": False}[args.memory_format]
     # Keep the requested order stable (the ratios need knet before mask2former).
     sections = [s for s in SECTIONS if s in args.sections]
     results: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
-        "knet_memory_format": "channels_last" if args.channels_last else "contiguous",
+        "knet_memory_format": "channels_last" if channels_last else "contiguous",
         "amp": args.amp,
         "mode": profile.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -143,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=device,
         seed=args.seed,
         results=results,
-        channels_last=args.channels_last,
+        channels_last=channels_last,
         amp_dtype=torch.bfloat16 if args.amp == "bf16" else None,
     )
     m = results["machine"]

@@ -150,8 +150,8 @@ class Context:
     """One run: its profile and device, and the results so far (the mask2former section reads
     the knet section's rows for its ratios).
 
-    ``channels_last`` is K-Net's memory format (``KNetModule(channels_last=True)`` is the
-    package default; ``--no-channels-last`` measures the contiguous layout); ``amp_dtype`` is
+    ``channels_last`` is K-Net's memory format (``--memory-format``; by default the one the
+    package's ``channels_last=auto`` picks for the device); ``amp_dtype`` is
     the autocast dtype of K-Net's forward and losses (``--amp``), None for fp32.
     """
 
