@@ -192,3 +192,58 @@ def test_bad_settings_and_paths_fail_clearly(tmp_path: Path, root: Path) -> None
         COCOPanopticDataModule(missing).class_info
     with pytest.raises(DatasetError, match="nowhere"):
         COCOPanopticDataModule(missing).setup("fit")
+
+
+class _RecordSamples(__import__("lightning").pytorch.LightningModule):
+    """Trains one weight and records the image ids of every training batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.seen: list[int] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        self.seen += [int(t["image_id"]) for t in batch["targets"]]
+        return (self.w - batch["images"].mean()) ** 2
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([self.w], lr=0.1)
+
+
+@pytest.mark.parametrize(("before", "after", "steps"), [(2, 4, 2), (4, 2, 1), (2, 3, 1)])
+def test_resume_with_another_batch_size_trains_every_sample_once(
+    root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, before: int, after: int, steps: int
+) -> None:
+    """Resumed mid-epoch with a new batch size, the epoch goes on by sample count: the samples
+    of the two runs are the epoch's 6, each once, and a warning says what changed."""
+    from lightning.pytorch import Callback, Trainer
+
+    class Kill(Exception):
+        pass
+
+    class CheckpointThenKill(Callback):
+        """A step checkpoint (as ModelCheckpoint writes it) and then the process dies."""
+
+        def on_train_batch_end(self, trainer: Trainer, *args: object) -> None:
+            if trainer.global_step == steps:
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+                raise Kill
+
+    def fit(batch_size: int, resume: bool) -> _RecordSamples:
+        dm = SyntheticPanopticDataModule(root, batch_size=batch_size, num_workers=0, **GEN)
+        module = _RecordSamples()
+        trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, limit_val_batches=0, accelerator="cpu",
+                          callbacks=[] if resume else [CheckpointThenKill()])  # fmt: skip
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=tmp_path / "mid.ckpt" if resume else None)
+        except Kill:
+            pass
+        return module
+
+    first = fit(before, resume=False)
+    assert len(first.seen) == before * steps
+    with caplog.at_level("WARNING", logger="knet_lightning.data.datamodule"):
+        second = fit(after, resume=True)
+    assert sorted(first.seen + second.seen) == list(range(1, 7))
+    assert f"{after} samples per step instead of the checkpoint's {before}" in caplog.text

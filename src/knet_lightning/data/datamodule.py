@@ -7,6 +7,7 @@ A batch is ``{"images": (B, 3, Hp, Wp) float, "image_sizes": [(h, w)], "targets"
 
 from __future__ import annotations
 
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -24,6 +25,8 @@ from knet_lightning.data.sampling import BAD_SAMPLE_POLICIES, ResumableDataLoade
 from knet_lightning.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_panoptic
 from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, collate_batch
 from knet_lightning.distributed import eval_sampler
+
+log = logging.getLogger(__name__)
 
 __all__ = ["COCOPanopticDataModule", "SegmentationDataModule", "SyntheticPanopticDataModule", "role_splits"]
 
@@ -238,6 +241,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         sampler = ResumableSampler(dataset, batch_size=self.batch_size, shuffle=True, seed=seed)
         if self._sampler_state is not None:
             sampler.load_state_dict(self._sampler_state)
+            _continue_by_sample_count(self.trainer, sampler, self._sampler_state)
             self._sampler_state = None
         self._train_sampler = sampler
         return ResumableDataLoader(
@@ -281,6 +285,35 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.val_batch_size, shuffle=False)
+
+
+def _continue_by_sample_count(trainer: Any, sampler: ResumableSampler, state: dict[str, Any]) -> None:
+    """After a resume mid-epoch with another batch size (or number of processes), sets the
+    training loop's batch count of that epoch to the batches of the new size that the consumed
+    samples account for (:meth:`ResumableSampler.batches_done_after`).
+
+    Lightning restores the count of batches of the checkpoint's size and ends the epoch when the
+    count reaches the loader's length: with a larger batch it would stop before the rest of the
+    epoch was trained. Runs after Lightning restored its loops and before the epoch loop resets
+    (which copies ``completed`` into the other counters, after adding the batch whose end the
+    checkpoint was written at).
+    """
+    position = sampler.resumed_position()
+    before, now = state.get("samples_per_step"), sampler.batch_size * sampler.num_replicas
+    if trainer is None or position is None or before is None or int(before) == now:
+        return
+    epoch, consumed = position
+    done = sampler.batches_done_after(consumed)
+    total = trainer.fit_loop.epoch_loop.batch_progress.total
+    at_batch_end = total.started == total.ready and total.processed == total.started and total.completed == total.processed - 1
+    current = trainer.fit_loop.epoch_loop.batch_progress.current
+    current.ready = current.started = current.processed = done
+    current.completed = done - 1 if at_batch_end else done
+    log.warning(
+        "resuming mid-epoch %d with %d samples per step instead of the checkpoint's %d (batch size x processes): "
+        "the epoch goes on by sample count after the %d of %d samples already trained, none skipped or repeated",
+        epoch, now, int(before), consumed, len(sampler.dataset),
+    )
 
 
 def _plain_size(value: Any) -> Any:

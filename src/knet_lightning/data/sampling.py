@@ -10,6 +10,7 @@ resumed run needs to draw exactly the batches the interrupted run would have dra
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Iterator
 from typing import Any, Optional
@@ -134,9 +135,12 @@ class ResumableSampler(DistributedSampler):
             rank = dist.get_rank() if initialized else 0
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.batch_size = int(batch_size)
+        # batches of this size that the consumed positions of the epoch account for
         self.consumed_batches = 0
         self._iter_epoch = 0
         self._skip: Optional[tuple[int, int]] = None  # (epoch, global positions to skip)
+        # the epoch's positions skipped at its start and the batches they account for
+        self._start = (0, 0)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         n = len(self.dataset)  # type: ignore[arg-type]
@@ -151,8 +155,9 @@ class ResumableSampler(DistributedSampler):
             skip = min(self._skip[1], len(order))
         self._skip = None
         self._iter_epoch = self.epoch
-        self.consumed_batches = skip // (self.batch_size * self.num_replicas)
         rest = order[skip:]
+        self.consumed_batches = self.batches_done_after(skip)
+        self._start = (skip, self.consumed_batches)
         if rest and len(rest) % self.num_replicas:  # equal shards, as DistributedSampler pads
             pad = self.num_replicas - len(rest) % self.num_replicas
             rest += (order * (pad // n + 1))[:pad]
@@ -160,17 +165,42 @@ class ResumableSampler(DistributedSampler):
         for index in rest[self.rank :: self.num_replicas]:
             yield epoch, index
 
+    def batches_per_epoch(self) -> int:
+        """Batches of one epoch on each process (``len`` of the loader)."""
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def batches_done_after(self, consumed: int) -> int:
+        """The batches of this size that ``consumed`` positions of an epoch account for.
+
+        By sample count: all the epoch's batches but those the remaining positions fill, so
+        that the training loop's batch count ends the epoch with the data even when the
+        positions were consumed with another batch size or number of processes.
+        """
+        remaining = max(0, len(self.dataset) - consumed)  # type: ignore[arg-type]
+        return self.batches_per_epoch() - math.ceil(math.ceil(remaining / self.num_replicas) / self.batch_size)
+
+    def resumed_position(self) -> Optional[tuple[int, int]]:
+        """``(epoch, consumed positions)`` that the next iteration resumes from, if any."""
+        return self._skip
+
     def mark_consumed(self) -> None:
         self.consumed_batches += 1
+
+    def consumed_samples(self) -> int:
+        """Positions of the epoch consumed so far, over all processes."""
+        skipped, start_batches = self._start
+        taken = (self.consumed_batches - start_batches) * self.batch_size * self.num_replicas
+        return min(len(self.dataset), skipped + taken)  # type: ignore[arg-type]
 
     def state_dict(self, epoch_done: bool = False) -> dict[str, Any]:
         return {
             "epoch": self._iter_epoch,
-            "consumed": self.consumed_batches * self.batch_size * self.num_replicas,
+            "consumed": self.consumed_samples(),
             "epoch_done": bool(epoch_done),
             "dataset_size": len(self.dataset),  # type: ignore[arg-type]
             "seed": self.seed,
             "shuffle": self.shuffle,
+            "samples_per_step": self.batch_size * self.num_replicas,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -196,7 +226,6 @@ class ResumableSampler(DistributedSampler):
             return
         self._skip = (epoch, int(state["consumed"]))
         self._iter_epoch = epoch
-        self.consumed_batches = int(state["consumed"]) // (self.batch_size * self.num_replicas)
 
 
 class ResumableDataLoader(DataLoader):
