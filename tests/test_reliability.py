@@ -86,6 +86,57 @@ def test_our_checkpoints_load_with_weights_only(trained: Path) -> None:
     assert not list((trained / "run" / "checkpoints").glob("last-v*.ckpt"))
 
 
+def _eval_cfg(tmp_path: Path, trained: Path, *overrides: str, drop: tuple[str, ...] = ()) -> Any:
+    ckpt = trained / "run" / "checkpoints" / "last.ckpt"
+    given = [o for o in tiny_overrides("mode=eval", f"ckpt_path={ckpt}", *overrides) if o.split("=")[0] not in drop]
+    cfg = compose_cfg(tmp_path, given)
+    OmegaConf.update(cfg, "paths.data_dir", str(trained / "data"))
+    return cfg
+
+
+def test_eval_rebuilds_the_network_the_checkpoint_was_trained_with(
+    tmp_path: Path, trained: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without the training run's model overrides (the config's defaults differ), eval builds the
+    checkpoint's network and says so; a free key (post-processing) still applies."""
+    stored = load_checkpoint_file(trained / "run" / "checkpoints" / "last.ckpt")["knet_model_config"]
+    assert stored["num_proposals"] == 6 and stored["net"]["channels"] == 32
+    cfg = _eval_cfg(tmp_path, trained, "model.postprocess.object_mask_thr=0.5",
+                    drop=("model.num_proposals", "model.net.channels", "model.net.num_groups"))  # fmt: skip
+    assert cfg.model.num_proposals != 6 and cfg.model.net.channels != 32
+    built: list[Any] = []
+    original = cli.build_model
+    with caplog.at_level(logging.INFO, logger="knet_lightning.checkpoint_model"):
+        try:
+            cli.build_model = lambda *a: built.append(original(*a)) or built[-1]
+            run_cfg(cfg)
+        finally:
+            cli.build_model = original
+    module = built[0]
+    assert module.num_proposals == 6
+    assert module.net.kernel_head.init_kernels.weight.shape[:2] == (6, 32)  # (N, channels): the checkpoint's
+    assert module.task.settings.object_mask_thr == 0.5
+    assert "model.num_proposals=6 (the config says" in caplog.text
+    assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("override", "keys"),
+    [("model.num_proposals=8", ["model.num_proposals"]),
+     ("model.net.channels=16", ["model.net.channels"])],
+)
+def test_eval_with_a_model_override_the_checkpoint_contradicts_names_the_keys(
+    tmp_path: Path, trained: Path, override: str, keys: list[str]
+) -> None:
+    cfg = _eval_cfg(tmp_path, trained, override)
+    with pytest.raises(ValueError) as err:
+        run_cfg(cfg)
+    message = str(err.value)
+    assert "\n" not in message and "the checkpoint's network differs in" in message
+    for key in keys:
+        assert f"{key} (checkpoint" in message
+
+
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_truncated_checkpoint_gives_an_error_naming_it(tmp_path: Path, trained: Path, mode: str) -> None:
     good = trained / "run" / "checkpoints" / "last.ckpt"

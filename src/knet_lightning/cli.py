@@ -18,8 +18,11 @@ from typing import Any, Optional
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from knet_lightning.checkpoint_io import load_checkpoint_file
+from knet_lightning.checkpoint_model import MODEL_CONFIG_KEY, model_config_for_checkpoint
 from knet_lightning.configs import register_configs
 from knet_lightning.distributed import end_of_job, is_global_zero_from_env
 from knet_lightning.secrets import hide_secret_overrides, redact, redact_hydra_dump
@@ -169,12 +172,24 @@ def check_data(cfg: DictConfig, datamodule: Any) -> None:
         datamodule.setup(stage)
 
 
-def build_model(cfg: DictConfig, class_info: Any) -> Any:
-    """The ``KNetModule`` of ``cfg.model`` with the data set's class metadata."""
+def build_model(cfg: DictConfig, class_info: Any, ckpt_path: Optional[str] = None) -> Any:
+    """The ``KNetModule`` of ``cfg.model`` with the data set's class metadata.
+
+    For ``mode=eval``/``predict`` the network is the one ``ckpt_path`` was trained with
+    (:func:`~knet_lightning.checkpoint_model.model_config_for_checkpoint`).
+    """
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if ckpt_path is not None and cfg.mode in ("eval", "predict"):
+        stored = load_checkpoint_file(ckpt_path, trusted=bool(cfg.get("trusted_checkpoint", False)))
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        model_cfg = model_config_for_checkpoint(
+            model_cfg, stored.get(MODEL_CONFIG_KEY) if isinstance(stored, dict) else None, ckpt_path, cfg.mode, overrides
+        )
+        del stored
+    saved_config = dict(model_cfg)
     for key in MODEL_HANDLE_KEYS:
         model_cfg.pop(key, None)
-    return hydra.utils.instantiate(
+    module = hydra.utils.instantiate(
         model_cfg,
         class_names=list(class_info.names),
         isthing=list(class_info.isthing),
@@ -183,6 +198,8 @@ def build_model(cfg: DictConfig, class_info: Any) -> Any:
         compile=bool(cfg.get("compile", False)),
         _convert_="partial",
     )
+    module.model_config = saved_config  # into every checkpoint, for eval/predict to rebuild
+    return module
 
 
 def build_callbacks(cfg: DictConfig) -> list[Any]:
@@ -295,7 +312,8 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     check_class_counts(cfg, class_info)
     check_data(cfg, datamodule)
 
-    model = build_model(cfg, class_info)
+    ckpt_path = resolve_ckpt_path(cfg)
+    model = build_model(cfg, class_info, ckpt_path)
     if cfg.mode == "train":
         model.task.check_training_set(datamodule.datasets.get("train"))
 
@@ -305,7 +323,6 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False)
 
     mode = cfg.mode
-    ckpt_path = resolve_ckpt_path(cfg)
     metrics: dict[str, Any] = {}
     if mode == "train":
         try:

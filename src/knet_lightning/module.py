@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
+from knet_lightning.checkpoint_model import MODEL_CONFIG_KEY
 from knet_lightning.errors import NonFiniteLossError
 from knet_lightning.models.outputs import StageOutput
 from knet_lightning.optim import OptimizerSettings, SchedulerSettings, build_optimizer, build_scheduler
@@ -131,6 +132,8 @@ class KNetModule(LightningModule):
         )
         self.vis_samples: list[dict[str, Any]] = []
         self._step_start: Optional[float] = None
+        # the resolved model config it was built from (set by the CLI), stored in checkpoints
+        self.model_config: Optional[dict[str, Any]] = None
 
     @property
     def num_stages(self) -> int:
@@ -148,6 +151,10 @@ class KNetModule(LightningModule):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.model_config is not None:
+            checkpoint[MODEL_CONFIG_KEY] = self.model_config
 
     def setup(self, stage: str) -> None:
         # before configure_optimizers and checkpoint loading, which keep the parameters' layout

@@ -1,0 +1,113 @@
+"""The model a checkpoint was trained with: stored in every checkpoint, rebuilt for eval/predict.
+
+A checkpoint's weights only fit the network they were trained in. ``mode=eval`` and
+``mode=predict`` therefore build the network from the model config stored in the checkpoint
+(:data:`MODEL_CONFIG_KEY`, written by ``KNetModule.on_save_checkpoint``), not from the config
+of the command line. The command line may still change what does not touch the weights
+(:data:`FREE_KEYS`: post-processing, evaluation, memory format, losses, optimizer); a model
+override that contradicts the checkpoint is a one-line error naming the keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_KEY = "knet_model_config"
+
+# model.* keys that may differ from the checkpoint's: they do not shape any weight
+FREE_KEYS = (
+    "postprocess",
+    "eval_all_stages",
+    "num_vis_images",
+    "channels_last",
+    "optimizer",
+    "scheduler",
+    "criterion",
+)
+# where a network's initial weights come from; the checkpoint's weights replace them
+WEIGHT_SOURCE_KEYS = ("net.pretrained", "net.weights_path")
+# keys that must match the data set being evaluated, whoever set them
+DATA_BOUND_KEYS = ("task", "net.task", "net.num_things", "net.num_stuff", "net.num_classes")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"net": {"channels": 256}}`` -> ``{"net.channels": 256}`` (lists stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _structural(flat: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        k: v for k, v in flat.items()
+        if k.split(".", 1)[0] not in FREE_KEYS and k not in WEIGHT_SOURCE_KEYS
+    }  # fmt: skip
+
+
+def _overridden(key: str, overrides: Iterable[str]) -> bool:
+    """Whether a command-line override (``model.x=..``, ``+model.x=..``, ``~model.x``) sets ``model.<key>``."""
+    full = f"model.{key}"
+    for item in overrides:
+        name = item.split("=", 1)[0].lstrip("+~")
+        if full == name or full.startswith(name + "."):
+            return True
+    return False
+
+
+def model_config_for_checkpoint(
+    given: dict[str, Any], stored: Optional[Mapping[str, Any]], ckpt_path: str, mode: str, overrides: Iterable[str]
+) -> dict[str, Any]:
+    """The model config to build for evaluating or predicting with ``ckpt_path``.
+
+    Args:
+        given: the resolved ``model`` config of this run.
+        stored: the checkpoint's (:data:`MODEL_CONFIG_KEY`); None for checkpoints written
+            before it was stored, or by other tools: ``given`` is used as it is.
+        overrides: this run's command-line overrides (Hydra's ``overrides.task``).
+
+    Returns:
+        ``stored`` with the :data:`FREE_KEYS` of ``given``.
+
+    Raises:
+        ValueError: ``given`` differs from ``stored`` in a key that shapes the weights and the
+            command line set that key, or the key must match the data set (task, classes).
+    """
+    if stored is None:
+        return given
+    mine, theirs = _structural(flatten(given)), _structural(flatten(stored))
+    differing = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    overrides = list(overrides)
+    refused = [k for k in differing if k in DATA_BOUND_KEYS or _overridden(k, overrides)]
+    if refused:
+        listed = ", ".join(f"model.{k} (checkpoint {theirs.get(k)!r}, here {mine.get(k)!r})" for k in refused)
+        raise ValueError(
+            f"mode={mode} ckpt_path={ckpt_path}: the checkpoint's network differs in {listed}; its weights only "
+            f"fit the network they were trained in, which mode={mode} rebuilds from the checkpoint. Drop these "
+            f"overrides, or evaluate on a data set with the checkpoint's classes; only model.{{{','.join(FREE_KEYS)}}} "
+            "may change"
+        )
+    if differing:
+        log.info(
+            "mode=%s: the network is built as the checkpoint was trained: %s",
+            mode, ", ".join(f"model.{k}={theirs.get(k)!r} (the config says {mine.get(k)!r})" for k in differing),
+        )
+    merged = {k: v for k, v in stored.items() if k not in FREE_KEYS}
+    merged.update({k: v for k, v in given.items() if k in FREE_KEYS})
+    # the weights come from the checkpoint: never download or read the initial ones
+    net = dict(merged.get("net") or {})
+    if "pretrained" in net:
+        net["pretrained"] = False
+    if "weights_path" in net:
+        net["weights_path"] = None
+    if net:
+        merged["net"] = net
+    return merged

@@ -1,0 +1,69 @@
+"""The model config stored in checkpoints and rebuilt for eval/predict (knet_lightning.checkpoint_model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from knet_lightning.checkpoint_model import flatten, model_config_for_checkpoint
+
+STORED = {
+    "task": "panoptic",
+    "num_proposals": 50,
+    "net": {"num_things": 4, "num_stuff": 3, "num_proposals": 50, "channels": 64, "pretrained": True,
+            "weights_path": "/old/r50.pth"},
+    "postprocess": {"object_mask_thr": 0.3},
+    "channels_last": "auto",
+}  # fmt: skip
+
+
+def _given(**changes: object) -> dict:
+    given = {**STORED, "net": dict(STORED["net"]), "postprocess": {"object_mask_thr": 0.6}}
+    for key, value in changes.items():
+        *path, last = key.split("__")
+        node = given
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return given
+
+
+def test_flatten_joins_nested_keys() -> None:
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}}) == {"a.b": 1, "a.c.d": [1, 2], "e": {}}
+
+
+def test_the_checkpoint_network_with_the_free_keys_of_this_run() -> None:
+    built = model_config_for_checkpoint(_given(num_proposals=100, net__num_proposals=100, net__channels=256),
+                                        STORED, "x.ckpt", "eval", overrides=["data.root=/d"])  # fmt: skip
+    assert built["num_proposals"] == 50 and built["net"]["channels"] == 64
+    assert built["postprocess"] == {"object_mask_thr": 0.6}
+    # the weights come from the checkpoint: no download, no initial weight file
+    assert built["net"]["pretrained"] is False and built["net"]["weights_path"] is None
+
+
+def test_checkpoints_without_a_stored_config_use_the_given_one() -> None:
+    given = _given(net__channels=256)
+    assert model_config_for_checkpoint(given, None, "x.ckpt", "predict", []) is given
+
+
+@pytest.mark.parametrize(
+    ("changes", "overrides", "named"),
+    [
+        ({"net__channels": 256}, ["model.net.channels=256"], "model.net.channels (checkpoint 64, here 256)"),
+        ({"net__channels": 256}, ["+model.net=big"], "model.net.channels"),
+        ({"net__num_things": 80}, [], "model.net.num_things (checkpoint 4, here 80)"),
+        ({"task": "instance"}, [], "model.task (checkpoint 'panoptic', here 'instance')"),
+    ],
+)
+def test_contradicting_overrides_and_other_classes_are_one_line_errors(
+    changes: dict, overrides: list[str], named: str
+) -> None:
+    with pytest.raises(ValueError, match=r"^mode=eval ckpt_path=x.ckpt: the checkpoint's network differs in") as err:
+        model_config_for_checkpoint(_given(**changes), STORED, "x.ckpt", "eval", overrides)
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_free_and_weight_source_keys_may_differ_even_when_overridden() -> None:
+    given = _given(channels_last=False, net__pretrained=False, net__weights_path=None)
+    overrides = ["model.channels_last=false", "model.postprocess.object_mask_thr=0.6", "model.net.pretrained=false"]
+    built = model_config_for_checkpoint(given, STORED, "x.ckpt", "eval", overrides)
+    assert built["channels_last"] is False and built["postprocess"]["object_mask_thr"] == 0.6
