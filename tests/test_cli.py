@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,7 +115,7 @@ def test_fast_dev_run_trains_and_writes_no_checkpoint(tmp_path: Path, caplog: py
     assert list(tmp_path.rglob("*.ckpt")) == []  # the preset promises no checkpoint
 
 
-def test_train_then_eval_then_predict_from_the_checkpoint(tmp_path: Path) -> None:
+def test_train_then_eval_then_predict_from_the_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = compose_cfg(tmp_path / "a", tiny_overrides("debug=limit", "trainer.check_val_every_n_epoch=1"))
     value = run_cfg(cfg)
     run_dir = tmp_path / "a" / "run"
@@ -145,6 +147,20 @@ def test_train_then_eval_then_predict_from_the_checkpoint(tmp_path: Path) -> Non
     assert len(pngs) == 4
     annotations = json.loads((out / "panoptic.json").read_text())["annotations"]
     assert len(annotations) == 4
+
+    # an unreadable image is skipped with a warning naming it; the others are predicted (the
+    # last batch of 2 holds only the unreadable one)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(images, mixed)
+    (mixed / "zz_truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
+    cfg = compose_cfg(tmp_path / "d", tiny_overrides(f"ckpt_path={last}", f"inputs={mixed}", "data.val_batch_size=2"),
+                      config_name="predict")  # fmt: skip
+    OmegaConf.update(cfg, "paths.data_dir", str(tmp_path / "a" / "data"), force_add=True)
+    with caplog.at_level(logging.WARNING):
+        run_cfg(cfg)
+    out = tmp_path / "d" / "run" / "predictions"
+    assert len(json.loads((out / "panoptic.json").read_text())["annotations"]) == 4
+    assert "skipped 1 unreadable input(s): zz_truncated.jpg (" in caplog.text
 
 
 def test_resume_from_last_checkpoint_continues_at_the_right_step(tmp_path: Path) -> None:
@@ -356,3 +372,9 @@ def test_predict_inputs_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DatasetError, match=r"broken\.jpg: cannot decode image file"):
         ImageFolderDataset(tmp_path)[0]
+    image, target = ImageFolderDataset(tmp_path, skip_unreadable=True)[0]
+    assert image is None and "broken.jpg: cannot decode image file" in target["skipped"]
+    # outputs are named by stem: a clash is an error before anything is written
+    (tmp_path / "broken.png").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"broken\.jpg and broken\.png would write the same output file"):
+        ImageFolderDataset(tmp_path)

@@ -350,3 +350,35 @@ def test_16_bit_grayscale_images_are_scaled_to_8_bits_not_clipped(tmp_path: Path
     assert rgb.dtype == np.uint8 and rgb.shape == (2, 3, 3)
     assert rgb[..., 0].tolist() == [[0, 1, 128], [255, 4, 156]]
     assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+
+
+def _photo_turned_by_exif(path: Path, upright: np.ndarray, orientation: int) -> None:
+    """Stores ``upright`` as a camera would with EXIF ``orientation`` 6 (stored turned 90 degrees
+    counter-clockwise; shown turned clockwise) or 3 (stored upside down)."""
+    stored = {6: np.rot90(upright, 1), 3: np.rot90(upright, 2)}[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(np.ascontiguousarray(stored)).save(path, exif=exif)
+
+
+@pytest.mark.parametrize("orientation", [6, 3])
+def test_exif_orientation_is_applied_in_training_evaluation_and_predict(
+    coco: tuple[Path, dict[str, Any]], tmp_path: Path, orientation: int
+) -> None:
+    """The camera's stored pixels are turned as a viewer shows them, so that the image matches
+    its annotation (size checked against the JSON) in the readers and in predict."""
+    from knet_lightning.data.folder import ImageFolderDataset
+    from knet_lightning.data.io import read_rgb_image
+
+    root, fx = coco
+    _photo_turned_by_exif(root / "val2017" / "a.png", fx["img_a"], orientation)
+    assert read_rgb_image(root / "val2017" / "a.png").tolist() == fx["img_a"].tolist()
+    # the reader of training and evaluation: the size check passes and the pixels are upright
+    image, target = COCOPanopticDataset(root, "val")[0]
+    assert torch.equal(image, torch.from_numpy(fx["img_a"]).permute(2, 0, 1))
+    # predict
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    _photo_turned_by_exif(folder / "photo.png", fx["img_a"], orientation)
+    image, target = ImageFolderDataset(folder)[0]
+    assert target["orig_size"] == (24, 32) and torch.equal(image, torch.from_numpy(fx["img_a"]).permute(2, 0, 1))

@@ -364,6 +364,9 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
         trainer.predict(model, dataloaders=folder_dataloader(cfg.inputs, datamodule), ckpt_path=ckpt_path,
                         return_predictions=False)
         log.info("wrote %d predictions to %s", exporter.count, cfg.predict_output_dir)
+        if exporter.skipped:
+            log.warning("skipped %d unreadable input(s): %s", len(exporter.skipped),
+                        "; ".join(f"{name} ({reason})" for name, reason in exporter.skipped))  # fmt: skip
         return None
     else:
         raise ValueError(f"mode={mode!r}: expected train, eval or predict")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from knet_lightning.data.meta import DatasetError
 
@@ -48,6 +48,9 @@ def decode_image(path: Path, what: str) -> Image.Image:
         raise DatasetError(f"{path}: cannot decode {what} (corrupt or not an image): {e}") from e
 
 
+# EXIF 0x0112: 1 = as stored, 2-8 = mirrored and/or rotated by multiples of 90 degrees
+ORIENTATION_TAG = 0x0112
+
 # PIL's modes of 16-bit (and 32-bit integer) grayscale: convert("RGB") clips them at 255
 _WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
@@ -62,13 +65,26 @@ def to_rgb_array(im: Image.Image) -> np.ndarray:
     return np.array(im.convert("RGB"))
 
 
+def upright(im: Image.Image) -> Image.Image:
+    """``im`` turned by its EXIF orientation tag (camera photos store pixels unrotated and say
+    how to show them); images without the tag are returned as they are."""
+    if im.getexif().get(ORIENTATION_TAG, 1) == 1:
+        return im
+    return ImageOps.exif_transpose(im)
+
+
 def read_rgb_image(
     path: Path, expected_size: tuple[int, int] | None = None, source: Path | None = None
 ) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB array of an image file (a writable copy, as torch.from_numpy
     wants). With ``expected_size`` ``(H, W)``, a different size is an error naming ``source``
-    (the annotation file that gave the size)."""
-    rgb = to_rgb_array(decode_image(path, "image file"))
+    (the annotation file that gave the size).
+
+    The EXIF orientation is applied (as cv2.imread, which MMDetection reads with, and
+    detectron2's ``read_image`` do): the array is the image as a viewer shows it, which is what
+    annotations are drawn on, in training, evaluation and predict alike.
+    """
+    rgb = to_rgb_array(upright(decode_image(path, "image file")))
     h, w = rgb.shape[:2]
     if expected_size is not None and (h, w) != tuple(expected_size):
         raise DatasetError(
