@@ -208,6 +208,21 @@ def test_resume_from_last_checkpoint_continues_at_the_right_step(tmp_path: Path)
     assert steps and min(steps) >= 2
 
 
+def test_resume_in_its_folder_continues_the_csv_log(tmp_path: Path) -> None:
+    """One run folder, one metrics.csv: the resumed run appends to version_0 (no version_1),
+    keeps the interrupted run's rows and logs every step once."""
+    common = ("trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test_after_fit=false",
+              "trainer.check_val_every_n_epoch=1")
+    run_cfg(compose_cfg(tmp_path, tiny_overrides(*common)))
+    before = metrics_csv(tmp_path / "run")
+    assert sorted(int(r["step"]) for r in before if r.get("train/loss")) == [0, 1]
+    run_cfg(compose_cfg(tmp_path, tiny_overrides(*common, "trainer.max_epochs=2", "ckpt_path=last")))
+    assert [p.name for p in (tmp_path / "run" / "csv").iterdir()] == ["version_0"]
+    rows = metrics_csv(tmp_path / "run")
+    assert sorted(int(r["step"]) for r in rows if r.get("train/loss")) == [0, 1, 2, 3]
+    assert [r for r in rows if r.get("val/pq")] and {r["epoch"] for r in rows if r.get("val/pq")} == {"0", "1"}
+
+
 def _fake_run(log_dir: Path, kind: str, name: str, experiment: str, task: str) -> Path:
     """A run folder as the CLI leaves it: .hydra/hydra.yaml (the choices), config_resolved.yaml, last.ckpt."""
     run = log_dir / kind / "runs" / name
