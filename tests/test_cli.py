@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -163,7 +164,7 @@ def test_train_then_eval_then_predict_from_the_checkpoint(tmp_path: Path, caplog
     assert "skipped 1 unreadable input(s): zz_truncated.jpg (" in caplog.text
 
 
-def test_resume_from_last_checkpoint_continues_at_the_right_step(tmp_path: Path) -> None:
+def test_resume_from_last_checkpoint_continues_at_the_right_step(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # 2 batches per epoch: a 1-epoch run ends at step 2; resuming for 2 epochs ends at step 4
     first = compose_cfg(tmp_path / "a", tiny_overrides("trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
                                                        "test_after_fit=false"))
@@ -191,10 +192,17 @@ def test_resume_from_last_checkpoint_continues_at_the_right_step(tmp_path: Path)
     original = cli.build_callbacks
     cli.build_callbacks = lambda cfg: original(cfg) + [Probe()]
     try:
-        run_cfg(second)
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+            warnings.simplefilter("always")
+            run_cfg(second)
     finally:
         cli.build_callbacks = original
     assert seen["step"] == 2
+    # a new folder: the best checkpoint is tracked anew there, in one line instead of Lightning's
+    # warning per checkpoint callback (and no best_model_path pointing into the old folder)
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
+    assert caplog.text.count("is tracked anew in") == 1
+    assert "`weights_only` was not set" not in caplog.text
     saved = state["optimizer_states"][0]["state"]
     restored = seen["opt"]["state"]
     assert saved.keys() == restored.keys()

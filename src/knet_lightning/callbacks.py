@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -160,6 +160,28 @@ def _set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that tracks the best checkpoint of its own run folder only.
+
+    A run resumed into a new folder (``ckpt_path=`` of another run) gets a checkpoint whose
+    callback state names files of the old folder. Lightning then warns "The dirpath has
+    changed" once per checkpoint callback and still restores ``best_model_path``, which points
+    into the old folder (and a later, better checkpoint would delete that file). Here the old
+    state is left with the old run: tracking starts anew in this folder, said in one line.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        before = state_dict.get("dirpath", self.dirpath)
+        if before == self.dirpath:
+            super().load_state_dict(state_dict)
+            return
+        if self.save_top_k != 0 and self.monitor:
+            log.info(
+                "resumed into a new folder: the best checkpoint by %s is tracked anew in %s (the earlier run's "
+                "stays in %s)", self.monitor, self.dirpath, before,
+            )
+
+
 class RNGStateCheckpoint(Callback):
     """Saves the global RNG states (torch, numpy, python, CUDA) in every checkpoint and puts them
     back right before the first training step of a resumed run.
@@ -208,7 +230,7 @@ class PreemptionCheckpoint(Callback):
         if trainer.state.fn != "fit":
             return
         path = self.dirpath / self.filename
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full training state, for the resume
         self.saved_path = path
         if trainer.is_global_zero:
             log.warning(
@@ -239,7 +261,8 @@ class BadSampleReport(Callback):
         local = torch.tensor(float(len(self.epoch_skipped)), device=pl_module.device)
         count = int(trainer.strategy.reduce(local, reduce_op="sum").item())
         self.total += count
-        pl_module.log("train/skipped_samples", float(count), on_epoch=True, on_step=False, batch_size=1)
+        # summed over the ranks above; sync_dist: a global value, the same on every rank
+        pl_module.log("train/skipped_samples", float(count), on_epoch=True, on_step=False, batch_size=1, sync_dist=True)
         if self.epoch_skipped:
             listed = "\n  ".join(self.epoch_skipped[: self.max_listed])
             more = len(self.epoch_skipped) - self.max_listed

@@ -323,10 +323,12 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False)
 
     mode = cfg.mode
+    # checkpoints load with torch.load(weights_only=True) unless trusted (checkpoint_io.py)
+    weights_only = not bool(cfg.get("trusted_checkpoint", False))
     metrics: dict[str, Any] = {}
     if mode == "train":
         try:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
         except SIGTERMException:
             # PreemptionCheckpoint has written last.ckpt at the step boundary; no test, no
             # metrics.json (the run is not finished), and the code a SIGTERM-ed process exits with
@@ -338,7 +340,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             if not best:
                 log.warning("no best checkpoint was saved; testing the last weights")
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=weights_only)
             metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
         elif cfg.get("test_after_fit", True):
             trainer.test(model, datamodule=datamodule)
@@ -346,7 +348,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     elif mode == "eval":
         if ckpt_path is None:
             raise ValueError("mode=eval needs ckpt_path=<checkpoint> (or ckpt_path=last)")
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})
         if cfg.get("export_predictions"):
             # a second, streamed pass writes the test split in the official formats
@@ -362,7 +364,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
         exporter = PredictionExport(cfg.predict_output_dir, class_info)
         trainer.callbacks.append(exporter)
         trainer.predict(model, dataloaders=folder_dataloader(cfg.inputs, datamodule), ckpt_path=ckpt_path,
-                        return_predictions=False)
+                        return_predictions=False, weights_only=weights_only)
         log.info("wrote %d predictions to %s", exporter.count, cfg.predict_output_dir)
         if exporter.skipped:
             log.warning("skipped %d unreadable input(s): %s", len(exporter.skipped),

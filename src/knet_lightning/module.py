@@ -223,10 +223,12 @@ class KNetModule(LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         # the task's metrics are synced across processes in compute(); logging them needs no reduction
-        self.log_dict(self.task.compute("val"), sync_dist=False)
+        # the values are global already (the task's torchmetrics sync their states); sync_dist
+        # tells Lightning so: the mean over processes of one value is that value
+        self.log_dict(self.task.compute("val"), sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.task.compute("test"), sync_dist=False)
+        self.log_dict(self.task.compute("test"), sync_dist=True)
 
     def _keep_for_overlay(self, batch: dict[str, Any], preds: list[Any]) -> None:
         if not self.trainer.is_global_zero:

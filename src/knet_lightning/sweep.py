@@ -139,12 +139,14 @@ class JobStats(LightningCallback):
         rate = torch.tensor(self._images / self._seconds, dtype=torch.float64, device=pl_module.device)
         # a collective on every rank: each rank's rate adds up to the job's throughput
         rate = trainer.strategy.reduce(rate, reduce_op="sum")
-        pl_module.log("model/params_m", self.complexity["params_m"], sync_dist=False)
-        pl_module.log("model/gflops", self.complexity["gflops"], sync_dist=False)
-        pl_module.log("train/throughput", float(rate), sync_dist=False)
+        # every value is the same on all ranks (reduced above, or of the same network): sync_dist
+        # tells Lightning they are global, the mean of equal values being that value
+        pl_module.log("model/params_m", self.complexity["params_m"], sync_dist=True)
+        pl_module.log("model/gflops", self.complexity["gflops"], sync_dist=True)
+        pl_module.log("train/throughput", float(rate), sync_dist=True)
         if pl_module.device.type == "cuda":
             peak = torch.tensor(torch.cuda.max_memory_allocated(pl_module.device) / 2**20, device=pl_module.device)
-            pl_module.log("train/peak_memory_mb", float(trainer.strategy.reduce(peak, reduce_op="max")), sync_dist=False)
+            pl_module.log("train/peak_memory_mb", float(trainer.strategy.reduce(peak, reduce_op="max")), sync_dist=True)
 
 
 # ---------------------------------------------------------------------- summary table
