@@ -55,6 +55,49 @@ def test_an_interrupted_write_leaves_the_previous_checkpoint_intact(tmp_path: Pa
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(28, "No space left on device"), RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos")],
+    ids=["enospc", "torch-writer-on-a-full-disk"],
+)
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: BaseException
+) -> None:
+    import shutil
+    from collections import namedtuple
+
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1}, path)
+
+    def full_disk_save(obj: Any, fh: Any) -> None:
+        fh.write(b"PK\x03\x04 a few bytes")
+        raise failure
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    with pytest.raises(OSError, match=rf"^\[Errno 28\] No space left on device: writing checkpoint {path} failed \(1 MB free") as err:
+        atomic_torch_save({"step": 2}, path)
+    assert err.value.errno == 28
+    monkeypatch.undo()
+    assert load_checkpoint_file(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_the_run_failed_line_of_a_full_disk_says_where(tmp_path: Path) -> None:
+    from knet_lightning.errors import summary
+
+    try:
+        try:
+            raise OSError(28, "No space left on device")  # a write() names no file
+        except OSError as inner:
+            raise RuntimeError("logging failed") from inner
+    except RuntimeError as err:
+        line = summary(err, str(tmp_path))
+    assert line.startswith(f"RuntimeError: No space left on device while writing under {tmp_path} (")
+    assert "MB free there): logging failed" in line
+
+
 def test_unsafe_objects_need_trusted_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "odd.ckpt"
     torch.save({"state_dict": {}, "extra": Path("x")}, path)  # a pickled class, not plain data
@@ -269,11 +312,17 @@ def test_on_bad_sample_skip_finishes_the_epoch_and_reports(tmp_path: Path, caplo
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
-def test_on_bad_sample_error_names_the_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 1])
+def test_on_bad_sample_error_names_the_file(tmp_path: Path, caplog: pytest.LogCaptureFixture, workers: int) -> None:
+    """In the main process or in a loader worker, the run's last line before the traceback is the
+    one-line DatasetError naming the file (not "Caught DatasetError in DataLoader worker")."""
     victim = _corrupt_first_training_image(tmp_path / "data")
-    cfg = compose_cfg(tmp_path, tiny_overrides("trainer.limit_val_batches=0", "test_after_fit=false"))
-    with pytest.raises(DatasetError, match=victim.name):
+    cfg = compose_cfg(tmp_path, tiny_overrides("trainer.limit_val_batches=0", "test_after_fit=false",
+                                               f"data.num_workers={workers}"))  # fmt: skip
+    with pytest.raises(DatasetError, match=victim.name), caplog.at_level(logging.ERROR):
         run_cfg(cfg)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run failed:")]
+    assert line.startswith(f"run failed: DatasetError: {victim}: cannot decode image file") and "\n" not in line
 
 
 def test_on_bad_sample_rejects_an_unknown_policy(tmp_path: Path) -> None:

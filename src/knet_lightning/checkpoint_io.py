@@ -12,15 +12,19 @@ users.)
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from knet_lightning.errors import is_enospc
 
 __all__ = ["CheckpointError", "SafeCheckpointIO", "atomic_torch_save", "load_checkpoint_file", "payload_digest"]
 
@@ -73,6 +77,22 @@ def payload_digest(obj: Any) -> str:
     return h.hexdigest()
 
 
+# below this, a failed write is taken for a full disk even when the error does not say so
+# (torch's zip writer reports only "file write failed")
+_NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def is_disk_full(err: BaseException, folder: Path) -> bool:
+    """Whether ``err`` (or an error it was raised from) is ENOSPC, or a failed write in a
+    ``folder`` whose file system has almost no space left."""
+    if is_enospc(err):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` that never leaves a partial file at ``path``: temporary file in the same
     folder (same file system, so the rename is atomic), flushed and fsynced, then renamed. A
@@ -88,8 +108,15 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)) and is_disk_full(err, path.parent):
+            free = shutil.disk_usage(path.parent).free / 2**20
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device: writing checkpoint {path} failed ({free:.0f} MB free there); "
+                f"the previous {path.name}, if any, is unchanged. Free space or move paths.log_dir",
+            ) from err
         raise
     _fsync_dir(path.parent)
     # temporary files of writers that were killed mid-write (other pids) are garbage now

@@ -25,6 +25,7 @@ from knet_lightning.checkpoint_io import load_checkpoint_file
 from knet_lightning.checkpoint_model import MODEL_CONFIG_KEY, model_config_for_checkpoint
 from knet_lightning.configs import register_configs
 from knet_lightning.distributed import end_of_job, is_global_zero_from_env
+from knet_lightning.errors import summary as error_summary
 from knet_lightning.secrets import hide_secret_overrides, redact, redact_hydra_dump
 
 log = logging.getLogger("knet_lightning")
@@ -277,7 +278,7 @@ def run(cfg: DictConfig) -> Optional[float]:
     except BaseException as err:
         # Hydra prints the error on the console only: the run's log file keeps it too, as one
         # line that comes before Hydra's traceback on the console
-        log.error("run failed: %s: %s", type(err).__name__, err)
+        log.error("run failed: %s", error_summary(err, str(cfg.paths.output_dir)))
         raise
     finally:
         finish_loggers(loggers)
