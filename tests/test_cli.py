@@ -299,6 +299,7 @@ def test_redact_hides_secrets() -> None:
     assert redact(cfg) == {"logger": {"wandb": {"api_key": "***", "project": "p"}}, "token": "***", "x": [{"password": "***"}]}
 
 
+@pytest.mark.slow  # test_readme.py runs `python -m knet_lightning` as written in CI
 def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     env = dict(os.environ, KNET_ROOT=str(tmp_path))
     out = subprocess.run(

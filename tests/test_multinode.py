@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 
 from distributed_utils import CLI_TINY, cli_env, free_port, probe_overrides, read_probes, start_cli, wait_cli
 
@@ -42,6 +43,7 @@ def _check_one_job(tmp_path: Path, run_dir: Path) -> None:
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.slow  # the torchrun launch below covers the two-node job in CI
 def test_two_nodes_over_loopback_train_as_one_job(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     port = str(free_port())

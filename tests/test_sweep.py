@@ -90,6 +90,7 @@ def test_optuna_sweep_runs_two_trials_and_returns_the_metric(tmp_path: Path) -> 
     assert set(results["best_params"]) == {"model.num_proposals", "model.num_stages"}
 
 
+@pytest.mark.slow  # DDP x sweep (48 s); each alone runs in CI: test_ddp.py, test_readme.py, the tests above
 def test_grid_sweep_with_ddp_cpu_runs_each_job_in_its_own_folder(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "multirun"
     run_cli(["-m", "model.num_proposals=4", "model.num_stages=1,2", "trainer=ddp_cpu", *SWEEP_TINY,
