@@ -105,6 +105,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="K-Net's memory format; auto (the package default, model.channels_last=auto): channels-last "
         "on CUDA and AVX-512 CPUs, NCHW on AVX2-only CPUs",
     )
+    parser.add_argument(
+        "--optimizer",
+        choices=("auto", "fused", "foreach", "for_loop"),
+        default="auto",
+        help="AdamW kernel of the train steps (model.optimizer.implementation; auto: the package default)",
+    )
     args = parser.parse_args(argv)
     if args.sizes is not None:
         try:
@@ -134,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
         "knet_memory_format": "channels_last" if channels_last else "contiguous",
+        "optimizer_implementation": args.optimizer,
         "amp": args.amp,
         "mode": profile.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -149,12 +156,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         results=results,
         channels_last=channels_last,
         amp_dtype=torch.bfloat16 if args.amp == "bf16" else None,
+        optimizer=args.optimizer,
     )
     m = results["machine"]
     print(f"# knet-lightning benchmark ({profile.name})\n")
     print(
         f"CPU {m['cpu_model']} ({m['cpu_affinity']} usable cores), torch {m['versions']['torch']} with "
-        f"{m['torch_threads']} threads, device {device}" + (f" ({m['gpu']})" if device.type == "cuda" else "") + "\n",
+        f"{m['torch_threads']} threads, device {device}" + (f" ({m['gpu']})" if device.type == "cuda" else "")
+        + f"; CPU capability {torch.backends.cpu.get_cpu_capability()}; K-Net "
+        f"{'channels-last' if channels_last else 'NCHW'}, AdamW {args.optimizer}\n",
         flush=True,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

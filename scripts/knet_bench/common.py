@@ -161,6 +161,8 @@ class Context:
     results: dict[str, Any]
     channels_last: bool = True
     amp_dtype: torch.dtype | None = None
+    # model.optimizer.implementation of the train steps (--optimizer)
+    optimizer: str = "auto"
 
 
 # ---------------------------------------------------------------------------- synthetic inputs

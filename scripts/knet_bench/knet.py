@@ -118,7 +118,7 @@ def section_knet(ctx: Context) -> dict[str, Any]:
                 if batch == p.batches[0]:
                     merge_rows += postprocess_rows(module, images, targets[0], p, ctx.seed)
                 module.train()
-                optimizer = make_optimizer(module)
+                optimizer = make_optimizer(module, ctx.optimizer)
                 with PeakMemory(device) as mem:
                     step = knet_train_step(module, optimizer, images, targets, timer, ctx.amp_dtype)
                     res = measure(step, device, p.warmup, p.repeats, timer)

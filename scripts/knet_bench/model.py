@@ -79,9 +79,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device.type, dtype=dtype)
 
 
-def make_optimizer(module: KNetModule) -> torch.optim.Optimizer:
-    """The package's training recipe (AdamW, lr 1e-4, weight decay 0.05, backbone at 0.25 x lr)."""
-    return build_optimizer(module.net, OptimizerSettings())
+def make_optimizer(module: KNetModule, implementation: str = "auto") -> torch.optim.Optimizer:
+    """The package's training recipe (AdamW, lr 1e-4, weight decay 0.05, backbone at 0.25 x lr)
+    with the AdamW kernel ``implementation`` (``--optimizer``)."""
+    return build_optimizer(module.net, OptimizerSettings(implementation=implementation))
 
 
 def knet_infer_step(

@@ -35,7 +35,7 @@ def section_scaling(ctx: Context) -> dict[str, Any]:
         }
         if (n, s) in p.grid_train:
             module.train()
-            step = knet_train_step(module, make_optimizer(module), images, targets, None, ctx.amp_dtype)
+            step = knet_train_step(module, make_optimizer(module, ctx.optimizer), images, targets, None, ctx.amp_dtype)
             row["train_ms"] = measure(step, device, p.warmup, p.repeats)["total_ms"]
             del step
         rows.append(row)
