@@ -83,17 +83,18 @@ def _tiny_module(channels_last: object = "auto") -> "KNetModule":  # noqa: F821
 
 
 @pytest.mark.parametrize(("capability", "expected"), [("AVX2", False), ("AVX512", True), ("DEFAULT", False)])
-def test_auto_memory_format_is_nchw_on_avx2_cpus_and_channels_last_elsewhere(
+def test_auto_memory_format_trains_nchw_on_avx2_cpus_and_channels_last_elsewhere(
     monkeypatch: pytest.MonkeyPatch, capability: str, expected: bool
 ) -> None:
     from knet_lightning.module import prefers_channels_last
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    assert prefers_channels_last(torch.device("cpu")) is expected
+    assert prefers_channels_last(torch.device("cpu"), training=True) is expected
+    assert prefers_channels_last(torch.device("cpu"), training=False) is True  # inference: faster everywhere
     assert prefers_channels_last(torch.device("cuda")) is True
     module = _tiny_module()
     assert module.channels_last is None  # decided on the first device it meets
-    module(torch.zeros(1, 3, 64, 64))
+    module.train()(torch.zeros(1, 3, 64, 64))
     assert module.channels_last is expected
     stem = next(p for p in module.net.parameters() if p.dim() == 4)  # (64, 3, 7, 7)
     assert stem.is_contiguous(memory_format=torch.channels_last) is expected
@@ -103,3 +104,16 @@ def test_memory_format_setting_is_checked() -> None:
     with pytest.raises(ValueError, match=r"model.channels_last='yes'.*true, false or auto"):
         _tiny_module("yes")
     assert _tiny_module(False).channels_last is False
+
+
+@pytest.mark.parametrize(("stage", "expected"), [("fit", False), ("test", True), ("predict", True)])
+def test_auto_memory_format_on_an_avx2_cpu_follows_the_trainer_stage(
+    monkeypatch: pytest.MonkeyPatch, stage: str, expected: bool
+) -> None:
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    module = _tiny_module()
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))  # type: ignore[assignment]
+    module.setup(stage)
+    assert module.channels_last is expected

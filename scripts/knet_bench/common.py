@@ -150,8 +150,9 @@ class Context:
     """One run: its profile and device, and the results so far (the mask2former section reads
     the knet section's rows for its ratios).
 
-    ``channels_last`` is K-Net's memory format (``--memory-format``; by default the one the
-    package's ``channels_last=auto`` picks for the device); ``amp_dtype`` is
+    ``memory_format`` is K-Net's (``--memory-format``): ``auto`` picks per mode what the
+    package's ``channels_last=auto`` picks (:func:`knet_lightning.module.prefers_channels_last`),
+    ``channels-last`` or ``nchw`` fix it; ``amp_dtype`` is
     the autocast dtype of K-Net's forward and losses (``--amp``), None for fp32.
     """
 
@@ -159,7 +160,7 @@ class Context:
     device: torch.device
     seed: int
     results: dict[str, Any]
-    channels_last: bool = True
+    memory_format: str = "auto"
     amp_dtype: torch.dtype | None = None
     # model.optimizer.implementation of the train steps (--optimizer)
     optimizer: str = "auto"

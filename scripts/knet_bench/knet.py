@@ -25,7 +25,7 @@ from .common import (
     count_params,
     make_batch,
 )
-from .model import attach_knet, build_knet, knet_infer_step, knet_input, knet_train_step, make_optimizer
+from .model import attach_knet, build_knet, in_layout, knet_infer_step, knet_train_step, make_optimizer
 from .timing import PartTimer, PeakMemory, breakdown, measure
 
 
@@ -108,8 +108,8 @@ def section_knet(ctx: Context) -> dict[str, Any]:
         for size in p.sizes:
             for batch in p.batches:
                 images, targets = make_batch(p, size, batch, device, ctx.seed)
-                images = knet_input(module, images)
                 base = {"size": f"{size[0]}x{size[1]}", "batch": batch}
+                images = in_layout(ctx, module, images, training=False)
                 module.eval()
                 with PeakMemory(device) as mem:
                     step = knet_infer_step(module, images, timer, ctx.amp_dtype)
@@ -117,6 +117,7 @@ def section_knet(ctx: Context) -> dict[str, Any]:
                 rows.append(_knet_row(base, "inference", res, INFER_PARTS, batch, mem.result()))
                 if batch == p.batches[0]:
                     merge_rows += postprocess_rows(module, images, targets[0], p, ctx.seed)
+                images = in_layout(ctx, module, images, training=True)
                 module.train()
                 optimizer = make_optimizer(module, ctx.optimizer)
                 with PeakMemory(device) as mem:

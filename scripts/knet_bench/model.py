@@ -17,7 +17,7 @@ from torch import Tensor
 
 from knet_lightning.criterion.criterion import KNetCriterion
 from knet_lightning.models.knet import KNet
-from knet_lightning.module import KNetModule
+from knet_lightning.module import KNetModule, prefers_channels_last
 from knet_lightning.optim import OptimizerSettings, build_optimizer
 
 from .common import NUM_STUFF, NUM_THINGS, Context
@@ -41,21 +41,25 @@ def build_knet(ctx: Context, num_proposals: int, num_stages: int) -> KNetModule:
         net,
         criterion,
         task="panoptic",
-        channels_last=ctx.channels_last,
+        channels_last=False,  # set per mode by in_layout()
         scheduler={"milestones": [], "milestone_unit": "step"},
     )
     return module.to(ctx.device)
 
 
-def knet_input(module: KNetModule, images: Tensor) -> Tensor:
-    """``images`` in the memory format ``KNetModule.forward`` gives the network.
+def in_layout(ctx: Context, module: KNetModule, images: Tensor, training: bool) -> Tensor:
+    """Puts the network in the memory format of ``ctx`` for this mode and returns ``images`` in it.
 
-    Converted once outside the timed steps, so that the forward's own conversion is a no-op
-    and the layout copy of the input is not timed.
+    The input is converted here, outside the timed steps, so that the forward's own conversion
+    is a no-op and the layout copy of the input is not timed.
     """
-    if module.channels_last:
-        return images.contiguous(memory_format=torch.channels_last)
-    return images
+    channels_last = {"channels-last": True, "nchw": False}.get(ctx.memory_format)
+    if channels_last is None:
+        channels_last = prefers_channels_last(ctx.device, training)
+    module.channels_last = channels_last
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    module.net.to(memory_format=layout)
+    return images.contiguous(memory_format=layout)
 
 
 def attach_knet(timer: PartTimer, module: KNetModule) -> None:

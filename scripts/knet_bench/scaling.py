@@ -9,7 +9,7 @@ from typing import Any
 from knet_lightning.sweep import model_complexity
 
 from .common import Context, make_batch
-from .model import build_knet, knet_infer_step, knet_input, knet_train_step, make_optimizer
+from .model import build_knet, in_layout, knet_infer_step, knet_train_step, make_optimizer
 from .timing import measure
 
 
@@ -20,7 +20,7 @@ def section_scaling(ctx: Context) -> dict[str, Any]:
     batch_images, targets = make_batch(p, p.grid_size, 1, device, ctx.seed)
     for n, s in p.grid:
         module = build_knet(ctx, n, s).eval()
-        images = knet_input(module, batch_images)
+        images = in_layout(ctx, module, batch_images, training=False)
         # The package's count (params of the network, FLOPs of one forward of one image), as
         # the training runs log it; the forward doubles as the first warm-up.
         complexity = model_complexity(module.net, images)
@@ -34,6 +34,7 @@ def section_scaling(ctx: Context) -> dict[str, Any]:
             "train_ms": None,
         }
         if (n, s) in p.grid_train:
+            images = in_layout(ctx, module, images, training=True)
             module.train()
             step = knet_train_step(module, make_optimizer(module, ctx.optimizer), images, targets, None, ctx.amp_dtype)
             row["train_ms"] = measure(step, device, p.warmup, p.repeats)["total_ms"]

@@ -28,18 +28,19 @@ from knet_lightning.tasks import SegmentationTask, build_task
 log = logging.getLogger(__name__)
 
 
-def prefers_channels_last(device: torch.device) -> bool:
+def prefers_channels_last(device: torch.device, training: bool = True) -> bool:
     """Whether channels-last is the faster memory format for K-Net on ``device``.
 
-    CUDA: yes (tensor-core convolutions). CPU: only with AVX-512. On an AVX2-only CPU oneDNN's
-    channels-last convolution backward is the slow path: the R50 training step at 512x512
-    spends 3.6x its convolution forward time in convolution backward there, against 2.1x in
-    NCHW (README, Benchmarks), while with AVX-512 channels-last is the faster of the two.
+    CUDA: yes (tensor-core convolutions). CPU with AVX-512: yes. AVX2-only CPU: for inference
+    only. There oneDNN's channels-last convolution is faster forward but its backward is the
+    slow path: interleaved on one 2-core AVX2 machine, the R50 step at 512x512, batch 2, spent
+    7.1 s in backward channels-last against 4.7 s in NCHW (forward 2.5 s against 3.2 s), while
+    inference was 16% faster channels-last (2.21 s against 2.63 s) (README, Benchmarks).
     """
     if device.type == "cuda":
         return True
     if device.type == "cpu":
-        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512") or not training
     return False
 
 
@@ -147,7 +148,7 @@ class KNetModule(LightningModule):
     def forward(self, images: Tensor) -> list[StageOutput]:
         """``images (B, 3, H, W)`` normalized, H and W multiples of 32 → stage outputs 0..S."""
         if self.channels_last is None:
-            self._choose_memory_format(images.device)
+            self._choose_memory_format(images.device, self.training)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
@@ -159,13 +160,14 @@ class KNetModule(LightningModule):
     def setup(self, stage: str) -> None:
         # before configure_optimizers and checkpoint loading, which keep the parameters' layout
         if self.channels_last is None:
-            self._choose_memory_format(self.trainer.strategy.root_device)
+            self._choose_memory_format(self.trainer.strategy.root_device, training=stage == "fit")
 
-    def _choose_memory_format(self, device: torch.device) -> None:
-        self.channels_last = prefers_channels_last(device)
+    def _choose_memory_format(self, device: torch.device, training: bool) -> None:
+        self.channels_last = prefers_channels_last(device, training)
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
-        log.info("model.channels_last=auto: %s on %s", "channels-last" if self.channels_last else "NCHW", device)
+        log.info("model.channels_last=auto: %s for %s on %s", "channels-last" if self.channels_last else "NCHW",
+                 "training" if training else "inference", device)  # fmt: skip
 
     # ------------------------------------------------------------------ training
     def training_loss(self, images: Tensor, targets: list[dict[str, Any]]) -> tuple[Tensor, dict[str, Tensor]]:
