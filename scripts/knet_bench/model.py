@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from knet_lightning.criterion.criterion import KNetCriterion
+from knet_lightning.memory_format import prefers_channels_last
 from knet_lightning.models.knet import KNet
-from knet_lightning.module import KNetModule, prefers_channels_last
+from knet_lightning.module import KNetModule
 from knet_lightning.optim import OptimizerSettings, build_optimizer
 
 from .common import NUM_STUFF, NUM_THINGS, Context

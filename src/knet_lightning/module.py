@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -21,27 +20,19 @@ from torch import Tensor, nn
 from knet_lightning.checkpoint_model import MODEL_CONFIG_KEY
 from knet_lightning.errors import NonFiniteLossError
 from knet_lightning.models.outputs import StageOutput
-from knet_lightning.optim import OptimizerSettings, SchedulerSettings, build_optimizer, build_scheduler
+from knet_lightning.memory_format import choose_memory_format
+from knet_lightning.optim import (
+    OptimizerSettings,
+    SchedulerSettings,
+    build_optimizer,
+    build_scheduler,
+    clips_under_amp,
+)
 from knet_lightning.settings import settings_from
 from knet_lightning.tasks import SegmentationTask, build_task
+from knet_lightning.visualize import denormalized_image
 
 log = logging.getLogger(__name__)
-
-
-def prefers_channels_last(device: torch.device, training: bool = True) -> bool:
-    """Whether channels-last is the faster memory format for K-Net on ``device``.
-
-    CUDA: yes (tensor-core convolutions). CPU with AVX-512: yes. AVX2-only CPU: for inference
-    only. There oneDNN's channels-last convolution is faster forward but its backward is the
-    slow path: interleaved on one 2-core AVX2 machine, the R50 step at 512x512, batch 2, spent
-    7.1 s in backward channels-last against 4.7 s in NCHW (forward 2.5 s against 3.2 s), while
-    inference was 16% faster channels-last (2.21 s against 2.63 s) (README, Benchmarks).
-    """
-    if device.type == "cuda":
-        return True
-    if device.type == "cpu":
-        return torch.backends.cpu.get_cpu_capability().startswith("AVX512") or not training
-    return False
 
 
 class KNetModule(LightningModule):
@@ -61,7 +52,7 @@ class KNetModule(LightningModule):
         max_bad_steps: a NaN/Inf loss skips its optimizer step; more than this many consecutive
             such steps stop the run with :class:`NonFiniteLossError`.
         channels_last: run the network in the channels-last memory format; ``"auto"``: where it
-            is the faster layout (:func:`prefers_channels_last`), decided once the device is known.
+            is the faster layout (:mod:`knet_lightning.memory_format`), decided once the device is known.
         compile: ``torch.compile`` the network in place (parameter names stay as they are).
     """
 
@@ -132,7 +123,6 @@ class KNetModule(LightningModule):
             class_names=self.class_names,
         )
         self.vis_samples: list[dict[str, Any]] = []
-        self._step_start: Optional[float] = None
         # the resolved model config it was built from (set by the CLI), stored in checkpoints
         self.model_config: Optional[dict[str, Any]] = None
 
@@ -148,7 +138,7 @@ class KNetModule(LightningModule):
     def forward(self, images: Tensor) -> list[StageOutput]:
         """``images (B, 3, H, W)`` normalized, H and W multiples of 32 → stage outputs 0..S."""
         if self.channels_last is None:
-            self._choose_memory_format(images.device, self.training)
+            self.channels_last = choose_memory_format(self.net, images.device, self.training)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
@@ -160,14 +150,7 @@ class KNetModule(LightningModule):
     def setup(self, stage: str) -> None:
         # before configure_optimizers and checkpoint loading, which keep the parameters' layout
         if self.channels_last is None:
-            self._choose_memory_format(self.trainer.strategy.root_device, training=stage == "fit")
-
-    def _choose_memory_format(self, device: torch.device, training: bool) -> None:
-        self.channels_last = prefers_channels_last(device, training)
-        if self.channels_last:
-            self.net.to(memory_format=torch.channels_last)
-        log.info("model.channels_last=auto: %s for %s on %s", "channels-last" if self.channels_last else "NCHW",
-                 "training" if training else "inference", device)  # fmt: skip
+            self.channels_last = choose_memory_format(self.net, self.trainer.strategy.root_device, stage == "fit")
 
     # ------------------------------------------------------------------ training
     def training_loss(self, images: Tensor, targets: list[dict[str, Any]]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -224,7 +207,6 @@ class KNetModule(LightningModule):
         self.task.evaluate(self(batch["images"]), batch, "test")
 
     def on_validation_epoch_end(self) -> None:
-        # the task's metrics are synced across processes in compute(); logging them needs no reduction
         # the values are global already (the task's torchmetrics sync their states); sync_dist
         # tells Lightning so: the mean over processes of one value is that value
         self.log_dict(self.task.compute("val"), sync_dist=True)
@@ -239,21 +221,9 @@ class KNetModule(LightningModule):
             target = batch["targets"][b]
             out_size = tuple(int(s) for s in target["orig_size"])
             self.vis_samples.append(
-                {"file_name": str(target.get("file_name", b)), "image": self._denormalized(batch, b, out_size),
+                {"file_name": str(target.get("file_name", b)), "image": denormalized_image(batch, b, out_size),
                  "prediction": pred}  # fmt: skip
             )
-
-    @staticmethod
-    def _denormalized(batch: dict[str, Any], b: int, out_size: tuple[int, int]) -> Tensor:
-        """The network input of image b as uint8 RGB at ``out_size`` (the batch carries the
-        data module's ``mean`` and ``std``)."""
-        images = batch["images"]
-        mean = torch.as_tensor(batch["mean"], dtype=images.dtype, device=images.device).view(3, 1, 1)
-        std = torch.as_tensor(batch["std"], dtype=images.dtype, device=images.device).view(3, 1, 1)
-        h, w = batch["image_sizes"][b]
-        img = (images[b, :, :h, :w] * std + mean).clamp(0, 1)
-        img = nn.functional.interpolate(img[None], size=out_size, mode="bilinear", align_corners=False)[0]
-        return (img * 255).round().to(torch.uint8).cpu()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         if batch["images"] is None:  # every image of the batch was unreadable (data/folder.py)
@@ -265,16 +235,9 @@ class KNetModule(LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.net, self.optimizer_settings, clips_under_amp=self._clips_under_amp())
+        optimizer = build_optimizer(self.net, self.optimizer_settings, clips_under_amp=clips_under_amp(self._trainer))
         scheduler = build_scheduler(optimizer, self.scheduler_settings, self._steps_per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
-
-    def _clips_under_amp(self) -> bool:
-        trainer = self._trainer
-        if trainer is None:
-            return False
-        mixed = str(trainer.precision).endswith("-mixed")
-        return mixed and bool(trainer.gradient_clip_val)
 
     def _steps_per_epoch(self) -> float:
         trainer = self.trainer
@@ -284,12 +247,3 @@ class KNetModule(LightningModule):
         raise ValueError(
             "model.scheduler.milestone_unit=epoch needs trainer.max_epochs; set it or give milestones in steps"
         )
-
-    # ------------------------------------------------------------------ throughput
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._step_start = time.perf_counter()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._step_start is not None:
-            elapsed = time.perf_counter() - self._step_start
-            self.log("train/images_per_s", batch["images"].shape[0] / max(elapsed, 1e-9), batch_size=1)

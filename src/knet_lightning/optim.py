@@ -88,6 +88,14 @@ def param_groups(net: nn.Module, settings: OptimizerSettings) -> list[dict[str, 
     ]
 
 
+def clips_under_amp(trainer: Any) -> bool:
+    """Whether ``trainer`` clips gradients under Lightning's mixed-precision plugin (which
+    refuses a fused optimizer there); False without a trainer."""
+    if trainer is None:
+        return False
+    return str(trainer.precision).endswith("-mixed") and bool(trainer.gradient_clip_val)
+
+
 def build_optimizer(
     net: nn.Module, settings: OptimizerSettings, clips_under_amp: bool = False
 ) -> torch.optim.AdamW:

@@ -178,6 +178,18 @@ def overlay_instances(
     return _blend(image, ids, class_of_id, _palette_tensor(colors, image.device), alpha, draw_boundaries)
 
 
+def denormalized_image(batch: dict[str, Any], b: int, out_size: tuple[int, int]) -> Tensor:
+    """The network input of image ``b`` of a collated batch as uint8 RGB ``(3, H, W)`` at
+    ``out_size``, its padding cropped (the batch carries the data module's ``mean`` and ``std``)."""
+    images = batch["images"]
+    mean = torch.as_tensor(batch["mean"], dtype=images.dtype, device=images.device).view(3, 1, 1)
+    std = torch.as_tensor(batch["std"], dtype=images.dtype, device=images.device).view(3, 1, 1)
+    h, w = batch["image_sizes"][b]
+    img = (images[b, :, :h, :w] * std + mean).clamp(0, 1)
+    img = torch.nn.functional.interpolate(img[None], size=out_size, mode="bilinear", align_corners=False)[0]
+    return (img * 255).round().to(torch.uint8).cpu()
+
+
 def save_png(img: Tensor, path: str | Path) -> Path:
     """Write a uint8 ``(3, H, W)`` RGB tensor as PNG (parent folders are created)."""
     if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[0] != 3:
