@@ -343,6 +343,10 @@ def test_sampler_resumes_mid_epoch_and_reshards(tmp_path: Path) -> None:
         s = ResumableSampler(data, batch_size=2, seed=3, num_replicas=2, rank=r)
         s.load_state_dict({"epoch": 0, "consumed": 4, "dataset_size": 10, "seed": 3, "shuffle": True})
         assert list(s) == full[r][2:]  # 1 batch of 2 on each of 2 ranks = 4 positions consumed
+    # a checkpoint written before the resumed iteration starts keeps the position
+    fresh = ResumableSampler(data, batch_size=2, seed=3, num_replicas=2, rank=0)
+    fresh.load_state_dict({"epoch": 0, "consumed": 4, "dataset_size": 10, "seed": 3, "shuffle": True})
+    assert fresh.state_dict()["consumed"] == 4 and fresh.consumed_batches == 1
     # the same position onto one process: the 6 positions nobody has seen yet
     one = ResumableSampler(data, batch_size=2, seed=3)
     one.load_state_dict({"epoch": 0, "consumed": 4, "dataset_size": 10, "seed": 3, "shuffle": True})

@@ -224,8 +224,12 @@ class ResumableSampler(DistributedSampler):
             )
             self._skip = None
             return
-        self._skip = (epoch, int(state["consumed"]))
+        consumed = int(state["consumed"])
+        self._skip = (epoch, consumed)
         self._iter_epoch = epoch
+        # a checkpoint written before the resumed iteration starts records the same position
+        self.consumed_batches = self.batches_done_after(consumed)
+        self._start = (consumed, self.consumed_batches)
 
 
 class ResumableDataLoader(DataLoader):
