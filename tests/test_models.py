@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models import resnet18, resnet50
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FeaturePyramidNetwork
 
 from knet_lightning.models.backbone import FPN, ResNetBackbone
@@ -335,6 +337,76 @@ def test_frozen_stages_and_norm_eval() -> None:
     assert [f.shape[-2:] for f in feats] == [(16, 24), (8, 12), (4, 6), (2, 3)]
 
 
+@pytest.mark.parametrize(
+    ("builder", "dilated"), [(resnet18, False), (resnet50, False), (resnet50, True)]
+)
+def test_plain_body_equals_torchvision_resnet(builder: object, dilated: bool) -> None:
+    # torchvision's state dict (ImageNet weights' layout) loads strictly and gives the same C2..C5;
+    # torchvision's replace_stride_with_dilation is mmseg's D8 with contract_dilation.
+    tv = builder(replace_stride_with_dilation=[False, dilated, dilated]).eval()  # type: ignore[operator]
+    ours = ResNetBackbone(
+        depth=50 if builder is resnet50 else 18,
+        frozen_stages=-1,
+        strides=(1, 2, 1, 1) if dilated else (1, 2, 2, 2),
+        dilations=(1, 1, 2, 4) if dilated else (1, 1, 1, 1),
+    ).eval()
+    ours.load_state_dict({k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")}, strict=True)
+    x = torch.randn(1, 3, 72, 88)
+    expected = IntermediateLayerGetter(tv, {f"layer{i}": str(i) for i in range(1, 5)})(x).values()
+    for a, b in zip(ours(x), expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_resnet_v1c_deep_stem_and_contracted_dilation() -> None:
+    bb = ResNetBackbone(depth=50, deep_stem=True, frozen_stages=0, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4))
+    # mmseg ResNetV1c: stem.0/3/6 convs 3->32->32->64 (the first strided), BN at 1/4/7
+    convs = [bb.stem[i] for i in (0, 3, 6)]
+    assert [tuple(c.weight.shape) for c in convs] == [(32, 3, 3, 3), (32, 32, 3, 3), (64, 32, 3, 3)]
+    assert [c.stride for c in convs] == [(2, 2), (1, 1), (1, 1)]
+    assert [type(bb.stem[i]) for i in (1, 4, 7)] == [nn.BatchNorm2d] * 3
+    assert not hasattr(bb, "conv1")
+    # torchvision's 23,508,032 minus the 7x7 stem (9,408 + 128) plus the deep stem (28,768)
+    assert sum(p.numel() for p in bb.parameters()) == 23_527_264
+    # contract_dilation: a dilated stage's first block uses half its dilation
+    assert [blk.conv2.dilation for blk in bb.layer3[:2]] == [(1, 1), (2, 2)]
+    assert [blk.conv2.dilation for blk in bb.layer4[:2]] == [(2, 2), (4, 4)]
+    assert all(not p.requires_grad for p in bb.stem.parameters())  # frozen_stages=0 freezes the stem
+    feats = bb.train()(torch.randn(2, 3, 72, 88))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(18, 22), (9, 11), (9, 11), (9, 11)]
+    uncontracted = ResNetBackbone(depth=50, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), contract_dilation=False)
+    assert uncontracted.layer4[0].conv2.dilation == (4, 4)
+
+
+def test_backbone_width_and_option_errors() -> None:
+    half = ResNetBackbone(depth=18, frozen_stages=-1, base_channels=32)
+    assert half.out_channels == [32, 64, 128, 256]
+    assert [f.shape[1] for f in half(torch.randn(1, 3, 64, 64))] == [32, 64, 128, 256]
+    with pytest.raises(ValueError, match="not for ResNet-18 with base_channels=32"):
+        ResNetBackbone(depth=18, base_channels=32, pretrained=True)
+    with pytest.raises(ValueError, match="not for ResNetV1c-34"):
+        ResNetBackbone(depth=34, deep_stem=True, pretrained=True)
+    with pytest.raises(ValueError, match="need a Bottleneck ResNet"):
+        ResNetBackbone(depth=18, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4))
+    with pytest.raises(ValueError, match="4 values each"):
+        ResNetBackbone(depth=18, strides=(1, 2, 2))
+
+
+def test_resnet_v1c_pretrained_reads_the_openmmlab_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    # open-mmlab://resnet50_v1c of the official semantic configs; the download is faked
+    src = ResNetBackbone(depth=50, deep_stem=True, frozen_stages=-1)
+    urls: list[str] = []
+
+    def fake_download(url: str, **kwargs: object) -> dict[str, object]:
+        urls.append(url)
+        assert kwargs.get("weights_only") is True
+        return {"state_dict": {**src.state_dict(), "fc.weight": torch.zeros(1000, 2048)}, "meta": {}}
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_download)
+    dst = ResNetBackbone(depth=50, deep_stem=True, pretrained=True)
+    assert urls == ["https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth"]
+    assert torch.equal(dst.stem[3].weight, src.stem[3].weight)
+
+
 def test_backbone_weights_path_round_trip_and_errors(tmp_path: Path) -> None:
     src = ResNetBackbone(depth=18, frozen_stages=-1)
     state = {**src.state_dict(), "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
@@ -350,7 +422,7 @@ def test_backbone_weights_path_round_trip_and_errors(tmp_path: Path) -> None:
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="junk.pth"):
         ResNetBackbone(depth=18, weights_path=str(junk))
-    with pytest.raises(RuntimeError, match=r"r18\.pth.*ResNet-34"):
+    with pytest.raises(RuntimeError, match=r"r18\.pth.*this ResNet-34"):
         ResNetBackbone(depth=34, weights_path=str(good))
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from knet_lightning.models.outputs import StageOutput
-from knet_lightning.models.semantic_head import FCNHead, UPerHead
+from knet_lightning.models.semantic_head import ASPPHead, FCNHead, PSPHead, UPerHead
 from knet_lightning.models.semantic_knet import (
     SemanticKernelUpdateHead,
     SemanticKNet,
@@ -108,6 +108,32 @@ def test_decode_head_parameter_counts_r50() -> None:
     assert _n_params(uper) == 13_807_254
     aux = FCNHead(in_channels=1024, channels=256, num_classes=150, num_convs=1, concat_input=False)
     assert _n_params(aux) == 2_398_358
+    # PSPHead: 4 PPM 1x1 convs, bottleneck 3x3 over C5 + 4 x 512, conv_seg.
+    psp = PSPHead(in_channels=2048, channels=512, num_classes=150)
+    assert _n_params(psp) == 4 * (2048 * 512 + 1024) + (4096 * 512 * 9 + 1024) + (512 * 150 + 150) == 23_150_742
+    # ASPPHead: image pool 1x1, one 1x1 and three dilated 3x3 branches, bottleneck over 5 x 512.
+    aspp = ASPPHead(in_channels=2048, channels=512, num_classes=150)
+    assert _n_params(aspp) == (
+        2 * (2048 * 512 + 1024) + 3 * (2048 * 512 * 9 + 1024) + (5 * 512 * 512 * 9 + 1024) + (512 * 150 + 150)
+    ) == 42_288_278
+    assert [m.dilation for m in (b[0] for b in aspp.aspp_modules)] == [(1, 1), (12, 12), (24, 24), (36, 36)]
+    assert [m.padding for m in (b[0] for b in aspp.aspp_modules)] == [(0, 0), (12, 12), (24, 24), (36, 36)]
+
+
+@pytest.mark.parametrize("head_cls", [PSPHead, ASPPHead])
+def test_pooling_heads_keep_the_level_size_and_expose_class_kernels(head_cls: type[nn.Module]) -> None:
+    head = head_cls(in_channels=20, channels=16, num_classes=4, dropout=0.0).eval()
+    levels = _fake_levels(2, 224, 288)
+    out = head(levels)
+    h, w = levels[3].shape[-2:]
+    assert out.feature.shape == (2, 16, h, w) and out.logits.shape == (2, 4, h, w)
+    expected = F.conv2d(out.feature, head.conv_seg.weight, head.conv_seg.bias)
+    torch.testing.assert_close(out.logits, expected)
+    assert out.kernels.data_ptr() == head.conv_seg.weight.data_ptr()
+    # the pooled branches see the whole image: changing one corner moves logits everywhere
+    moved = [f.clone() for f in levels]
+    moved[3][:, :, 0, 0] += 5.0
+    assert (head(moved).logits - out.logits)[:, :, -1, -1].abs().max() > 0
 
 
 # --------------------------------------------------------------------------- assembling
@@ -247,6 +273,8 @@ def test_update_head_xavier_init() -> None:
         ("uper", 18, 2, (96, 160), 3, True),
         ("uper", 18, 1, (64, 64), 1, False),
         ("fcn", 50, 2, (64, 96), 2, True),
+        ("psp", 50, 2, (64, 96), 1, True),
+        ("aspp", 50, 1, (64, 96), 1, False),
         ("fcn", 50, 1, (96, 160), 0, False),
     ],
 )
@@ -287,11 +315,11 @@ def test_semantic_knet_defaults_and_bad_input() -> None:
     assert _n_params(model) == 45_641_068
     with pytest.raises(ValueError, match="num_classes must be >= 2"):
         SemanticKNet(num_classes=1, backbone_depth=18)
-    with pytest.raises(ValueError, match="decode_head must be 'uper' or 'fcn'"):
-        SemanticKNet(num_classes=3, decode_head="psp", backbone_depth=18)
+    with pytest.raises(ValueError, match=r"decode_head must be one of \('fcn', 'psp', 'aspp', 'uper'\)"):
+        SemanticKNet(num_classes=3, decode_head="deeplab", backbone_depth=18)
     tiny = SemanticKNet(num_classes=3, backbone_depth=18, num_stages=1, **TINY).eval()
-    with pytest.raises(ValueError, match="multiples of 32, got 64x70"):
-        tiny(torch.randn(1, 3, 64, 70))
+    # any input size, as MMSegmentation's whole-image inference
+    assert tiny(torch.randn(1, 3, 64, 70))[-1].mask_logits.shape == (1, 3, 16, 18)
     with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\)"):
         tiny(torch.randn(1, 1, 64, 64))
 

@@ -1,42 +1,74 @@
-"""ResNet body (torchvision) with mmdet-style frozen stages / frozen BN, and an mmdet-style FPN."""
+"""ResNet body with mmcv/mmseg-style options (deep stem, base width, strides, dilations, frozen
+stages, frozen BN) built from torchvision's residual blocks, and an mmdet-style FPN."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import models as tvm
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
-_RESNETS: dict[int, tuple[Callable[..., tvm.ResNet], tvm.WeightsEnum, list[int]]] = {
-    18: (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, [64, 128, 256, 512]),
-    34: (tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, [64, 128, 256, 512]),
-    50: (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, [256, 512, 1024, 2048]),
-    101: (tvm.resnet101, tvm.ResNet101_Weights.IMAGENET1K_V1, [256, 512, 1024, 2048]),
+_BLOCKS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {
+    18: (BasicBlock, [2, 2, 2, 2]),
+    34: (BasicBlock, [3, 4, 6, 3]),
+    50: (Bottleneck, [3, 4, 6, 3]),
+    101: (Bottleneck, [3, 4, 23, 3]),
+}
+# ImageNet weights, 64 base channels only: torchvision's for the 7x7 stem, OpenMMLab's
+# (``open-mmlab://resnet50_v1c`` of the official semantic configs) for the deep stem
+_IMAGENET = {
+    18: tvm.ResNet18_Weights.IMAGENET1K_V1,
+    34: tvm.ResNet34_Weights.IMAGENET1K_V1,
+    50: tvm.ResNet50_Weights.IMAGENET1K_V1,
+    101: tvm.ResNet101_Weights.IMAGENET1K_V1,
+}
+_IMAGENET_V1C = {
+    18: "https://download.openmmlab.com/pretrain/third_party/resnet18_v1c-b5776b93.pth",
+    50: "https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth",
+    101: "https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth",
 }
 
 
 class ResNetBackbone(nn.Module):
-    """torchvision ResNet body (no avgpool / fc) returning C2..C5.
+    """ResNet body (no avgpool / fc) returning C2..C5, mmcv ``ResNet`` / ``ResNetV1c`` style.
 
-    Mirrors mmdet's ``ResNet(style='pytorch', frozen_stages=1, norm_eval=True)``:
-    the stem and the first ``frozen_stages`` residual stages get ``requires_grad=False``
-    and stay in eval mode; with ``norm_eval`` every BatchNorm keeps its running statistics
-    (eval mode) even in ``train()``, while the affine parameters of unfrozen stages still train.
+    The residual blocks are torchvision's ``BasicBlock`` / ``Bottleneck`` (stride on the 3x3
+    conv: mmcv's ``style='pytorch'``), so parameter names match both torchvision
+    (``conv1``, ``bn1``, ``layer1``..``layer4``) and mmcv (``layer1.0.conv1``,
+    ``layer1.0.downsample.0``, ...). With ``deep_stem`` the 7x7 stem becomes mmseg's
+    ``ResNetV1c`` stem, ``stem.0..stem.8``: three 3x3 conv-BN-ReLU with
+    ``stem_channels // 2``, ``stem_channels // 2`` and ``stem_channels`` outputs, the first
+    with stride 2 (mmseg ``backbones/resnet.py``, ``ResNetV1c``).
 
-    Submodules keep torchvision's names (``conv1``, ``bn1``, ``layer1``..``layer4``) so a
-    torchvision ResNet state dict loads directly.
+    ``strides`` / ``dilations`` per stage follow mmseg: the dilated "D8" body of the official
+    FCN / PSPNet / DeepLabV3 K-Net configs is ``strides=(1, 2, 1, 1)``,
+    ``dilations=(1, 1, 2, 4)``. With ``contract_dilation`` the first block of a dilated stage
+    uses half the stage's dilation, as mmseg's ``ResLayer``.
+
+    Freezing mirrors mmdet's ``ResNet(frozen_stages=1, norm_eval=True)``: the stem and the
+    first ``frozen_stages`` stages get ``requires_grad=False`` and stay in eval mode; with
+    ``norm_eval`` every BatchNorm keeps its running statistics even in ``train()``, while
+    the affine parameters of unfrozen stages still train.
 
     Args:
         depth: 18, 34, 50 or 101.
         frozen_stages: -1 freezes nothing, 0 the stem, k >= 1 the stem and layer1..layerk.
         norm_eval: keep all BatchNorm layers in eval mode during training.
-        pretrained: load torchvision ImageNet (IMAGENET1K_V1) weights; downloads.
-        weights_path: a local ``.pth`` with a torchvision ResNet state dict (``fc.*`` ignored).
-        replace_stride_with_dilation: dilate layer2..layer4 instead of striding (ResNet-50/101).
+        pretrained: load torchvision ImageNet (IMAGENET1K_V1) weights; downloads. Only for the
+            plain body (7x7 stem, 64 base channels).
+        weights_path: a local ``.pth`` holding a state dict of this body (torchvision or mmcv
+            key names; ``fc.*`` ignored).
+        deep_stem: mmseg's ``ResNetV1c`` stem instead of the 7x7 conv.
+        stem_channels: output width of the stem (default ``base_channels``).
+        base_channels: width of layer1's 3x3 convs; stage i uses ``base_channels * 2**i``
+            (64 in every published ResNet).
+        strides: stride of each stage's first block.
+        dilations: dilation of each stage's 3x3 convs (> 1 needs Bottleneck blocks).
+        contract_dilation: halve the dilation of a dilated stage's first block.
     """
 
     def __init__(
@@ -46,42 +78,81 @@ class ResNetBackbone(nn.Module):
         norm_eval: bool = True,
         pretrained: bool = False,
         weights_path: str | None = None,
-        replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False),
+        deep_stem: bool = False,
+        stem_channels: int | None = None,
+        base_channels: int = 64,
+        strides: Sequence[int] = (1, 2, 2, 2),
+        dilations: Sequence[int] = (1, 1, 1, 1),
+        contract_dilation: bool = True,
     ) -> None:
         super().__init__()
-        if depth not in _RESNETS:
-            raise ValueError(f"backbone depth must be one of {sorted(_RESNETS)}, got {depth}")
+        if depth not in _BLOCKS:
+            raise ValueError(f"backbone depth must be one of {sorted(_BLOCKS)}, got {depth}")
         if not -1 <= frozen_stages <= 4:
             raise ValueError(f"frozen_stages must be in [-1, 4], got {frozen_stages}")
-        if depth in (18, 34) and any(replace_stride_with_dilation):
+        if len(strides) != 4 or len(dilations) != 4:
             raise ValueError(
-                f"replace_stride_with_dilation needs a Bottleneck ResNet (50/101); "
+                f"backbone strides and dilations need 4 values each, got {list(strides)} and {list(dilations)}"
+            )
+        block, num_blocks = _BLOCKS[depth]
+        if block is BasicBlock and any(d > 1 for d in dilations):
+            raise ValueError(
+                f"backbone dilations {list(dilations)} need a Bottleneck ResNet (50/101); "
                 f"ResNet-{depth} BasicBlocks do not support dilation"
             )
-        builder, weights, out_channels = _RESNETS[depth]
-        net = builder(
-            weights=weights if pretrained else None,
-            replace_stride_with_dilation=list(replace_stride_with_dilation),
-        )
-        self.conv1 = net.conv1
-        self.bn1 = net.bn1
-        self.relu = net.relu
-        self.maxpool = net.maxpool
-        self.layer1 = net.layer1
-        self.layer2 = net.layer2
-        self.layer3 = net.layer3
-        self.layer4 = net.layer4
+        stem_channels = base_channels if stem_channels is None else stem_channels
+        no_weights = base_channels != 64 or stem_channels != 64 or (deep_stem and depth not in _IMAGENET_V1C)
+        if pretrained and no_weights:
+            raise ValueError(
+                f"backbone pretrained=true: ImageNet weights exist only for 64 base and stem channels "
+                f"(ResNet-18/34/50/101 with the 7x7 stem, ResNetV1c-18/50/101 with the deep stem), "
+                f"not for ResNet{'V1c' if deep_stem else ''}-{depth} with base_channels={base_channels}, "
+                f"stem_channels={stem_channels}; give a local weights_path for this body"
+            )
         self.depth = depth
+        self.deep_stem = deep_stem
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        self.out_channels: list[int] = list(out_channels)
+        if deep_stem:
+            half = stem_channels // 2
+            self.stem = nn.Sequential(
+                nn.Conv2d(3, half, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+                nn.Conv2d(half, half, 3, padding=1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
+                nn.Conv2d(half, stem_channels, 3, padding=1, bias=False), nn.BatchNorm2d(stem_channels),
+                nn.ReLU(inplace=True),
+            )
+        else:
+            self.conv1 = nn.Conv2d(3, stem_channels, 7, stride=2, padding=3, bias=False)
+            self.bn1 = nn.BatchNorm2d(stem_channels)
+            self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        in_channels = stem_channels
+        self.out_channels: list[int] = []
+        for i, (n, stride, dilation) in enumerate(zip(num_blocks, strides, dilations)):
+            planes = base_channels * 2**i
+            layer = _res_layer(block, in_channels, planes, n, stride, dilation, contract_dilation)
+            self.add_module(f"layer{i + 1}", layer)
+            in_channels = planes * block.expansion
+            self.out_channels.append(in_channels)
+        self._init_weights()
+        if pretrained:
+            self._load_state(self._download_imagenet(), "ImageNet weights")
         if weights_path is not None:
             self.load_weights(weights_path)
         # Apply freezing and norm_eval now, not only on the first .train() call.
         self.train(self.training)
 
+    def _init_weights(self) -> None:
+        # torchvision's and mmcv's ResNet init: Kaiming normal (fan-out) convs, BN weight 1 bias 0
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
     def load_weights(self, weights_path: str) -> None:
-        """Load a torchvision ResNet state dict from a local file (``fc.*`` keys are dropped)."""
+        """Load a state dict of this body from a local file (``fc.*`` keys are dropped)."""
         path = Path(weights_path)
         if not path.is_file():
             raise FileNotFoundError(f"backbone weights_path {str(path)!r} does not exist")
@@ -96,21 +167,34 @@ class ResNetBackbone(nn.Module):
         if not isinstance(state, dict):
             raise RuntimeError(
                 f"backbone weights_path {str(path)!r}: expected a dict of tensors "
-                f"(a torchvision ResNet state dict), got {type(state).__name__}"
+                f"(a ResNet state dict), got {type(state).__name__}"
             )
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        self._load_state(state, f"backbone weights_path {str(path)!r}")
+
+    def _download_imagenet(self) -> dict[str, Tensor]:
+        if self.deep_stem:
+            state = torch.hub.load_state_dict_from_url(
+                _IMAGENET_V1C[self.depth], map_location="cpu", weights_only=True
+            )
+            return state.get("state_dict", state)
+        return _IMAGENET[self.depth].get_state_dict(progress=True)
+
+    def _load_state(self, state: dict[str, Tensor], source: str) -> None:
+        """Load a body's state dict strictly; ``fc.*`` is dropped, a ``backbone.`` prefix removed."""
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise RuntimeError(
-                f"backbone weights_path {str(path)!r} does not match a torchvision "
-                f"ResNet-{self.depth}: missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"{source} does not match this "
+                f"ResNet{'V1c' if self.deep_stem else ''}-{self.depth}: "
+                f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
             )
 
     def _frozen_modules(self) -> list[nn.Module]:
         mods: list[nn.Module] = []
         if self.frozen_stages >= 0:
-            mods += [self.conv1, self.bn1]
+            mods += [self.stem] if self.deep_stem else [self.conv1, self.bn1]
         for i in range(1, self.frozen_stages + 1):
             mods.append(getattr(self, f"layer{i}"))
         return mods
@@ -133,12 +217,35 @@ class ResNetBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """``(B, 3, H, W)`` -> ``[C2 (B, c2, H/4, W/4), C3 (H/8), C4 (H/16), C5 (H/32)]``."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.stem(x) if self.deep_stem else self.relu(self.bn1(self.conv1(x)))
+        x = self.maxpool(x)
         c2 = self.layer1(x)
         c3 = self.layer2(c2)
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
         return [c2, c3, c4, c5]
+
+
+def _res_layer(
+    block: type[BasicBlock] | type[Bottleneck],
+    in_channels: int,
+    planes: int,
+    num_blocks: int,
+    stride: int,
+    dilation: int,
+    contract_dilation: bool,
+) -> nn.Sequential:
+    """One stage: ``num_blocks`` blocks, the first with ``stride`` and a 1x1 projection shortcut."""
+    out_channels = planes * block.expansion
+    downsample = None
+    if stride != 1 or in_channels != out_channels:
+        downsample = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+        )
+    first_dilation = dilation // 2 if contract_dilation and dilation > 1 else dilation
+    blocks = [block(in_channels, planes, stride, downsample, dilation=first_dilation)]
+    blocks += [block(out_channels, planes, dilation=dilation) for _ in range(1, num_blocks)]
+    return nn.Sequential(*blocks)
 
 
 class FPN(nn.Module):

@@ -27,6 +27,10 @@ class KNet(nn.Module):
     Instance: ``num_kernels = num_proposals``; classifiers and ``conv_seg`` have
     ``num_things`` outputs and ``num_stuff`` is ignored (stuff regions are not instances).
 
+    ``backbone_base_channels`` is the width of the ResNet's first stage (mmdet's
+    ``base_channels``; 64 in every published ResNet, whose ImageNet weights need it); the
+    synthetic default trains a half-width ResNet-18 from scratch.
+
     The backbone lives under the attribute ``backbone`` (the optimizer scales its lr);
     :func:`knet_lightning.optim.param_groups` splits the trainable parameters accordingly.
     """
@@ -39,6 +43,7 @@ class KNet(nn.Module):
         num_proposals: int = 100,
         num_stages: int = 3,
         backbone_depth: int = 50,
+        backbone_base_channels: int = 64,
         frozen_stages: int = 1,
         norm_eval: bool = True,
         pretrained: bool = False,
@@ -73,6 +78,7 @@ class KNet(nn.Module):
 
         self.backbone = ResNetBackbone(
             depth=backbone_depth,
+            base_channels=backbone_base_channels,
             frozen_stages=frozen_stages,
             norm_eval=norm_eval,
             pretrained=pretrained,

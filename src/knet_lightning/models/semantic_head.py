@@ -6,9 +6,10 @@ head"). Besides its logits it hands over the feature map ``F`` it classifies (be
 dropout) and the weight of its final 1x1 classifier ``conv_seg`` as one initial kernel
 per class. The kernel update heads then refine these class kernels against ``F``.
 
-Heads here follow mmseg 0.x: ``FCNHead`` (3x3 conv-BN-ReLU stack, optional concat with the
-input) and ``UPerHead`` (pyramid pooling on C5 plus FPN-style fusion at stride 4), with
-``Dropout2d`` before ``conv_seg``. Convs are initialised like mmcv's ``ConvModule``
+Heads here follow mmseg: ``FCNHead`` (3x3 conv-BN-ReLU stack, optional concat with the
+input), ``PSPHead`` (pyramid pooling), ``ASPPHead`` (atrous spatial pyramid pooling) and
+``UPerHead`` (pyramid pooling on C5 plus FPN-style fusion at stride 4), with ``Dropout2d``
+before ``conv_seg``. Convs are initialised like mmcv's ``ConvModule``
 (Kaiming normal, fan-out, norm weight 1 / bias 0) and ``conv_seg`` ~ N(0, 0.01), bias 0.
 BN defaults to ``nn.BatchNorm2d``; SyncBN is the trainer's ``sync_batchnorm`` business.
 """
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 NormLayer = Callable[[int], nn.Module]
 
-__all__ = ["ConvBNReLU", "DecodeHeadOutput", "FCNHead", "PPM", "UPerHead"]
+__all__ = ["ASPPHead", "ConvBNReLU", "DecodeHeadOutput", "FCNHead", "PPM", "PSPHead", "UPerHead"]
 
 
 class DecodeHeadOutput(NamedTuple):
@@ -303,3 +304,109 @@ class UPerHead(_ClassifierMixin):
         ]
         feature = self.fpn_bottleneck(torch.cat(outs, dim=1))
         return self._classify(feature)
+
+
+class PSPHead(_ClassifierMixin):
+    """mmseg ``PSPHead`` (PSPNet): PPM on one level, concatenated with it and fused by a 3x3 conv.
+
+    Args:
+        in_channels: channels of the selected level (2048 for C5 of R-50).
+        channels: width of the PPM branches and of ``F`` (512 in the K-Net config).
+        num_classes: number of classes.
+        pool_scales: PPM output sizes.
+        dropout: ``Dropout2d`` rate before ``conv_seg``.
+        in_index: which backbone level ``forward`` reads.
+        norm_layer: norm constructor.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 2048,
+        channels: int = 512,
+        num_classes: int = 150,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        dropout: float = 0.1,
+        in_index: int = 3,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        if len(pool_scales) == 0:
+            raise ValueError("PSPHead: pool_scales must not be empty")
+        self.in_channels = in_channels
+        self.in_index = in_index
+        self.psp_modules = PPM(pool_scales, in_channels, channels, norm_layer)
+        self.bottleneck = ConvBNReLU(
+            in_channels + len(pool_scales) * channels, channels, 3, padding=1, norm_layer=norm_layer
+        )
+        self._build_classifier(channels, num_classes, dropout)
+
+    def forward(self, features: Sequence[Tensor]) -> DecodeHeadOutput:
+        """``[C2..C5]`` -> logits ``(B, num_classes, h, w)``, ``F`` ``(B, channels, h, w)`` and
+        kernels ``(num_classes, channels)`` at the resolution of level ``in_index``."""
+        x = _check_features(features, self.in_index, self.in_channels, "PSPHead")
+        return self._classify(self.bottleneck(torch.cat([x, *self.psp_modules(x)], dim=1)))
+
+
+class ASPPHead(_ClassifierMixin):
+    """mmseg ``ASPPHead`` (DeepLabV3): image pooling plus parallel atrous convs, fused by a 3x3 conv.
+
+    Each dilation d gives a conv-BN-ReLU branch, 1x1 for d = 1 and 3x3 with dilation d otherwise;
+    the image-pooling branch (global average pool, 1x1 conv-BN-ReLU, bilinear upsample) comes
+    first in the concatenation, as in mmseg.
+
+    Args:
+        in_channels: channels of the selected level (2048 for C5 of R-50).
+        channels: width of every branch and of ``F`` (512 in the K-Net config).
+        num_classes: number of classes.
+        dilations: one branch per dilation ((1, 12, 24, 36) in the K-Net config).
+        dropout: ``Dropout2d`` rate before ``conv_seg``.
+        in_index: which backbone level ``forward`` reads.
+        norm_layer: norm constructor.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 2048,
+        channels: int = 512,
+        num_classes: int = 150,
+        dilations: Sequence[int] = (1, 12, 24, 36),
+        dropout: float = 0.1,
+        in_index: int = 3,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        if len(dilations) == 0:
+            raise ValueError("ASPPHead: dilations must not be empty")
+        self.in_channels = in_channels
+        self.in_index = in_index
+        self.image_pool = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), ConvBNReLU(in_channels, channels, 1, norm_layer=norm_layer)
+        )
+        self.aspp_modules = nn.ModuleList(
+            ConvBNReLU(
+                in_channels,
+                channels,
+                1 if d == 1 else 3,
+                padding=0 if d == 1 else d,
+                dilation=d,
+                norm_layer=norm_layer,
+            )
+            for d in dilations
+        )
+        self.bottleneck = ConvBNReLU(
+            (len(dilations) + 1) * channels, channels, 3, padding=1, norm_layer=norm_layer
+        )
+        self._build_classifier(channels, num_classes, dropout)
+
+    def forward(self, features: Sequence[Tensor]) -> DecodeHeadOutput:
+        """``[C2..C5]`` -> logits ``(B, num_classes, h, w)``, ``F`` ``(B, channels, h, w)`` and
+        kernels ``(num_classes, channels)`` at the resolution of level ``in_index``."""
+        x = _check_features(features, self.in_index, self.in_channels, "ASPPHead")
+        if self.training and x.shape[0] == 1 and type(self.image_pool[1][1]) is nn.BatchNorm2d:
+            raise ValueError(
+                "ASPPHead: the image-pooling branch with nn.BatchNorm2d cannot train on a batch of "
+                "1 image (one value per channel); use batch size >= 2 or SyncBN across devices"
+            )
+        pooled = F.interpolate(self.image_pool(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        branches = [pooled, *(branch(x) for branch in self.aspp_modules)]
+        return self._classify(self.bottleneck(torch.cat(branches, dim=1)))

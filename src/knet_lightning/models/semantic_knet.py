@@ -1,6 +1,6 @@
 """K-Net for semantic segmentation (paper §3.4; the official ``knet/seg/``): one kernel per class.
 
-A decode head (FCN or UPerNet) predicts ordinary segmentation logits and exposes its
+A decode head (FCN, PSPNet, DeepLabV3 or UPerNet) predicts ordinary segmentation logits and exposes its
 ``conv_seg`` weights as class kernels. ``S`` kernel update heads then refine the kernels
 against the decode head's feature map and each predicts new per-class logits, which are the
 segmentation logits of that stage. There is no matching and no classification branch:
@@ -18,9 +18,12 @@ from torch import Tensor, nn
 from knet_lightning.models.backbone import ResNetBackbone
 from knet_lightning.models.kernel_update import KernelUpdator, dynamic_conv
 from knet_lightning.models.outputs import StageOutput, check_images
-from knet_lightning.models.semantic_head import DecodeHeadOutput, FCNHead, UPerHead
+from knet_lightning.models.semantic_head import ASPPHead, DecodeHeadOutput, FCNHead, PSPHead, UPerHead
 
-__all__ = ["SemanticKNet", "SemanticKernelUpdateHead", "assemble_group_features"]
+__all__ = ["DECODE_HEADS", "SemanticKNet", "SemanticKernelUpdateHead", "assemble_group_features"]
+
+# the kernel generate heads of the official configs: FCN, PSPNet, DeepLabV3 (ASPP), UPerNet
+DECODE_HEADS = ("fcn", "psp", "aspp", "uper")
 
 
 def assemble_group_features(mask_logits: Tensor, feature: Tensor) -> Tensor:
@@ -189,17 +192,18 @@ class SemanticKernelUpdateHead(nn.Module):
 
 
 class SemanticKNet(nn.Module):
-    """K-Net for semantic segmentation: ResNet → FCN/UPerNet decode head → S update heads.
+    """K-Net for semantic segmentation: ResNet → decode head → S update heads.
 
-    Deviation from the official model: the backbone is torchvision's ResNet with the
-    standard 7x7 stem, not mmseg's ``ResNetV1c`` deep stem (three 3x3 convs), so ImageNet
-    weights are torchvision's and the numbers may differ slightly from the README.
+    The official semantic configs use mmseg's ``ResNetV1c`` (``deep_stem=True``: three 3x3
+    convs instead of the 7x7 stem); ``deep_stem=False`` gives torchvision's body, whose
+    ImageNet weights ``pretrained`` downloads.
 
-    ``decode_head="fcn"`` uses a dilated D8 ResNet (layer3/4 dilated, features at stride 8)
-    and an FCN head on C5 (2 convs + concat input, 512 channels); it needs a Bottleneck
-    ResNet (50/101) because torchvision's BasicBlock cannot dilate. ``decode_head="uper"``
-    uses a plain ResNet and UPerHead fusing C2..C5 at stride 4 with 256 channels (the
-    original K-Net repo; mmseg's port of the config uses 512). An auxiliary FCN head on C4
+    ``decode_head`` ``"fcn"``, ``"psp"`` and ``"aspp"`` use the dilated D8 ResNet (layer3/4
+    dilated with contracted first blocks, features at stride 8; needs a Bottleneck ResNet,
+    50/101) and read C5: FCN (2 convs + concat input), PSPNet (PPM, scales 1, 2, 3, 6) or
+    DeepLabV3 (ASPP, dilations 1, 12, 24, 36), 512 channels. ``"uper"`` uses the plain ResNet
+    and UPerHead fusing C2..C5 at stride 4 with 256 channels (the original K-Net repo;
+    MMSegmentation 1.x's config uses 512: ``channels=512``). An auxiliary FCN head on C4
     (1 conv, ``aux_channels``, no concat) feeds the 0.4-weighted auxiliary CE loss.
 
     Output structure: ``forward`` always returns ``num_stages + 1`` ``StageOutput`` s with
@@ -209,21 +213,23 @@ class SemanticKNet(nn.Module):
 
     Args:
         num_classes: number of classes (>= 2: assembling is a softmax over the classes).
-        decode_head: ``"uper"`` or ``"fcn"``.
+        decode_head: one of ``DECODE_HEADS``: ``"fcn"``, ``"psp"``, ``"aspp"``, ``"uper"``.
         num_stages: number S of kernel update heads (0 gives the plain decode head).
-        backbone_depth: ResNet depth (18, 34, 50, 101, 152).
+        backbone_depth: ResNet depth (18, 34, 50, 101).
         frozen_stages: backbone stages to freeze (-1: none, as mmseg trains all).
         norm_eval: keep backbone BN in eval mode.
         pretrained: load torchvision ImageNet weights (never in tests).
         weights_path: local backbone checkpoint instead of a download.
-        channels: decode-head width = kernel width D; default 512 (fcn) / 256 (uper).
+        deep_stem: mmseg's ``ResNetV1c`` stem (the official configs) instead of the 7x7 conv.
+        channels: decode-head width = kernel width D; default 256 (uper) / 512 (the others).
         aux_channels: width of the auxiliary FCN head.
         aux_head: build the auxiliary head.
         feedforward_channels: FFN hidden width in the update heads.
         num_heads: attention heads in the update heads.
         dropout: ``Dropout2d`` rate before the decode heads' ``conv_seg``.
         updator_channels: ``KernelUpdator`` width (256); must divide ``channels``.
-        pool_scales: UPerHead PPM scales.
+        pool_scales: PPM scales of PSPHead and UPerHead.
+        aspp_dilations: ASPPHead branch dilations.
         fcn_num_convs: convs of the FCN decode head.
         update_dropout: attention/FFN dropout in the update heads (0 officially).
     """
@@ -238,6 +244,7 @@ class SemanticKNet(nn.Module):
         norm_eval: bool = False,
         pretrained: bool = False,
         weights_path: Optional[str] = None,
+        deep_stem: bool = False,
         channels: Optional[int] = None,
         aux_channels: int = 256,
         aux_head: bool = True,
@@ -246,6 +253,7 @@ class SemanticKNet(nn.Module):
         dropout: float = 0.1,
         updator_channels: int = 256,
         pool_scales: tuple[int, ...] = (1, 2, 3, 6),
+        aspp_dilations: tuple[int, ...] = (1, 12, 24, 36),
         fcn_num_convs: int = 2,
         update_dropout: float = 0.0,
     ) -> None:
@@ -255,12 +263,12 @@ class SemanticKNet(nn.Module):
                 f"SemanticKNet: num_classes must be >= 2 (assembling is a softmax over class "
                 f"kernels; use a 2-class fg/bg formulation for binary tasks), got {num_classes}"
             )
-        if decode_head not in ("uper", "fcn"):
-            raise ValueError(f"SemanticKNet: decode_head must be 'uper' or 'fcn', got {decode_head!r}")
+        if decode_head not in DECODE_HEADS:
+            raise ValueError(f"SemanticKNet: decode_head must be one of {DECODE_HEADS}, got {decode_head!r}")
         if num_stages < 0:
             raise ValueError(f"SemanticKNet: num_stages must be >= 0, got {num_stages}")
         if channels is None:
-            channels = 512 if decode_head == "fcn" else 256
+            channels = 256 if decode_head == "uper" else 512
         self.num_classes = num_classes
         # one kernel per class: the N of the semantic model
         self.num_proposals = num_classes
@@ -268,17 +276,19 @@ class SemanticKNet(nn.Module):
         self.num_stages = num_stages
         self.channels = channels
 
-        dilation = (False, True, True) if decode_head == "fcn" else (False, False, False)
+        dilated = decode_head != "uper"
         self.backbone = ResNetBackbone(
             depth=backbone_depth,
             frozen_stages=frozen_stages,
             norm_eval=norm_eval,
             pretrained=pretrained,
             weights_path=weights_path,
-            replace_stride_with_dilation=dilation,
+            deep_stem=deep_stem,
+            strides=(1, 2, 1, 1) if dilated else (1, 2, 2, 2),
+            dilations=(1, 1, 2, 4) if dilated else (1, 1, 1, 1),
         )
         levels = list(self.backbone.out_channels)
-        self.output_stride = 8 if decode_head == "fcn" else 4
+        self.output_stride = 8 if dilated else 4
 
         self.decode_head: nn.Module
         if decode_head == "fcn":
@@ -291,6 +301,10 @@ class SemanticKNet(nn.Module):
                 dropout=dropout,
                 in_index=3,
             )
+        elif decode_head == "psp":
+            self.decode_head = PSPHead(levels[3], channels, num_classes, pool_scales, dropout, in_index=3)
+        elif decode_head == "aspp":
+            self.decode_head = ASPPHead(levels[3], channels, num_classes, aspp_dilations, dropout, in_index=3)
         else:
             self.decode_head = UPerHead(
                 in_channels=levels,
@@ -325,16 +339,19 @@ class SemanticKNet(nn.Module):
 
     def forward(self, images: Tensor) -> list[StageOutput]:
         """Args:
-            images: ``(B, 3, H, W)`` normalized images, H and W multiples of 32.
+            images: ``(B, 3, H, W)`` normalized images of any size.
 
         Returns:
             ``num_stages + 1`` stage outputs. ``mask_logits`` are ``(B, num_classes, H/s, W/s)``
-            with s = 8 (fcn) or 4 (uper); ``kernels`` are ``(B, num_classes, channels)``
+            (sizes rounded up as the strided convs give them)
+            with s = 4 (uper) or 8 (the others); ``kernels`` are ``(B, num_classes, channels)``
             (stage 0: ``conv_seg`` weights, expanded); ``cls_logits`` is ``None``; stage 0's
-            ``sem_logits`` is the aux head's ``(B, num_classes, H/16, W/16)`` (fcn: H/8) in
+            ``sem_logits`` is the aux head's ``(B, num_classes, H/16, W/16)`` (D8: H/8) in
             training mode, else ``None``.
         """
-        check_images(images, "SemanticKNet")
+        # any size, as MMSegmentation's whole-image inference: every layer here resizes to the
+        # sizes it meets (the collate function still pads batches to data.size_divisor)
+        check_images(images, "SemanticKNet", divisor=1)
 
         features = self.backbone(images)
         decoded: DecodeHeadOutput = self.decode_head(features)
