@@ -42,8 +42,12 @@ PAPER = {
     "knet_r50_coco_panoptic_ms3x": ("coco_panoptic", "panoptic", "val/pq", 47.1, "PQ"),
     "knet_r50_coco_instance_1x": ("coco_instance", "instance", "val/map", 34.0, "mask AP"),
     "knet_r50_coco_instance_ms3x": ("coco_instance", "instance", "val/map", 37.8, "mask AP"),
+    "knet_r101_coco_panoptic_ms3x": ("coco_panoptic", "panoptic", "val/pq", 48.4, "PQ"),
+    "knet_r101_coco_instance_ms3x": ("coco_instance", "instance", "val/map", 39.2, "mask AP"),
     "knet_fcn_r50_ade20k_80k": ("ade20k", "semantic", "val/miou", 43.3, "mIoU"),
     "knet_upernet_r50_ade20k_80k": ("ade20k", "semantic", "val/miou", 43.6, "mIoU"),
+    "knet_pspnet_r50_ade20k_80k": ("ade20k", "semantic", "val/miou", 43.9, "mIoU"),
+    "knet_deeplabv3_r50_ade20k_80k": ("ade20k", "semantic", "val/miou", 44.6, "mIoU"),
     "knet_upernet_r50_cityscapes_80k": ("cityscapes_semantic", "semantic", "val/miou", None, None),
     "knet_r50_cityscapes_panoptic_90k": ("cityscapes_panoptic", "panoptic", "val/pq", None, None),
 }
@@ -92,7 +96,7 @@ def test_experiment_composes_with_the_paper_settings(tmp_path: Path, name: str) 
         compose_cfg(tmp_path, [f"data={data}", "~experiment"]).data
     )["_target_"]
     net, opt, sch = cfg.model.net, cfg.model.optimizer, cfg.model.scheduler
-    assert net.backbone_depth == 50 and net.pretrained is True
+    assert net.backbone_depth == (101 if "_r101_" in name else 50) and net.pretrained is True
     assert cfg.model.num_stages == 3
     assert opt.lr == pytest.approx(1e-4)
     assert (sch.warmup_iters, sch.warmup_ratio, sch.gamma) == (1000, pytest.approx(0.001), pytest.approx(0.1))
@@ -104,9 +108,10 @@ def test_experiment_composes_with_the_paper_settings(tmp_path: Path, name: str) 
         assert (net.frozen_stages, net.norm_eval) == (1, True)
     else:
         assert (opt.weight_decay, opt.backbone_lr_mult) == (pytest.approx(5e-4), 1.0)
-        assert net.decode_head == ("fcn" if "fcn" in name else "uper")
-        assert net.channels == (512 if "fcn" in name else 256)
-    if name.startswith("knet_r50_coco"):
+        head = {"fcn": "fcn", "pspnet": "psp", "deeplabv3": "aspp", "upernet": "uper"}[name.split("_")[1]]
+        assert net.decode_head == head and net.deep_stem is True  # ResNetV1c, as the official configs
+        assert net.channels == (256 if head == "uper" else 512)
+    if name.startswith(("knet_r50_coco", "knet_r101_coco")):
         ms3x = name.endswith("ms3x")
         assert cfg.trainer.max_epochs == (36 if ms3x else 12)
         assert list(sch.milestones) == ([27, 33] if ms3x else [8, 11]) and sch.milestone_unit == "epoch"
@@ -230,7 +235,8 @@ def test_coco_instance_1x_trains_and_evaluates(tmp_path: Path) -> None:
         mask_utils.decode(r["segmentation"])  # valid compressed RLE
 
 
-@pytest.mark.parametrize("name", ["knet_fcn_r50_ade20k_80k", "knet_upernet_r50_ade20k_80k"])
+# the UPerNet experiment trains (from converted weights), evaluates and exports in test_convert.py
+@pytest.mark.parametrize("name", ["knet_fcn_r50_ade20k_80k"])
 def test_ade20k_trains_and_evaluates(tmp_path: Path, name: str) -> None:
     write_ade20k(tmp_path / "ade")
     fcn = "fcn" in name

@@ -111,3 +111,23 @@ def model_config_for_checkpoint(
     if net:
         merged["net"] = net
     return merged
+
+
+def load_network_weights(module: Any, path: str, trusted: bool = False) -> None:
+    """``load_from=``: copy the network weights of checkpoint ``path`` (ours, or one that
+    ``mode=convert`` wrote) into ``module.net``; optimizer, schedule and epoch start afresh.
+
+    Strict: the checkpoint's network must be this config's (same keys and shapes); anything
+    else is one error naming the file and the keys.
+    """
+    from knet_lightning.checkpoint_io import load_checkpoint_file
+    from knet_lightning.convert.mapping import KeyMapping, convert_state_dict
+
+    checkpoint = load_checkpoint_file(path, trusted=trusted)
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"load_from={path}: not a knet-lightning checkpoint (no 'state_dict')")
+    net_state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    same = KeyMapping([("{rest}", "{rest}")], name="load_from")
+    module.net.load_state_dict(convert_state_dict(net_state, module.net.state_dict(), same, f"load_from={path}"))
+    log.info("load_from=%s: network weights loaded; optimizer and schedule start afresh", path)

@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from knet_lightning.checkpoint_io import load_checkpoint_file
-from knet_lightning.checkpoint_model import MODEL_CONFIG_KEY, model_config_for_checkpoint
+from knet_lightning.checkpoint_model import MODEL_CONFIG_KEY, load_network_weights, model_config_for_checkpoint
 from knet_lightning.configs import register_configs
 from knet_lightning.distributed import end_of_job, is_global_zero_from_env
 from knet_lightning.errors import summary as error_summary
@@ -288,6 +288,18 @@ def run(cfg: DictConfig) -> Optional[float]:
         log.info("run folder: %s", cfg.paths.output_dir)
 
 
+def _convert(cfg: DictConfig, class_info: Any, output_dir: Path) -> None:
+    """``mode=convert``: a published checkpoint into ours (:mod:`knet_lightning.convert`)."""
+    from knet_lightning.convert import convert_checkpoint
+
+    if not cfg.get("convert_source"):
+        raise ValueError("mode=convert needs convert_source=<published checkpoint .pth>")
+    output = Path(cfg.convert_output or output_dir / "checkpoints" / "converted.ckpt")
+    check_class_counts(cfg, class_info)
+    convert_checkpoint(cfg.convert_source, output, build_model(cfg, class_info), class_info.names)
+    log.info("converted checkpoint: %s (mode=eval ckpt_path=%s, or load_from=%s to fine-tune)", output, output, output)
+
+
 def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     import lightning as L
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -308,6 +320,9 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
         (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
     datamodule = build_datamodule(cfg)
+    if cfg.mode == "convert":
+        _convert(cfg, datamodule.class_info, output_dir)
+        return None
     datamodule.prepare_data()
     class_info = datamodule.class_info
     check_class_counts(cfg, class_info)
@@ -317,6 +332,10 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     model = build_model(cfg, class_info, ckpt_path)
     if cfg.mode == "train":
         model.task.check_training_set(datamodule.datasets.get("train"))
+        if cfg.get("load_from"):
+            if ckpt_path is not None:
+                raise ValueError("give either load_from= (start from its weights) or ckpt_path= (resume), not both")
+            load_network_weights(model, cfg.load_from, trusted=bool(cfg.get("trusted_checkpoint", False)))
 
     loggers.extend(build_loggers(cfg))
     for logger in loggers:
@@ -372,7 +391,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
                         "; ".join(f"{name} ({reason})" for name, reason in exporter.skipped))  # fmt: skip
         return None
     else:
-        raise ValueError(f"mode={mode!r}: expected train, eval or predict")
+        raise ValueError(f"mode={mode!r}: expected train, eval, predict or convert")
 
     metrics = {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) or isinstance(v, (int, float))}
     if trainer.is_global_zero:

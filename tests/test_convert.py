@@ -1,0 +1,164 @@
+"""``mode=convert``: strict mapping, safe reading, class checks, and the converted checkpoint's uses
+(``mode=eval ckpt_path=``, ``load_from=`` fine-tuning). MMSegmentation parity: test_convert_mmseg.py."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from cli_utils import compose_cfg, run_cfg
+from PIL import Image
+from test_ade20k import _write_fixture as write_ade20k
+
+from knet_lightning.checkpoint_io import load_checkpoint_file
+from knet_lightning.cli import build_datamodule, build_model
+from knet_lightning.convert import CONVERSION_KEY, ConversionError, convert_checkpoint
+from knet_lightning.convert.mapping import convert_state_dict
+from knet_lightning.convert.mmseg import MMSEG_SEMANTIC
+from knet_lightning.convert.reading import read_published_checkpoint, sha256_of
+from knet_lightning.data.ade20k import ADE20K_CLASSES
+from knet_lightning.models.semantic_knet import SemanticKNet
+
+UPERNET = "experiment=knet_upernet_r50_ade20k_80k"
+# ResNetV1c-18 and a 32-wide head: the UPerNet experiment at toy size
+TINY = ["model.num_stages=1", "model.net.pretrained=false", "model.net.backbone_depth=18", "model.net.channels=32",
+        "model.net.updator_channels=32", "model.net.aux_channels=16", "model.net.feedforward_channels=64",
+        "model.net.num_heads=2"]  # fmt: skip
+LOADER = ["data.num_workers=0", "data.persistent_workers=false", "data.pin_memory=false"]
+
+
+def _module(tmp_path: Path, *overrides: str):  # -> KNetModule
+    cfg = compose_cfg(tmp_path, [UPERNET, *TINY, f"data.root={tmp_path / 'ade'}", *overrides])
+    return build_model(cfg, build_datamodule(cfg).class_info)
+
+
+def _published(net: torch.nn.Module, meta: dict[str, object]) -> dict[str, object]:
+    """``net``'s weights under MMSegmentation's names, in an mmcv-style checkpoint."""
+    inverse = MMSEG_SEMANTIC.inverse()
+    state = {inverse.target_of(k): v.clone() for k, v in net.state_dict().items()}
+    return {"meta": meta, "state_dict": state}
+
+
+def test_mapping_is_strict_and_inverts() -> None:
+    for head in ("fcn", "psp", "aspp", "uper"):
+        net = SemanticKNet(num_classes=3, decode_head=head, deep_stem=True, backbone_depth=50 if head != "uper" else 18,
+                           num_stages=2, channels=32, updator_channels=16, aux_channels=8, feedforward_channels=32,
+                           num_heads=2)  # fmt: skip
+        ours = net.state_dict()
+        published = _published(net, {})["state_dict"]
+        assert all(k.startswith(("backbone.", "decode_head.kernel_generate_head.", "decode_head.kernel_update_head.",
+                                 "auxiliary_head.")) for k in published)  # fmt: skip
+        back = convert_state_dict(published, ours, MMSEG_SEMANTIC, "src.pth")
+        assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
+
+    missing = dict(published)
+    del missing["decode_head.kernel_generate_head.conv_seg.weight"]
+    with pytest.raises(ConversionError, match=r"src\.pth .*1 network tensors are not in the checkpoint: decode_head\.conv_seg\.weight"):
+        convert_state_dict(missing, ours, MMSEG_SEMANTIC, "src.pth")
+    extra = {**published, "decode_head.kernel_generate_head.extra.weight": torch.zeros(1)}
+    with pytest.raises(ConversionError, match=r"1 source tensors have no place .*kernel_generate_head\.extra\.weight"):
+        convert_state_dict(extra, ours, MMSEG_SEMANTIC, "src.pth")
+    wrong = {**published, "backbone.stem.0.weight": torch.zeros(16, 3, 3, 3)}
+    with pytest.raises(ConversionError, match=r"shapes differ: backbone\.stem\.0\.weight \(16, 3, 3, 3\) -> backbone\.stem\.0\.weight \(32, 3, 3, 3\)"):
+        convert_state_dict(wrong, ours, MMSEG_SEMANTIC, "src.pth")
+
+
+class _NotAllowed:
+    """A class a weights-only load must refuse to build."""
+
+
+def test_reading_refuses_what_is_not_a_published_checkpoint(tmp_path: Path) -> None:
+    good = tmp_path / "good.pth"
+    torch.save({"meta": {"CLASSES": ("a", "b")}, "state_dict": {"w": torch.ones(2)}}, good)
+    read = read_published_checkpoint(good)
+    assert read.classes == ["a", "b"] and read.sha256 == sha256_of(good)
+
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ConversionError, match=r"truncated\.pth is not a readable torch checkpoint"):
+        read_published_checkpoint(truncated)
+    not_state = tmp_path / "list.pth"
+    torch.save([1, 2, 3], not_state)
+    with pytest.raises(ConversionError, match=r"list\.pth: 'state_dict' must map parameter names to tensors, got list"):
+        read_published_checkpoint(not_state)
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "meta": {"x": _NotAllowed()}}, evil, pickle_module=pickle)
+    with pytest.raises(ConversionError, match=r"evil\.pth needs Python objects .*refuses: test_convert\._NotAllowed"):
+        read_published_checkpoint(evil)
+    with pytest.raises(ConversionError, match=r"missing\.pth does not exist"):
+        read_published_checkpoint(tmp_path / "missing.pth")
+
+
+def test_convert_refuses_another_model_or_other_classes_and_writes_nothing(tmp_path: Path) -> None:
+    module = _module(tmp_path, "model.net.backbone_depth=50")
+    out = tmp_path / "out.ckpt"
+    # the FCN (D8) checkpoint into the UPerNet experiment: named by the modules it lacks and has
+    fcn = SemanticKNet(num_classes=150, decode_head="fcn", deep_stem=True, backbone_depth=50, num_stages=1,
+                       channels=32, updator_channels=32, aux_channels=16, feedforward_channels=64, num_heads=2)  # fmt: skip
+    torch.save(_published(fcn, {"dataset_meta": {"classes": list(ADE20K_CLASSES)}}), tmp_path / "fcn.pth")
+    with pytest.raises(ConversionError, match=r"fcn\.pth does not match this network .*no place in the network: "
+                       r"decode_head\.kernel_generate_head\.convs\.\* \(12\), decode_head\.kernel_generate_head\.conv_cat\.\* \(6\); "
+                       r"\d+ network tensors are not in the checkpoint: decode_head\.psp_modules\.\* \(24\)"):
+        convert_checkpoint(tmp_path / "fcn.pth", out, module, ADE20K_CLASSES)
+    # right layout, other classes
+    names = list(ADE20K_CLASSES)
+    names[3] = "carpet"
+    torch.save(_published(module.net, {"dataset_meta": {"classes": names}}), tmp_path / "classes.pth")
+    with pytest.raises(ConversionError, match=r"classes\.pth was trained on other classes .*3: 'carpet' vs 'floor'"):
+        convert_checkpoint(tmp_path / "classes.pth", out, module, ADE20K_CLASSES)
+    assert not out.exists() and not list(tmp_path.glob(".out.ckpt*"))
+
+
+def test_converted_checkpoint_evaluates_and_fine_tunes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """mode=convert, then mode=eval ckpt_path= and a training run with load_from=, on the ADE20K fixture."""
+    write_ade20k(tmp_path / "ade")
+    data = [f"data.root={tmp_path / 'ade'}", *LOADER, "data.img_scale=[64,32]", "data.crop_size=32"]
+    source_net = _module(tmp_path).net
+    with torch.no_grad():
+        for p in source_net.parameters():
+            p.normal_(0, 0.05)
+    source = tmp_path / "knet_upernet_ade20k.pth"
+    # MMSegmentation 0.x / mmcv 1.x layout: meta.CLASSES (with MMSegmentation's 'bed ')
+    classes = [c if c != "bed" else "bed " for c in ADE20K_CLASSES]
+    torch.save(_published(source_net, {"mmseg_version": "0.21.0", "CLASSES": tuple(classes)}), source)
+    converted = tmp_path / "converted.ckpt"
+    run_cfg(compose_cfg(tmp_path / "convert", ["mode=convert", UPERNET, *TINY, *data, f"convert_source={source}",
+                                                f"convert_output={converted}"]))  # fmt: skip
+    stored = load_checkpoint_file(converted)
+    record = stored[CONVERSION_KEY]
+    assert record["source_sha256"] == sha256_of(source) and record["source_version"] == {"mmseg_version": "0.21.0"}
+    for key, value in source_net.state_dict().items():
+        assert torch.equal(stored["state_dict"][f"net.{key}"], value)
+
+    # evaluation rebuilds the network from the converted checkpoint: no model overrides needed
+    run_cfg(compose_cfg(tmp_path / "eval", [UPERNET, *data, f"ckpt_path={converted}", "export_predictions=true"],
+                        config_name="eval"))  # fmt: skip
+    evaluated = json.loads((tmp_path / "eval" / "run" / "metrics.json").read_text())
+    assert 0.0 <= evaluated["test/miou"] <= 100.0
+    (png,) = sorted((tmp_path / "eval" / "run" / "predictions" / "semantic").glob("*.png"))
+    label = np.array(Image.open(png))
+    # original size, ADE20K's own ids 1..150 (0 = other), as the official evaluation reads them
+    assert png.name == "ADE_val_00000001.png" and label.shape == (20, 16) and 1 <= label.min() <= label.max() <= 150
+
+    # fine-tuning: the converted weights, a fresh optimizer and schedule, then the usual train-then-test
+    two_steps = ["debug=limit", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.max_epochs=2",
+                 "trainer.limit_train_batches=1", "data.batch_size=2"]  # fmt: skip
+    with caplog.at_level("INFO", logger="knet_lightning.checkpoint_model"):
+        run_cfg(compose_cfg(tmp_path / "tune", [UPERNET, *TINY, *data, *two_steps, f"load_from={converted}"]))
+    assert f"load_from={converted}: network weights loaded" in caplog.text
+    run_dir = tmp_path / "tune" / "run"
+    trained = json.loads((run_dir / "metrics.json").read_text())
+    assert {"val/miou", "val/acc", "val/miou_s0", "val/miou_s1", "test/miou"} <= set(trained)
+    last = load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 2 and len(last["optimizer_states"]) == 1
+
+    with pytest.raises(ConversionError, match=r"load_from=.*converted\.ckpt does not match this network.*shapes differ"):
+        run_cfg(compose_cfg(tmp_path / "wide", [UPERNET, *TINY, *data, *two_steps, "model.net.aux_channels=8",
+                                                 f"load_from={converted}"]))  # fmt: skip
+    with pytest.raises(ValueError, match="either load_from= .* or ckpt_path="):
+        run_cfg(compose_cfg(tmp_path / "both", [UPERNET, *TINY, *data, f"load_from={converted}",
+                                                 f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"]))  # fmt: skip
