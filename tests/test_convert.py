@@ -114,7 +114,8 @@ def test_convert_refuses_another_model_or_other_classes_and_writes_nothing(tmp_p
 
 
 def test_converted_checkpoint_evaluates_and_fine_tunes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """mode=convert, then mode=eval ckpt_path= and a training run with load_from=, on the ADE20K fixture."""
+    """mode=convert, then mode=eval / mode=predict with ckpt_path= and a training run with load_from=, on
+    the ADE20K fixture."""
     write_ade20k(tmp_path / "ade")
     data = [f"data.root={tmp_path / 'ade'}", *LOADER, "data.img_scale=[64,32]", "data.crop_size=32"]
     source_net = _module(tmp_path).net
@@ -143,6 +144,12 @@ def test_converted_checkpoint_evaluates_and_fine_tunes(tmp_path: Path, caplog: p
     label = np.array(Image.open(png))
     # original size, ADE20K's own ids 1..150 (0 = other), as the official evaluation reads them
     assert png.name == "ADE_val_00000001.png" and label.shape == (20, 16) and 1 <= label.min() <= label.max() <= 150
+
+    # predict on a folder of images with the converted checkpoint
+    run_cfg(compose_cfg(tmp_path / "predict", ["mode=predict", UPERNET, *data, f"ckpt_path={converted}",
+                                                f"inputs={tmp_path / 'ade' / 'ADEChallengeData2016' / 'images' / 'validation'}"]))  # fmt: skip
+    (predicted,) = sorted((tmp_path / "predict" / "run" / "predictions" / "semantic").glob("*.png"))
+    assert predicted.name == "ADE_val_00000001.png" and np.array(Image.open(predicted)).shape == (20, 16)
 
     # fine-tuning: the converted weights, a fresh optimizer and schedule, then the usual train-then-test
     two_steps = ["debug=limit", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.max_epochs=2",

@@ -60,6 +60,9 @@ def test_mmsegmentation_checkpoint_converts_and_matches_logits_and_losses(tmp_pa
     record = convert_checkpoint(source, output, module, ADE20K_CLASSES)
     assert record["source_sha256"] == sha256_of(source) and "MMSegmentation" in record["mapping"]
 
+    # the same tensors and parameters as MMSegmentation's model (e.g. FCN 62.8 M, 475 tensors)
+    assert len(module.net.state_dict()) == len(ref.state_dict())
+    assert sum(p.numel() for p in module.net.parameters()) == sum(p.numel() for p in ref.parameters())
     stored = load_checkpoint_file(output)
     assert stored[CONVERSION_KEY] == record
     net = module.net
