@@ -41,11 +41,22 @@ def official_keys(name: str) -> dict[str, tuple[int, ...]]:
 
 
 def random_official(keys: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random values of a trained network's kind: fan-in scaled weights, norm scales near 1,
+    positive BN variances (so that the network runs finite, as a published one does)."""
     gen = torch.Generator().manual_seed(seed)
-    return {
-        key: torch.randint(0, 1000, shape, generator=gen) if key.endswith("num_batches_tracked") else torch.randn(shape, generator=gen)
-        for key, shape in keys.items()
-    }
+    out: dict[str, torch.Tensor] = {}
+    for key, shape in keys.items():
+        if key.endswith("num_batches_tracked"):
+            out[key] = torch.randint(0, 1000, shape, generator=gen)
+        elif key.endswith("running_var"):
+            out[key] = torch.rand(shape, generator=gen) + 0.5
+        elif len(shape) >= 2:
+            out[key] = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
+        elif key.endswith("weight"):  # BN / GN / LN scale
+            out[key] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:  # biases, running means
+            out[key] = 0.1 * torch.randn(shape, generator=gen)
+    return out
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

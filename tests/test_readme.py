@@ -130,3 +130,42 @@ def test_every_quick_start_command_runs_as_written(tmp_path: Path) -> None:
             # the resume commands restore the default run's own checkpoint (not the COCO run's,
             # newer) and say which one
             assert f"ckpt_path=last: {first_run / 'checkpoints' / 'last.ckpt'}" in proc.stdout + proc.stderr
+
+
+def published_weights_commands() -> list[str]:
+    """The commands of the README's "Use the published weights" block, continuation lines joined."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Use the published weights", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block, "README.md's 'Use the published weights' has no bash block"
+    joined = block.group(1).replace("\\\n", " ")
+    return [" ".join(line.split()) for line in joined.splitlines() if line.startswith(COMMAND)]
+
+
+def test_published_weights_commands_run_as_written(tmp_path: Path) -> None:
+    """Convert, evaluate, predict and fine-tune as the README shows, with the official release's
+    file written in its format (MMDetection 2.x: meta + state_dict, the official key layout of
+    tests/data/knet_official/) under its published name. The network is the experiment's R50:
+    only the data (tiny images) and the schedule (a few batches) are reduced."""
+    import torch
+    from test_convert_mmdet import official_keys, random_official
+
+    commands = published_weights_commands()
+    assert len(commands) == 4 and "mode=convert" in commands[0], commands
+    cwd = tmp_path / "fresh clone"
+    (cwd / "path" / "to" / "images").mkdir(parents=True)
+    Image.fromarray(np.full((40, 56, 3), 90, np.uint8)).save(cwd / "path" / "to" / "images" / "a.jpg")
+    coco_root = tmp_path / "coco"
+    _write_coco_panoptic(coco_root)
+    source = re.search(r"convert_source=(\S+)", commands[0]).group(1)
+    meta = {"mmdet_version": "2.17.0", "CLASSES": [f"class{c}" for c in range(133)], "epoch": 12}
+    torch.save({"meta": meta, "state_dict": random_official(official_keys("panoptic_r50"))}, cwd / source)
+    data = [a for a in TINY_COCO if not a.startswith("model.")]
+    for command in commands:
+        args = shlex.split(command.replace("/data/coco", str(coco_root)))[len(COMMAND.split()):]
+        proc = _run(args + data + ONE_EPOCH, cwd)
+        assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        assert "Downloading" not in proc.stderr + proc.stdout  # the weights come from the file, never a download
+    assert (cwd / "knet_panoptic.ckpt").is_file()
+    assert sorted(p.name for p in cwd.glob("logs/predict/runs/*/predictions/panoptic/*.png")) == ["a.png"]
+    assert list(cwd.glob("logs/eval/runs/*/metrics.json")) and list(cwd.glob("logs/train/runs/*/metrics.json"))

@@ -102,15 +102,19 @@ def model_config_for_checkpoint(
         )
     merged = {k: v for k, v in stored.items() if k not in FREE_KEYS}
     merged.update({k: v for k, v in given.items() if k in FREE_KEYS})
-    # the weights come from the checkpoint: never download or read the initial ones
-    net = dict(merged.get("net") or {})
+    return without_initial_weights(merged)
+
+
+def without_initial_weights(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """``model_cfg`` with ``net.pretrained=false`` and ``net.weights_path=null``: for a network
+    whose weights come from a checkpoint (eval, predict, ``load_from``, ``mode=convert``), so
+    that nothing is downloaded or read only to be overwritten."""
+    net = dict(model_cfg.get("net") or {})
     if "pretrained" in net:
         net["pretrained"] = False
     if "weights_path" in net:
         net["weights_path"] = None
-    if net:
-        merged["net"] = net
-    return merged
+    return {**model_cfg, "net": net} if net else dict(model_cfg)
 
 
 def load_network_weights(module: Any, path: str, trusted: bool = False) -> None:

@@ -22,7 +22,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from knet_lightning.checkpoint_io import load_checkpoint_file
-from knet_lightning.checkpoint_model import MODEL_CONFIG_KEY, load_network_weights, model_config_for_checkpoint
+from knet_lightning.checkpoint_model import (
+    MODEL_CONFIG_KEY,
+    load_network_weights,
+    model_config_for_checkpoint,
+    without_initial_weights,
+)
 from knet_lightning.configs import register_configs
 from knet_lightning.distributed import end_of_job, is_global_zero_from_env
 from knet_lightning.errors import summary as error_summary
@@ -177,7 +182,8 @@ def build_model(cfg: DictConfig, class_info: Any, ckpt_path: Optional[str] = Non
     """The ``KNetModule`` of ``cfg.model`` with the data set's class metadata.
 
     For ``mode=eval``/``predict`` the network is the one ``ckpt_path`` was trained with
-    (:func:`~knet_lightning.checkpoint_model.model_config_for_checkpoint`).
+    (:func:`~knet_lightning.checkpoint_model.model_config_for_checkpoint`); there, for
+    ``mode=convert`` and with ``load_from=`` no initial (ImageNet) weights are loaded.
     """
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if ckpt_path is not None and cfg.mode in ("eval", "predict"):
@@ -187,6 +193,8 @@ def build_model(cfg: DictConfig, class_info: Any, ckpt_path: Optional[str] = Non
             model_cfg, stored.get(MODEL_CONFIG_KEY) if isinstance(stored, dict) else None, ckpt_path, cfg.mode, overrides
         )
         del stored
+    elif cfg.mode == "convert" or (cfg.mode == "train" and cfg.get("load_from")):
+        model_cfg = without_initial_weights(model_cfg)
     saved_config = dict(model_cfg)
     for key in MODEL_HANDLE_KEYS:
         model_cfg.pop(key, None)
