@@ -16,7 +16,7 @@ from functools import lru_cache
 
 from torch import Tensor
 
-__all__ = ["ConversionError", "KeyMapping", "convert_state_dict"]
+__all__ = ["ConversionError", "KeyMapping", "convert_state_dict", "kernel_update_head_pairs"]
 
 _GREEDY = ("rest", "path")
 
@@ -51,6 +51,21 @@ class KeyMapping:
 
     def inverse(self) -> KeyMapping:
         return KeyMapping([(t, s) for s, t in self.pairs], f"inverse of {self.name}")
+
+
+def kernel_update_head_pairs(source: str, target: str) -> list[tuple[str, str]]:
+    """The pairs for one kernel update head, mmcv-built (official ``knet/det/kernel_update_head.py``,
+    MMSegmentation's ``knet_head.py``) at ``source`` and ours at ``target`` (both with ``{i}``):
+    mmcv's ``MultiheadAttention`` wraps ``attn``, a ``ConvModule`` its ``conv``, and its ``FFN``
+    holds ``layers.0 = Sequential(Linear, ReLU, Dropout)``, ``layers.1 = Linear`` where ours is one
+    ``Sequential(Linear, ReLU, Dropout, Linear, Dropout)``; every other name is the same."""
+    return [
+        (f"{source}.attention.attn.{{rest}}", f"{target}.attention.{{rest}}"),
+        (f"{source}.feat_transform.conv.{{rest}}", f"{target}.feat_transform.{{rest}}"),
+        (f"{source}.ffn.layers.0.0.{{rest}}", f"{target}.ffn.0.{{rest}}"),
+        (f"{source}.ffn.layers.1.{{rest}}", f"{target}.ffn.3.{{rest}}"),
+        (f"{source}.{{rest}}", f"{target}.{{rest}}"),
+    ]
 
 
 def _listing(keys: Sequence[str], limit: int = 6) -> str:

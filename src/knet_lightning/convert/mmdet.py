@@ -13,10 +13,9 @@ official ``rpn_head.localization_fpn``. The stuff kernels are rows ``num_things:
 
 from __future__ import annotations
 
-from knet_lightning.convert.mapping import KeyMapping
+from knet_lightning.convert.mapping import KeyMapping, kernel_update_head_pairs
 
 _LOC = "rpn_head.localization_fpn"
-_STAGE = "roi_head.mask_head.{i}"
 
 MMDET_KNET = KeyMapping(
     [
@@ -38,12 +37,7 @@ MMDET_KNET = KeyMapping(
         ("rpn_head.seg_convs.0.gn.{rest}", "kernel_head.seg_convs.1.{rest}"),
         ("rpn_head.init_kernels.{rest}", "kernel_head.init_kernels.{rest}"),
         ("rpn_head.conv_seg.{rest}", "kernel_head.conv_seg.{rest}"),
-        (f"{_STAGE}.attention.attn.{{rest}}", "update_heads.{i}.attention.{rest}"),
-        (f"{_STAGE}.feat_transform.conv.{{rest}}", "update_heads.{i}.feat_transform.{rest}"),
-        # mmcv FFN: layers.0 = Sequential(Linear, ReLU, Dropout), layers.1 = Linear
-        (f"{_STAGE}.ffn.layers.0.0.{{rest}}", "update_heads.{i}.ffn.0.{rest}"),
-        (f"{_STAGE}.ffn.layers.1.{{rest}}", "update_heads.{i}.ffn.3.{rest}"),
-        (f"{_STAGE}.{{rest}}", "update_heads.{i}.{rest}"),
+        *kernel_update_head_pairs("roi_head.mask_head.{i}", "update_heads.{i}"),
     ],
     name="official K-Net (MMDetection 2.x) detection, mapping v1",
 )

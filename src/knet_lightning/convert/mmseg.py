@@ -10,10 +10,9 @@ head sits under ``decode_head.kernel_generate_head`` with mmcv ``ConvModule`` s 
 
 from __future__ import annotations
 
-from knet_lightning.convert.mapping import KeyMapping
+from knet_lightning.convert.mapping import KeyMapping, kernel_update_head_pairs
 
 _HEAD = "decode_head.kernel_generate_head"
-_UPDATE = "decode_head.kernel_update_head.{i}"
 
 MMSEG_SEMANTIC = KeyMapping(
     [
@@ -24,12 +23,7 @@ MMSEG_SEMANTIC = KeyMapping(
         ("auxiliary_head.conv_seg.{param}", "auxiliary_head.conv_seg.{param}"),
         ("auxiliary_head.{path}.conv.{param}", "auxiliary_head.{path}.0.{param}"),
         ("auxiliary_head.{path}.bn.{param}", "auxiliary_head.{path}.1.{param}"),
-        (f"{_UPDATE}.attention.attn.{{rest}}", "kernel_update_heads.{i}.attention.{rest}"),
-        (f"{_UPDATE}.feat_transform.conv.{{param}}", "kernel_update_heads.{i}.feat_transform.{param}"),
-        # mmcv FFN: layers.0 = Sequential(Linear, ReLU, Dropout), layers.1 = Linear
-        (f"{_UPDATE}.ffn.layers.0.0.{{param}}", "kernel_update_heads.{i}.ffn.0.{param}"),
-        (f"{_UPDATE}.ffn.layers.1.{{param}}", "kernel_update_heads.{i}.ffn.3.{param}"),
-        (f"{_UPDATE}.{{rest}}", "kernel_update_heads.{i}.{rest}"),
+        *kernel_update_head_pairs("decode_head.kernel_update_head.{i}", "kernel_update_heads.{i}"),
     ],
     name="MMSegmentation K-Net (semantic), mapping v1",
 )
