@@ -49,6 +49,16 @@ PAPER = {
     "knet_pspnet_r50_ade20k_80k": ("ade20k", "semantic", "val/miou", 43.9, "mIoU"),
     "knet_deeplabv3_r50_ade20k_80k": ("ade20k", "semantic", "val/miou", 44.6, "mIoU"),
     "knet_upernet_r50_cityscapes_80k": ("cityscapes_semantic", "semantic", "val/miou", None, None),
+    "knet_r101_dcn_coco_panoptic_ms3x": ("coco_panoptic", "panoptic", "val/pq", 49.6, "PQ"),
+    "knet_r101_dcn_coco_instance_ms3x": ("coco_instance", "instance", "val/map", 40.5, "mask AP"),
+    "knet_swin-l_coco_panoptic_ms3x": ("coco_panoptic", "panoptic", "val/pq", 54.6, "PQ"),
+    "knet_upernet_swin-t_ade20k_80k": ("ade20k", "semantic", "val/miou", 45.4, "mIoU"),
+    "knet_upernet_swin-l_ade20k_80k": ("ade20k", "semantic", "val/miou", 52.0, "mIoU"),
+    "knet_upernet_swin-l_ade20k_80k_640": ("ade20k", "semantic", "val/miou", 52.7, "mIoU"),
+    # MMSegmentation 1.x's ports of the three (its metafile's numbers)
+    "knet_upernet_swin-t_ade20k_80k_mmseg": ("ade20k", "semantic", "val/miou", 45.84, "mIoU"),
+    "knet_upernet_swin-l_ade20k_80k_mmseg": ("ade20k", "semantic", "val/miou", 52.05, "mIoU"),
+    "knet_upernet_swin-l_ade20k_80k_640_mmseg": ("ade20k", "semantic", "val/miou", 52.21, "mIoU"),
     "knet_r50_cityscapes_panoptic_90k": ("cityscapes_panoptic", "panoptic", "val/pq", None, None),
 }
 
@@ -96,22 +106,37 @@ def test_experiment_composes_with_the_paper_settings(tmp_path: Path, name: str) 
         compose_cfg(tmp_path, [f"data={data}", "~experiment"]).data
     )["_target_"]
     net, opt, sch = cfg.model.net, cfg.model.optimizer, cfg.model.scheduler
-    assert net.backbone_depth == (101 if "_r101_" in name else 50) and net.pretrained is True
+    swin = "swin" in name
+    assert net.backbone_type == ("swin" if swin else "resnet") and net.pretrained is True
+    if swin:  # the official Swin configs: window 7, stochastic depth per config
+        assert net.swin_arch == ("large" if "swin-l" in name else "tiny") and net.swin_window_size == 7
+        drop = 0.2 if task == "panoptic" else 0.4 if "_640" in name else 0.3
+        assert net.drop_path_rate == pytest.approx(drop) and net.frozen_stages == -1
+    else:
+        assert net.backbone_depth == (101 if "_r101_" in name else 50)
+        dcn = "_dcn_" in name  # mmdet's stage_with_dcn=(False, True, True, True)
+        assert list(net.backbone_dcn_stages) == [False, dcn, dcn, dcn]
     assert cfg.model.num_stages == 3
-    assert opt.lr == pytest.approx(1e-4)
+    assert opt.lr == pytest.approx(6e-5 if swin and task == "semantic" else 1e-4)
     assert (sch.warmup_iters, sch.warmup_ratio, sch.gamma) == (1000, pytest.approx(0.001), pytest.approx(0.1))
     assert (cfg.trainer.gradient_clip_val, cfg.trainer.gradient_clip_algorithm) == (1.0, "norm")
     assert cfg.data.batch_size == 2  # per GPU; x8 GPUs (x4 for Cityscapes semantic) under trainer=ddp
     if task in ("panoptic", "instance"):
         assert cfg.model.num_proposals == 100 and net.channels == 256
         assert (opt.weight_decay, opt.backbone_lr_mult) == (pytest.approx(0.05), pytest.approx(0.25))
-        assert (net.frozen_stages, net.norm_eval) == (1, True)
+        assert swin or (net.frozen_stages, net.norm_eval) == (1, True)
     else:
         assert (opt.weight_decay, opt.backbone_lr_mult) == (pytest.approx(5e-4), 1.0)
         head = {"fcn": "fcn", "pspnet": "psp", "deeplabv3": "aspp", "upernet": "uper"}[name.split("_")[1]]
-        assert net.decode_head == head and net.deep_stem is True  # ResNetV1c, as the official configs
-        assert net.channels == (256 if head == "uper" else 512)
-    if name.startswith(("knet_r50_coco", "knet_r101_coco")):
+        # ResNetV1c, as the official configs
+        assert net.decode_head == head and net.deep_stem is not swin
+        assert net.channels == (256 if head == "uper" and not name.endswith("_mmseg") else 512)
+        # the Swin configs' paramwise_cfg: no decay on the bias tables and norms
+        assert list(opt.no_decay_keys) == (["absolute_pos_embed", "relative_position_bias_table", "norm"] if swin else [])
+        if data == "ade20k":
+            crop = 640 if "_640" in name else 512
+            assert (list(cfg.data.img_scale), cfg.data.crop_size) == ([2048, crop], crop)
+    if "_coco_" in name:
         ms3x = name.endswith("ms3x")
         assert cfg.trainer.max_epochs == (36 if ms3x else 12)
         assert list(sch.milestones) == ([27, 33] if ms3x else [8, 11]) and sch.milestone_unit == "epoch"

@@ -32,6 +32,9 @@ class OptimizerSettings:
     backbone_lr_mult: float = 0.25
     # the official config decays norms and biases too; the mmdet 3.x port sets this to 0
     norm_bias_decay_mult: float = 1.0
+    # parameters whose name contains one of these get no weight decay (mmcv's paramwise_cfg
+    # custom_keys with decay_mult=0; the Swin configs list relative_position_bias_table and norm)
+    no_decay_keys: list[str] = field(default_factory=list)
     # torch's AdamW kernel: fused (one kernel for all parameters), foreach (batched ops),
     # for_loop (one parameter at a time) or auto (fused unless Lightning forbids it: see
     # build_optimizer). Same update rule; on a 2-core CPU the default run's optimizer step
@@ -75,16 +78,21 @@ def param_groups(net: nn.Module, settings: OptimizerSettings) -> list[dict[str, 
             continue
         name = name.removeprefix(_COMPILED_PREFIX)
         is_backbone = name.startswith("backbone.")
-        no_decay = id(p) in norm_params or name.endswith(".bias")
-        groups.setdefault((is_backbone, no_decay), []).append(p)
+        if any(key in name for key in settings.no_decay_keys):
+            decay = 0.0
+        elif id(p) in norm_params or name.endswith(".bias"):
+            decay = settings.norm_bias_decay_mult
+        else:
+            decay = 1.0
+        groups.setdefault((is_backbone, decay), []).append(p)
     return [
         {
             "params": params,
             "lr": settings.lr * (settings.backbone_lr_mult if is_backbone else 1.0),
-            "weight_decay": settings.weight_decay * (settings.norm_bias_decay_mult if no_decay else 1.0),
-            "name": ("backbone" if is_backbone else "head") + ("_no_decay" if no_decay else ""),
+            "weight_decay": settings.weight_decay * decay,
+            "name": ("backbone" if is_backbone else "head") + ("" if decay == 1.0 else f"_decay_x{decay:g}"),
         }
-        for (is_backbone, no_decay), params in sorted(groups.items())
+        for (is_backbone, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1]))
     ]
 
 

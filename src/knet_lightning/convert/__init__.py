@@ -20,6 +20,7 @@ import lightning
 
 from knet_lightning.checkpoint_io import atomic_torch_save
 from knet_lightning.checkpoint_model import MODEL_CONFIG_KEY
+from knet_lightning.convert.backbones import backbone_from_published, backbone_layout
 from knet_lightning.convert.mapping import ConversionError, KeyMapping, convert_state_dict
 from knet_lightning.convert.mmdet import MMDET_KNET
 from knet_lightning.convert.mmseg import MMSEG_SEMANTIC
@@ -73,12 +74,14 @@ def convert_checkpoint(source: str | Path, output: str | Path, module: Any, clas
     mapping = mapping_for_task(module.task.name)
     published = read_published_checkpoint(source)
     check_classes(published, class_names)
-    net_state = convert_state_dict(published.state_dict, module.net.state_dict(), mapping, str(published.path))
+    source_state = backbone_from_published(published.state_dict, module.net.backbone)
+    net_state = convert_state_dict(source_state, module.net.state_dict(), mapping, str(published.path))
     module.net.load_state_dict(net_state, strict=True)
     record = {
         "source": str(Path(source).resolve()),
         "source_sha256": published.sha256,
         "mapping": mapping.name,
+        "backbone_layout": backbone_layout(module.net.backbone),
         "source_version": {k: str(v) for k, v in published.meta.items() if k.endswith("_version")},
         "classes": list(class_names),
     }

@@ -1,5 +1,6 @@
 """ResNet body with mmcv/mmseg-style options (deep stem, base width, strides, dilations, frozen
-stages, frozen BN) built from torchvision's residual blocks, and an mmdet-style FPN."""
+stages, frozen BN, deformable 3x3 convs) built from torchvision's residual blocks, and an
+mmdet-style FPN."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 from torchvision import models as tvm
+from torchvision.ops import deform_conv2d
 from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from knet_lightning.models.swin import SwinBackbone
 
 _BLOCKS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {
     18: (BasicBlock, [2, 2, 2, 2]),
@@ -31,6 +36,104 @@ _IMAGENET_V1C = {
     50: "https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth",
     101: "https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth",
 }
+
+
+class DeformConv2dPack(nn.Module):
+    """Deformable convolution (DCNv1) that predicts its own offsets, mmcv ``DeformConv2dPack``.
+
+    Dai et al., "Deformable Convolutional Networks", ICCV 2017: each kernel tap ``k`` of
+    output pixel ``p0`` samples the input bilinearly at ``p0 * stride - padding +
+    p_k * dilation + Δp_k`` (zero outside the image), with the offsets ``Δp`` given by a
+    plain conv over the same input (``conv_offset``). Offset layout, as mmcv
+    (``mmcv/ops/deform_conv.py``) and torchvision's ``deform_conv2d``: ``(B, 2 * deform_groups
+    * kh * kw, H_out, W_out)``, channel ``2k`` the row (y) and ``2k + 1`` the column (x) offset
+    of tap ``k = i * kw + j`` in group-major order. No bias, no modulation mask (that is DCNv2).
+
+    Parameter names are mmcv's (``weight``, ``conv_offset.weight``, ``conv_offset.bias``), so
+    official mmdet DCN checkpoints load by name. ``conv_offset`` starts at zero, so a fresh
+    module equals a plain ``nn.Conv2d(..., bias=False)`` holding ``weight``.
+
+    Args:
+        in_channels: input channels ``C_in``.
+        out_channels: output channels ``C_out``.
+        kernel_size: ``kh, kw`` (an int for a square kernel).
+        stride, padding, dilation: as ``nn.Conv2d``; shared by the offset conv, so the offsets
+            are predicted on the output grid.
+        deform_groups: channel groups with their own offsets (``C_in`` must divide by it).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int] = 3,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        deform_groups: int = 1,
+    ) -> None:
+        super().__init__()
+        if deform_groups < 1 or in_channels % deform_groups:
+            raise ValueError(
+                f"DeformConv2dPack: in_channels={in_channels} must be divisible by deform_groups={deform_groups}"
+            )
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.deform_groups = deform_groups
+        kh, kw = self.kernel_size
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kh, kw))
+        self.conv_offset = nn.Conv2d(
+            in_channels,
+            deform_groups * 2 * kh * kw,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=True,
+        )
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Conv2d's default
+        self.init_offset()
+
+    def init_offset(self) -> None:
+        """Zero the offset conv (weight and bias): sampling starts on the regular grid."""
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C_in, H, W)`` -> ``(B, C_out, H_out, W_out)``, sizes as ``nn.Conv2d``'s."""
+        # torchvision's CPU kernel has no bfloat16 (and no CPU autocast rule: under autocast it
+        # fails on mixed dtypes), and half-precision offsets would round the sampling positions
+        # (bf16 keeps 8 bits: a 20 px offset is off by 0.06 px); so below fp32 the whole op,
+        # offset conv included, runs in fp32 with autocast off, and the result is cast back to
+        # the input's dtype, as an autocast conv would return.
+        compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xc = x.to(compute)
+            if self.conv_offset.weight.dtype == compute:
+                offset = self.conv_offset(xc)  # (B, 2 * deform_groups * kh * kw, H_out, W_out)
+            else:  # parameters cast to half precision (e.g. Lightning's "bf16-true")
+                offset = F.conv2d(
+                    xc,
+                    self.conv_offset.weight.to(compute),
+                    self.conv_offset.bias.to(compute),
+                    self.stride,
+                    self.padding,
+                    self.dilation,
+                )
+            out = deform_conv2d(
+                xc, offset, self.weight.to(compute), stride=self.stride, padding=self.padding, dilation=self.dilation
+            )
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, deform_groups={self.deform_groups}, bias=False"
+        )
 
 
 class ResNetBackbone(nn.Module):
@@ -54,6 +157,14 @@ class ResNetBackbone(nn.Module):
     ``norm_eval`` every BatchNorm keeps its running statistics even in ``train()``, while
     the affine parameters of unfrozen stages still train.
 
+    ``dcn_stages`` is mmdet's ``dcn=dict(type='DCN', deform_groups=1, fallback_on_stride=False),
+    stage_with_dcn=...`` (the official ``knet_s3_r101_dcn-c3-c5_fpn_ms-3x_coco-panoptic`` uses
+    ``(False, True, True, True)``): in each such stage every Bottleneck's 3x3 ``conv2``, the
+    strided one included, becomes a :class:`DeformConv2dPack` with the same weight, stride and
+    dilation, adding ``conv2.conv_offset.{weight,bias}`` (zero-initialised, so a fresh DCN body
+    computes the plain body's function). ImageNet weights have no offset convs: loading them
+    leaves the offsets at zero.
+
     Args:
         depth: 18, 34, 50 or 101.
         frozen_stages: -1 freezes nothing, 0 the stem, k >= 1 the stem and layer1..layerk.
@@ -69,6 +180,8 @@ class ResNetBackbone(nn.Module):
         strides: stride of each stage's first block.
         dilations: dilation of each stage's 3x3 convs (> 1 needs Bottleneck blocks).
         contract_dilation: halve the dilation of a dilated stage's first block.
+        dcn_stages: per stage, whether its 3x3 convs are deformable (mmdet's
+            ``stage_with_dcn``; needs Bottleneck blocks, i.e. ResNet-50/101).
     """
 
     def __init__(
@@ -84,6 +197,7 @@ class ResNetBackbone(nn.Module):
         strides: Sequence[int] = (1, 2, 2, 2),
         dilations: Sequence[int] = (1, 1, 1, 1),
         contract_dilation: bool = True,
+        dcn_stages: Sequence[bool] = (False, False, False, False),
     ) -> None:
         super().__init__()
         if depth not in _BLOCKS:
@@ -94,7 +208,15 @@ class ResNetBackbone(nn.Module):
             raise ValueError(
                 f"backbone strides and dilations need 4 values each, got {list(strides)} and {list(dilations)}"
             )
+        dcn_stages = tuple(dcn_stages)
+        if len(dcn_stages) != 4 or not all(isinstance(d, bool) for d in dcn_stages):
+            raise ValueError(f"backbone dcn_stages needs 4 booleans (one per stage), got {list(dcn_stages)}")
         block, num_blocks = _BLOCKS[depth]
+        if block is BasicBlock and any(dcn_stages):
+            raise ValueError(
+                f"backbone dcn_stages {list(dcn_stages)} need a Bottleneck ResNet (50/101); "
+                f"ResNet-{depth} BasicBlocks have no deformable conv2"
+            )
         if block is BasicBlock and any(d > 1 for d in dilations):
             raise ValueError(
                 f"backbone dilations {list(dilations)} need a Bottleneck ResNet (50/101); "
@@ -113,6 +235,7 @@ class ResNetBackbone(nn.Module):
         self.deep_stem = deep_stem
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
+        self.dcn_stages = dcn_stages
         if deep_stem:
             half = stem_channels // 2
             self.stem = nn.Sequential(
@@ -128,9 +251,9 @@ class ResNetBackbone(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         in_channels = stem_channels
         self.out_channels: list[int] = []
-        for i, (n, stride, dilation) in enumerate(zip(num_blocks, strides, dilations)):
+        for i, (n, stride, dilation, dcn) in enumerate(zip(num_blocks, strides, dilations, dcn_stages)):
             planes = base_channels * 2**i
-            layer = _res_layer(block, in_channels, planes, n, stride, dilation, contract_dilation)
+            layer = _res_layer(block, in_channels, planes, n, stride, dilation, contract_dilation, dcn)
             self.add_module(f"layer{i + 1}", layer)
             in_channels = planes * block.expansion
             self.out_channels.append(in_channels)
@@ -145,11 +268,16 @@ class ResNetBackbone(nn.Module):
     def _init_weights(self) -> None:
         # torchvision's and mmcv's ResNet init: Kaiming normal (fan-out) convs, BN weight 1 bias 0
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, (nn.Conv2d, DeformConv2dPack)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        # ...except the offset convs (reached as nn.Conv2d above): zero, as mmdet's ResNet
+        # inits ``conv2.conv_offset`` with DCN, so training starts from the regular grid
+        for m in self.modules():
+            if isinstance(m, DeformConv2dPack):
+                m.init_offset()
 
     def load_weights(self, weights_path: str) -> None:
         """Load a state dict of this body from a local file (``fc.*`` keys are dropped)."""
@@ -180,9 +308,16 @@ class ResNetBackbone(nn.Module):
         return _IMAGENET[self.depth].get_state_dict(progress=True)
 
     def _load_state(self, state: dict[str, Tensor], source: str) -> None:
-        """Load a body's state dict strictly; ``fc.*`` is dropped, a ``backbone.`` prefix removed."""
+        """Load a body's state dict strictly; ``fc.*`` is dropped, a ``backbone.`` prefix removed.
+
+        A state dict without any ``conv_offset`` key (ImageNet weights, or a plain body's) may
+        load into a DCN body: the offset convs keep their zero init. One holding some offset
+        convs must hold all of this body's (a different ``dcn_stages`` is an error).
+        """
         state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = self.load_state_dict(state, strict=False)
+        if not any(".conv_offset." in k for k in state):
+            missing = [k for k in missing if not self._is_offset_param(k)]
         if missing or unexpected:
             raise RuntimeError(
                 f"{source} does not match this "
@@ -190,6 +325,14 @@ class ResNetBackbone(nn.Module):
                 f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                 f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
             )
+
+    def _is_offset_param(self, name: str) -> bool:
+        """Whether ``name`` is a parameter of one of this body's DCN offset convs."""
+        module_name, _, param = name.rpartition(".")
+        if not module_name.endswith(".conv_offset") or param not in ("weight", "bias"):
+            return False
+        parent = self.get_submodule(module_name.removesuffix(".conv_offset"))
+        return isinstance(parent, DeformConv2dPack)
 
     def _frozen_modules(self) -> list[nn.Module]:
         mods: list[nn.Module] = []
@@ -234,8 +377,10 @@ def _res_layer(
     stride: int,
     dilation: int,
     contract_dilation: bool,
+    dcn: bool = False,
 ) -> nn.Sequential:
-    """One stage: ``num_blocks`` blocks, the first with ``stride`` and a 1x1 projection shortcut."""
+    """One stage: ``num_blocks`` blocks, the first with ``stride`` and a 1x1 projection shortcut;
+    with ``dcn`` each Bottleneck's 3x3 ``conv2`` is deformable (same shape, stride, dilation)."""
     out_channels = planes * block.expansion
     downsample = None
     if stride != 1 or in_channels != out_channels:
@@ -245,6 +390,17 @@ def _res_layer(
     first_dilation = dilation // 2 if contract_dilation and dilation > 1 else dilation
     blocks = [block(in_channels, planes, stride, downsample, dilation=first_dilation)]
     blocks += [block(out_channels, planes, dilation=dilation) for _ in range(1, num_blocks)]
+    if dcn:
+        for blk in blocks:
+            conv = blk.conv2  # torchvision conv3x3: padding = dilation, no bias, groups 1
+            blk.conv2 = DeformConv2dPack(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,  # type: ignore[arg-type]
+                stride=conv.stride,  # type: ignore[arg-type]
+                padding=conv.padding,  # type: ignore[arg-type]
+                dilation=conv.dilation,  # type: ignore[arg-type]
+            )
     return nn.Sequential(*blocks)
 
 
@@ -279,3 +435,61 @@ class FPN(nn.Module):
                 laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest"
             )
         return [conv(lat) for conv, lat in zip(self.fpn_convs, laterals)]
+
+
+BACKBONES = ("resnet", "swin")
+
+
+def build_backbone(
+    backbone_type: str = "resnet",
+    *,
+    depth: int = 50,
+    base_channels: int = 64,
+    deep_stem: bool = False,
+    strides: Sequence[int] = (1, 2, 2, 2),
+    dilations: Sequence[int] = (1, 1, 1, 1),
+    dcn_stages: Sequence[bool] = (False, False, False, False),
+    swin_arch: str = "tiny",
+    swin_window_size: int = 7,
+    drop_path_rate: float = 0.3,
+    frozen_stages: int = -1,
+    norm_eval: bool = False,
+    pretrained: bool = False,
+    weights_path: str | None = None,
+) -> ResNetBackbone | SwinBackbone:
+    """The backbone of a K-Net network: a module with ``out_channels`` (4 ints) whose forward maps
+    ``(B, 3, H, W)`` to 4 maps at strides 4, 8, 16, 32 (ResNet D8: 4, 8, 8, 8).
+
+    ``"resnet"`` reads ``depth``, ``base_channels``, ``deep_stem``, ``strides``, ``dilations``,
+    ``dcn_stages`` and ``norm_eval``; ``"swin"`` reads ``swin_arch``, ``swin_window_size`` and
+    ``drop_path_rate``, and refuses the ResNet-only settings that would change the model
+    (dilations, DCN). ``frozen_stages``, ``pretrained`` and ``weights_path`` mean the same for both.
+    """
+    if backbone_type == "resnet":
+        return ResNetBackbone(
+            depth=depth,
+            frozen_stages=frozen_stages,
+            norm_eval=norm_eval,
+            pretrained=pretrained,
+            weights_path=weights_path,
+            deep_stem=deep_stem,
+            base_channels=base_channels,
+            strides=strides,
+            dilations=dilations,
+            dcn_stages=dcn_stages,
+        )
+    if backbone_type == "swin":
+        if any(dcn_stages) or any(d != 1 for d in dilations):
+            raise ValueError(
+                f"backbone_type='swin' has no deformable convs or dilations; got dcn_stages={list(dcn_stages)}, "
+                f"dilations={list(dilations)} (ResNet settings)"
+            )
+        return SwinBackbone(
+            arch=swin_arch,
+            window_size=swin_window_size,
+            drop_path_rate=drop_path_rate,
+            frozen_stages=frozen_stages,
+            pretrained=pretrained,
+            weights_path=weights_path,
+        )
+    raise ValueError(f"backbone_type must be one of {BACKBONES}, got {backbone_type!r}")

@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from knet_lightning.models.backbone import FPN, ResNetBackbone
+from collections.abc import Sequence
+
+from knet_lightning.models.backbone import FPN, build_backbone
 from knet_lightning.models.kernel_head import KernelHead
 from knet_lightning.models.kernel_update import KernelUpdateHead
 from knet_lightning.models.neck import SemanticFPNNeck
@@ -27,9 +29,12 @@ class KNet(nn.Module):
     Instance: ``num_kernels = num_proposals``; classifiers and ``conv_seg`` have
     ``num_things`` outputs and ``num_stuff`` is ignored (stuff regions are not instances).
 
-    ``backbone_base_channels`` is the width of the ResNet's first stage (mmdet's
-    ``base_channels``; 64 in every published ResNet, whose ImageNet weights need it); the
-    synthetic default trains a half-width ResNet-18 from scratch.
+    ``backbone_type`` is ``"resnet"`` (``backbone_depth``, ``backbone_base_channels``: the
+    width of the first stage, mmdet's ``base_channels``, 64 in every published ResNet, whose
+    ImageNet weights need it; ``backbone_dcn_stages``: mmdet's ``stage_with_dcn``) or
+    ``"swin"`` (``swin_arch``, ``swin_window_size``, ``drop_path_rate``); see
+    :func:`~knet_lightning.models.backbone.build_backbone`. The synthetic default trains a
+    half-width ResNet-18 from scratch.
 
     The backbone lives under the attribute ``backbone`` (the optimizer scales its lr);
     :func:`knet_lightning.optim.param_groups` splits the trainable parameters accordingly.
@@ -44,6 +49,11 @@ class KNet(nn.Module):
         num_stages: int = 3,
         backbone_depth: int = 50,
         backbone_base_channels: int = 64,
+        backbone_type: str = "resnet",
+        backbone_dcn_stages: Sequence[bool] = (False, False, False, False),
+        swin_arch: str = "tiny",
+        swin_window_size: int = 7,
+        drop_path_rate: float = 0.3,
         frozen_stages: int = 1,
         norm_eval: bool = True,
         pretrained: bool = False,
@@ -76,9 +86,14 @@ class KNet(nn.Module):
         self.num_kernels = num_proposals + self.num_stuff
         self.num_stages = num_stages
 
-        self.backbone = ResNetBackbone(
+        self.backbone = build_backbone(
+            backbone_type,
             depth=backbone_depth,
             base_channels=backbone_base_channels,
+            dcn_stages=backbone_dcn_stages,
+            swin_arch=swin_arch,
+            swin_window_size=swin_window_size,
+            drop_path_rate=drop_path_rate,
             frozen_stages=frozen_stages,
             norm_eval=norm_eval,
             pretrained=pretrained,

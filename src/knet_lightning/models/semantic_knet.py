@@ -9,13 +9,14 @@ kernel n is class n.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from knet_lightning.models.backbone import ResNetBackbone
+from knet_lightning.models.backbone import build_backbone
 from knet_lightning.models.kernel_update import KernelUpdator, dynamic_conv
 from knet_lightning.models.outputs import StageOutput, check_images
 from knet_lightning.models.semantic_head import ASPPHead, DecodeHeadOutput, FCNHead, PSPHead, UPerHead
@@ -196,7 +197,9 @@ class SemanticKNet(nn.Module):
 
     The official semantic configs use mmseg's ``ResNetV1c`` (``deep_stem=True``: three 3x3
     convs instead of the 7x7 stem); ``deep_stem=False`` gives torchvision's body, whose
-    ImageNet weights ``pretrained`` downloads.
+    ImageNet weights ``pretrained`` downloads. ``backbone_type="swin"`` gives the Swin
+    Transformer of the K-Net Swin models (``swin_arch``, ``swin_window_size``,
+    ``drop_path_rate``), with the UPerNet head only.
 
     ``decode_head`` ``"fcn"``, ``"psp"`` and ``"aspp"`` use the dilated D8 ResNet (layer3/4
     dilated with contracted first blocks, features at stride 8; needs a Bottleneck ResNet,
@@ -221,6 +224,11 @@ class SemanticKNet(nn.Module):
         pretrained: load torchvision ImageNet weights (never in tests).
         weights_path: local backbone checkpoint instead of a download.
         deep_stem: mmseg's ``ResNetV1c`` stem (the official configs) instead of the 7x7 conv.
+        backbone_type: ``"resnet"`` or ``"swin"`` (:func:`~knet_lightning.models.backbone.build_backbone`).
+        backbone_dcn_stages: ResNet stages with deformable 3x3 convs (mmdet's ``stage_with_dcn``).
+        swin_arch: ``"tiny"``, ``"small"``, ``"base"`` or ``"large"``.
+        swin_window_size: Swin attention window (7, or 12).
+        drop_path_rate: Swin stochastic depth of the last block.
         channels: decode-head width = kernel width D; default 256 (uper) / 512 (the others).
         aux_channels: width of the auxiliary FCN head.
         aux_head: build the auxiliary head.
@@ -245,6 +253,11 @@ class SemanticKNet(nn.Module):
         pretrained: bool = False,
         weights_path: Optional[str] = None,
         deep_stem: bool = False,
+        backbone_type: str = "resnet",
+        backbone_dcn_stages: Sequence[bool] = (False, False, False, False),
+        swin_arch: str = "tiny",
+        swin_window_size: int = 7,
+        drop_path_rate: float = 0.3,
         channels: Optional[int] = None,
         aux_channels: int = 256,
         aux_head: bool = True,
@@ -267,6 +280,11 @@ class SemanticKNet(nn.Module):
             raise ValueError(f"SemanticKNet: decode_head must be one of {DECODE_HEADS}, got {decode_head!r}")
         if num_stages < 0:
             raise ValueError(f"SemanticKNet: num_stages must be >= 0, got {num_stages}")
+        if backbone_type == "swin" and decode_head != "uper":
+            raise ValueError(
+                f"SemanticKNet: decode_head={decode_head!r} needs the dilated ResNet (stride 8); "
+                f"with backbone_type='swin' use decode_head='uper', as the K-Net Swin configs"
+            )
         if channels is None:
             channels = 256 if decode_head == "uper" else 512
         self.num_classes = num_classes
@@ -277,15 +295,20 @@ class SemanticKNet(nn.Module):
         self.channels = channels
 
         dilated = decode_head != "uper"
-        self.backbone = ResNetBackbone(
+        self.backbone = build_backbone(
+            backbone_type,
             depth=backbone_depth,
             frozen_stages=frozen_stages,
             norm_eval=norm_eval,
             pretrained=pretrained,
             weights_path=weights_path,
             deep_stem=deep_stem,
+            dcn_stages=backbone_dcn_stages,
             strides=(1, 2, 1, 1) if dilated else (1, 2, 2, 2),
             dilations=(1, 1, 2, 4) if dilated else (1, 1, 1, 1),
+            swin_arch=swin_arch,
+            swin_window_size=swin_window_size,
+            drop_path_rate=drop_path_rate,
         )
         levels = list(self.backbone.out_channels)
         self.output_stride = 8 if dilated else 4

@@ -1,0 +1,254 @@
+"""The Swin Transformer backbone: parity with MMSegmentation's SwinTransformer on the same weights,
+both published layouts (OpenMMLab and the original ImageNet release), freezing, autocast, and a
+Swin K-Net that trains."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import mmseg_peer as peer
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from knet_lightning.models.swin import (
+    SWIN_ARCHS,
+    SwinBackbone,
+    swin_from_openmmlab,
+    swin_to_openmmlab,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+# the issue's bound: every output level to 1e-5 x its max |value|
+TOL = 1e-5
+
+
+def mmseg_swin(arch: str, window: int, seed: int = 0) -> nn.Module:
+    """MMSegmentation 1.2.2's SwinTransformer as the K-Net Swin configs build it, random weights."""
+    peer.import_mmseg()
+    from mmseg.models.backbones.swin import SwinTransformer
+
+    embed, depths, heads = SWIN_ARCHS[arch]
+    model = SwinTransformer(
+        embed_dims=embed, depths=list(depths), num_heads=list(heads), window_size=window, drop_path_rate=0.3
+    )
+    peer.randomize_(model, seed)
+    model.eval()  # mmseg's train() returns None
+    return model
+
+
+def original_release_keys(arch: str, window: int = 7, image: int = 224) -> dict[str, tuple[int, ...]]:
+    """The ``model`` tensors of an original Swin ImageNet release (github.com/microsoft/Swin-Transformer,
+    models/swin_transformer.py), written from its structure: ``layers.{i}`` stages whose shifted
+    blocks carry an ``attn_mask`` buffer (none where one window covers the stage, which then does
+    not shift), ``layers.{i}.downsample`` after stages 0-2, a final ``norm`` and the 1000- or
+    21841-way ``head``."""
+    embed, depths, heads = SWIN_ARCHS[arch]
+    keys: dict[str, tuple[int, ...]] = {
+        "patch_embed.proj.weight": (embed, 3, 4, 4),
+        "patch_embed.proj.bias": (embed,),
+        "patch_embed.norm.weight": (embed,),
+        "patch_embed.norm.bias": (embed,),
+    }
+    n = window * window
+    for i, (depth, h) in enumerate(zip(depths, heads)):
+        dim, res = embed * 2**i, image // 4 // 2**i
+        for j in range(depth):
+            p = f"layers.{i}.blocks.{j}"
+            keys |= {f"{p}.norm1.weight": (dim,), f"{p}.norm1.bias": (dim,)}
+            if j % 2 == 1 and res > window:
+                keys[f"{p}.attn_mask"] = ((res // window) ** 2, n, n)
+            keys |= {
+                f"{p}.attn.relative_position_bias_table": ((2 * window - 1) ** 2, h),
+                f"{p}.attn.relative_position_index": (n, n),
+                f"{p}.attn.qkv.weight": (3 * dim, dim),
+                f"{p}.attn.qkv.bias": (3 * dim,),
+                f"{p}.attn.proj.weight": (dim, dim),
+                f"{p}.attn.proj.bias": (dim,),
+                f"{p}.norm2.weight": (dim,),
+                f"{p}.norm2.bias": (dim,),
+                f"{p}.mlp.fc1.weight": (4 * dim, dim),
+                f"{p}.mlp.fc1.bias": (4 * dim,),
+                f"{p}.mlp.fc2.weight": (dim, 4 * dim),
+                f"{p}.mlp.fc2.bias": (dim,),
+            }
+        if i < len(depths) - 1:
+            keys |= {
+                f"layers.{i}.downsample.reduction.weight": (2 * dim, 4 * dim),
+                f"layers.{i}.downsample.norm.weight": (4 * dim,),
+                f"layers.{i}.downsample.norm.bias": (4 * dim,),
+            }
+    last = embed * 2 ** (len(depths) - 1)
+    classes = 1000 if arch in ("tiny", "small") else 21841
+    return keys | {"norm.weight": (last,), "norm.bias": (last,), "head.weight": (classes, last), "head.bias": (classes,)}
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """``(w*w, w*w)`` index into the bias table, as the release stores it: row-major offsets
+    ``(dy + w - 1) * (2w - 1) + (dx + w - 1)``."""
+    ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    return (ys[:, None] - ys[None] + window - 1) * (2 * window - 1) + (xs[:, None] - xs[None] + window - 1)
+
+
+def random_tensors(keys: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in keys.items():
+        if key.endswith("relative_position_index"):
+            out[key] = relative_position_index(math.isqrt(shape[0]))
+        elif key.endswith("attn_mask"):
+            out[key] = torch.zeros(shape)  # its values are never read back
+        elif len(shape) >= 2:
+            out[key] = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
+        elif key.endswith("weight"):
+            out[key] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            out[key] = 0.1 * torch.randn(shape, generator=gen)
+    return out
+
+
+def unfold_order(tensor: torch.Tensor) -> torch.Tensor:
+    """The original release's patch-merging channels in ``nn.Unfold`` order, as MMSegmentation's
+    tools/model_converters/swin2mmseg.py rewrites them (reduction weight and norm alike)."""
+    lead, width = tensor.shape[:-1], tensor.shape[-1]
+    t = tensor.reshape(*lead, 4, width // 4)[..., [0, 2, 1, 3], :]
+    return t.transpose(-1, -2).reshape(*lead, width)
+
+
+def original_to_mmseg(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """swin2mmseg.py's renaming, written from its documented rules, for the reference model."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("head") or key.startswith("norm.") or key.endswith("attn_mask"):
+            continue
+        new = key.replace("layers.", "stages.").replace("patch_embed.proj", "patch_embed.projection")
+        new = new.replace(".attn.", ".attn.w_msa.").replace(".mlp.fc1.", ".ffn.layers.0.0.")
+        new = new.replace(".mlp.fc2.", ".ffn.layers.1.")
+        if "downsample" in key:
+            value = unfold_order(value)
+        out[new] = value
+    return out
+
+
+@pytest.mark.parametrize("window", [7, 12])
+def test_matches_mmsegmentation_swin_on_the_same_weights(window: int) -> None:
+    ref = mmseg_swin("tiny", window)
+    ours = SwinBackbone("tiny", window_size=window).eval()
+    state = ref.state_dict()
+    ours.load_state_dict(swin_from_openmmlab(state), strict=True)
+    back = swin_to_openmmlab(ours.state_dict())
+    assert back.keys() == {k for k in state if not k.endswith("relative_position_index")}
+    assert all(torch.equal(back[k], state[k]) for k in back)
+    # one size a multiple of every stage's window (window 7 at 224: one window covers the last
+    # stage, where the shifted blocks still shift), one not a multiple of anything
+    for size in [(224, 224), (97, 131)]:
+        x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(size[1]))
+        with torch.no_grad():
+            expected, got = ref(x), ours(x)
+        assert len(got) == 4
+        for level, (a, b) in enumerate(zip(got, expected)):
+            assert a.shape == b.shape == (2, 96 * 2**level, math.ceil(size[0] / 2 ** (level + 2)),
+                                          math.ceil(size[1] / 2 ** (level + 2)))  # fmt: skip
+            assert (a - b).abs().max() <= TOL * b.abs().max(), (size, level)
+
+
+def test_patch_merging_channel_order_differs_between_layouts() -> None:
+    """The OpenMMLab layout's merging weights must be reordered: loaded as they are, the output changes."""
+    ref = mmseg_swin("tiny", 7, seed=1)
+    state = ref.state_dict()
+    ours = SwinBackbone("tiny").eval()
+    ours.load_state_dict(swin_from_openmmlab(state))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        good = ours(x)
+        converted = swin_from_openmmlab(state)
+        for key in [k for k in converted if ".downsample." in k]:
+            # the same names with the unconverted (Unfold-order) values
+            src = key.replace("stages.", "stages.")
+            converted[key] = state[src]
+        ours.load_state_dict(converted)
+        bad = ours(x)
+        expected = ref(x)
+    assert (good[1] - expected[1]).abs().max() <= TOL * expected[1].abs().max()
+    assert (bad[1] - expected[1]).abs().max() > 0.1 * expected[1].abs().max()
+
+
+def test_original_release_file_loads_and_equals_the_mmsegmentation_conversion(tmp_path: Path) -> None:
+    keys = original_release_keys("tiny")
+    release = random_tensors(keys, seed=2)
+    path = tmp_path / "swin_tiny_patch4_window7_224.pth"
+    torch.save({"model": release}, path)  # the release's layout: one "model" entry
+
+    ours = SwinBackbone("tiny", window_size=7, weights_path=str(path)).eval()
+    sd = ours.state_dict()
+    assert torch.equal(sd["stages.1.blocks.0.mlp.0.weight"], release["layers.1.blocks.0.mlp.fc1.weight"])
+    assert torch.equal(sd["stages.2.downsample.reduction.weight"], release["layers.2.downsample.reduction.weight"])
+    # the release has no per-stage output norms: they keep their init
+    assert torch.equal(sd["norm3.weight"], torch.ones(768))
+
+    ref = mmseg_swin("tiny", 7)
+    missing, unexpected = ref.load_state_dict(original_to_mmseg(release), strict=False)
+    assert not unexpected and all(k.startswith("norm") for k in missing)
+    for i in range(4):
+        getattr(ref, f"norm{i}").load_state_dict(getattr(ours, f"norm{i}").state_dict())
+    x = torch.randn(1, 3, 96, 160)
+    with torch.no_grad():
+        for a, b in zip(ours(x), ref(x)):
+            assert (a - b).abs().max() <= TOL * b.abs().max()
+
+
+def test_original_release_tables_are_resized_to_another_window(tmp_path: Path) -> None:
+    keys = original_release_keys("tiny", window=7)
+    release = random_tensors(keys, seed=3)
+    # a constant table per head: bicubic resizing keeps constants, so each head's bias survives
+    for key in [k for k in release if k.endswith("relative_position_bias_table")]:
+        release[key] = torch.arange(release[key].shape[1], dtype=torch.float32).expand_as(release[key]).clone()
+    path = tmp_path / "swin_tiny_patch4_window7_224.pth"
+    torch.save({"model": release}, path)
+    ours = SwinBackbone("tiny", window_size=12, weights_path=str(path))
+    table = ours.state_dict()["stages.2.blocks.3.attn.relative_position_bias_table"]
+    assert table.shape == (23 * 23, 12)
+    assert torch.allclose(table, torch.arange(12, dtype=torch.float32).expand(23 * 23, 12), atol=1e-5)
+    # a mismatch other than the table's size is an error that names the file
+    del release["layers.0.blocks.0.norm1.weight"]
+    torch.save({"model": release}, path)
+    with pytest.raises(RuntimeError, match=r"swin_tiny_patch4_window7_224\.pth.*missing keys \['stages\.0\.blocks\.0\.norm1\.weight'\]"):
+        SwinBackbone("tiny", window_size=12, weights_path=str(path))
+
+
+def test_frozen_stages_and_output_shapes_for_any_size() -> None:
+    net = SwinBackbone("tiny", frozen_stages=2).train()
+    frozen = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("stages") else "")
+              for n, p in net.named_parameters() if not p.requires_grad}  # fmt: skip
+    assert frozen == {"patch_embed", "stages.0", "stages.1", "norm0", "norm1"}
+    assert not net.stages[1].training and net.stages[2].training
+    outs = net(torch.randn(1, 3, 33, 50))
+    assert [tuple(o.shape) for o in outs] == [(1, 96, 9, 13), (1, 192, 5, 7), (1, 384, 3, 4), (1, 768, 2, 2)]
+
+
+def test_channels_last_and_bf16_autocast() -> None:
+    net = SwinBackbone("tiny").eval().to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ref = net(x)
+        got = net(x.contiguous(memory_format=torch.channels_last))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = net(x)
+    for a, b, c in zip(ref, got, low):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+        # the outputs of the conv-free blocks are channels-last views, as the convs that read them want
+        assert b.is_contiguous(memory_format=torch.channels_last)
+        assert torch.isfinite(c).all() and F.cosine_similarity(c.float().flatten(), a.flatten(), dim=0) > 0.99
+
+
+def test_parameter_counts_equal_mmsegmentation() -> None:
+    # the paper's Table 1 models (Swin-T 28M, Swin-L 197M with the classifier) without the
+    # classifier and final norm, with the 4 output norms: MMSegmentation's counts
+    for arch, expected in {"tiny": 27_520_698, "large": 194_998_164}.items():
+        ours = sum(p.numel() for p in SwinBackbone(arch).parameters())
+        peer_count = sum(p.numel() for p in mmseg_swin(arch, 7).parameters())
+        assert ours == peer_count == expected, arch
