@@ -35,6 +35,8 @@ KNET_CONFIGS: dict[str, str] = {
     "pspnet": "knet-s3_r50-d8_pspnet_8xb2-adamw-80k_ade20k-512x512.py",
     "deeplabv3": "knet-s3_r50-d8_deeplabv3_8xb2-adamw-80k_ade20k-512x512.py",
     "upernet": "knet-s3_r50-d8_upernet_8xb2-adamw-80k_ade20k-512x512.py",
+    "swin-t": "knet-s3_swin-t_upernet_8xb2-adamw-80k_ade20k-512x512.py",
+    "swin-l": "knet-s3_swin-l_upernet_8xb2-adamw-80k_ade20k-512x512.py",
 }
 
 IGNORE_INDEX = 255
@@ -149,6 +151,31 @@ def load_knet_config(name: str, num_classes: int | None = None) -> Any:
     return cfg
 
 
+def relative_position_index(window: int) -> Tensor:
+    """``(w*w, w*w)`` index of Swin's relative position bias table (its ``relative_position_index``
+    buffer): ``(dy + w - 1) * (2w - 1) + (dx + w - 1)`` for the offsets of two window positions."""
+    ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    return (ys[:, None] - ys[None] + window - 1) * (2 * window - 1) + (xs[:, None] - xs[None] + window - 1)
+
+
+@contextmanager
+def _linspace_on_cpu() -> Iterator[None]:
+    """``torch.linspace`` on the CPU inside a meta-device build: MMSegmentation's SwinTransformer
+    reads its stochastic-depth rates with ``.item()``, which a meta tensor cannot give."""
+    linspace = torch.linspace
+
+    def cpu_linspace(*args: Any, **kwargs: Any) -> Tensor:
+        kwargs.setdefault("device", "cpu")
+        return linspace(*args, **kwargs)
+
+    torch.linspace = cpu_linspace  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.linspace = linspace  # type: ignore[assignment]
+
+
 def build_mmseg_knet(name: str, num_classes: int | None = None, init: str = "default") -> nn.Module:
     """MMSegmentation's K-Net ``name`` (fcn, pspnet, deeplabv3, upernet), in eval mode, on CPU.
 
@@ -173,12 +200,14 @@ def build_mmseg_knet(name: str, num_classes: int | None = None, init: str = "def
         raise ValueError(f"init must be 'default', 'mmseg' or 'empty', not {init!r}")
     cfg = load_knet_config(name, num_classes)
     if init == "empty":
-        with torch.device("meta"):
+        with torch.device("meta"), _linspace_on_cpu():
             model = MODELS.build(cfg.model)
         model = model.to_empty(device="cpu")
         for bname, buf in model.named_buffers():
             if bname.endswith("num_batches_tracked"):
                 buf.zero_()
+            elif bname.endswith("relative_position_index"):  # Swin's: a constant of the window
+                buf.copy_(relative_position_index(math.isqrt(buf.shape[0])))
     else:
         model = MODELS.build(cfg.model)
         if init == "mmseg":

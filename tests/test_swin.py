@@ -15,8 +15,10 @@ from torch import nn
 
 from knet_lightning.models.swin import (
     SWIN_ARCHS,
+    PatchMerging,
     SwinBackbone,
     swin_from_openmmlab,
+    swin_from_original,
     swin_to_openmmlab,
 )
 
@@ -86,20 +88,12 @@ def original_release_keys(arch: str, window: int = 7, image: int = 224) -> dict[
     return keys | {"norm.weight": (last,), "norm.bias": (last,), "head.weight": (classes, last), "head.bias": (classes,)}
 
 
-def relative_position_index(window: int) -> torch.Tensor:
-    """``(w*w, w*w)`` index into the bias table, as the release stores it: row-major offsets
-    ``(dy + w - 1) * (2w - 1) + (dx + w - 1)``."""
-    ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()
-    return (ys[:, None] - ys[None] + window - 1) * (2 * window - 1) + (xs[:, None] - xs[None] + window - 1)
-
-
 def random_tensors(keys: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for key, shape in keys.items():
         if key.endswith("relative_position_index"):
-            out[key] = relative_position_index(math.isqrt(shape[0]))
+            out[key] = peer.relative_position_index(math.isqrt(shape[0]))
         elif key.endswith("attn_mask"):
             out[key] = torch.zeros(shape)  # its values are never read back
         elif len(shape) >= 2:
@@ -156,25 +150,38 @@ def test_matches_mmsegmentation_swin_on_the_same_weights(window: int) -> None:
             assert (a - b).abs().max() <= TOL * b.abs().max(), (size, level)
 
 
-def test_patch_merging_channel_order_differs_between_layouts() -> None:
-    """The OpenMMLab layout's merging weights must be reordered: loaded as they are, the output changes."""
-    ref = mmseg_swin("tiny", 7, seed=1)
-    state = ref.state_dict()
+def test_patch_merging_equals_openmmlab_patch_merging_on_odd_sizes() -> None:
+    peer.import_mmseg()
+    from mmseg.models.utils.embed import PatchMerging as MMPatchMerging
+
+    ref = MMPatchMerging(in_channels=8, out_channels=16, stride=2, norm_cfg=dict(type="LN"))
+    peer.randomize_(ref, seed=4)
+    ours = PatchMerging(8)
+    ours.load_state_dict(ref.state_dict())  # the same names and, in Unfold order, the same layout
+    x = torch.randn(2, 7, 9, 8)
+    with torch.no_grad():
+        expected, hw = ref(x.flatten(1, 2), (7, 9))
+        got = ours(x)
+    assert hw == (4, 5) and got.shape == (2, 4, 5, 16)
+    assert torch.allclose(got.flatten(1, 2), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_original_release_merging_weights_are_permuted_on_loading() -> None:
+    release = random_tensors(original_release_keys("tiny"), seed=1)
     ours = SwinBackbone("tiny").eval()
-    ours.load_state_dict(swin_from_openmmlab(state))
+    ours.load_state(release, "release")
+    unpermuted = SwinBackbone("tiny").eval()
+    state = swin_from_original(release, unpermuted.state_dict())
+    for i in range(3):
+        for name in ("reduction.weight", "norm.weight", "norm.bias"):
+            state[f"stages.{i}.downsample.{name}"] = release[f"layers.{i}.downsample.{name}"]
+    missing, unexpected = unpermuted.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("norm") for k in missing)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        good = ours(x)
-        converted = swin_from_openmmlab(state)
-        for key in [k for k in converted if ".downsample." in k]:
-            # the same names with the unconverted (Unfold-order) values
-            src = key.replace("stages.", "stages.")
-            converted[key] = state[src]
-        ours.load_state_dict(converted)
-        bad = ours(x)
-        expected = ref(x)
-    assert (good[1] - expected[1]).abs().max() <= TOL * expected[1].abs().max()
-    assert (bad[1] - expected[1]).abs().max() > 0.1 * expected[1].abs().max()
+        a, b = ours(x), unpermuted(x)
+    assert torch.equal(a[0], b[0])  # before any merging
+    assert (a[1] - b[1]).abs().max() > 0.1 * a[1].abs().max()
 
 
 def test_original_release_file_loads_and_equals_the_mmsegmentation_conversion(tmp_path: Path) -> None:
@@ -186,7 +193,8 @@ def test_original_release_file_loads_and_equals_the_mmsegmentation_conversion(tm
     ours = SwinBackbone("tiny", window_size=7, weights_path=str(path)).eval()
     sd = ours.state_dict()
     assert torch.equal(sd["stages.1.blocks.0.mlp.0.weight"], release["layers.1.blocks.0.mlp.fc1.weight"])
-    assert torch.equal(sd["stages.2.downsample.reduction.weight"], release["layers.2.downsample.reduction.weight"])
+    # merging weights permuted into the Unfold order (as swin2mmseg.py does; the reference below checks it)
+    assert torch.equal(sd["stages.2.downsample.reduction.weight"], unfold_order(release["layers.2.downsample.reduction.weight"]))
     # the release has no per-stage output norms: they keep their init
     assert torch.equal(sd["norm3.weight"], torch.ones(768))
 
@@ -240,8 +248,8 @@ def test_channels_last_and_bf16_autocast() -> None:
             low = net(x)
     for a, b, c in zip(ref, got, low):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
-        # the outputs of the conv-free blocks are channels-last views, as the convs that read them want
-        assert b.is_contiguous(memory_format=torch.channels_last)
+        # NCHW like the reference's: the network's memory format is the convs' choice
+        assert b.is_contiguous()
         assert torch.isfinite(c).all() and F.cosine_similarity(c.float().flatten(), a.flatten(), dim=0) > 0.99
 
 

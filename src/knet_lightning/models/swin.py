@@ -1,17 +1,22 @@
 """Swin Transformer backbone (Liu et al., ICCV 2021) as the K-Net Swin models use it.
 
 Built from torchvision's Swin building blocks (``torchvision.models.swin_transformer``):
-``SwinTransformerBlock`` (pre-norm window attention and MLP with stochastic depth) and
-``PatchMerging``. torchvision, not timm: torchvision is already a dependency, its blocks keep
-the ``(B, H, W, C)`` layout that window partitioning wants, its ``PatchMerging`` pads odd
-sizes and concatenates the 2x2 neighbours in the original release's order, and its
+``SwinTransformerBlock`` (pre-norm window attention and MLP with stochastic depth) and its
+``ShiftedWindowAttention`` parameters. torchvision, not timm: torchvision is already a
+dependency, its blocks keep the ``(B, H, W, C)`` layout that window partitioning wants, and its
 attention module has the original parameter names (``qkv``, ``proj``,
-``relative_position_bias_table``). One part is ours: the window attention's forward
-(:class:`WindowAttention`). torchvision's ``shifted_window_attention`` drops the shift when
-one window covers the padded map, the Swin used by the official K-Net configs (MMDetection's
-and MMSegmentation's ``SwinTransformer``, ``ShiftWindowMSA``) keeps it; the two differ on
-small maps (a 224x224 input's last stage), and ours must reproduce the published models.
-Ours also runs the windows through ``F.scaled_dot_product_attention``.
+``relative_position_bias_table``). Two parts are ours, both so that the published K-Net Swin
+models (MMDetection's and MMSegmentation's ``SwinTransformer``) give their numbers:
+
+- the window attention's forward (:class:`WindowAttention`): torchvision's
+  ``shifted_window_attention`` drops the shift when one window covers the padded map,
+  OpenMMLab's ``ShiftWindowMSA`` keeps it; the two differ on small maps (a 224x224 input's
+  last stage);
+- :class:`PatchMerging`, which concatenates the 2x2 neighbours in ``nn.Unfold``'s channel
+  order, as OpenMMLab's does, where torchvision's uses the original release's order. With
+  the checkpoints' own order the merging's LayerNorm and Linear sum in the same order as the
+  reference, which keeps the converted models' logits within fp32 rounding of MMSegmentation's
+  through the kernel update stages; the original release's weights are permuted on loading.
 
 What the backbone adds around the blocks, as MMSegmentation's / MMDetection's
 ``SwinTransformer`` (the layout of every published K-Net Swin checkpoint):
@@ -27,8 +32,9 @@ What the backbone adds around the blocks, as MMSegmentation's / MMDetection's
 Weights: :meth:`SwinBackbone.load_weights` reads the original ImageNet release
 (``swin_large_patch4_window7_224_22k.pth``: ``model`` -> ``layers.{i}...``; relative-position
 tables resized bicubically when the window differs) and the OpenMMLab layout
-(``stages.{i}...``, ``attn.w_msa``, ``ffn.layers``), whose patch-merging weights are in
-``nn.Unfold`` channel order; :func:`swin_from_openmmlab` / :func:`swin_to_openmmlab` translate.
+(``stages.{i}...``, ``attn.w_msa``, ``ffn.layers``); :func:`swin_from_openmmlab` /
+:func:`swin_to_openmmlab` translate names, :func:`swin_from_original` also the patch-merging
+channel order.
 """
 
 from __future__ import annotations
@@ -41,10 +47,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.swin_transformer import PatchMerging, ShiftedWindowAttention, SwinTransformerBlock
+from torchvision.models.swin_transformer import ShiftedWindowAttention, SwinTransformerBlock
 
 __all__ = [
     "SWIN_ARCHS",
+    "PatchMerging",
     "SwinBackbone",
     "WindowAttention",
     "swin_from_openmmlab",
@@ -138,12 +145,16 @@ class WindowAttention(ShiftedWindowAttention):
                 _shift_region_ids(hp, wh, sh, x.device)[:, None] * 3 + _shift_region_ids(wp, ww, sw, x.device)[None]
             )
             region = _partition(region[None, :, :, None], (wh, ww))[0, :, :, 0]  # (nW, N)
-            mask = (region[:, :, None] != region[:, None, :]).to(bias.dtype) * _MASKED
-            bias = bias + mask[:, None]  # (nW, heads, N, N)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.attention_dropout if self.training else 0.0
-        )
-        out = out.transpose(2, 3).reshape(b, n_win, n, c)
+            mask = (region[:, :, None] != region[:, None, :]).to(bias.dtype) * _MASKED  # (nW, N, N)
+        # the reference's op order (scale q, q k^T, add bias, then mask, softmax), so that the
+        # published weights give the published model's numbers to fp32 rounding; windows of
+        # 7x7 gain nothing from a fused kernel here (Swin-T at 512x512 on 2 CPU cores: 0.64 s
+        # forward with scaled_dot_product_attention, 0.59 s without)
+        attn = (q * (c // heads) ** -0.5) @ k.transpose(-2, -1) + bias.to(q.dtype)
+        if shifted:
+            attn = attn + mask[:, None].to(q.dtype)
+        attn = F.dropout(attn.softmax(dim=-1), p=self.attention_dropout, training=self.training)
+        out = (attn @ v).transpose(2, 3).reshape(b, n_win, n, c)
         out = F.dropout(self.proj(out), p=self.dropout, training=self.training)
         x = _merge(out, (wh, ww), hp, wp)
         if shifted:
@@ -168,6 +179,27 @@ class PatchEmbed(nn.Module):
         h, w = images.shape[-2:]
         images = F.pad(images, (0, (-w) % p, 0, (-h) % p))
         return self.norm(self.proj(images).permute(0, 2, 3, 1))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbours concatenated in ``nn.Unfold`` order, LayerNorm, then a linear 4C -> 2C.
+
+    ``(B, H, W, C)`` -> ``(B, ceil(H/2), ceil(W/2), 2C)``; odd sizes are zero-padded at the
+    bottom and right. Channel ``c * 4 + 2 * row + col`` holds channel ``c`` of neighbour
+    ``(row, col)``, as OpenMMLab's ``PatchMerging`` (an ``nn.Unfold`` with a 2x2 kernel) orders them.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, c = x.shape
+        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        h2, w2 = (h + 1) // 2, (w + 1) // 2
+        x = x.view(b, h2, 2, w2, 2, c).permute(0, 1, 3, 5, 2, 4).reshape(b, h2, w2, 4 * c)
+        return self.reduction(self.norm(x))
 
 
 class SwinStage(nn.Module):
@@ -346,8 +378,10 @@ class SwinBackbone(nn.Module):
         for i, stage in enumerate(self.stages):
             out, x = stage(x)
             norm: nn.LayerNorm = getattr(self, f"norm{i}")
-            # channels-last like the conv layers that read it; NCHW on the logical shape
-            outs.append(norm(out).permute(0, 3, 1, 2))
+            # a contiguous NCHW copy, as the reference returns: the convs that read it then run in
+            # the network's own memory format (channels-last only where model.channels_last
+            # chose it) and sum in the reference's order
+            outs.append(norm(out).permute(0, 3, 1, 2).contiguous())
         return outs
 
 
@@ -390,35 +424,29 @@ def _rename(key: str, rules: Sequence[tuple[str, str | None]]) -> str | None:
     return key
 
 
-def _reorder_merging(tensor: Tensor, to_unfold: bool) -> Tensor:
-    """Patch-merging input channels between the original order and ``nn.Unfold``'s.
+def _unfold_order(tensor: Tensor) -> Tensor:
+    """Patch-merging input channels from the original release's order into ``nn.Unfold``'s.
 
     The original release (and torchvision) concatenates the 2x2 neighbours as
-    ``[x(0,0), x(1,0), x(0,1), x(1,1)]``, neighbour-major: channel ``k * C + c``. OpenMMLab's
-    ``PatchMerging`` unfolds a 2x2 kernel: channel ``c * 4 + 2 * row + col``, so neighbour
-    ``(row, col)`` is unfold slot ``2 * row + col`` = ``[0, 2, 1, 3][k]``. The last dim of
-    the reduction weight ``(2C, 4C)`` and of the norm's weight and bias ``(4C,)`` is permuted.
+    ``[x(0,0), x(1,0), x(0,1), x(1,1)]``, neighbour-major: channel ``k * C + c``. The unfold
+    order is channel-major, ``c * 4 + 2 * row + col``, so neighbour ``k`` lands in slot
+    ``[0, 2, 1, 3][k]``. The last dim of the reduction weight ``(2C, 4C)`` and of the norm's
+    weight and bias ``(4C,)`` is permuted.
     """
     lead, width = tensor.shape[:-1], tensor.shape[-1]
-    c = width // 4
-    slots = [0, 2, 1, 3]  # an involution: the same permutation maps back
-    if to_unfold:
-        # original (k, c) -> unfold (c, slot)
-        t = tensor.reshape(*lead, 4, c)[..., slots, :]
-        return t.transpose(-1, -2).reshape(*lead, width).contiguous()
-    t = tensor.reshape(*lead, c, 4).transpose(-1, -2)[..., slots, :]
-    return t.reshape(*lead, width).contiguous()
+    t = tensor.reshape(*lead, 4, width // 4)[..., [0, 2, 1, 3], :]
+    return t.transpose(-1, -2).reshape(*lead, width).contiguous()
 
 
 def swin_from_openmmlab(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """An OpenMMLab ``SwinTransformer`` state dict (no ``backbone.`` prefix) in our names and
-    patch-merging channel order; ``relative_position_index`` buffers are dropped."""
+    """An OpenMMLab ``SwinTransformer`` state dict (no ``backbone.`` prefix) in our names;
+    ``relative_position_index`` buffers are dropped."""
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         new = _rename(key, _OPENMMLAB)
         if new is None:
             continue
-        out[new] = _reorder_merging(value, to_unfold=False) if _MERGING.fullmatch(new) else value
+        out[new] = value
     return out
 
 
@@ -428,7 +456,7 @@ def swin_to_openmmlab(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     for key, value in state.items():
         new = _rename(key, _OURS_TO_OPENMMLAB)
         assert new is not None
-        out[new] = _reorder_merging(value, to_unfold=True) if _MERGING.fullmatch(key) else value
+        out[new] = value
     return out
 
 
@@ -446,8 +474,9 @@ def swin_from_original(state: Mapping[str, Tensor], target: Mapping[str, Tensor]
     """The original Swin release's ``model`` state dict in our names.
 
     The classifier (``head``), the final ``norm`` and the buffers ``relative_position_index``
-    and ``attn_mask`` are dropped; when ``target`` (our state dict) is given, bias tables of
-    another window size are resized to the target's.
+    and ``attn_mask`` are dropped; the patch-merging weights are permuted into ``nn.Unfold``
+    order; when ``target`` (our state dict) is given, bias tables of another window size are
+    resized to the target's.
     """
     out: dict[str, Tensor] = {}
     for key, value in state.items():
@@ -458,6 +487,6 @@ def swin_from_original(state: Mapping[str, Tensor], target: Mapping[str, Tensor]
             want = target[new].shape[0]
             if value.shape[0] != want and value.shape[1] == target[new].shape[1]:
                 value = resize_relative_position_table(value, (math.isqrt(want) + 1) // 2)
-        out[new] = value
+        out[new] = _unfold_order(value) if _MERGING.fullmatch(new) else value
     return out
 
