@@ -16,6 +16,7 @@ import mmseg_peer as peer
 import pytest
 import torch
 from cli_utils import compose_cfg
+from hydra.utils import instantiate
 
 from knet_lightning.checkpoint_io import load_checkpoint_file
 from knet_lightning.cli import build_model
@@ -28,15 +29,13 @@ from knet_lightning.models.knet import KNet
 
 OFFICIAL = Path(__file__).parent / "data" / "knet_official"
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked", "relative_position_index")
-# model -> (task, our network's backbone settings, stuff classes, official parameters, official state_dict tensors)
-DCN = {"backbone_depth": 101, "backbone_dcn_stages": (False, True, True, True)}
-SWIN_L = {"backbone_type": "swin", "swin_arch": "large", "swin_window_size": 7, "frozen_stages": -1}
+# model -> (our experiment, official parameters, official state_dict tensors)
 MODELS = {
-    "panoptic_r50": ("panoptic", {"backbone_depth": 50}, 53, 37_536_852, 502),
-    "instance_r50": ("instance", {"backbone_depth": 50}, 0, 37_482_368, 502),
-    "panoptic_r101": ("panoptic", {"backbone_depth": 101}, 53, 56_528_980, 808),
-    "panoptic_r101_dcn": ("panoptic", DCN, 53, 57_815_152, 868),
-    "panoptic_swin_l": ("panoptic", SWIN_L, 53, 208_781_224, 541),
+    "panoptic_r50": ("knet_r50_coco_panoptic_1x", 37_536_852, 502),
+    "instance_r50": ("knet_r50_coco_instance_1x", 37_482_368, 502),
+    "panoptic_r101": ("knet_r101_coco_panoptic_ms3x", 56_528_980, 808),
+    "panoptic_r101_dcn": ("knet_r101_dcn_coco_panoptic_ms3x", 57_815_152, 868),
+    "panoptic_swin_l": ("knet_swin-l_coco_panoptic_ms3x", 208_781_224, 541),
 }
 
 
@@ -68,14 +67,16 @@ def random_official(keys: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_official_layout_converts_strictly_and_round_trips(name: str) -> None:
-    task, backbone, num_stuff, params, tensors = MODELS[name]
+def test_official_layout_converts_strictly_and_round_trips(tmp_path: Path, name: str) -> None:
+    experiment, params, tensors = MODELS[name]
     keys = official_keys(name)
     # the counts derived from the official code, and ours (without Swin's index buffers, a
     # function of the window size that we do not save)
     assert len(keys) == tensors
     assert sum(math.prod(s) for k, s in keys.items() if not k.endswith(BUFFERS)) == params
-    net = KNet(num_things=80, num_stuff=num_stuff, task=task, num_proposals=100, num_stages=3, **backbone)
+    # the network of the experiment that reproduces the official model
+    net = instantiate(compose_cfg(tmp_path, [f"experiment={experiment}", "model.net.pretrained=false"]).model.net)
+    assert isinstance(net, KNet)
     saved = {k for k in keys if not k.endswith("relative_position_index")}
     assert sum(p.numel() for p in net.parameters()) == params and len(net.state_dict()) == len(saved)
 

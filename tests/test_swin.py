@@ -253,10 +253,9 @@ def test_channels_last_and_bf16_autocast() -> None:
         assert torch.isfinite(c).all() and F.cosine_similarity(c.float().flatten(), a.flatten(), dim=0) > 0.99
 
 
-def test_parameter_counts_equal_mmsegmentation() -> None:
-    # the paper's Table 1 models (Swin-T 28M, Swin-L 197M with the classifier) without the
-    # classifier and final norm, with the 4 output norms: MMSegmentation's counts
-    for arch, expected in {"tiny": 27_520_698, "large": 194_998_164}.items():
-        ours = sum(p.numel() for p in SwinBackbone(arch).parameters())
-        peer_count = sum(p.numel() for p in mmseg_swin(arch, 7).parameters())
-        assert ours == peer_count == expected, arch
+def test_parameter_count_equals_mmsegmentation() -> None:
+    # the paper's Table 1 Swin-T (28M with the classifier) without the classifier and final
+    # norm, with the 4 output norms; Swin-L's is checked through the official K-Net Swin-L
+    # panoptic key list (test_convert_mmdet.py)
+    ours = sum(p.numel() for p in SwinBackbone("tiny").parameters())
+    assert ours == sum(p.numel() for p in mmseg_swin("tiny", 7).parameters()) == 27_520_698
