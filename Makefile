@@ -29,7 +29,7 @@ $(PEER_STAMP): $(STAMP) Makefile
 
 install: $(STAMP)
 
-# the main job on the embedded synthetic data set (CPU, 2 cores: about 8.5 minutes with AVX2 only)
+# the main job on the embedded synthetic data set (CPU, 2 cores: about 8.5 minutes with AVX2 only, 7 with AVX-512)
 train: $(STAMP)
 	$(BIN)/python -m knet_lightning $(ARGS)
 

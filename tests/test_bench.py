@@ -175,6 +175,25 @@ def test_tiny_run_mask2former_section(tiny_run: tuple[dict[str, Any], str]) -> N
     assert "| K-Net / M2F |" in stdout
 
 
+def test_tiny_run_zoo_section(tiny_run: tuple[dict[str, Any], str]) -> None:
+    """The large-model section: K-Net with a DCN and a Swin backbone (tiny stand-ins), and
+    Mask2Former Swin where transformers is installed."""
+    data, stdout = tiny_run
+    zoo = data["sections"]["zoo"]
+    assert zoo["status"] == "ok"
+    rows = {r["model"]: r for r in zoo["rows"]}
+    assert {"K-Net R50-DCN (1/4 width)", "K-Net Swin-T"} <= set(rows)
+    for name in ("K-Net R50-DCN (1/4 width)", "K-Net Swin-T"):
+        row = rows[name]
+        assert row["size"] == "64x64" and row["params_m"] > 0 and row["gflops"] > 0
+        assert row["infer_ms"] > 0 and row["train_ms"] > 0
+    # Swin-T's 28 M parameters dwarf the quarter-width ResNet's
+    assert rows["K-Net Swin-T"]["params_m"] > rows["K-Net R50-DCN (1/4 width)"]["params_m"]
+    has_m2f = importlib.util.find_spec("transformers") is not None
+    assert any(name.startswith("Mask2Former") for name in rows) == has_m2f
+    assert "| K-Net Swin-T | 64x64 |" in stdout
+
+
 # ---------------------------------------------------------------------------- helpers
 
 

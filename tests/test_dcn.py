@@ -286,3 +286,17 @@ def test_r101_dcn_c3_c5_parameter_count() -> None:
     assert dcn == plain + extra
     assert plain == 42_500_160  # torchvision's resnet101 without fc
     assert dcn == 43_786_332
+
+
+def test_flop_count_includes_the_deformable_convs() -> None:
+    """``model_complexity`` (the logged ``model/gflops`` and the bench) counts a deformable conv as
+    its offset conv, its convolution and 4 multiply-adds per bilinear sample."""
+    from knet_lightning.sweep import model_complexity
+
+    conv = DeformConv2dPack(8, 16, 3, stride=2, padding=1)
+    out_positions = 5 * 6  # a 10x12 input at stride 2
+    offset_conv = 2 * 18 * 8 * 9 * out_positions
+    gemm = 2 * 16 * 8 * 9 * out_positions
+    sampling = 8 * 8 * 9 * out_positions
+    got = model_complexity(conv, torch.randn(1, 8, 10, 12))["gflops"] * 1e9
+    assert got == pytest.approx(offset_conv + gemm + sampling)

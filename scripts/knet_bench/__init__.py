@@ -15,6 +15,8 @@ Sections (``--sections``, default all), one module each:
 * ``mask2former`` (:mod:`.mask2former`): the Hugging Face ``transformers`` Mask2Former R50
   (random weights, built from its config, no download) in the same run, reported as ratios
   K-Net / M2F.
+* ``zoo`` (:mod:`.zoo`): the paper's large panoptic models (K-Net R50, R101-DCN, Swin-L) and the
+  Hugging Face Mask2Former Swin-L side by side: params, GFLOPs, inference, train step, peak memory.
 
 Modes (:mod:`.common`): full (default: 512x512 and 800x1216, the whole N x S grid),
 ``--quick`` (512x512, fewer repeats, a subset of the grid) and ``--tiny`` (ResNet-18, 64x64,

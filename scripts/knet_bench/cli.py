@@ -29,15 +29,17 @@ from .knet import section_knet
 from .mask2former import section_mask2former
 from .report import render_section
 from .scaling import section_scaling
+from .zoo import section_zoo
 
 SCHEMA_VERSION = 1
-SECTIONS = ("knet", "scaling", "eval", "data", "mask2former")
+SECTIONS = ("knet", "scaling", "eval", "data", "mask2former", "zoo")
 SECTION_FUNCS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "knet": section_knet,
     "scaling": section_scaling,
     "eval": section_eval,
     "data": section_data,
     "mask2former": section_mask2former,
+    "zoo": section_zoo,
 }
 
 

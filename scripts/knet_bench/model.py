@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,16 +26,21 @@ from .common import NUM_STUFF, NUM_THINGS, Context
 from .timing import PartTimer
 
 
-def build_knet(ctx: Context, num_proposals: int, num_stages: int) -> KNetModule:
-    """K-Net panoptic (COCO classes) with random weights, and its criterion, in a KNetModule."""
+def build_knet(ctx: Context, num_proposals: int, num_stages: int, **net_kwargs: Any) -> KNetModule:
+    """K-Net panoptic (COCO classes) with random weights, and its criterion, in a KNetModule.
+
+    ``net_kwargs`` go to :class:`KNet` (the backbone: ``backbone_type``, ``backbone_depth``,
+    ...); by default the profile's ResNet depth.
+    """
     torch.manual_seed(ctx.seed)
+    net_kwargs.setdefault("backbone_depth", ctx.profile.depth)
     net = KNet(
         num_things=NUM_THINGS,
         num_stuff=NUM_STUFF,
         task="panoptic",
         num_proposals=num_proposals,
         num_stages=num_stages,
-        backbone_depth=ctx.profile.depth,
+        **net_kwargs,
     )
     criterion = KNetCriterion("panoptic", NUM_THINGS, NUM_STUFF, num_proposals)
     # no lr schedule runs here; step milestones need no trainer to convert epochs

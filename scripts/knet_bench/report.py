@@ -130,6 +130,23 @@ def render_section(name: str, data: dict[str, Any]) -> str:
                 ],
             )
         )
+    elif name == "zoo":
+        out.append(
+            markdown_table(
+                rows,
+                [
+                    ("model", "model"),
+                    ("size", "size"),
+                    ("params_m", "params (M)"),
+                    ("gflops", "GFLOPs"),
+                    ("infer_ms", "inference ms"),
+                    ("train_ms", "train step ms"),
+                    ("infer_peak_mb", "inference peak MB"),
+                    ("train_peak_mb", "train peak MB"),
+                    ("note", "note"),
+                ],
+            )
+        )
     if data.get("notes"):
         out.append("")
         out += [f"- {note}" for note in data["notes"]]

@@ -22,6 +22,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -80,14 +81,28 @@ def sweep_tags(tags: Any, num_proposals: Any, num_stages: Any) -> list[str]:
 # ---------------------------------------------------------------------- per-job figures
 
 
+def _deform_conv2d_flops(
+    input_shape: Sequence[int], weight_shape: Sequence[int], *args: Any, out_shape: Sequence[int], **kwargs: Any
+) -> int:
+    """FLOPs of ``torchvision::deform_conv2d``: the convolution's GEMM over the sampled columns
+    and 4 multiply-adds per bilinearly sampled input value."""
+    batch, in_channels = input_shape[0], input_shape[1]
+    out_channels, group_channels, kh, kw = weight_shape
+    positions = batch * out_shape[-2] * out_shape[-1]
+    return 2 * out_channels * group_channels * kh * kw * positions + 8 * in_channels * kh * kw * positions
+
+
 def model_complexity(net: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
     """Parameters (millions) and GFLOPs of one forward pass of ``images`` (one image).
 
     FLOPs are torch's ``FlopCounterMode`` count (a multiply-add is 2 FLOPs; mmcv's
-    ``get_flops``, used by the paper's tables, counts it as 1). The network runs in eval mode
-    without gradients, so BN statistics and RNG state are untouched.
+    ``get_flops``, used by the paper's tables, counts it as 1); torchvision's deformable conv,
+    which torch does not count, counts as its convolution plus the bilinear sampling (4
+    multiply-adds per sampled value). The network runs in eval mode without gradients, so BN
+    statistics and RNG state are untouched.
     """
     from torch.utils.flop_counter import FlopCounterMode
+    from torchvision.ops import deform_conv2d  # noqa: F401  (registers torch.ops.torchvision)
 
     params = sum(p.numel() for p in net.parameters())
     was_training = net.training
@@ -96,7 +111,8 @@ def model_complexity(net: torch.nn.Module, images: torch.Tensor) -> dict[str, fl
         # inference_mode, not no_grad: the semantic decode heads return a view of conv_seg.weight
         # as their kernels, and under no_grad that view requires grad without a grad_fn, which
         # FlopCounterMode's module tracker rejects ("Expected gradient function to be set")
-        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        mapping = {torch.ops.torchvision.deform_conv2d: _deform_conv2d_flops}
+        with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
             net(images)
     finally:
         net.train(was_training)

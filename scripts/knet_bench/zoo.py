@@ -1,0 +1,188 @@
+"""The zoo section: the paper's large panoptic models side by side, batch 1 at the profile's sizes.
+
+K-Net R50 (the reference), R101-DCN (deformable convs in c3-c5) and Swin-L (window 7), each with
+N=100, S=3 and the COCO classes: parameters, GFLOPs of one forward, inference (forward +
+panoptic post-processing) and training step (forward + matching + losses + backward + AdamW),
+with peak memory. In the same run, where ``transformers`` is importable and memory allows, the
+Hugging Face Mask2Former with a Swin-L backbone (window 12 and 200 queries, its published COCO
+panoptic setting; random weights, built from its config, nothing downloaded). The ``--tiny``
+profile swaps in a quarter-width R50-DCN and a Swin-T at 64x64 (smoke test only).
+
+Fewer repeats than the other sections (one warm-up, at most 3 timed runs): a Swin-L training
+step at 800x1216 takes tens of seconds on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import torch
+from torch import nn
+
+from knet_lightning.sweep import model_complexity
+
+from .common import NUM_CLASSES, Context, Profile, count_params, make_batch
+from .model import build_knet, in_layout, knet_infer_step, knet_train_step, make_optimizer
+from .timing import PeakMemory, measure
+
+DCN_C3_C5 = (False, True, True, True)
+
+
+def zoo_models(profile: Profile) -> dict[str, dict[str, Any]]:
+    """Model name -> KNet backbone arguments for this profile."""
+    if profile.name == "tiny":
+        return {
+            "R50-DCN (1/4 width)": {"backbone_depth": 50, "backbone_base_channels": 16, "backbone_dcn_stages": DCN_C3_C5},
+            "Swin-T": {"backbone_type": "swin", "swin_arch": "tiny", "frozen_stages": -1},
+        }
+    return {
+        "R50": {"backbone_depth": 50},
+        "R101-DCN": {"backbone_depth": 101, "backbone_dcn_stages": DCN_C3_C5},
+        "Swin-L": {"backbone_type": "swin", "swin_arch": "large", "swin_window_size": 7, "drop_path_rate": 0.2,
+                   "frozen_stages": -1},  # fmt: skip
+    }
+
+
+def build_mask2former_swin(profile: Profile, device: torch.device, seed: int) -> nn.Module:
+    """Hugging Face Mask2Former with a Swin backbone (Swin-L, window 12; tiny: a 1-block Swin), random weights."""
+    import inspect
+
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+    stages = ["stage1", "stage2", "stage3", "stage4"]
+    if profile.name == "tiny":
+        backbone = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=7,
+                              out_features=stages)  # fmt: skip
+        sizes: dict[str, Any] = dict(feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64,
+                                     dim_feedforward=64, encoder_layers=1, decoder_layers=2, num_attention_heads=2,
+                                     train_num_points=256)  # fmt: skip
+    else:
+        backbone = SwinConfig(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], window_size=12,
+                              drop_path_rate=0.3, out_features=stages)  # fmt: skip
+        sizes = {}
+    if "use_pretrained_backbone" in inspect.signature(Mask2FormerConfig.__init__).parameters:
+        sizes["use_pretrained_backbone"] = False
+    config = Mask2FormerConfig(backbone_config=backbone, num_labels=NUM_CLASSES, num_queries=profile.m2f_queries,
+                               **sizes)  # fmt: skip
+    torch.manual_seed(seed)
+    return Mask2FormerForUniversalSegmentation(config).to(device)
+
+
+def _repeats(profile: Profile) -> tuple[int, int]:
+    return min(profile.warmup, 1), min(profile.repeats, 3)
+
+
+def _knet_rows(ctx: Context, name: str, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    p, device = ctx.profile, ctx.device
+    warmup, repeats = _repeats(p)
+    module = build_knet(ctx, p.num_proposals, p.num_stages, **kwargs)
+    params, trainable = count_params(module.net)
+    rows = []
+    for size in p.sizes:
+        images, targets = make_batch(p, size, 1, device, ctx.seed)
+        images = in_layout(ctx, module, images, training=False)
+        module.eval()
+        complexity = model_complexity(module.net, images)
+        with PeakMemory(device) as mem:
+            infer = measure(knet_infer_step(module, images, None, ctx.amp_dtype), device, warmup, repeats)
+        infer_mem = mem.result()
+        images = in_layout(ctx, module, images, training=True)
+        module.train()
+        optimizer = make_optimizer(module, ctx.optimizer)
+        with PeakMemory(device) as mem:
+            train = measure(knet_train_step(module, optimizer, images, targets, None, ctx.amp_dtype), device,
+                            warmup, repeats)  # fmt: skip
+        rows.append({
+            "model": f"K-Net {name}", "size": f"{size[0]}x{size[1]}", "params_m": params / 1e6,
+            "trainable_m": trainable / 1e6, "gflops": complexity["gflops"],
+            "infer_ms": infer["total_ms"], "train_ms": train["total_ms"],
+            "infer_peak_mb": infer_mem.get("peak_mb"), "train_peak_mb": mem.result().get("peak_mb"),
+        })  # fmt: skip
+        del optimizer, images, targets
+        gc.collect()
+    del module
+    gc.collect()
+    return rows
+
+
+def _mask2former_rows(ctx: Context) -> tuple[list[dict[str, Any]], str]:
+    p, device = ctx.profile, ctx.device
+    try:
+        import transformers
+        from transformers import Mask2FormerImageProcessor
+        from transformers.utils import logging as hf_logging
+    except ImportError as e:
+        return [], f"Mask2Former skipped: transformers is not importable ({e}); pip install -e '.[bench]'"
+    hf_logging.set_verbosity_error()
+    warmup, repeats = _repeats(p)
+    model = build_mask2former_swin(p, device, ctx.seed)
+    processor = Mask2FormerImageProcessor()
+    params, trainable = count_params(model)
+    rows = []
+    for size in p.sizes:
+        images, targets = make_batch(p, size, 1, device, ctx.seed)
+        mask_labels = [t["masks"].float() for t in targets]
+        class_labels = [t["labels"] for t in targets]
+        row: dict[str, Any] = {"model": "Mask2Former Swin-L (HF)" if p.name != "tiny" else "Mask2Former Swin (HF, tiny)",
+                               "size": f"{size[0]}x{size[1]}", "params_m": params / 1e6, "trainable_m": trainable / 1e6}  # fmt: skip
+        try:
+            model.eval()
+            with torch.inference_mode():
+                from torch.utils.flop_counter import FlopCounterMode
+
+                with FlopCounterMode(display=False) as counter:
+                    model(pixel_values=images)
+            row["gflops"] = counter.get_total_flops() / 1e9
+
+            def infer() -> None:
+                with torch.inference_mode():
+                    out = model(pixel_values=images)
+                    processor.post_process_panoptic_segmentation(out, target_sizes=[size])
+
+            with PeakMemory(device) as mem:
+                row["infer_ms"] = measure(infer, device, warmup, repeats)["total_ms"]
+            row["infer_peak_mb"] = mem.result().get("peak_mb")
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+
+            def train() -> None:
+                out = model(pixel_values=images, mask_labels=mask_labels, class_labels=class_labels)
+                out.loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            model.train()
+            with PeakMemory(device) as mem:
+                row["train_ms"] = measure(train, device, warmup, repeats)["total_ms"]
+            row["train_peak_mb"] = mem.result().get("peak_mb")
+            del optimizer
+        except (RuntimeError, MemoryError) as e:  # out of memory: keep what was measured
+            row["note"] = f"stopped: {type(e).__name__}: {str(e)[:120]}"
+        rows.append(row)
+        gc.collect()
+    del model
+    gc.collect()
+    return rows, f"transformers {transformers.__version__}"
+
+
+def section_zoo(ctx: Context) -> dict[str, Any]:
+    """K-Net R50 / R101-DCN / Swin-L and Mask2Former Swin-L, batch 1, at the profile's sizes."""
+    rows: list[dict[str, Any]] = []
+    for name, kwargs in zoo_models(ctx.profile).items():
+        rows += _knet_rows(ctx, name, kwargs)
+    m2f_rows, m2f_note = _mask2former_rows(ctx)
+    rows += m2f_rows
+    warmup, repeats = _repeats(ctx.profile)
+    return {
+        "rows": rows,
+        "notes": [
+            f"batch 1, N={ctx.profile.num_proposals} proposals + 53 stuff kernels, S={ctx.profile.num_stages}; "
+            f"median of {repeats} runs after {warmup} warm-up; random weights",
+            "GFLOPs: torch.utils.flop_counter, one forward of one image (a multiply-add is 2 FLOPs); a deformable "
+            "conv counts as its convolution plus 4 multiply-adds per bilinear sample",
+            "inference = forward + panoptic post-processing; train = forward + matching + losses + backward + AdamW "
+            "step (Mask2Former: its own point-sampled loss)",
+            "peak MB: CPU peak RSS of the process during that measurement (weights included); CUDA: max allocated",
+            m2f_note,
+        ],
+    }
