@@ -17,6 +17,9 @@ from typing import Any, Optional
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_KEY = "knet_model_config"
+# what inference needs besides the network (knet_lightning.segmenter): the test-time resize,
+# the normalisation, the padding divisor and the data set's class ids
+INFERENCE_KEY = "knet_inference"
 
 # model.* keys that may differ from the checkpoint's: they do not shape any weight
 FREE_KEYS = (

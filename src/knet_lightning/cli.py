@@ -296,15 +296,18 @@ def run(cfg: DictConfig) -> Optional[float]:
         log.info("run folder: %s", cfg.paths.output_dir)
 
 
-def _convert(cfg: DictConfig, class_info: Any, output_dir: Path) -> None:
+def _convert(cfg: DictConfig, datamodule: Any, output_dir: Path) -> None:
     """``mode=convert``: a published checkpoint into ours (:mod:`knet_lightning.convert`)."""
     from knet_lightning.convert import convert_checkpoint
 
     if not cfg.get("convert_source"):
         raise ValueError("mode=convert needs convert_source=<published checkpoint .pth>")
     output = Path(cfg.convert_output or output_dir / "checkpoints" / "converted.ckpt")
+    class_info = datamodule.class_info
     check_class_counts(cfg, class_info)
-    convert_checkpoint(cfg.convert_source, output, build_model(cfg, class_info), class_info.names)
+    module = build_model(cfg, class_info)
+    module.inference_config = datamodule.inference_settings()
+    convert_checkpoint(cfg.convert_source, output, module, class_info.names)
     log.info("converted checkpoint: %s (mode=eval ckpt_path=%s, or load_from=%s to fine-tune)", output, output, output)
 
 
@@ -329,7 +332,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
 
     datamodule = build_datamodule(cfg)
     if cfg.mode == "convert":
-        _convert(cfg, datamodule.class_info, output_dir)
+        _convert(cfg, datamodule, output_dir)
         return None
     datamodule.prepare_data()
     class_info = datamodule.class_info
@@ -338,6 +341,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
 
     ckpt_path = resolve_ckpt_path(cfg)
     model = build_model(cfg, class_info, ckpt_path)
+    model.inference_config = datamodule.inference_settings()
     if cfg.mode == "train":
         model.task.check_training_set(datamodule.datasets.get("train"))
         if cfg.get("load_from"):

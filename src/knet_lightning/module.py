@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
-from knet_lightning.checkpoint_model import MODEL_CONFIG_KEY
+from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY
 from knet_lightning.errors import NonFiniteLossError
 from knet_lightning.models.outputs import StageOutput
 from knet_lightning.memory_format import choose_memory_format
@@ -125,6 +125,9 @@ class KNetModule(LightningModule):
         self.vis_samples: list[dict[str, Any]] = []
         # the resolved model config it was built from (set by the CLI), stored in checkpoints
         self.model_config: Optional[dict[str, Any]] = None
+        # the data set's test-time preprocessing and class ids (set by the CLI), stored in
+        # checkpoints so that knet_lightning.Segmenter needs nothing else
+        self.inference_config: Optional[dict[str, Any]] = None
 
     @property
     def num_stages(self) -> int:
@@ -146,6 +149,8 @@ class KNetModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.model_config is not None:
             checkpoint[MODEL_CONFIG_KEY] = self.model_config
+        if self.inference_config is not None:
+            checkpoint[INFERENCE_KEY] = self.inference_config
 
     def setup(self, stage: str) -> None:
         # before configure_optimizers and checkpoint loading, which keep the parameters' layout

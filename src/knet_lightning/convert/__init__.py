@@ -19,7 +19,7 @@ from typing import Any
 import lightning
 
 from knet_lightning.checkpoint_io import atomic_torch_save
-from knet_lightning.checkpoint_model import MODEL_CONFIG_KEY
+from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY
 from knet_lightning.convert.backbones import backbone_from_published, backbone_layout
 from knet_lightning.convert.mapping import ConversionError, KeyMapping, convert_state_dict
 from knet_lightning.convert.mmdet import MMDET_KNET
@@ -92,6 +92,7 @@ def convert_checkpoint(source: str | Path, output: str | Path, module: Any, clas
         "epoch": 0,
         "global_step": 0,
         MODEL_CONFIG_KEY: module.model_config,
+        INFERENCE_KEY: module.inference_config,
         CONVERSION_KEY: record,
     }
     output = Path(output)

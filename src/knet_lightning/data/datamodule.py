@@ -18,12 +18,19 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
 
 from knet_lightning.data.coco import COCOPanopticDataset
 from knet_lightning.data.meta import ClassInfo, DatasetError
 from knet_lightning.data.sampling import BAD_SAMPLE_POLICIES, ResumableDataLoader, ResumableSampler, SeededSamples
 from knet_lightning.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_panoptic
-from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, collate_batch
+from knet_lightning.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ResizeShortestEdge,
+    build_transforms,
+    collate_batch,
+)
 from knet_lightning.distributed import eval_sampler
 
 log = logging.getLogger(__name__)
@@ -136,6 +143,32 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         self._class_info: ClassInfo | None = None
 
     # ----------------------------------------------------------- subclass API
+
+    def inference_settings(self) -> dict[str, Any]:
+        """The test-time preprocessing and class ids a trained model needs to run on new images,
+        read from the evaluation pipeline (keep-ratio resize, normalisation) and the collate
+        padding: ``short_edge`` / ``max_size`` (None: no resize), ``mean`` / ``std`` (0-1 scale,
+        RGB), ``size_divisor`` and ``dataset_ids`` (the data set's id of each class).
+        Stored in checkpoints (``knet_inference``) for :class:`knet_lightning.Segmenter`."""
+        short_edge: int | None = None
+        max_size: int | None = None
+        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+        for op in getattr(self.eval_transforms, "transforms", []):
+            if isinstance(op, ResizeShortestEdge):
+                low, high = op.short_edge
+                if low != high:
+                    raise ValueError(f"{type(self).__name__}: the evaluation resize must be single-scale, got {op.short_edge}")
+                short_edge, max_size = int(low), None if op.max_size is None else int(op.max_size)
+            elif isinstance(op, v2.Normalize):
+                mean, std = [float(m) for m in op.mean], [float(v) for v in op.std]
+        return {
+            "short_edge": short_edge,
+            "max_size": max_size,
+            "mean": mean,
+            "std": std,
+            "size_divisor": self.size_divisor,
+            "dataset_ids": list(self.class_info.dataset_ids),
+        }
 
     @abstractmethod
     def make_dataset(self, role: str, transforms: Transforms) -> Dataset:

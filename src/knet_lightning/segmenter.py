@@ -1,0 +1,270 @@
+"""Apply a trained K-Net from Python: ``Segmenter.from_checkpoint(path)(images)``.
+
+The checkpoint carries everything (no Hydra config): the network (``knet_model_config``), the
+task, class names, thing flags and colours (``hyper_parameters``), and the data set's test-time
+resize, normalisation, padding divisor and category ids (``knet_inference``), written by every
+training run and by ``mode=convert``. The preprocessing and post-processing are the ones
+``mode=eval`` runs (the data module's evaluation pipeline and the task object's
+``predict``), so results equal the evaluated predictions.
+
+Inputs: a path, a PIL image, a numpy ``(H, W)`` / ``(H, W, C)`` array (uint8, uint16 or
+float in [0, 1]), a ``(3, H, W)`` / ``(H, W)`` tensor (uint8 or float in [0, 1]), or a list
+of them. Files and PIL images get their EXIF orientation applied; grayscale, palette, RGBA
+and 16-bit images become 8-bit RGB. An input that cannot be read becomes a
+:class:`~knet_lightning.results.SkippedInput` naming it, and the rest of the batch goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from knet_lightning.checkpoint_io import load_checkpoint_file
+from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY, without_initial_weights
+from knet_lightning.data.io import read_rgb_image, to_rgb_array, upright
+from knet_lightning.data.meta import DatasetError, default_palette
+from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, collate_batch
+from knet_lightning.results import Segment, SegmentationResult, SkippedInput
+
+__all__ = ["Segmenter"]
+
+log = logging.getLogger(__name__)
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray, Tensor]
+# model config entries that are not KNetModule arguments (cli.build_model drops them too)
+_HANDLE_KEYS = ("num_proposals", "num_stages")
+
+
+def _default_inference(num_classes: int) -> dict[str, Any]:
+    return {"short_edge": None, "max_size": None, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "size_divisor": 32, "dataset_ids": list(range(1, num_classes + 1))}  # fmt: skip
+
+
+def _array_to_rgb(array: np.ndarray, what: str) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` from a numpy image: gray, gray + alpha, RGB or RGBA; uint8, uint16 or
+    float in [0, 1]."""
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
+        raise DatasetError(f"{what}: expected an (H, W) or (H, W, C) image with C in 1..4, got shape {array.shape}")
+    if array.dtype == np.uint16:
+        array = (array.astype(np.uint32) // 257).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1):
+            raise DatasetError(f"{what}: a float image must hold values in [0, 1], got [{array.min()}, {array.max()}]")
+        array = np.round(np.nan_to_num(array) * 255).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise DatasetError(f"{what}: expected uint8, uint16 or float pixels, got {array.dtype}")
+    channels = array.shape[2]
+    if channels in (1, 2):  # gray (+ alpha): the alpha is dropped, as PIL's convert("RGB")
+        array = np.repeat(array[:, :, :1], 3, axis=2)
+    return np.ascontiguousarray(array[:, :, :3])
+
+
+def read_input(item: ImageInput, index: int) -> tuple[np.ndarray, Optional[str]]:
+    """uint8 ``(H, W, 3)`` RGB of one input and its file name (None for in-memory inputs)."""
+    if isinstance(item, (str, Path)):
+        path = Path(item)
+        return read_rgb_image(path), path.name
+    if isinstance(item, Image.Image):
+        return to_rgb_array(upright(item)), getattr(item, "filename", None) or None
+    if isinstance(item, np.ndarray):
+        return _array_to_rgb(item, f"input {index} (numpy array)"), None
+    if isinstance(item, Tensor):
+        t = item.detach().cpu()
+        if t.dim() == 3 and t.shape[0] in (1, 3, 4):
+            t = t.permute(1, 2, 0)
+        return _array_to_rgb(t.numpy(), f"input {index} (tensor)"), None
+    raise DatasetError(
+        f"input {index}: expected a path, a PIL image, a numpy array or a tensor, got {type(item).__name__}"
+    )
+
+
+class Segmenter:
+    """A trained K-Net with its preprocessing and post-processing.
+
+    Build it with :meth:`from_checkpoint`; call it on one image (returns one
+    :class:`~knet_lightning.results.SegmentationResult`) or a list (returns a list, with a
+    :class:`~knet_lightning.results.SkippedInput` for each unreadable one).
+
+    Args:
+        module: the :class:`~knet_lightning.module.KNetModule` with its trained weights.
+        inference: the ``knet_inference`` settings (resize, normalisation, divisor, ids).
+        device: where the network runs.
+        stage: the stage whose output is read (-1: the last, as evaluation reads it).
+    """
+
+    def __init__(self, module: Any, inference: dict[str, Any], device: str | torch.device = "cpu",
+                 stage: int = -1) -> None:  # fmt: skip
+        self.module = module.eval().to(device)
+        self.device = torch.device(device)
+        self.settings = dict(inference)
+        num_outputs = module.num_stages + 1
+        if not -num_outputs <= stage < num_outputs:
+            raise ValueError(f"Segmenter: stage={stage} is outside the model's {num_outputs} outputs (0..{num_outputs - 1})")
+        self.stage = stage
+        self.task = module.task.name
+        self.class_names = list(module.class_names)
+        self.isthing = list(module.isthing)
+        self.colors = [tuple(c) for c in (module.colors or default_palette(len(self.class_names)))]
+        self.dataset_ids = list(self.settings.get("dataset_ids") or range(1, len(self.class_names) + 1))
+        self.transforms = build_transforms(
+            False, short_edge=self.settings["short_edge"], max_size=self.settings["max_size"],
+            mean=self.settings["mean"], std=self.settings["std"],
+        )  # fmt: skip
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "cpu", stage: int = -1, trusted: bool = False
+    ) -> Segmenter:
+        """A Segmenter from a checkpoint of a training run or of ``mode=convert``.
+
+        Args:
+            path: the ``.ckpt`` file.
+            device: ``"cpu"``, ``"cuda"``, ...
+            stage: the stage output to read (-1: the last).
+            trusted: load with full pickle (only for files you trust); default weights-only.
+        """
+        import hydra
+
+        path = Path(path)
+        stored = load_checkpoint_file(path, trusted=trusted)
+        model_cfg = stored.get(MODEL_CONFIG_KEY) if isinstance(stored, dict) else None
+        if not isinstance(model_cfg, dict):
+            raise ValueError(
+                f"{path}: no '{MODEL_CONFIG_KEY}' entry; only checkpoints written by knet-lightning (training runs, "
+                "mode=convert) can be rebuilt without a config"
+            )
+        hparams = stored.get("hyper_parameters") or {}
+        model_cfg = without_initial_weights(dict(model_cfg))
+        for key in _HANDLE_KEYS:
+            model_cfg.pop(key, None)
+        module = hydra.utils.instantiate(
+            model_cfg, class_names=hparams.get("class_names"), isthing=hparams.get("isthing"),
+            colors=hparams.get("colors"), _convert_="partial",
+        )  # fmt: skip
+        state = {k.removeprefix("net."): v for k, v in stored["state_dict"].items() if k.startswith("net.")}
+        module.net.load_state_dict(state, strict=True)
+        inference = stored.get(INFERENCE_KEY)
+        if inference is None:
+            inference = _default_inference(len(module.class_names))
+            log.warning("%s has no '%s' entry (written before it existed): assuming no resize, ImageNet "
+                        "normalisation and size divisor 32", path, INFERENCE_KEY)  # fmt: skip
+        return cls(module, inference, device=device, stage=stage)
+
+    # ------------------------------------------------------------------ running
+    def __call__(
+        self, inputs: ImageInput | Sequence[ImageInput], batch_size: int = 1, progress: Optional[bool] = None
+    ) -> Any:
+        """Segment one image or a list of them (in batches of ``batch_size``).
+
+        Returns one result for one input, else a list in input order; ``progress`` shows a
+        progress bar (default: for more than one batch).
+        """
+        single = not isinstance(inputs, (list, tuple))
+        items: list[ImageInput] = [inputs] if single else list(inputs)  # type: ignore[list-item]
+        if batch_size < 1:
+            raise ValueError(f"Segmenter: batch_size must be >= 1, got {batch_size}")
+        starts = range(0, len(items), batch_size)
+        if progress is None:
+            progress = len(starts) > 1
+        results: list[Any] = []
+        for start in _track(starts, progress, len(items), batch_size):
+            results += self._run_batch(items[start : start + batch_size], start)
+        return results[0] if single else results
+
+    def _run_batch(self, items: Sequence[ImageInput], offset: int) -> list[Any]:
+        out: list[Any] = [None] * len(items)
+        samples, slots, images = [], [], []
+        for k, item in enumerate(items):
+            name = str(item) if isinstance(item, (str, Path)) else f"input {offset + k}"
+            try:
+                rgb, file_name = read_input(item, offset + k)
+            except (DatasetError, OSError, ValueError) as err:
+                log.warning("skipped %s: %s", name, err)
+                out[k] = SkippedInput(name, str(err))
+                continue
+            image = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+            from torchvision import tv_tensors
+
+            target = {"orig_size": rgb.shape[:2], "file_name": file_name}
+            samples.append(self.transforms(tv_tensors.Image(image), target))
+            slots.append(k)
+            images.append((rgb, file_name))
+        if not samples:
+            return out
+        batch = collate_batch(samples, size_divisor=int(self.settings["size_divisor"]),
+                              mean=self.settings["mean"], std=self.settings["std"])  # fmt: skip
+        batch["images"] = batch["images"].to(self.device)
+        with torch.inference_mode():
+            outputs = self.module(batch["images"])
+            preds = self.module.task.predict(outputs[self.stage], batch)
+        for k, pred, (rgb, file_name) in zip(slots, preds, images):
+            out[k] = self._result(pred, rgb, file_name)
+        return out
+
+    def _result(self, pred: Any, rgb: np.ndarray, file_name: Optional[str]) -> SegmentationResult:
+        names, isthing = self.class_names, self.isthing
+        common = dict(task=self.task, image=rgb, class_names=names, isthing=isthing, colors=self.colors,
+                      dataset_ids=self.dataset_ids, source=file_name)  # fmt: skip
+        task = self.module.task
+
+        def overlay(image: Tensor, pred: Any = pred) -> Tensor:
+            return task.overlay(image, _to_cpu(pred), self.colors)
+
+        if self.task == "panoptic":
+            seg, infos = pred
+            seg = seg.cpu()
+            areas = torch.bincount(seg.flatten().long(), minlength=max((s["id"] for s in infos), default=0) + 1)
+            segments = [
+                Segment(int(s["id"]), int(s["category_id"]), names[int(s["category_id"])], float(s["score"]),
+                        int(areas[int(s["id"])]), bool(isthing[int(s["category_id"])]))  # fmt: skip
+                for s in infos
+            ]
+            semantic = torch.full(seg.shape, 255, dtype=torch.int64)
+            for s in infos:
+                semantic[seg == int(s["id"])] = int(s["category_id"])
+            return SegmentationResult(segments=segments, panoptic=seg, semantic=semantic, overlay_fn=overlay, **common)
+        if self.task == "instance":
+            inst = {k: v.cpu() for k, v in pred.items()}
+            segments = [
+                Segment(k + 1, int(c), names[int(c)], float(s), int(m.sum()), True)
+                for k, (m, c, s) in enumerate(zip(inst["masks"], inst["labels"], inst["scores"]))
+            ]
+            return SegmentationResult(segments=segments, instances=inst, overlay_fn=overlay, **common)
+        sem = pred.cpu().to(torch.int64)
+        counts = torch.bincount(sem.flatten().clamp(max=len(names)), minlength=len(names) + 1)[: len(names)]
+        segments = [Segment(c + 1, c, names[c], None, int(counts[c]), bool(isthing[c]))
+                    for c in range(len(names)) if counts[c] > 0]  # fmt: skip
+        return SegmentationResult(segments=segments, semantic=sem, overlay_fn=overlay, **common)
+
+
+def _to_cpu(pred: Any) -> Any:
+    if isinstance(pred, Tensor):
+        return pred.cpu()
+    if isinstance(pred, dict):
+        return {k: _to_cpu(v) for k, v in pred.items()}
+    if isinstance(pred, tuple):
+        return tuple(_to_cpu(v) for v in pred)
+    return pred
+
+
+def _track(starts: range, show: bool, total: int, batch_size: int) -> Iterable[int]:
+    """``starts``, with a progress bar of the images done when ``show``."""
+    if not show:
+        yield from starts
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("segmenting", total=total)
+        for start in starts:
+            yield start
+            bar.advance(task, min(batch_size, total - start))

@@ -1,0 +1,197 @@
+"""The Python inference API: ``Segmenter.from_checkpoint(path)(images)``.
+
+One tiny panoptic model is trained for 12 steps on the synthetic data set through the CLI;
+its checkpoint alone (no config) must give the predictions ``mode=eval export_predictions=true``
+writes, on every kind of input, at the input's original size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cli_utils import compose_cfg, run_cfg, tiny_overrides
+from knet_lightning import SegmentationResult, Segmenter, SkippedInput
+from knet_lightning.checkpoint_io import load_checkpoint_file
+from knet_lightning.checkpoint_model import INFERENCE_KEY
+from knet_lightning.data.io import rgb2id
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+# low thresholds, stored in the checkpoint, so that a model of a few steps predicts segments to compare
+TRAIN = tiny_overrides("model.num_vis_images=0", "test_after_fit=false", "trainer.max_epochs=6",
+                       "model.postprocess.object_mask_thr=0.05", "model.postprocess.mask_thr=0.3")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(checkpoint, the synthetic data set's folder) of a 6-epoch (12-step) tiny panoptic run."""
+    tmp = tmp_path_factory.mktemp("segmenter")
+    cfg = compose_cfg(tmp, TRAIN)
+    run_cfg(cfg)
+    ckpt = tmp / "run" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    return ckpt, Path(cfg.data.root)
+
+
+def test_checkpoint_carries_the_inference_settings(trained: tuple[Path, Path]) -> None:
+    ckpt, _ = trained
+    settings = load_checkpoint_file(ckpt)[INFERENCE_KEY]
+    # the synthetic data set: no resize, ImageNet normalisation, padding to 32, its category ids
+    assert settings == {
+        "short_edge": None, "max_size": None, "mean": pytest.approx([0.485, 0.456, 0.406]),
+        "std": pytest.approx([0.229, 0.224, 0.225]), "size_divisor": 32, "dataset_ids": [1, 2, 3, 4, 101, 102, 103],
+    }  # fmt: skip
+
+
+def test_results_equal_the_mode_eval_exported_predictions(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    ckpt, root = trained
+    cfg = compose_cfg(tmp_path, [*TRAIN, "mode=eval", f"ckpt_path={ckpt}", "export_predictions=true",
+                                 f"data.root={root}"])  # fmt: skip
+    run_cfg(cfg)
+    exported = json.loads((tmp_path / "run" / "predictions" / "panoptic.json").read_text())
+    images = sorted((root / "val2017").glob("*.jpg"))
+    assert len(images) == len(exported["annotations"]) == 4
+
+    seg = Segmenter.from_checkpoint(ckpt)
+    results = seg(images, batch_size=3)
+    assert all(isinstance(r, SegmentationResult) for r in results)
+    assert sum(len(a["segments_info"]) for a in exported["annotations"]) > 0  # something to compare
+    for path, result in zip(images, results):
+        (ann,) = [a for a in exported["annotations"] if Path(a["file_name"]).stem == path.stem]
+        png = np.asarray(Image.open(tmp_path / "run" / "predictions" / "panoptic" / ann["file_name"]))
+        coco = result.to_coco(file_name=path.name)
+        assert coco["file_name"] == ann["file_name"]
+        assert np.array_equal(rgb2id(np.asarray(coco["png"]).astype(np.int64)), rgb2id(png.astype(np.int64)))
+        ours = [(s["id"], s["category_id"], s["area"]) for s in coco["segments_info"]]
+        theirs = [(s["id"], s["category_id"], s["area"]) for s in ann["segments_info"]]
+        assert ours == theirs
+        assert result.panoptic.shape == result.size == png.shape[:2]
+        # typed segments agree with the map
+        for s in result.segments:
+            assert s.area == int((result.panoptic == s.id).sum())
+            assert s.class_name == seg.class_names[s.label] and s.is_thing == seg.isthing[s.label]
+
+
+def _photo(root: Path) -> np.ndarray:
+    return np.asarray(Image.open(sorted((root / "val2017").glob("*.jpg"))[0]).convert("RGB"))
+
+
+def test_every_input_kind_gives_a_result_of_the_original_size(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    ckpt, root = trained
+    seg = Segmenter.from_checkpoint(ckpt)
+    rgb = _photo(root)[:, :50]  # 64 x 50: not a multiple of the stride
+    h, w = rgb.shape[:2]
+    gray = rgb.mean(axis=2).astype(np.uint8)
+    sixteen = tmp_path / "gray16.png"
+    Image.fromarray(gray.astype(np.uint16) * 257).save(sixteen)
+    assert Image.open(sixteen).mode.startswith("I")
+    inputs = {
+        "path": tmp_path / "rgb.png",
+        "PIL RGB": Image.fromarray(rgb),
+        "PIL RGBA": Image.fromarray(np.dstack([rgb, np.full((h, w), 128, np.uint8)])),
+        "PIL palette": Image.fromarray(rgb).convert("P"),
+        "PIL gray": Image.fromarray(gray),
+        "16-bit PNG": sixteen,
+        "numpy HWC uint8": rgb,
+        "numpy HW": gray,
+        "numpy uint16": rgb.astype(np.uint16) * 257,
+        "numpy float": rgb.astype(np.float32) / 255,
+        "tensor CHW uint8": torch.from_numpy(rgb).permute(2, 0, 1),
+        "tensor CHW float": torch.from_numpy(rgb).permute(2, 0, 1).float() / 255,
+    }
+    Image.fromarray(rgb).save(inputs["path"])
+    results = seg(list(inputs.values()))
+    for kind, result in zip(inputs, results):
+        assert isinstance(result, SegmentationResult), kind
+        assert result.size == (h, w) and tuple(result.panoptic.shape) == (h, w), kind
+    # the same pixels give the same segments whatever the container
+    same = [results[i] for i, k in enumerate(inputs) if k in ("path", "PIL RGB", "PIL RGBA", "numpy HWC uint8",
+                                                                "numpy uint16", "numpy float", "tensor CHW uint8",
+                                                                "tensor CHW float")]  # fmt: skip
+    for r in same[1:]:
+        assert torch.equal(r.panoptic, same[0].panoptic)
+    # smaller than the network's stride: padded in, cropped out
+    tiny = seg(rgb[:7, :9])
+    assert tiny.size == (7, 9) and tuple(tiny.panoptic.shape) == (7, 9)
+
+
+def test_rotated_exif_photo_gives_the_segments_of_the_upright_photo(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    ckpt, root = trained
+    seg = Segmenter.from_checkpoint(ckpt)
+    upright = Image.fromarray(_photo(root)[:, :50])
+    # stored rotated, with EXIF orientation 6 ("rotate 90 clockwise to display"): a viewer shows it upright
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.png"
+    stored.save(path, exif=exif)
+    assert Image.open(path).size == (upright.height, upright.width)
+    a, b = seg(upright), seg(path)
+    assert a.size == b.size == (upright.height, upright.width)
+    assert torch.equal(a.panoptic, b.panoptic) and a.segments == b.segments
+
+
+def test_an_unreadable_file_is_reported_by_name_and_the_batch_completes(
+    trained: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ckpt, root = trained
+    seg = Segmenter.from_checkpoint(ckpt)
+    good = sorted((root / "val2017").glob("*.jpg"))[:2]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    with caplog.at_level(logging.WARNING):
+        results = seg([good[0], bad, tmp_path / "missing.png", good[1]], batch_size=4)
+    assert isinstance(results[0], SegmentationResult) and isinstance(results[3], SegmentationResult)
+    assert isinstance(results[1], SkippedInput) and results[1].source == str(bad)
+    assert isinstance(results[2], SkippedInput) and "missing.png" in results[2].source
+    assert "broken.jpg" in caplog.text and "missing.png" in caplog.text
+
+
+def test_overlay_has_a_legend_and_the_image_size(trained: tuple[Path, Path]) -> None:
+    ckpt, root = trained
+    result = Segmenter.from_checkpoint(ckpt)(sorted((root / "val2017").glob("*.jpg"))[0])
+    plain = result.overlay(legend=False)
+    assert plain.size == (result.size[1], result.size[0]) and plain.mode == "RGB"
+    if result.segments:
+        with_legend = result.overlay()
+        assert with_legend.width > plain.width and with_legend.height >= plain.height
+
+
+def test_an_earlier_stage_and_bad_arguments(trained: tuple[Path, Path]) -> None:
+    ckpt, root = trained
+    first = Segmenter.from_checkpoint(ckpt, stage=1)
+    assert first.stage == 1
+    with pytest.raises(ValueError, match=r"stage=5 is outside the model's 2 outputs"):
+        Segmenter.from_checkpoint(ckpt, stage=5)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        first(sorted((root / "val2017").glob("*.jpg"))[0], batch_size=0)
+
+
+def test_readme_python_example_runs_as_written(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """The README's "Use a trained model" block, in a fresh process, where its files exist."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    ckpt, root = trained
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Use a trained model", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    cwd = tmp_path / "notebook"
+    cwd.mkdir()
+    shutil.copy(ckpt, cwd / "last.ckpt")
+    photo = Image.open(sorted((root / "val2017").glob("*.jpg"))[0]).convert("RGB")
+    photo.save(cwd / "photo.jpg", quality=95)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"torch.Size([{photo.height}, {photo.width}])" in proc.stdout
+    assert Image.open(cwd / "overlay.png").height >= photo.height
+    assert Image.open(cwd / "photo.png").mode == "RGB"  # the COCO panoptic PNG
