@@ -235,7 +235,8 @@ def test_parse_args_defaults() -> None:
 
 @pytest.mark.parametrize(
     ("command", "cwd"),
-    [(["scripts/knet_bench"], ROOT), (["-m", "knet_bench"], ROOT / "scripts")],
+    # the folder form in make test-all only: the same package, started another way
+    [pytest.param(["scripts/knet_bench"], ROOT, marks=pytest.mark.slow), (["-m", "knet_bench"], ROOT / "scripts")],
     ids=["folder", "module"],
 )
 def test_the_package_runs_without_the_script(command: list[str], cwd: Path) -> None:

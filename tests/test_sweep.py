@@ -74,6 +74,8 @@ def test_grid_sweep_2x2_writes_the_summary_and_groups_its_wandb_runs(tmp_path: P
     assert not any("k" * 40 in text for text in dumps)
 
 
+# slow (make test-all): the Optuna variant of the sweep the README test and the grid test run in CI
+@pytest.mark.slow
 def test_optuna_sweep_runs_two_trials_and_returns_the_metric(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "optuna"
     run_cli(["hparams_search=kernels_stages_optuna", "hydra.sweeper.n_trials=2",

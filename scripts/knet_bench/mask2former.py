@@ -5,6 +5,7 @@ batches, reported as ratios K-Net / Mask2Former."""
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -62,6 +63,29 @@ def build_mask2former(profile: Profile, device: torch.device, seed: int) -> nn.M
     return Mask2FormerForUniversalSegmentation(config).to(device)
 
 
+def m2f_steps(
+    model: nn.Module, processor: Any, images: torch.Tensor, targets: list[dict[str, Any]], size: tuple[int, int]
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Mask2Former's inference (forward + its panoptic post-processing) and training step
+    (forward with its own loss + backward + AdamW), as the bench times them."""
+    mask_labels = [t["masks"].float() for t in targets]
+    class_labels = [t["labels"] for t in targets]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+
+    def infer() -> None:
+        with torch.inference_mode():
+            out = model(pixel_values=images)
+            processor.post_process_panoptic_segmentation(out, target_sizes=[size] * images.shape[0])
+
+    def train() -> None:
+        out = model(pixel_values=images, mask_labels=mask_labels, class_labels=class_labels)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return infer, train
+
+
 def section_mask2former(ctx: Context) -> dict[str, Any]:
     """Mask2Former inference and train step at the ``knet`` section's sizes and batches."""
     try:
@@ -85,22 +109,9 @@ def section_mask2former(ctx: Context) -> dict[str, Any]:
     for size in p.sizes:
         for batch in p.batches:
             images, targets = make_batch(p, size, batch, device, ctx.seed)
-            mask_labels = [t["masks"].float() for t in targets]
-            class_labels = [t["labels"] for t in targets]
             key = f"{size[0]}x{size[1]}"
 
-            def infer() -> None:
-                with torch.inference_mode():
-                    out = model(pixel_values=images)
-                    processor.post_process_panoptic_segmentation(out, target_sizes=[size] * batch)
-
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-
-            def train() -> None:
-                out = model(pixel_values=images, mask_labels=mask_labels, class_labels=class_labels)
-                out.loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            infer, train = m2f_steps(model, processor, images, targets, size)
 
             for mode, step in (("inference", infer), ("train", train)):
                 model.train(mode == "train")
@@ -119,7 +130,7 @@ def section_mask2former(ctx: Context) -> dict[str, Any]:
                         **{f"m2f_{k}": v for k, v in mem.result().items()},
                     }
                 )
-            del optimizer, images, targets, mask_labels, class_labels
+            del infer, train, images, targets
             gc.collect()
     notes = [
         f"transformers {transformers.__version__}; Mask2Former with a ResNet backbone "

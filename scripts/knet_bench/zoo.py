@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from knet_lightning.sweep import model_complexity
 
 from .common import NUM_CLASSES, Context, Profile, count_params, make_batch
+from .mask2former import m2f_steps
 from .model import build_knet, in_layout, knet_infer_step, knet_train_step, make_optimizer
 from .timing import PeakMemory, measure
 
@@ -122,40 +124,22 @@ def _mask2former_rows(ctx: Context) -> tuple[list[dict[str, Any]], str]:
     rows = []
     for size in p.sizes:
         images, targets = make_batch(p, size, 1, device, ctx.seed)
-        mask_labels = [t["masks"].float() for t in targets]
-        class_labels = [t["labels"] for t in targets]
         row: dict[str, Any] = {"model": "Mask2Former Swin-L (HF)" if p.name != "tiny" else "Mask2Former Swin (HF, tiny)",
                                "size": f"{size[0]}x{size[1]}", "params_m": params / 1e6, "trainable_m": trainable / 1e6}  # fmt: skip
         try:
             model.eval()
-            with torch.inference_mode():
-                from torch.utils.flop_counter import FlopCounterMode
-
-                with FlopCounterMode(display=False) as counter:
-                    model(pixel_values=images)
+            with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+                model(pixel_values=images)
             row["gflops"] = counter.get_total_flops() / 1e9
-
-            def infer() -> None:
-                with torch.inference_mode():
-                    out = model(pixel_values=images)
-                    processor.post_process_panoptic_segmentation(out, target_sizes=[size])
-
+            infer, train = m2f_steps(model, processor, images, targets, size)
             with PeakMemory(device) as mem:
                 row["infer_ms"] = measure(infer, device, warmup, repeats)["total_ms"]
             row["infer_peak_mb"] = mem.result().get("peak_mb")
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
-
-            def train() -> None:
-                out = model(pixel_values=images, mask_labels=mask_labels, class_labels=class_labels)
-                out.loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
             model.train()
             with PeakMemory(device) as mem:
                 row["train_ms"] = measure(train, device, warmup, repeats)["total_ms"]
             row["train_peak_mb"] = mem.result().get("peak_mb")
-            del optimizer
+            del infer, train
         except (RuntimeError, MemoryError) as e:  # out of memory: keep what was measured
             row["note"] = f"stopped: {type(e).__name__}: {str(e)[:120]}"
         rows.append(row)

@@ -21,13 +21,7 @@ from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY
 from knet_lightning.errors import NonFiniteLossError
 from knet_lightning.models.outputs import StageOutput
 from knet_lightning.memory_format import choose_memory_format
-from knet_lightning.optim import (
-    OptimizerSettings,
-    SchedulerSettings,
-    build_optimizer,
-    build_scheduler,
-    clips_under_amp,
-)
+from knet_lightning.optim import OptimizerSettings, SchedulerSettings, build_optimizer, build_scheduler, clips_under_amp
 from knet_lightning.settings import settings_from
 from knet_lightning.tasks import SegmentationTask, build_task
 from knet_lightning.visualize import denormalized_image
@@ -123,10 +117,9 @@ class KNetModule(LightningModule):
             class_names=self.class_names,
         )
         self.vis_samples: list[dict[str, Any]] = []
-        # the resolved model config it was built from (set by the CLI), stored in checkpoints
+        # set by the CLI, stored in checkpoints: the resolved model config and the data set's
+        # test-time preprocessing and class ids (eval/predict and Segmenter rebuild from them)
         self.model_config: Optional[dict[str, Any]] = None
-        # the data set's test-time preprocessing and class ids (set by the CLI), stored in
-        # checkpoints so that knet_lightning.Segmenter needs nothing else
         self.inference_config: Optional[dict[str, Any]] = None
 
     @property
@@ -147,10 +140,9 @@ class KNetModule(LightningModule):
         return self.net(images)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.model_config is not None:
-            checkpoint[MODEL_CONFIG_KEY] = self.model_config
-        if self.inference_config is not None:
-            checkpoint[INFERENCE_KEY] = self.inference_config
+        for key, value in ((MODEL_CONFIG_KEY, self.model_config), (INFERENCE_KEY, self.inference_config)):
+            if value is not None:
+                checkpoint[key] = value
 
     def setup(self, stage: str) -> None:
         # before configure_optimizers and checkpoint loading, which keep the parameters' layout

@@ -17,9 +17,6 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from knet_lightning.data.io import id2rgb
-from knet_lightning.evaluation.export import segment_areas_and_boxes
-from knet_lightning.evaluation.instance import encode_masks
 
 __all__ = ["Segment", "SegmentationResult", "SkippedInput"]
 
@@ -69,6 +66,8 @@ class SegmentationResult:
         instances: instance: ``masks`` bool ``(K, H, W)``, ``scores`` ``(K,)``, ``labels``
             ``(K,)``, by descending score.
         source: the input's file name, when it came from a file.
+        prediction: the task's own prediction (what ``mode=predict`` writes), on the CPU.
+        task_object: the task (:mod:`knet_lightning.tasks`) that draws and exports it.
     """
 
     task: str
@@ -82,7 +81,8 @@ class SegmentationResult:
     semantic: Optional[Tensor] = None
     instances: Optional[dict[str, Tensor]] = None
     source: Optional[str] = None
-    overlay_fn: Any = field(default=None, repr=False)
+    prediction: Any = field(default=None, repr=False)
+    task_object: Any = field(default=None, repr=False)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -92,7 +92,8 @@ class SegmentationResult:
     def overlay(self, legend: bool = True) -> Image.Image:
         """The image with the segments drawn on it and, with ``legend``, a column naming the
         classes present with their colours."""
-        drawn = self.overlay_fn(torch.from_numpy(self.image).permute(2, 0, 1).contiguous())
+        image = torch.from_numpy(self.image).permute(2, 0, 1).contiguous()
+        drawn = self.task_object.overlay(image, self.prediction, self.colors)
         canvas = Image.fromarray(drawn.permute(1, 2, 0).cpu().numpy())
         if not legend or not self.segments:
             return canvas
@@ -123,31 +124,4 @@ class SegmentationResult:
           scripts read them.
         """
         stem = Path(file_name or self.source or f"{image_id}.png").stem
-        if self.task == "panoptic":
-            assert self.panoptic is not None
-            seg = self.panoptic.cpu().numpy()
-            ids = [s.id for s in self.segments]
-            areas, boxes = segment_areas_and_boxes(seg, ids)
-            info = [
-                {"id": s.id, "category_id": self.dataset_ids[s.label], "area": int(a), "bbox": [int(v) for v in b],
-                 "iscrowd": 0, "isthing": int(s.is_thing), "score": s.score}  # fmt: skip
-                for s, a, b in zip(self.segments, areas, boxes)
-                if a > 0
-            ]
-            return {"file_name": f"{stem}.png", "segments_info": info, "png": Image.fromarray(id2rgb(seg))}
-        if self.task == "instance":
-            from pycocotools import mask as mask_utils
-
-            assert self.instances is not None
-            rles = encode_masks(self.instances["masks"].cpu().numpy())
-            boxes = mask_utils.toBbox(rles).tolist() if rles else []
-            return [
-                {"image_id": image_id, "category_id": self.dataset_ids[int(c)], "segmentation": rle, "bbox": box,
-                 "score": float(s)}  # fmt: skip
-                for rle, box, c, s in zip(rles, boxes, self.instances["labels"], self.instances["scores"])
-            ]
-        assert self.semantic is not None
-        sem = self.semantic.cpu().numpy()
-        lut = np.zeros(256, dtype=np.uint8)
-        lut[: len(self.dataset_ids)] = np.asarray(self.dataset_ids, dtype=np.int64).clip(0, 255)
-        return {"file_name": f"{stem}.png", "png": Image.fromarray(lut[sem.clip(0, 255).astype(np.uint8)], mode="L")}
+        return self.task_object.coco_output(self, image_id, stem)

@@ -31,7 +31,7 @@ from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY, wit
 from knet_lightning.data.io import read_rgb_image, to_rgb_array, upright
 from knet_lightning.data.meta import DatasetError, default_palette
 from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, collate_batch
-from knet_lightning.results import Segment, SegmentationResult, SkippedInput
+from knet_lightning.results import SegmentationResult, SkippedInput
 
 __all__ = ["Segmenter"]
 
@@ -211,39 +211,13 @@ class Segmenter:
         return out
 
     def _result(self, pred: Any, rgb: np.ndarray, file_name: Optional[str]) -> SegmentationResult:
-        names, isthing = self.class_names, self.isthing
-        common = dict(task=self.task, image=rgb, class_names=names, isthing=isthing, colors=self.colors,
-                      dataset_ids=self.dataset_ids, source=file_name)  # fmt: skip
         task = self.module.task
-
-        def overlay(image: Tensor, pred: Any = pred) -> Tensor:
-            return task.overlay(image, _to_cpu(pred), self.colors)
-
-        if self.task == "panoptic":
-            seg, infos = pred
-            seg = seg.cpu()
-            areas = torch.bincount(seg.flatten().long(), minlength=max((s["id"] for s in infos), default=0) + 1)
-            segments = [
-                Segment(int(s["id"]), int(s["category_id"]), names[int(s["category_id"])], float(s["score"]),
-                        int(areas[int(s["id"])]), bool(isthing[int(s["category_id"])]))  # fmt: skip
-                for s in infos
-            ]
-            semantic = torch.full(seg.shape, 255, dtype=torch.int64)
-            for s in infos:
-                semantic[seg == int(s["id"])] = int(s["category_id"])
-            return SegmentationResult(segments=segments, panoptic=seg, semantic=semantic, overlay_fn=overlay, **common)
-        if self.task == "instance":
-            inst = {k: v.cpu() for k, v in pred.items()}
-            segments = [
-                Segment(k + 1, int(c), names[int(c)], float(s), int(m.sum()), True)
-                for k, (m, c, s) in enumerate(zip(inst["masks"], inst["labels"], inst["scores"]))
-            ]
-            return SegmentationResult(segments=segments, instances=inst, overlay_fn=overlay, **common)
-        sem = pred.cpu().to(torch.int64)
-        counts = torch.bincount(sem.flatten().clamp(max=len(names)), minlength=len(names) + 1)[: len(names)]
-        segments = [Segment(c + 1, c, names[c], None, int(counts[c]), bool(isthing[c]))
-                    for c in range(len(names)) if counts[c] > 0]  # fmt: skip
-        return SegmentationResult(segments=segments, semantic=sem, overlay_fn=overlay, **common)
+        pred = _to_cpu(pred)
+        return SegmentationResult(
+            task=self.task, image=rgb, class_names=self.class_names, isthing=self.isthing, colors=self.colors,
+            dataset_ids=self.dataset_ids, source=file_name, prediction=pred, task_object=task,
+            **task.describe(pred, self.class_names, self.isthing),
+        )  # fmt: skip
 
 
 def _to_cpu(pred: Any) -> Any:

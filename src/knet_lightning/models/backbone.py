@@ -16,6 +16,7 @@ from torchvision.ops import deform_conv2d
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from knet_lightning.models.swin import SwinBackbone
+from knet_lightning.models.weights import read_weights_file
 
 _BLOCKS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {
     18: (BasicBlock, [2, 2, 2, 2]),
@@ -282,14 +283,7 @@ class ResNetBackbone(nn.Module):
     def load_weights(self, weights_path: str) -> None:
         """Load a state dict of this body from a local file (``fc.*`` keys are dropped)."""
         path = Path(weights_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"backbone weights_path {str(path)!r} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle / zip errors come in many types
-            raise RuntimeError(
-                f"backbone weights_path {str(path)!r} is not a loadable torch state dict: {err}"
-            ) from err
+        state = read_weights_file(path)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict):

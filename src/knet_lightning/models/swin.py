@@ -42,12 +42,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.swin_transformer import ShiftedWindowAttention, SwinTransformerBlock
+
+from knet_lightning.models.weights import read_weights_file
 
 __all__ = [
     "SWIN_ARCHS",
@@ -318,14 +319,8 @@ class SwinBackbone(nn.Module):
 
     def load_weights(self, weights_path: str) -> None:
         """Load a local Swin state dict: the original release or the OpenMMLab layout."""
-        path = Path(weights_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"backbone weights_path {str(path)!r} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle / zip errors come in many types
-            raise RuntimeError(f"backbone weights_path {str(path)!r} is not a loadable torch file: {err}") from err
-        self.load_state(state, f"backbone weights_path {str(path)!r}")
+        state = read_weights_file(weights_path)
+        self.load_state(state, f"backbone weights_path {str(weights_path)!r}")
 
     def load_state(self, state: Mapping[str, object], source: str) -> None:
         """Load the original release (``model`` / ``layers.*``) or an OpenMMLab state dict

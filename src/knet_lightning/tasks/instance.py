@@ -14,6 +14,7 @@ from knet_lightning.evaluation.export import COCOResultsWriter
 from knet_lightning.evaluation.instance import MaskAP, encode_masks
 from knet_lightning.models.outputs import StageOutput
 from knet_lightning.postprocess import instance_inference
+from knet_lightning.results import Segment
 from knet_lightning.tasks.base import SPLITS, SegmentationTask
 from knet_lightning.tasks.settings import InstanceSettings
 from knet_lightning.visualize import overlay_instances
@@ -110,3 +111,24 @@ class InstanceTask(SegmentationTask):
 
     def write(self, writer: COCOResultsWriter, image_id: Any, file_name: str, prediction: Mapping[str, Tensor]) -> None:
         writer.add(image_id, prediction["masks"], prediction["scores"], prediction["labels"])
+
+    def describe(self, prediction: Mapping[str, Tensor], class_names: Sequence[str], isthing: Sequence[bool]) -> dict[str, Any]:
+        inst = {k: v.cpu() for k, v in prediction.items()}
+        segments = [
+            Segment(k + 1, int(c), class_names[int(c)], float(s), int(m.sum()), True)
+            for k, (m, c, s) in enumerate(zip(inst["masks"], inst["labels"], inst["scores"]))
+        ]
+        return {"segments": segments, "instances": inst}
+
+    def coco_output(self, result: Any, image_id: Any, stem: str) -> list[dict[str, Any]]:
+        """COCO results entries: ``image_id``, ``category_id``, RLE ``segmentation``, ``bbox``, ``score``."""
+        from pycocotools import mask as mask_utils
+
+        inst = result.instances
+        rles = encode_masks(inst["masks"].numpy())
+        boxes = mask_utils.toBbox(rles).tolist() if rles else []
+        return [
+            {"image_id": image_id, "category_id": result.dataset_ids[int(c)], "segmentation": rle, "bbox": box,
+             "score": float(s)}  # fmt: skip
+            for rle, box, c, s in zip(rles, boxes, inst["labels"], inst["scores"])
+        ]

@@ -11,11 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from knet_lightning.constants import IGNORE_INDEX
-from knet_lightning.evaluation.export import COCOPanopticWriter
+from knet_lightning.data.io import id2rgb
+from knet_lightning.evaluation.export import COCOPanopticWriter, segment_areas_and_boxes
 from knet_lightning.evaluation.panoptic import PanopticQuality
 from knet_lightning.evaluation.semantic import MeanIoU
 from knet_lightning.models.outputs import StageOutput
 from knet_lightning.postprocess import panoptic_inference, panoptic_to_semantic
+from knet_lightning.results import Segment
 from knet_lightning.tasks.base import SPLITS, SegmentationTask
 from knet_lightning.tasks.settings import PanopticSettings
 from knet_lightning.visualize import overlay_panoptic
@@ -125,3 +127,29 @@ class PanopticTask(SegmentationTask):
     def write(self, writer: COCOPanopticWriter, image_id: Any, file_name: str, prediction: PanopticPrediction) -> None:
         seg, segments = prediction
         writer.add(image_id, file_name, seg, segments)
+
+    def describe(self, prediction: PanopticPrediction, class_names: Sequence[str], isthing: Sequence[bool]) -> dict[str, Any]:
+        seg, infos = prediction
+        seg = seg.cpu()
+        areas = torch.bincount(seg.flatten().long(), minlength=max((int(s["id"]) for s in infos), default=0) + 1)
+        segments = [
+            Segment(int(s["id"]), int(s["category_id"]), class_names[int(s["category_id"])], float(s["score"]),
+                    int(areas[int(s["id"])]), bool(isthing[int(s["category_id"])]))  # fmt: skip
+            for s in infos
+        ]
+        semantic = panoptic_to_semantic(seg, infos, ignore_index=IGNORE_INDEX).to(torch.int64)
+        return {"segments": segments, "panoptic": seg, "semantic": semantic}
+
+    def coco_output(self, result: Any, image_id: Any, stem: str) -> dict[str, Any]:
+        """COCO panoptic: ``{"file_name": "<stem>.png", "segments_info": [...], "png": PIL image}``."""
+        from PIL import Image
+
+        seg = result.panoptic.numpy()
+        areas, boxes = segment_areas_and_boxes(seg, [s.id for s in result.segments])
+        info = [
+            {"id": s.id, "category_id": result.dataset_ids[s.label], "area": int(a), "bbox": [int(v) for v in b],
+             "iscrowd": 0, "isthing": int(s.is_thing), "score": s.score}  # fmt: skip
+            for s, a, b in zip(result.segments, areas, boxes)
+            if a > 0
+        ]
+        return {"file_name": f"{stem}.png", "segments_info": info, "png": Image.fromarray(id2rgb(seg))}

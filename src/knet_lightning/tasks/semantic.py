@@ -15,6 +15,7 @@ from knet_lightning.evaluation.export import SemanticPNGWriter
 from knet_lightning.evaluation.semantic import MeanIoU
 from knet_lightning.models.outputs import StageOutput
 from knet_lightning.postprocess import semantic_inference
+from knet_lightning.results import Segment
 from knet_lightning.tasks.base import SPLITS, SegmentationTask
 from knet_lightning.tasks.settings import SemanticSettings
 from knet_lightning.visualize import overlay_semantic
@@ -84,3 +85,22 @@ class SemanticTask(SegmentationTask):
 
     def write(self, writer: SemanticPNGWriter, image_id: Any, file_name: str, prediction: Tensor) -> None:
         writer.add(file_name, prediction)
+
+    def describe(self, prediction: Tensor, class_names: Sequence[str], isthing: Sequence[bool]) -> dict[str, Any]:
+        sem = prediction.cpu().to(torch.int64)
+        n = len(class_names)
+        counts = torch.bincount(sem.flatten().clamp(max=n), minlength=n + 1)[:n]
+        segments = [Segment(c + 1, c, class_names[c], None, int(counts[c]), bool(isthing[c]))
+                    for c in range(n) if counts[c] > 0]  # fmt: skip
+        return {"segments": segments, "semantic": sem}
+
+    def coco_output(self, result: Any, image_id: Any, stem: str) -> dict[str, Any]:
+        """``{"file_name": "<stem>.png", "png": PIL image}``: mode ``L`` of the data set's class ids
+        (Cityscapes labelIds, ADE20K 1..150), void 0, as the label PNG writer writes them."""
+        import numpy as np
+        from PIL import Image
+
+        lut = np.zeros(256, dtype=np.uint8)
+        lut[: len(result.dataset_ids)] = np.asarray(result.dataset_ids, dtype=np.int64).clip(0, 255)
+        sem = result.semantic.numpy().clip(0, 255).astype(np.uint8)
+        return {"file_name": f"{stem}.png", "png": Image.fromarray(lut[sem], mode="L")}
