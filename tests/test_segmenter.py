@@ -195,3 +195,39 @@ def test_readme_python_example_runs_as_written(trained: tuple[Path, Path], tmp_p
     assert f"torch.Size([{photo.height}, {photo.width}])" in proc.stdout
     assert Image.open(cwd / "overlay.png").height >= photo.height
     assert Image.open(cwd / "photo.png").mode == "RGB"  # the COCO panoptic PNG
+
+
+def test_instance_and_semantic_results_describe_and_export() -> None:
+    """The instance and semantic task objects' typed view and official formats, by hand."""
+    from knet_lightning import Segment
+    from knet_lightning.tasks import build_task
+
+    names, ids, colors = ["a", "b", "c"], [10, 20, 30], [(200, 0, 0), (0, 200, 0), (0, 0, 200)]
+    image = np.zeros((6, 8, 3), np.uint8)
+    task = build_task("instance", num_classes=3, num_things=3, num_proposals=4, num_stages=1)
+    masks = torch.zeros(2, 6, 8, dtype=torch.bool)
+    masks[0, :3] = True
+    masks[1, 3:, :4] = True
+    pred = {"masks": masks, "scores": torch.tensor([0.9, 0.4]), "labels": torch.tensor([2, 0])}
+    fields = task.describe(pred, names, [True] * 3)
+    assert fields["segments"] == [Segment(1, 2, "c", pytest.approx(0.9), 24, True),
+                                  Segment(2, 0, "a", pytest.approx(0.4), 12, True)]  # fmt: skip
+    result = SegmentationResult(task="instance", image=image, class_names=names, isthing=[True] * 3, colors=colors,
+                                dataset_ids=ids, prediction=pred, task_object=task, **fields)  # fmt: skip
+    entries = result.to_coco(image_id=7)
+    assert [(e["image_id"], e["category_id"], e["bbox"]) for e in entries] == [(7, 30, [0, 0, 8, 3]), (7, 10, [0, 3, 4, 3])]
+    assert result.overlay().width > 8  # the legend column
+
+    task = build_task("semantic", num_classes=3, num_things=0, num_proposals=3, num_stages=1)
+    sem = torch.full((6, 8), 255, dtype=torch.int64)
+    sem[:2] = 0
+    sem[4:] = 2
+    fields = task.describe(sem, names, [False] * 3)
+    assert fields["segments"] == [Segment(1, 0, "a", None, 16, False), Segment(3, 2, "c", None, 16, False)]
+    result = SegmentationResult(task="semantic", image=image, class_names=names, isthing=[False] * 3, colors=colors,
+                                dataset_ids=[1, 2, 3], prediction=sem, task_object=task, **fields)  # fmt: skip
+    out = result.to_coco(file_name="x.jpg")
+    png = np.asarray(out["png"])
+    assert out["file_name"] == "x.png" and png.dtype == np.uint8
+    assert (png[:2] == 1).all() and (png[2:4] == 0).all() and (png[4:] == 3).all()  # void is 0
+    assert result.overlay(legend=False).size == (8, 6)
