@@ -59,7 +59,7 @@ def test_results_equal_the_mode_eval_exported_predictions(trained: tuple[Path, P
     images = sorted((root / "val2017").glob("*.jpg"))
     assert len(images) == len(exported["annotations"]) == 4
 
-    seg = Segmenter.from_checkpoint(ckpt)
+    seg = Segmenter.from_checkpoint(ckpt, precision="fp32")  # as mode=eval runs on the CPU
     results = seg(images, batch_size=3)
     assert all(isinstance(r, SegmentationResult) for r in results)
     assert sum(len(a["segments_info"]) for a in exported["annotations"]) > 0  # something to compare
@@ -231,3 +231,28 @@ def test_instance_and_semantic_results_describe_and_export() -> None:
     assert out["file_name"] == "x.png" and png.dtype == np.uint8
     assert (png[:2] == 1).all() and (png[2:4] == 0).all() and (png[4:] == 3).all()  # void is 0
     assert result.overlay(legend=False).size == (8, 6)
+
+
+def test_bf16_precision_runs_and_auto_follows_the_cpu(trained: tuple[Path, Path]) -> None:
+    from knet_lightning.segmenter import bf16_supported
+
+    ckpt, root = trained
+    images = sorted((root / "val2017").glob("*.jpg"))
+    fp32 = Segmenter.from_checkpoint(ckpt, precision="fp32")(images)
+    low = Segmenter.from_checkpoint(ckpt, precision="bf16")
+    assert low.precision == "bf16"
+    for a, b in zip(fp32, low(images)):
+        assert b.panoptic.dtype == a.panoptic.dtype and b.size == a.size
+    # the network's logits under bf16 autocast stay close to fp32's (the segments of this barely
+    # trained model sit at its thresholds, so they are not compared)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        ref = low.module(x)[-1].mask_logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = low.module(x)[-1].mask_logits
+    assert half.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(half.float().flatten(), ref.flatten(), dim=0) > 0.99
+    auto = Segmenter.from_checkpoint(ckpt)  # the default
+    assert auto.precision == ("bf16" if bf16_supported(torch.device("cpu")) else "fp32")
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16', 'auto'\), got 'fp16'"):
+        Segmenter.from_checkpoint(ckpt, precision="fp16")
