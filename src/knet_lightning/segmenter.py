@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from torchvision import tv_tensors
 
 from knet_lightning.checkpoint_io import load_checkpoint_file
 from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY, without_initial_weights
@@ -214,8 +215,6 @@ class Segmenter:
                 out[k] = SkippedInput(name, str(err))
                 continue
             image = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
-            from torchvision import tv_tensors
-
             target = {"orig_size": rgb.shape[:2], "file_name": file_name}
             samples.append(self.transforms(tv_tensors.Image(image), target))
             slots.append(k)

@@ -271,8 +271,6 @@ class SwinBackbone(nn.Module):
             raise ValueError(f"Swin window_size must be >= 2, got {window_size}")
         if not -1 <= frozen_stages <= 4:
             raise ValueError(f"Swin frozen_stages must be in [-1, 4], got {frozen_stages}")
-        if pretrained and (arch, window_size) not in _IMAGENET and (arch, 7) not in _IMAGENET:
-            raise ValueError(f"no ImageNet release of Swin-{arch} with window {window_size}")
         embed_dims, depths, num_heads = SWIN_ARCHS[arch]
         self.arch = arch
         self.window_size = window_size
@@ -298,7 +296,8 @@ class SwinBackbone(nn.Module):
             self.add_module(f"norm{i}", nn.LayerNorm(channels))
         self._init_weights()
         if pretrained:
-            url = _IMAGENET.get((arch, window_size), _IMAGENET.get((arch, 7)))
+            # every arch has a window-7 release; another window resizes its bias tables
+            url = _IMAGENET.get((arch, window_size), _IMAGENET[(arch, 7)])
             state = torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True)
             self.load_state(state, f"Swin ImageNet release {url}")
         if weights_path is not None:
