@@ -161,7 +161,7 @@ def test_train_then_eval_then_predict_from_the_checkpoint(tmp_path: Path, caplog
         run_cfg(cfg)
     out = tmp_path / "d" / "run" / "predictions"
     assert len(json.loads((out / "panoptic.json").read_text())["annotations"]) == 4
-    assert "skipped 1 unreadable input(s): zz_truncated.jpg (" in caplog.text
+    assert "skipped 1" in caplog.text and "skipped zz_truncated.jpg: " in caplog.text
 
 
 def test_resume_from_last_checkpoint_continues_at_the_right_step(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -386,19 +386,24 @@ def test_wandb_api_key_in_the_config_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_predict_inputs_errors_name_the_file(tmp_path: Path) -> None:
-    from knet_lightning.data.folder import ImageFolderDataset
     from knet_lightning.data.meta import DatasetError
+    from knet_lightning.predict import collect_inputs
+    from knet_lightning.segmenter import read_input
 
-    with pytest.raises(DatasetError, match="no such image file or folder"):
-        ImageFolderDataset(tmp_path / "missing")
+    with pytest.raises(DatasetError, match="no such image file, folder, glob match or .txt list"):
+        collect_inputs(tmp_path / "missing")
     with pytest.raises(DatasetError, match="no images"):
-        ImageFolderDataset(tmp_path)
+        collect_inputs(tmp_path)
+    with pytest.raises(DatasetError, match="the pattern matches no image"):
+        collect_inputs(tmp_path / "*.jpg")
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(DatasetError, match=r"broken\.jpg: cannot decode image file"):
-        ImageFolderDataset(tmp_path)[0]
-    image, target = ImageFolderDataset(tmp_path, skip_unreadable=True)[0]
-    assert image is None and "broken.jpg: cannot decode image file" in target["skipped"]
-    # outputs are named by stem: a clash is an error before anything is written
+        read_input(collect_inputs(tmp_path)[0].path, 0)
+    # outputs are named by path without suffix: a clash is an error before anything is written
     (tmp_path / "broken.png").write_bytes(b"")
     with pytest.raises(DatasetError, match=r"broken\.jpg and broken\.png would write the same output file"):
-        ImageFolderDataset(tmp_path)
+        collect_inputs(tmp_path)
+    empty = tmp_path / "list.txt"
+    empty.write_text("# nothing\n\n")
+    with pytest.raises(DatasetError, match=r"list\.txt: the list names no image"):
+        collect_inputs(empty)

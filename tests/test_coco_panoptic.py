@@ -367,8 +367,9 @@ def test_exif_orientation_is_applied_in_training_evaluation_and_predict(
 ) -> None:
     """The camera's stored pixels are turned as a viewer shows them, so that the image matches
     its annotation (size checked against the JSON) in the readers and in predict."""
-    from knet_lightning.data.folder import ImageFolderDataset
     from knet_lightning.data.io import read_rgb_image
+    from knet_lightning.predict import collect_inputs
+    from knet_lightning.segmenter import read_input
 
     root, fx = coco
     _photo_turned_by_exif(root / "val2017" / "a.png", fx["img_a"], orientation)
@@ -380,5 +381,6 @@ def test_exif_orientation_is_applied_in_training_evaluation_and_predict(
     folder = tmp_path / "inputs"
     folder.mkdir()
     _photo_turned_by_exif(folder / "photo.png", fx["img_a"], orientation)
-    image, target = ImageFolderDataset(folder)[0]
-    assert target["orig_size"] == (24, 32) and torch.equal(image, torch.from_numpy(fx["img_a"]).permute(2, 0, 1))
+    (item,) = collect_inputs(folder)
+    rgb, _ = read_input(item.path, 0)
+    assert rgb.shape[:2] == (24, 32) and rgb.tolist() == fx["img_a"].tolist()

@@ -135,6 +135,14 @@ def test_panoptic_writer_rejects_bad_input(tmp_path: Path) -> None:
     writer.add(1, "dir1/x.jpg", seg, segments)
     with pytest.raises(ValueError, match=r"'dir2/x.jpg' \(image 2\) and image 1 would both be written to"):
         writer.add(2, "dir2/x.jpg", seg, segments)
+    # mode=predict on a folder tree keeps the folders: dir2/x.jpg is another file, dir1/x.png the same
+    tree = COCOPanopticWriter(tmp_path / "tree", CLASS_INFO, keep_folders=True)
+    tree.add(1, "dir1/x.jpg", seg, segments)
+    tree.add(2, "dir2/x.jpg", seg, segments)
+    assert (tmp_path / "tree" / "panoptic" / "dir1" / "x.png").is_file()
+    assert (tmp_path / "tree" / "panoptic" / "dir2" / "x.png").is_file()
+    with pytest.raises(ValueError, match=r"'dir1/x.png' \(image 3\) and image 1 would both be written to"):
+        tree.add(3, "dir1/x.png", seg, segments)
     with pytest.raises(ValueError, match="image_id 1 added for 'dir1/x.jpg' and again for 'y.jpg'"):
         writer.add(1, "y.jpg", seg, segments)
     writer.close()
@@ -234,6 +242,9 @@ def test_semantic_png_writer_with_cityscapes_id_map(tmp_path: Path) -> None:
         writer.add("x.png", torch.tensor([[4, 0]]))
     with pytest.raises(ValueError, match="would both be written"):
         writer.add("munster/frankfurt_000000_000294_leftImg8bit.png", sem)
+    tree = SemanticPNGWriter(tmp_path / "tree", keep_folders=True)
+    assert tree.add("a/x.jpg", sem) == tmp_path / "tree" / "a" / "x.png"
+    assert tree.add("b/x.jpg", sem) == tmp_path / "tree" / "b" / "x.png"
 
     plain = SemanticPNGWriter(tmp_path / "plain")
     with Image.open(plain.add("a.jpg", sem.numpy())) as im:

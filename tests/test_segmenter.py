@@ -256,3 +256,101 @@ def test_bf16_precision_runs_and_auto_follows_the_cpu(trained: tuple[Path, Path]
     assert auto.precision == ("bf16" if bf16_supported(torch.device("cpu")) else "fp32")
     with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16', 'auto'\), got 'fp16'"):
         Segmenter.from_checkpoint(ckpt, precision="fp16")
+
+
+def test_predict_cli_writes_official_outputs_and_overlays_for_a_folder_tree(
+    trained: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``mode=predict`` is the Segmenter over ``inputs``: the same segments, one output per image
+    mirroring the folders, an overlay each, and a summary naming the skipped file."""
+    ckpt, root = trained
+    images = sorted((root / "val2017").glob("*.jpg"))
+    tree = tmp_path / "photos"
+    (tree / "sub" / "deeper").mkdir(parents=True)
+    Image.open(images[0]).save(tree / "first.jpg")
+    Image.open(images[1]).save(tree / "sub" / "second.png")
+    Image.open(images[2]).save(tree / "sub" / "deeper" / "third.jpg")
+    (tree / "sub" / "broken.jpg").write_bytes(b"not an image")
+    (tree / "notes.md").write_text("not an image suffix: not an input")
+    cfg = compose_cfg(tmp_path / "p", [*TRAIN, f"ckpt_path={ckpt}", f"inputs={tree}", "predict.batch_size=2",
+                                       "predict.precision=fp32"], config_name="predict")  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        run_cfg(cfg)
+    out = tmp_path / "p" / "run" / "predictions"
+    names = ["first.jpg", "sub/deeper/third.jpg", "sub/second.png"]  # sorted by path; broken is skipped
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["done"] == 3 and [i["file_name"] for i in summary["images"]] == names
+    assert summary["skipped"] == [["sub/broken.jpg", pytest.approx(summary["skipped"][0][1])]]
+    assert "cannot decode" in summary["skipped"][0][1] and summary["seconds_per_image"] > 0
+    assert "predicted 3 image(s) in" in caplog.text and "skipped sub/broken.jpg: " in caplog.text
+    exported = json.loads((out / "panoptic.json").read_text())
+    assert [a["file_name"] for a in exported["annotations"]] == ["first.png", "sub/deeper/third.png", "sub/second.png"]
+    seg = Segmenter.from_checkpoint(ckpt, precision="fp32")
+    results = seg([tree / n for n in names])
+    assert sum(len(r.segments) for r in results) > 0  # something to compare
+    for name, ann, result in zip(names, exported["annotations"], results):
+        png = np.asarray(Image.open(out / "panoptic" / ann["file_name"])).astype(np.int64)
+        assert np.array_equal(rgb2id(png), result.panoptic.numpy())
+        coco = result.to_coco()
+        assert [(s["id"], s["category_id"]) for s in ann["segments_info"]] == [
+            (s["id"], s["category_id"]) for s in coco["segments_info"]]  # fmt: skip
+        overlay = Image.open(out / "overlays" / Path(name).with_suffix(".png"))
+        assert np.array_equal(np.asarray(overlay), np.asarray(result.overlay()))
+        assert overlay.width > result.size[1] or not result.segments  # the legend column
+
+
+def test_predict_cli_reads_globs_and_lists_and_takes_postprocess_overrides(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from knet_lightning.predict import collect_inputs
+
+    ckpt, root = trained
+    images = sorted((root / "val2017").glob("*.jpg"))
+    # a glob: relative to the matches' common folder
+    assert [i.name for i in collect_inputs(root / "val*" / "*.jpg")] == [p.name for p in images]
+    # a list: relative paths from the list's folder, absolute ones as they are, comments skipped
+    listing = tmp_path / "inputs.txt"
+    listing.write_text(f"# two photos and a missing one\n{images[1]}\n\n../{tmp_path.name}/missing.jpg\n")
+    items = collect_inputs(listing)
+    assert [i.path.name for i in items] == [images[1].name, "missing.jpg"]
+    cfg = compose_cfg(tmp_path / "p", [*TRAIN, f"ckpt_path={ckpt}", f"inputs={listing}", "predict.overlays=false",
+                                       "model.postprocess.object_mask_thr=1.0"], config_name="predict")  # fmt: skip
+    run_cfg(cfg)
+    out = tmp_path / "p" / "run" / "predictions"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["done"] == 1 and [s[0] for s in summary["skipped"]] == [items[1].name]
+    assert not (out / "overlays").exists()
+    # no class score exceeds 1: the command line's threshold replaced the checkpoint's 0.05
+    (ann,) = json.loads((out / "panoptic.json").read_text())["annotations"]
+    assert [s for s in ann["segments_info"] if s["isthing"]] == []
+
+
+def test_readme_use_a_trained_model_commands_run_as_written(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """Every ``python -m knet_lightning`` line of the README's "Use a trained model" section, in a
+    fresh process, in a folder holding the run and the photos it names."""
+    import re
+    import shutil
+    import shlex
+
+    from test_readme import COMMAND, _run
+
+    ckpt, root = trained
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Use a trained model", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    commands = [line.strip() for block in blocks for line in block.splitlines() if line.startswith(COMMAND)]
+    assert commands, "the section shows no command"
+    cwd = tmp_path / "project"
+    (cwd / "logs" / "train" / "runs" / "r1" / "checkpoints").mkdir(parents=True)
+    shutil.copy(ckpt, cwd / "logs" / "train" / "runs" / "r1" / "checkpoints" / "last.ckpt")
+    (cwd / "photos" / "trip").mkdir(parents=True)
+    for k, path in enumerate(sorted((root / "val2017").glob("*.jpg"))[:2]):
+        shutil.copy(path, cwd / "photos" / ("trip" if k else "") / path.name)
+    for command in commands:
+        args = shlex.split(command.replace("<run>", "r1"))[len(COMMAND.split()):]
+        proc = _run(args, cwd)
+        assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        if "mode=predict" in args:
+            (out,) = cwd.glob("logs/predict/runs/*/predictions")
+            assert json.loads((out / "summary.json").read_text())["done"] == 2
+            assert len(list((out / "panoptic").rglob("*.png"))) == len(list((out / "overlays").rglob("*.png"))) == 2

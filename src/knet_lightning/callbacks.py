@@ -94,14 +94,11 @@ class PredictionExport(BasePredictionWriter):
         self.class_info = class_info
         self.writer: Any = None
         self.count = 0
-        # (file name, reason) of the inputs that could not be read (data/folder.py)
-        self.skipped: list[tuple[str, str]] = []
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         suffix = "" if trainer.world_size == 1 else f".rank{trainer.global_rank}"
         self.writer = pl_module.task.open_writer(self.out_dir, self.class_info, suffix=suffix)
         self.count = 0
-        self.skipped = []
 
     def write_on_batch_end(
         self,
@@ -116,9 +113,6 @@ class PredictionExport(BasePredictionWriter):
         for item in prediction:
             pl_module.task.write(self.writer, item["image_id"], item["file_name"], item["prediction"])
             self.count += 1
-        for name, reason in batch.get("skipped", ()) if isinstance(batch, dict) else ():
-            log.warning("skipped %s: %s", name, reason)
-            self.skipped.append((name, reason))
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.writer is not None:

@@ -311,12 +311,57 @@ def _convert(cfg: DictConfig, datamodule: Any, output_dir: Path) -> None:
     log.info("converted checkpoint: %s (mode=eval ckpt_path=%s, or load_from=%s to fine-tune)", output, output, output)
 
 
+def _postprocess_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """The ``model.postprocess.<key>`` values this run's command line sets (``model.postprocess=``
+    as a whole sets them all)."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    given = OmegaConf.to_container(cfg.model.get("postprocess") or {}, resolve=True)
+    assert isinstance(given, dict)
+    names = [item.split("=", 1)[0].lstrip("+~") for item in overrides]
+    if "model.postprocess" in names:
+        return given
+    return {k: v for k, v in given.items() if f"model.postprocess.{k}" in names}
+
+
+def _predict(cfg: DictConfig) -> None:
+    """``mode=predict``: a :class:`~knet_lightning.Segmenter` from ``ckpt_path`` over ``inputs``
+    (:mod:`knet_lightning.predict`)."""
+    from knet_lightning.predict import collect_inputs, predict_to_folder
+    from knet_lightning.segmenter import Segmenter
+
+    if not cfg.get("inputs"):
+        raise ValueError("mode=predict needs inputs=<image file, folder, glob or .txt list>")
+    ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path is None:
+        raise ValueError("mode=predict needs ckpt_path=<checkpoint> (or ckpt_path=last)")
+    inputs = collect_inputs(cfg.inputs)
+    opts = cfg.predict
+    device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    segmenter = Segmenter.from_checkpoint(ckpt_path, device=device, stage=int(opts.stage),
+                                          trusted=bool(cfg.get("trusted_checkpoint", False)),
+                                          precision=str(opts.precision))  # fmt: skip
+    given = _postprocess_overrides(cfg)
+    if given:
+        # the command line may change the checkpoint's post-processing (as mode=eval's FREE_KEYS)
+        task = segmenter.module.task
+        task.settings = task.settings_cls.from_config({**task.settings.to_dict(), **given})
+        log.info("predict: post-processing %s (the checkpoint's, with the command line's %s)",
+                 task.settings.to_dict(), sorted(given))  # fmt: skip
+    log.info("predict: %d image(s) with %s (%s, %s, %s)", len(inputs), ckpt_path, segmenter.task, device,
+             segmenter.precision)  # fmt: skip
+    summary = predict_to_folder(segmenter, inputs, cfg.predict_output_dir, batch_size=int(opts.batch_size),
+                                overlays=bool(opts.overlays))  # fmt: skip
+    # a run with skipped inputs says so at warning level, with each file's reason
+    for line in summary.lines():
+        (log.warning if summary.skipped else log.info)(line)
+    log.info("predictions: %s", cfg.predict_output_dir)
+
+
 def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     import lightning as L
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from knet_lightning.callbacks import PredictionExport
-    from knet_lightning.data.folder import folder_dataloader
 
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
@@ -330,6 +375,10 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
         redact_hydra_dump(output_dir)
         (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
+    if cfg.mode == "predict":
+        # the checkpoint carries the network, classes and preprocessing: no data set is read
+        _predict(cfg)
+        return None
     datamodule = build_datamodule(cfg)
     if cfg.mode == "convert":
         _convert(cfg, datamodule, output_dir)
@@ -388,20 +437,6 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
             trainer.callbacks.append(exporter)
             trainer.predict(model, dataloaders=datamodule.test_dataloader(), return_predictions=False)
             log.info("wrote %d predictions to %s", exporter.count, cfg.predict_output_dir)
-    elif mode == "predict":
-        if ckpt_path is None:
-            raise ValueError("mode=predict needs ckpt_path=<checkpoint> (or ckpt_path=last)")
-        if not cfg.get("inputs"):
-            raise ValueError("mode=predict needs inputs=<image file or folder>")
-        exporter = PredictionExport(cfg.predict_output_dir, class_info)
-        trainer.callbacks.append(exporter)
-        trainer.predict(model, dataloaders=folder_dataloader(cfg.inputs, datamodule), ckpt_path=ckpt_path,
-                        return_predictions=False, weights_only=weights_only)
-        log.info("wrote %d predictions to %s", exporter.count, cfg.predict_output_dir)
-        if exporter.skipped:
-            log.warning("skipped %d unreadable input(s): %s", len(exporter.skipped),
-                        "; ".join(f"{name} ({reason})" for name, reason in exporter.skipped))  # fmt: skip
-        return None
     else:
         raise ValueError(f"mode={mode!r}: expected train, eval, predict or convert")
 

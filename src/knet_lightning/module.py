@@ -223,8 +223,6 @@ class KNetModule(LightningModule):
             )
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        if batch["images"] is None:  # every image of the batch was unreadable (data/folder.py)
-            return []
         return [
             {"file_name": t.get("file_name"), "image_id": t.get("image_id"), "prediction": p}
             for t, p in zip(batch["targets"], self.predict_batch(batch))

@@ -39,7 +39,7 @@ __all__ = ["COCOPanopticDataModule", "SegmentationDataModule", "SyntheticPanopti
 
 Transforms = Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]]
 
-# The splits a run reads; mode=predict reads a folder of images (data/folder.py), not a split.
+# The splits a run reads; mode=predict reads the images of `inputs=` (predict.py), not a split.
 _ROLES = ("train", "val", "test")
 
 

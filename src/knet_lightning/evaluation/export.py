@@ -51,8 +51,17 @@ def _to_numpy(x: Tensor | np.ndarray) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
 
 
-def _png_name(file_name: str | Path) -> str:
-    return Path(str(file_name)).stem + ".png"
+def _png_name(file_name: str | Path, keep_folders: bool = False) -> str:
+    # data sets: the stem (Cityscapes' "<city>/<stem>_leftImg8bit.png" gives a flat folder, as
+    # its evaluation scripts search); mode=predict on a folder tree keeps the subfolders, so
+    # that images of one name in two folders stay apart
+    path = Path(str(file_name))
+    return path.with_suffix(".png").as_posix() if keep_folders else path.stem + ".png"
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
 
 
 def json_image_id(image_id: Any) -> int | str:
@@ -143,8 +152,11 @@ class COCOPanopticWriter(_Writer):
     "panoptic.json", gt_folder, pred_folder=out_dir / "panoptic")``.
     """
 
-    def __init__(self, out_dir: str | Path, class_info: ClassInfo, json_name: str = "panoptic.json") -> None:
+    def __init__(
+        self, out_dir: str | Path, class_info: ClassInfo, json_name: str = "panoptic.json", keep_folders: bool = False
+    ) -> None:
         self.out_dir = Path(out_dir)
+        self.keep_folders = keep_folders
         self.png_dir = self.out_dir / "panoptic"
         self.json_path = self.out_dir / json_name
         self.class_info = class_info
@@ -166,7 +178,8 @@ class COCOPanopticWriter(_Writer):
 
         Args:
             image_id: the data set's image id.
-            file_name: the image's file name (the PNG is ``<stem>.png``).
+            file_name: the image's file name (the PNG is ``<stem>.png``, or its path with a
+                ``.png`` suffix with ``keep_folders``).
             pan_seg: ``(H, W)`` integer segment ids at the original size, 0 = void.
             segments_info: dicts with ``id`` and ``category_id`` (contiguous) for every
                 non-zero id in ``pan_seg`` (``isthing``/``score`` are kept if present).
@@ -175,7 +188,7 @@ class COCOPanopticWriter(_Writer):
         if self.closed:
             raise RuntimeError("COCOPanopticWriter.add: the writer is closed")
         image_id = json_image_id(image_id)
-        png_name = _png_name(file_name)
+        png_name = _png_name(file_name, self.keep_folders)
         if image_id in self._file_of_id:
             if self._file_of_id[image_id] != str(file_name):
                 raise ValueError(
@@ -232,7 +245,7 @@ class COCOPanopticWriter(_Writer):
             if "score" in s:
                 entry["score"] = float(s["score"])
             segments.append(entry)
-        Image.fromarray(id2rgb(seg)).save(self.png_dir / png_name)
+        _save_png(Image.fromarray(id2rgb(seg)), self.png_dir / png_name)
         self._file_of_id[image_id] = str(file_name)
         self._id_of_png[png_name] = image_id
         self.images.append(
@@ -367,8 +380,9 @@ class SemanticPNGWriter(_Writer):
             Without it, the contiguous ids are written as they are (255 stays 255).
     """
 
-    def __init__(self, out_dir: str | Path, id_map: Sequence[int] | None = None) -> None:
+    def __init__(self, out_dir: str | Path, id_map: Sequence[int] | None = None, keep_folders: bool = False) -> None:
         self.out_dir = Path(out_dir)
+        self.keep_folders = keep_folders
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.id_map = None if id_map is None else [int(v) for v in id_map]
         self._lut: np.ndarray | None = None
@@ -387,7 +401,8 @@ class SemanticPNGWriter(_Writer):
         """Write one class map; returns the PNG's path.
 
         Args:
-            file_name: the image's file name (the PNG is ``<stem>.png``).
+            file_name: the image's file name (the PNG is ``<stem>.png``, or its path with a
+                ``.png`` suffix with ``keep_folders``).
             sem: ``(H, W)`` int contiguous class ids, 255 = void.
         """
         if self.closed:
@@ -397,7 +412,7 @@ class SemanticPNGWriter(_Writer):
             raise ValueError(
                 f"SemanticPNGWriter: sem of {file_name!r} must be an (H, W) integer map, got {arr.dtype} {arr.shape}"
             )
-        png_name = _png_name(file_name)
+        png_name = _png_name(file_name, self.keep_folders)
         path = self.out_dir / png_name
         if png_name in self._written:
             if self._written[png_name] != str(file_name):
@@ -418,7 +433,7 @@ class SemanticPNGWriter(_Writer):
         out = arr.astype(np.uint8)
         if self._lut is not None:
             out = self._lut[out]
-        Image.fromarray(out).save(path)  # 2-D uint8 -> mode "L"
+        _save_png(Image.fromarray(out), path)  # 2-D uint8 -> mode "L"
         self._written[png_name] = str(file_name)
         return path
 

@@ -150,9 +150,10 @@ class SegmentationTask(nn.Module, ABC):
         """``(H, W)`` int64 class map of a prediction, 0 = nothing, class c = c + 1 (W&B masks)."""
 
     @abstractmethod
-    def open_writer(self, out_dir: Path, class_info: Any, suffix: str = "") -> Any:
+    def open_writer(self, out_dir: Path, class_info: Any, suffix: str = "", keep_folders: bool = False) -> Any:
         """The official-format writer of this task under ``out_dir``; ``suffix`` goes into the
-        JSON file name, so that several processes can write side by side."""
+        JSON file name, so that several processes can write side by side; with ``keep_folders``
+        a file name's folders are kept in the output PNG's path (else its stem names it)."""
 
     @abstractmethod
     def write(self, writer: Any, image_id: Any, file_name: str, prediction: Any) -> None:

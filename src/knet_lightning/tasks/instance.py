@@ -105,7 +105,7 @@ class InstanceTask(SegmentationTask):
         first = masks.to(torch.uint8).argmax(0)
         return torch.where(masks.any(0), labels[first] + 1, torch.zeros_like(first))
 
-    def open_writer(self, out_dir: Path, class_info: Any, suffix: str = "") -> COCOResultsWriter:
+    def open_writer(self, out_dir: Path, class_info: Any, suffix: str = "", keep_folders: bool = False) -> COCOResultsWriter:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         return COCOResultsWriter(Path(out_dir) / f"instances{suffix}.json", class_info)
 

@@ -120,9 +120,9 @@ class PanopticTask(SegmentationTask):
         sem = panoptic_to_semantic(seg, segments, ignore_index=-1)
         return sem + 1
 
-    def open_writer(self, out_dir: Path, class_info: Any, suffix: str = "") -> COCOPanopticWriter:
+    def open_writer(self, out_dir: Path, class_info: Any, suffix: str = "", keep_folders: bool = False) -> COCOPanopticWriter:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        return COCOPanopticWriter(Path(out_dir), class_info, json_name=f"panoptic{suffix}.json")
+        return COCOPanopticWriter(Path(out_dir), class_info, json_name=f"panoptic{suffix}.json", keep_folders=keep_folders)
 
     def write(self, writer: COCOPanopticWriter, image_id: Any, file_name: str, prediction: PanopticPrediction) -> None:
         seg, segments = prediction

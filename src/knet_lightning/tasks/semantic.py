@@ -77,11 +77,11 @@ class SemanticTask(SegmentationTask):
         pred = prediction.to(torch.int64)
         return torch.where(pred == IGNORE_INDEX, 0, pred + 1)
 
-    def open_writer(self, out_dir: Path, class_info: Any, suffix: str = "") -> SemanticPNGWriter:
+    def open_writer(self, out_dir: Path, class_info: Any, suffix: str = "", keep_folders: bool = False) -> SemanticPNGWriter:
         # the data set's own ids (Cityscapes labelIds, ADE20K 1..150): what the official
         # evaluation scripts read
         id_map = [class_info.dataset_id(c) for c in range(class_info.num_classes)]
-        return SemanticPNGWriter(Path(out_dir) / "semantic", id_map=id_map)
+        return SemanticPNGWriter(Path(out_dir) / "semantic", id_map=id_map, keep_folders=keep_folders)
 
     def write(self, writer: SemanticPNGWriter, image_id: Any, file_name: str, prediction: Tensor) -> None:
         writer.add(file_name, prediction)
