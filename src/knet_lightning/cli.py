@@ -315,7 +315,8 @@ def _postprocess_overrides(cfg: DictConfig) -> dict[str, Any]:
     """The ``model.postprocess.<key>`` values this run's command line sets (``model.postprocess=``
     as a whole sets them all)."""
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    given = OmegaConf.to_container(cfg.model.get("postprocess") or {}, resolve=True)
+    node = cfg.model.get("postprocess")
+    given = OmegaConf.to_container(node, resolve=True) if node is not None else {}
     assert isinstance(given, dict)
     names = [item.split("=", 1)[0].lstrip("+~") for item in overrides]
     if "model.postprocess" in names:
