@@ -7,6 +7,10 @@ training run and by ``mode=convert``. The preprocessing and post-processing are 
 ``mode=eval`` runs (the data module's evaluation pipeline and the task object's
 ``predict``), so results equal the evaluated predictions.
 
+``backend="onnxruntime"`` runs the network of an ``.onnx`` file that
+:func:`~knet_lightning.onnx_export.export_onnx` wrote (or of a checkpoint, exported on the fly)
+in ONNX Runtime on the CPU; reading, transforms, post-processing and results are the same code.
+
 Inputs: a path, a PIL image, a numpy ``(H, W)`` / ``(H, W, C)`` array (uint8, uint16 or
 float in [0, 1]), a ``(3, H, W)`` / ``(H, W)`` tensor (uint8 or float in [0, 1]), or a list
 of them. Files and PIL images get their EXIF orientation applied; grayscale, palette, RGBA
@@ -35,12 +39,14 @@ from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_tr
 from knet_lightning.models.outputs import StageOutput
 from knet_lightning.results import SegmentationResult, SkippedInput
 
-__all__ = ["PRECISIONS", "Segmenter", "bf16_supported"]
+__all__ = ["BACKENDS", "PRECISIONS", "Segmenter", "bf16_supported"]
 
 log = logging.getLogger(__name__)
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray, Tensor]
 PRECISIONS = ("fp32", "bf16", "auto")
+# torch: the KNetModule; onnxruntime: an exported fp32 graph (knet_lightning.onnx_export)
+BACKENDS = ("torch", "onnxruntime")
 # model config entries that are not KNetModule arguments (cli.build_model drops them too)
 _HANDLE_KEYS = ("num_proposals", "num_stages")
 
@@ -106,7 +112,8 @@ class Segmenter:
     :class:`~knet_lightning.results.SkippedInput` for each unreadable one).
 
     Args:
-        module: the :class:`~knet_lightning.module.KNetModule` with its trained weights.
+        module: the :class:`~knet_lightning.module.KNetModule` with its trained weights, or an
+            :class:`~knet_lightning.onnx_export.OnnxRuntimeNetwork` (backend ``onnxruntime``).
         inference: the ``knet_inference`` settings (resize, normalisation, divisor, ids).
         device: where the network runs.
         stage: the stage whose output is read (-1: the last, as evaluation reads it).
@@ -114,20 +121,29 @@ class Segmenter:
             fp32); ``"auto"`` (default): bf16 where :func:`bf16_supported`, else fp32. On the
             synthetic val split bf16 changed PQ by -0.04 (76.20 -> 76.16), within the 0.3 that
             makes it the default where the CPU has bf16 kernels
-            (``scripts/bench_inference_precision.py``; README, Use a trained model).
+            (``scripts/bench_inference_precision.py``; README, Use a trained model). The
+            ``onnxruntime`` backend runs the exported fp32 graph: ``"auto"`` is fp32 there.
     """
 
     def __init__(self, module: Any, inference: dict[str, Any], device: str | torch.device = "cpu",
                  stage: int = -1, precision: str = "auto") -> None:  # fmt: skip
+        self.backend: str = getattr(module, "backend", "torch")
         self.module = module.eval().to(device)
         self.device = torch.device(device)
         self.settings = dict(inference)
         num_outputs = module.num_stages + 1
         if not -num_outputs <= stage < num_outputs:
             raise ValueError(f"Segmenter: stage={stage} is outside the model's {num_outputs} outputs (0..{num_outputs - 1})")
+        if self.backend != "torch" and stage % num_outputs != module.stage:
+            raise ValueError(f"Segmenter: stage={stage}, but the exported network holds stage {module.stage} only")
         self.stage = stage
         if precision not in PRECISIONS:
             raise ValueError(f"Segmenter: precision must be one of {PRECISIONS}, got {precision!r}")
+        if self.backend != "torch":
+            if precision == "bf16":
+                raise ValueError(f"Segmenter: backend={self.backend!r} runs the exported fp32 network; precision "
+                                 "'bf16' is for backend='torch'")  # fmt: skip
+            precision = "fp32"
         if precision == "auto":
             precision = "bf16" if bf16_supported(self.device) else "fp32"
         self.precision = precision
@@ -144,20 +160,32 @@ class Segmenter:
     @classmethod
     def from_checkpoint(
         cls, path: str | Path, device: str | torch.device = "cpu", stage: int = -1, trusted: bool = False,
-        precision: str = "auto",
+        precision: str = "auto", backend: str = "torch",
     ) -> Segmenter:
-        """A Segmenter from a checkpoint of a training run or of ``mode=convert``.
+        """A Segmenter from a checkpoint of a training run or of ``mode=convert``, or (backend
+        ``onnxruntime``) from an ``.onnx`` file of :func:`~knet_lightning.onnx_export.export_onnx`.
 
         Args:
-            path: the ``.ckpt`` file.
-            device: ``"cpu"``, ``"cuda"``, ...
-            stage: the stage output to read (-1: the last).
+            path: the ``.ckpt`` file, or an ``.onnx`` file with ``backend="onnxruntime"``.
+            device: ``"cpu"``, ``"cuda"``, ... (``onnxruntime``: ``"cpu"``).
+            stage: the stage output to read (-1: the last; an ``.onnx`` file: -1 or its stage).
             trusted: load with full pickle (only for files you trust); default weights-only.
             precision: ``"auto"`` (default), ``"fp32"`` or ``"bf16"`` (see the class).
+            backend: ``"torch"`` (default), or ``"onnxruntime"``: the network runs in an ONNX
+                Runtime session on the CPU (a checkpoint is exported to a temporary file first).
         """
         import hydra
 
         path = Path(path)
+        if backend not in BACKENDS:
+            raise ValueError(f"Segmenter: backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "onnxruntime":
+            from knet_lightning.onnx_export import onnxruntime_network
+
+            network = onnxruntime_network(path, stage=stage, trusted=trusted)
+            return cls(network, network.inference, device=device, stage=network.stage, precision=precision)
+        if path.suffix.lower() == ".onnx":
+            raise ValueError(f"{path} is an ONNX file: load it with backend='onnxruntime'")
         stored = load_checkpoint_file(path, trusted=trusted)
         model_cfg = stored.get(MODEL_CONFIG_KEY) if isinstance(stored, dict) else None
         if not isinstance(model_cfg, dict):
@@ -166,6 +194,7 @@ class Segmenter:
                 "mode=convert) can be rebuilt without a config"
             )
         hparams = stored.get("hyper_parameters") or {}
+        stored_cfg = dict(model_cfg)
         model_cfg = without_initial_weights(dict(model_cfg))
         for key in _HANDLE_KEYS:
             model_cfg.pop(key, None)
@@ -175,6 +204,7 @@ class Segmenter:
         )  # fmt: skip
         state = {k.removeprefix("net."): v for k, v in stored["state_dict"].items() if k.startswith("net.")}
         module.net.load_state_dict(state, strict=True)
+        module.model_config = stored_cfg  # as a training run's module holds it (export_onnx reads it)
         inference = stored.get(INFERENCE_KEY)
         if inference is None:
             inference = _default_inference(len(module.class_names))
@@ -224,16 +254,21 @@ class Segmenter:
         batch = collate_batch(samples, size_divisor=int(self.settings["size_divisor"]),
                               mean=self.settings["mean"], std=self.settings["std"])  # fmt: skip
         batch["images"] = batch["images"].to(self.device)
-        bf16 = self.precision == "bf16"
         with torch.inference_mode():
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                stage = self.module(batch["images"])[self.stage]
+            stage = self._network(batch["images"])
             # the merge compares scores and mask probabilities: in fp32, as evaluation runs it
             stage = StageOutput(*(t.float() if isinstance(t, Tensor) else t for t in stage))
             preds = self.module.task.predict(stage, batch)
         for k, pred, (rgb, file_name) in zip(slots, preds, images):
             out[k] = self._result(pred, rgb, file_name)
         return out
+
+    def _network(self, images: Tensor) -> StageOutput:
+        """The network's outputs of :attr:`stage` for the padded, normalised ``images (B, 3, H, W)``."""
+        if self.backend != "torch":
+            return self.module(images)  # the exported graph returns its one stage
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.module(images)[self.stage]
 
     def _result(self, pred: Any, rgb: np.ndarray, file_name: Optional[str]) -> SegmentationResult:
         task = self.module.task

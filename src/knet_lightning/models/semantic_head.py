@@ -24,7 +24,43 @@ from torch import Tensor, nn
 
 NormLayer = Callable[[int], nn.Module]
 
-__all__ = ["ASPPHead", "ConvBNReLU", "DecodeHeadOutput", "FCNHead", "PPM", "PSPHead", "UPerHead"]
+__all__ = [
+    "ASPPHead", "AdaptiveAvgPool2d", "ConvBNReLU", "DecodeHeadOutput", "FCNHead", "PPM", "PSPHead", "UPerHead",
+]  # fmt: skip
+
+
+# torch.export's flag (PyTorch >= 2.6; older versions have no dynamo ONNX export to serve)
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def _pool_matrix(size: Tensor | int, bins: int, like: Tensor) -> Tensor:
+    """``(bins, size)`` averaging weights of ``adaptive_avg_pool`` along one axis: bin i averages
+    ``[floor(i * size / bins), ceil((i + 1) * size / bins))``, PyTorch's definition."""
+    index = torch.arange(bins, device=like.device)
+    start = torch.div(index * size, bins, rounding_mode="floor")
+    end = torch.div((index + 1) * size + bins - 1, bins, rounding_mode="floor")
+    pos = torch.arange(size, device=like.device)[None]
+    inside = (pos >= start[:, None]) & (pos < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+
+class AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d`` with a square integer output that ONNX export can trace at any
+    input size.
+
+    ONNX has no adaptive pooling: the TorchScript exporter refuses one whose input size is not
+    static, and the dynamo exporter's decomposition bakes the example's bin boundaries in. While
+    exporting (and only then: eager results stay PyTorch's own kernel, bit for bit) the pool is
+    two matmuls with averaging matrices built from the runtime size,
+    ``P_h (bins, h) @ x (B, C, h, w) @ P_w^T (w, bins)``, equal up to float rounding.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (torch.onnx.is_in_onnx_export() or _is_exporting()):
+            return super().forward(x)
+        bins = int(self.output_size if isinstance(self.output_size, int) else self.output_size[0])
+        h, w = x.shape[-2:]
+        return _pool_matrix(h, bins, x) @ x @ _pool_matrix(w, bins, x).transpose(0, 1)
 
 
 class DecodeHeadOutput(NamedTuple):
@@ -205,7 +241,7 @@ class PPM(nn.ModuleList):
     ) -> None:
         super().__init__(
             nn.Sequential(
-                nn.AdaptiveAvgPool2d(scale),
+                AdaptiveAvgPool2d(scale),
                 ConvBNReLU(in_channels, channels, 1, norm_layer=norm_layer),
             )
             for scale in pool_scales
@@ -380,7 +416,7 @@ class ASPPHead(_ClassifierMixin):
         self.in_channels = in_channels
         self.in_index = in_index
         self.image_pool = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1), ConvBNReLU(in_channels, channels, 1, norm_layer=norm_layer)
+            AdaptiveAvgPool2d(1), ConvBNReLU(in_channels, channels, 1, norm_layer=norm_layer)
         )
         self.aspp_modules = nn.ModuleList(
             ConvBNReLU(
