@@ -53,11 +53,11 @@ def make_outputs(
 
 
 def crit_panoptic(**kw: Any) -> KNetCriterion:
-    return KNetCriterion("panoptic", num_things=2, num_stuff=2, num_proposals=3, **kw)
+    return KNetCriterion(num_things=2, num_stuff=2, num_proposals=3, **kw)
 
 
 def crit_instance(**kw: Any) -> KNetCriterion:
-    return KNetCriterion("instance", num_things=2, num_stuff=0, num_proposals=2, **kw)
+    return KNetCriterion(num_things=2, num_stuff=0, num_proposals=2, stuff_kernels=False, **kw)
 
 
 def total(losses: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -258,7 +258,7 @@ def test_crowd_and_stuff_in_instance_mode_are_ignored() -> None:
     crit = crit_instance()
     outs = make_outputs(1, 2, 2, 1)
     plain = crit(outs, [target([(0, TOP)])])
-    inst_with_stuff = KNetCriterion("instance", num_things=2, num_stuff=1, num_proposals=2)
+    inst_with_stuff = KNetCriterion(num_things=2, num_stuff=1, num_proposals=2, stuff_kernels=False)
     noisy = inst_with_stuff(outs, [target([(0, TOP), (1, BOTTOM), (2, BOTTOM_LEFT)], crowd=[False, True, False])])
     for k in plain:
         assert noisy[k].item() == pytest.approx(plain[k].item(), rel=1e-6)
@@ -295,8 +295,8 @@ def test_bad_inputs_give_clear_errors() -> None:
         crit([outs[0]._replace(sem_logits=None), outs[1]], [target([(0, TOP)])])
     with pytest.raises(ValueError, match="2 targets for a batch of 1"):
         crit(outs, [target([]), target([])])
-    with pytest.raises(ValueError, match="task"):
-        KNetCriterion("semantic", 2, 0, 3)
+    with pytest.raises(ValueError, match="num_stuff must be >= 1 with stuff kernels"):
+        KNetCriterion(2, 0, 3)
 
 
 # --------------------------------------------------------------------------- semantic

@@ -30,7 +30,6 @@ def tiny_knet(**kw: object) -> KNet:
     cfg: dict[str, object] = dict(
         num_things=3,
         num_stuff=2,
-        task="panoptic",
         num_proposals=6,
         num_stages=2,
         backbone_depth=18,
@@ -51,7 +50,7 @@ def n_params(m: nn.Module) -> int:
 
 
 def test_param_counts_r50_panoptic_and_instance_match_official() -> None:
-    pan = KNet(num_things=80, num_stuff=53, task="panoptic")
+    pan = KNet(num_things=80, num_stuff=53)
     assert n_params(pan.backbone) == 23_508_032
     assert n_params(pan.fpn) == 3_344_384
     assert n_params(pan.neck) == 4_264_448
@@ -65,7 +64,7 @@ def test_param_counts_r50_panoptic_and_instance_match_official() -> None:
     assert pan.update_heads[0].fc_cls.weight is not pan.update_heads[1].fc_cls.weight
     del pan
 
-    ins = KNet(num_things=80, num_stuff=0, task="instance")
+    ins = KNet(num_things=80, num_stuff=0)
     assert n_params(ins.kernel_head) == 178_256
     assert n_params(ins.update_heads[0]) == 2_062_416
     assert n_params(ins) == 37_482_368
@@ -91,7 +90,8 @@ def test_param_count_scales_with_n_only_through_init_kernels() -> None:
     ],
 )
 def test_knet_output_shapes(task: str, num_proposals: int, num_stages: int, batch: int, hw: tuple[int, int]) -> None:
-    model = tiny_knet(task=task, num_proposals=num_proposals, num_stages=num_stages)
+    # an instance network has no stuff kernels (the instance configs' net.num_stuff=0)
+    model = tiny_knet(num_stuff=2 if task == "panoptic" else 0, num_proposals=num_proposals, num_stages=num_stages)
     h, w = hw
     outs = model(torch.randn(batch, 3, h, w))
     num_classes = 5 if task == "panoptic" else 3
@@ -110,10 +110,22 @@ def test_knet_output_shapes(task: str, num_proposals: int, num_stages: int, batc
             assert out.sem_logits is None
 
 
-def test_instance_mode_ignores_stuff() -> None:
-    model = tiny_knet(task="instance", num_stuff=4)
-    assert model.num_classes == 3 and model.num_kernels == 6
-    assert model.kernel_head.conv_seg.out_channels == 3
+def test_instance_config_ignores_stuff_on_a_panoptic_data_set(tmp_path: Path) -> None:
+    """model=knet_instance on a data set with stuff classes: a network without stuff kernels and
+    a criterion that keeps stuff labels valid but learns none of them."""
+    import hydra
+
+    from cli_utils import compose_cfg, tiny_overrides
+
+    cfg = compose_cfg(tmp_path, tiny_overrides("model=knet_instance"))
+    assert cfg.data.num_stuff > 0
+    model = hydra.utils.instantiate(cfg.model.net)
+    things = cfg.data.num_things
+    assert model.num_classes == things and model.num_kernels == cfg.model.num_proposals
+    assert model.kernel_head.conv_seg.out_channels == things
+    criterion = hydra.utils.instantiate(cfg.model.criterion)
+    assert criterion.num_stuff == cfg.data.num_stuff and criterion.num_classes == things
+    assert criterion.num_stuff_kernels == 0
 
 
 @pytest.mark.parametrize(
@@ -121,7 +133,7 @@ def test_instance_mode_ignores_stuff() -> None:
     [
         ({}, (1, 3, 48, 64), "multiples of 32"),
         ({}, (1, 1, 64, 64), r"\(B, 3, H, W\)"),
-        ({"task": "semantic"}, None, "task"),
+        ({"num_stuff": -1}, None, "num_stuff"),
         ({"num_things": 0}, None, "num_things"),
         ({"backbone_depth": 42}, None, "depth"),
         ({"num_groups": 5}, None, "num_groups"),

@@ -213,7 +213,8 @@ def test_update_head_dynamic_conv_equals_per_image_conv2d_loop() -> None:
     feature = torch.randn(2, 32, 6, 10)
     kernels = torch.randn(2, 5, 32)
     prev = torch.randn(2, 5, 6, 10)
-    logits, new_kernels = head(feature, kernels, prev)
+    new_kernels, logits, cls_logits = head(feature, kernels, prev)
+    assert cls_logits is None  # kernel n is class n
     assert logits.shape == (2, 5, 6, 10) and new_kernels.shape == (2, 5, 32)
     x = head.feat_transform(feature)
     mask_kernels = head.fc_mask(head.mask_fcs(new_kernels))
@@ -224,7 +225,7 @@ def test_update_head_dynamic_conv_equals_per_image_conv2d_loop() -> None:
 def test_update_head_kernel_path_matches_manual_composition() -> None:
     head = _small_update_head().eval()
     feature, kernels, prev = torch.randn(1, 32, 4, 4), torch.randn(1, 3, 32), torch.randn(1, 3, 4, 4)
-    _, new_kernels = head(feature, kernels, prev)
+    new_kernels = head(feature, kernels, prev).kernels
     x = head.feat_transform(feature)
     k = head.update_kernels(assemble_group_features(prev, x), kernels)
     k = head.attention_norm(k + head.attention(k, k, k)[0])  # post-norm, residual outside attention
@@ -235,7 +236,7 @@ def test_update_head_kernel_path_matches_manual_composition() -> None:
 def test_update_head_resizes_previous_logits_and_checks_shapes() -> None:
     head = SemanticKernelUpdateHead(in_channels=32, updator_channels=16, num_heads=4, feedforward_channels=16)
     feature = torch.randn(1, 32, 8, 8)
-    logits, _ = head(feature, torch.randn(1, 3, 32), torch.randn(1, 3, 4, 4))
+    logits = head(feature, torch.randn(1, 3, 32), torch.randn(1, 3, 4, 4)).mask_logits
     assert logits.shape == (1, 3, 8, 8)
     with pytest.raises(ValueError, match=r"kernels must be \(1, N, 32\)"):
         head(feature, torch.randn(1, 3, 16), torch.randn(1, 3, 8, 8))

@@ -28,7 +28,7 @@ from torch import Tensor
 from torchvision import tv_tensors
 
 from knet_lightning.checkpoint_io import load_checkpoint_file
-from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY, without_initial_weights
+from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY, upgrade_model_config, without_initial_weights
 from knet_lightning.data.io import read_rgb_image, to_rgb_array, upright
 from knet_lightning.data.meta import DatasetError, default_palette
 from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, collate_batch
@@ -166,7 +166,7 @@ class Segmenter:
                 "mode=convert) can be rebuilt without a config"
             )
         hparams = stored.get("hyper_parameters") or {}
-        model_cfg = without_initial_weights(dict(model_cfg))
+        model_cfg = without_initial_weights(upgrade_model_config(model_cfg))
         for key in _HANDLE_KEYS:
             model_cfg.pop(key, None)
         module = hydra.utils.instantiate(

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from knet_lightning.models.outputs import KernelUpdateOutput
 
 #: Focal-loss prior: bias so that sigmoid(bias) = 0.01 at init (``bias_init_with_prob(0.01)``).
 PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)
@@ -93,20 +94,6 @@ class KernelUpdator(nn.Module):
         update_gate = self.norm_in(self.update_gate(gate_feats)).sigmoid()
         features = update_gate * self.norm_out(param_out) + input_gate * self.input_norm_out(input_out)
         return self.activation(self.fc_norm(self.fc_layer(features)))
-
-
-class KernelUpdateOutput(NamedTuple):
-    """One update stage's results.
-
-    Attributes:
-        kernels: ``(B, N, C)`` updated kernels K_i (input of the next stage).
-        mask_logits: ``(B, N, h, w)`` mask logits at the feature stride (8), before the x2 upsample.
-        cls_logits: ``(B, N, num_classes)`` sigmoid class logits.
-    """
-
-    kernels: Tensor
-    mask_logits: Tensor
-    cls_logits: Tensor
 
 
 def _fc_ln_relu(channels: int) -> list[nn.Module]:
