@@ -235,6 +235,20 @@ def test_kernel_update_head_matches_manual_pipeline_and_init() -> None:
     assert out.mask_logits.shape == (2, n, 6, 8)
 
 
+def test_kernel_update_head_init_is_the_official_one() -> None:
+    """Official ``KernelUpdateHead.init_weights`` (det): Xavier-uniform on every parameter with
+    dim > 1, fc_cls bias at the 0.01 prior, and the ConvModule ``feat_transform``'s bias at 0."""
+    c = 256
+    head = KernelUpdateHead(num_classes=4, channels=c, feedforward_channels=2048, num_heads=8)
+    assert torch.count_nonzero(head.feat_transform.bias) == 0
+    for name, p in head.named_parameters():
+        if p.dim() > 1:
+            fan_out, fan_in = p.shape[0] * p[0][0].numel(), p.shape[1] * p[0][0].numel()
+            bound = math.sqrt(6.0 / (fan_in + fan_out))  # xavier_uniform_
+            assert p.abs().max() <= bound and p.abs().max() > 0.95 * bound, name
+    assert torch.equal(head.attention_norm.weight, torch.ones(c))  # 1-D: the constructor's
+
+
 def test_kernel_head_initial_kernels_and_stuff_kernels() -> None:
     c, p = 8, 4
     head = KernelHead(num_proposals=p, num_things=3, num_stuff=2, channels=c, num_groups=2).eval()

@@ -154,10 +154,15 @@ class KernelUpdateHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform for every parameter with dim > 1; fc_cls bias at the 0.01 prior."""
+        """The official ``init_weights`` (``knet/det/kernel_update_head.py``, which
+        ``KernelIterHead.init_weights`` calls for every stage): Xavier-uniform for every
+        parameter with dim > 1, ``fc_cls`` bias at the 0.01 prior; 1-D parameters keep their
+        constructor's values, so ``feat_transform``'s bias stays at the zero that mmcv's
+        ``ConvModule`` gives it."""
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
+        nn.init.zeros_(self.feat_transform.bias)
         nn.init.constant_(self.fc_cls.bias, PRIOR_BIAS)
 
     def forward(self, features: Tensor, kernels: Tensor, mask_logits: Tensor) -> KernelUpdateOutput:

@@ -122,11 +122,17 @@ class SemanticKernelUpdateHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Official ``init_weights``: Xavier-uniform for every parameter with dim > 1."""
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        # mmcv's ConvModule zeroes the conv bias before the head's Xavier pass.
+        """The initialisation the official semantic heads actually start from.
+
+        Their class defines a Xavier ``init_weights`` (official ``knet/seg/kernel_update_head.py``,
+        MMSegmentation's ``knet_head.py``), but ``IterativeDecodeHead`` keeps the heads in a
+        plain ``nn.ModuleList`` (``knet/seg/iter_decode_head.py``), and mmcv's
+        ``BaseModule.init_weights`` only calls ``init_weights`` on children that have one: it
+        never reaches them. Every layer keeps PyTorch's default, except ``feat_transform``, an
+        mmcv ``ConvModule``, whose constructor draws the weight Kaiming-normal (fan-out, ReLU)
+        and zeroes the bias.
+        """
+        nn.init.kaiming_normal_(self.feat_transform.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.feat_transform.bias)
 
     def update_kernels(self, assembled: Tensor, kernels: Tensor) -> Tensor:
