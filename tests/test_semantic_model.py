@@ -386,3 +386,34 @@ def test_tiny_model_overfits_toy_two_class_image() -> None:
     with torch.no_grad():
         pred = F.interpolate(model(images)[-1].mask_logits, size=(h, w), mode="bilinear").argmax(1)
     assert (pred == labels).float().mean() > 0.95
+
+
+def test_semantic_evaluation_reads_each_image_unpadded() -> None:
+    """MMSegmentation's whole-image inference runs each image at its own size; a padded batch
+    would change every logit (the PPM pooling, the kernels' group features). The semantic task
+    runs the network per image, unpadded, whatever the collate function padded."""
+    from knet_lightning.postprocess import semantic_inference
+    from knet_lightning.tasks import build_task
+
+    net = SemanticKNet(num_classes=3, backbone_depth=18, num_stages=1, **TINY).eval()
+    task = build_task("semantic", num_classes=3, num_things=0, num_proposals=3, num_stages=1)
+    a, b = torch.randn(3, 40, 56), torch.randn(3, 64, 64)
+    images = torch.zeros(2, 3, 64, 64)
+    images[0, :, :40, :56], images[1] = a, b
+    batch = {"images": images, "image_sizes": [(40, 56), (64, 64)],
+             "targets": [{"orig_size": (80, 112)}, {"orig_size": (64, 64)}]}  # fmt: skip
+    parts = task.network_batches(batch)
+    assert [tuple(p["images"].shape[-2:]) for p in parts] == [(40, 56), (64, 64)]
+    with torch.no_grad():
+        preds = [p for part in parts for p in task.predict(net(part["images"])[-1], part)]
+        for image, pred, out in zip((a, b), preds, ((80, 112), (64, 64))):
+            alone = net(image[None])[-1].mask_logits[0]
+            assert torch.equal(pred, semantic_inference(alone, image.shape[-2:], image.shape[-2:], out))
+        alone_a = net(a[None])[-1].mask_logits[0]
+        h, w = alone_a.shape[-2:]
+        assert not torch.allclose(net(images)[-1].mask_logits[0][:, :h, :w], alone_a, atol=1e-3)
+    # a batch without padding, and the detection tasks, run as they are
+    single = {**batch, "images": images[1:], "image_sizes": [(64, 64)], "targets": batch["targets"][1:]}
+    assert task.network_batches(single) == [single]
+    pan = build_task("panoptic", num_classes=3, num_things=2, num_proposals=2, num_stages=1)
+    assert pan.network_batches(batch) == [batch]
