@@ -4,6 +4,7 @@ readers' image sizes without decoding, and the experiments that turn it on."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -31,6 +32,8 @@ from test_cityscapes import _write_fixture as write_cityscapes
 from test_coco_instance import _write_fixture as write_coco_instance
 from test_coco_panoptic import _photo_turned_by_exif
 from test_coco_panoptic import _write_fixture as write_coco_panoptic
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _flags(landscape: int, portrait: int, seed: int = 0) -> np.ndarray:
@@ -231,3 +234,13 @@ def test_keep_ratio_experiments_group_by_aspect_ratio(tmp_path: Path, experiment
     assert cfg.data.group_by_aspect_ratio is grouped
     assert build_datamodule(cfg).group_by_aspect_ratio is grouped
 
+
+def test_the_benchmark_measures_less_padding_when_grouped() -> None:
+    # scripts/bench_grouped_batching.py on 600 COCO-like sizes, one epoch of 8 GPUs x 2
+    spec = importlib.util.spec_from_file_location("bench_grouped", ROOT / "scripts" / "bench_grouped_batching.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sizes = bench.coco_like_sizes(600, seed=0)
+    plain, grouped = (bench.measure(sizes, g, 2, 8, (800, 800), 1333, 32, epochs=1, seed=0) for g in (False, True))
+    assert plain["mixed_batches"] > 0.3 and grouped["mixed_batches"] <= 8 / grouped["batches"]  # one step at most
+    assert grouped["padded_fraction"] < plain["padded_fraction"] / 2
