@@ -209,6 +209,11 @@ class COCOPanopticDataset(Dataset):
         item = self._items[index]
         return {k: item[k] for k in ("image_id", "file_name", "height", "width")}
 
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """``(height, width)`` of every sample from the JSON, before any transform (no decoding):
+        the training sampler's aspect-ratio groups."""
+        return [(item["height"], item["width"]) for item in self._items]
+
     def max_things_per_image(self) -> int:
         """The most non-crowd thing segments in one image, from the JSON alone (no decoding):
         the criterion matches each to its own proposal kernel."""
