@@ -4,8 +4,9 @@ The official K-Net configs (``configs/det/knet/*.py``, ``configs/knet/*.py`` of 
 train in fp32 with PyTorch's default conv layout. Our defaults trade exactness for speed: bf16
 autocast and cuDNN autotuning on GPUs, TF32 matmuls (``matmul_precision: high``), channels-last
 where it is faster, and CUDA's nondeterministic scatter/index kernels. This preset turns all of
-them off at once, and the grouped batching of MMDetection's ``GroupSampler`` on where the data
-set has it. The README ("Reproducing the paper") lists what differs without it.
+them off at once. Grouped batching (MMDetection's ``GroupSampler``) needs no preset: the data
+configs of the data sets the official detection runs group (COCO) have it on, and MMSegmentation
+does not group. The README ("Reproducing the paper") lists what differs without it.
 
 A setting the command line gives explicitly and the preset contradicts is an error naming both,
 never a silent choice.
@@ -25,15 +26,13 @@ __all__ = ["STRICT_SETTINGS", "apply_strict_reproduction", "strict_runtime"]
 
 log = logging.getLogger(__name__)
 
-# config key -> (value, why); a key absent from the composed config is skipped (e.g. a data set
-# without the grouped sampler)
+# config key -> (value, why); a key absent from the composed config is skipped
 STRICT_SETTINGS: dict[str, tuple[Any, str]] = {
     "trainer.precision": ("32-true", "fp32 training, as every official config (no bf16/fp16 autocast)"),
     "matmul_precision": ("highest", "fp32 matmuls, no TF32"),
     "trainer.benchmark": (False, "no cuDNN autotuning: the same algorithms in every run"),
     "trainer.deterministic": ("warn", "deterministic kernels where torch has them (a warning where not)"),
     "model.channels_last": (False, "the official NCHW layout, so convolutions sum in its order"),
-    "data.group_by_aspect_ratio": (True, "same-orientation batches, as MMDetection's GroupSampler"),
 }
 
 
