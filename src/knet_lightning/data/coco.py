@@ -20,8 +20,13 @@ Conventions of the target (see "Contracts" in the README's Architecture):
 - Crowd segments are kept in ``masks``/``labels`` with ``iscrowd=True`` (the criterion drops
   them, the PQ evaluator needs them), but their pixels are 255 (ignore) in ``sem_seg``:
   a crowd region is an unreliable label and K-Net ignores crowds in training.
-- PNG pixels with id 0, or with an id that ``segments_info`` does not list, are void: 255 in
-  ``sem_seg`` and 0 in ``panoptic``. The official PQ evaluation also ignores such pixels.
+- PNG pixels with id 0 are void: 255 in ``sem_seg`` and 0 in ``panoptic``.
+- PNG pixels with an id that ``segments_info`` does not list are 255 in ``sem_seg`` (as in
+  mmdet's ``LoadPanopticAnnotations``, mmdet/datasets/pipelines/loading.py, whose map starts
+  at 255 and receives the listed segments only) but -1 in ``panoptic``, not void: the official
+  ``pq_compute_single_core`` (panopticapi/evaluation.py) never matches them nor counts them as
+  false negatives, yet keeps them in a prediction's union and in the share of an unmatched
+  prediction that makes it a false positive; ``PanopticQuality`` scores -1 that way.
 - ``panoptic`` is a plain ``torch.Tensor`` (not a ``tv_tensor``) so that ``transforms.v2``
   passes it through untouched: it stays at the original resolution for evaluation.
 """
@@ -67,8 +72,9 @@ class COCOPanopticDataset(Dataset):
     ``target`` dict with ``masks`` (``tv_tensors.Mask`` bool ``(K, H, W)``), ``labels``
     (int64 ``(K,)`` contiguous), ``iscrowd`` (bool ``(K,)``), ``sem_seg`` (``tv_tensors.Mask``
     int64 ``(H, W)``, 255 = void or crowd), ``panoptic`` (plain int32 ``(H, W)``: ``k + 1``
-    on the pixels of segment ``k``, 0 = void), ``image_id`` (int), ``file_name`` (str, the
-    image's name in the JSON) and ``orig_size`` (``(H, W)``).
+    on the pixels of segment ``k``, 0 = void, -1 = an id not in ``segments_info``),
+    ``image_id`` (int), ``file_name`` (str, the image's name in the JSON) and ``orig_size``
+    (``(H, W)``).
 
     Raises:
         DatasetError: at construction for missing folders or a malformed JSON; at
@@ -246,7 +252,8 @@ class COCOPanopticDataset(Dataset):
             )
         sem_lut = np.full(len(uniq), 255, dtype=np.int64)
         sem_lut[pos[~iscrowd]] = labels[~iscrowd]
-        pan_lut = np.zeros(len(uniq), dtype=np.int32)
+        # -1 (not 0) on ids missing from segments_info: the official PQ does not treat them as void
+        pan_lut = np.where(uniq == 0, 0, -1).astype(np.int32)
         pan_lut[pos] = np.arange(1, len(seg_ids) + 1, dtype=np.int32)
         masks = inverse[None] == pos[:, None, None]
 
