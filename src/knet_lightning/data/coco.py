@@ -33,6 +33,7 @@ Conventions of the target (see "Contracts" in the README's Architecture):
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ from knet_lightning.data.io import load_coco_json, load_panoptic_png, read_rgb_i
 from knet_lightning.data.meta import ClassInfo, DatasetError, UnknownCategoryError
 
 __all__ = ["COCOPanopticDataset"]
+
+log = logging.getLogger(__name__)
 
 _LAYOUTS = ("annotations", "root")
 
@@ -62,6 +65,12 @@ class COCOPanopticDataset(Dataset):
         transforms: ``transforms.v2``-style callable ``(image, target) -> (image, target)``.
         json_file, image_dir, png_dir: explicit paths overriding the layout; relative
             paths are taken relative to ``root``.
+        filter_empty: drop images without any thing segment (crowd ones count), as mmdet's
+            ``CocoPanopticDataset._filter_imgs`` (mmdet/datasets/coco_panoptic.py) with
+            ``filter_empty_gt=True``; for training only.
+        min_size: drop images whose JSON width or height is below it (that function's
+            ``min_size=32``); 0 keeps all. For training only: mmdet filters only outside
+            ``test_mode``, evaluation scores every image.
 
     Attributes:
         class_info: contiguous classes (things first) built from the JSON ``categories``.
@@ -90,8 +99,14 @@ class COCOPanopticDataset(Dataset):
         json_file: str | Path | None = None,
         image_dir: str | Path | None = None,
         png_dir: str | Path | None = None,
+        filter_empty: bool = False,
+        min_size: int = 0,
     ) -> None:
         super().__init__()
+        if min_size < 0:
+            raise DatasetError(f"COCO panoptic: min_size must be >= 0, got {min_size}")
+        self.filter_empty = bool(filter_empty)
+        self.min_size = int(min_size)
         if layout not in _LAYOUTS:
             raise DatasetError(f"COCO panoptic: layout must be one of {_LAYOUTS}, got {layout!r}")
         self.root = Path(root)
@@ -193,6 +208,31 @@ class COCOPanopticDataset(Dataset):
                     "iscrowd": np.asarray(crowd, dtype=bool),
                 }
             )
+
+        self._filter_items()
+
+    def _filter_items(self) -> None:
+        """Apply ``filter_empty`` and ``min_size`` to the parsed items, logging what went."""
+        if not self.filter_empty and self.min_size == 0:
+            return
+        num_things = self.class_info.num_things
+        total = len(self._items)
+        no_thing = small = 0
+        kept = []
+        for item in self._items:
+            # mmdet's rule: any segment of a thing category, crowd or not, keeps the image
+            if self.filter_empty and not bool((item["labels"] < num_things).any()):
+                no_thing += 1
+            elif min(item["height"], item["width"]) < self.min_size:
+                small += 1
+            else:
+                kept.append(item)
+        self._items = kept
+        log.info(
+            "%s: kept %d of %d images; dropped %d without a thing segment (filter_empty=%s) and %d "
+            "with a side below min_size=%d px",
+            self.json_path.name, len(kept), total, no_thing, self.filter_empty, small, self.min_size,
+        )
 
     def _image_key(self, raw_id: Any) -> Any:
         """The key that ties an annotation to its ``images`` entry (COCO: an int)."""
