@@ -252,6 +252,8 @@ def test_training_filter_drops_images_as_mmdet(coco: tuple[Path, dict[str, Any]]
     # min(width, height) >= min_size stays: A is 32x24, B 20x16, C 16x16
     assert _image_ids(COCOPanopticDataset(root, "val", min_size=16)) == [1, 2, 30]
     assert _image_ids(COCOPanopticDataset(root, "val", min_size=17)) == [1]
+    with pytest.raises(DatasetError, match=r"no image left for training out of 3: 1 without .* 2 with a side below"):
+        COCOPanopticDataset(root, "val", filter_empty=True, min_size=33)
     # a stuff-only image goes
     _rewrite_json(root, lambda d: d["annotations"][1]["segments_info"][0].update(category_id=7, iscrowd=0))
     assert _image_ids(COCOPanopticDataset(root, "val", filter_empty=True)) == [1]

@@ -227,6 +227,12 @@ class COCOPanopticDataset(Dataset):
                 small += 1
             else:
                 kept.append(item)
+        if total and not kept:
+            # an empty training split would let Lightning "train" without a single step
+            raise DatasetError(
+                f"{self.json_path}: no image left for training out of {total}: {no_thing} without a thing "
+                f"segment (filter_empty), {small} with a side below min_size={self.min_size} px"
+            )
         self._items = kept
         log.info(
             "%s: kept %d of %d images; dropped %d without a thing segment (filter_empty=%s) and %d "
