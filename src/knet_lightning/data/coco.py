@@ -19,7 +19,8 @@ Conventions of the target (see "Contracts" in the README's Architecture):
 
 - Crowd segments are kept in ``masks``/``labels`` with ``iscrowd=True`` (the criterion drops
   them, the PQ evaluator needs them), but their pixels are 255 (ignore) in ``sem_seg``:
-  a crowd region is an unreliable label and K-Net ignores crowds in training.
+  a crowd region is an unreliable label and K-Net ignores crowds in training. The panoptic
+  task's mIoU counts them with their class, as the references do (``PanopticTask.ground_truth``).
 - PNG pixels with id 0 are void: 255 in ``sem_seg`` and 0 in ``panoptic``.
 - PNG pixels with an id that ``segments_info`` does not list are 255 in ``sem_seg`` (as in
   mmdet's ``LoadPanopticAnnotations``, mmdet/datasets/pipelines/loading.py, whose map starts
