@@ -254,6 +254,22 @@ def test_image_without_any_segment() -> None:
     assert outs[1].cls_logits.grad.abs().sum() > 0
 
 
+def test_an_emptied_thing_stays_a_target_an_emptied_stuff_does_not() -> None:
+    crit = crit_panoptic()
+    empty = torch.zeros(IMG, IMG, dtype=torch.bool)
+    tgt = target([(0, TOP), (1, empty), (3, empty), (2, BOTTOM), (1, empty)], crowd=[False] * 4 + [True])
+    gts = crit._prepare_targets([tgt], (H4, H4), torch.device("cpu"))
+    assert gts.thing_labels[0].tolist() == [0, 1]  # the empty crowd still goes
+    assert not bool(gts.thing_masks[0][1].any())
+    assert gts.stuff_present[0].tolist() == [True, False]
+    # the empty thing is matched like any other: two positives, finite losses
+    outs = make_outputs(1, 5, 4, 1)
+    losses = crit(outs, [tgt])
+    assert all(torch.isfinite(v) for v in losses.values())
+    total(losses).backward()
+    assert int((outs[1].cls_logits.grad[0, :3, :2] < 0).sum()) == 2
+
+
 def test_crowd_and_stuff_in_instance_mode_are_ignored() -> None:
     crit = crit_instance()
     outs = make_outputs(1, 2, 2, 1)

@@ -225,7 +225,8 @@ class KNetCriterion(nn.Module):
     # ------------------------------------------------------------------ targets
 
     def _prepare_targets(self, targets: Sequence[dict[str, Any]], size: tuple[int, int], device: torch.device) -> _Targets:
-        """Drop crowd/empty segments, split things/stuff, pad to ``4 * size``, downsample ×4."""
+        """Drop crowd segments and empty stuff ones, split things/stuff, pad to ``4 * size``,
+        downsample ×4."""
         h, w = size
         pad_h, pad_w = MASK_ASSIGN_STRIDE * h, MASK_ASSIGN_STRIDE * w
         T, S = self.num_things, self.num_stuff
@@ -237,8 +238,11 @@ class KNetCriterion(nn.Module):
         for b, tgt in enumerate(targets):
             masks, labels, crowd = self._read_target(b, tgt, pad_h, pad_w, device)
             mh, mw = masks.shape[-2:]
-            # Empty segments (e.g. cropped away) carry no supervision and would distort matching.
-            keep = ~crowd & masks.flatten(1).any(1)
+            # A thing whose mask the resize emptied stays a target: mmdet's Resize / RandomFlip /
+            # Pad drop no mask and the official KNet.forward_train (knet/det/knet.py) matches
+            # every gt_mask. An emptied stuff class is gone, as sem2ins_masks (knet/det/utils.py)
+            # reads the stuff targets off the classes present in the resized semantic map.
+            keep = ~crowd & ((labels < T) | masks.flatten(1).any(1))
             masks, labels = masks[keep], labels[keep]
             is_thing = labels < T
             pad = (0, pad_w - mw, 0, pad_h - mh)

@@ -403,6 +403,10 @@ class COCOPanopticDataModule(SegmentationDataModule):
         root: folder with ``annotations/panoptic_{split}2017.json`` and ``{split}2017/``.
         layout: ``"annotations"`` (PNG folders under ``annotations/``) or ``"root"``.
         train_split, val_split, test_split: split names (``test`` also serves predict).
+        filter_empty_train: drop training images without a thing segment (mmdet's
+            ``filter_empty_gt=True``, which the official K-Net training used).
+        filter_min_size_train: drop training images with a side below it (mmdet's
+            ``_filter_imgs(min_size=32)``); 0 keeps all. Evaluation splits keep every image.
         **kwargs: :class:`SegmentationDataModule` settings.
     """
 
@@ -413,15 +417,27 @@ class COCOPanopticDataModule(SegmentationDataModule):
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "val",
+        filter_empty_train: bool = True,
+        filter_min_size_train: int = 32,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.root = Path(root)
         self.layout = layout
         self.splits = role_splits(train_split, val_split, test_split)
+        self.filter_empty_train = bool(filter_empty_train)
+        self.filter_min_size_train = int(filter_min_size_train)
 
     def make_dataset(self, role: str, transforms: Transforms) -> Dataset:
-        return COCOPanopticDataset(self.root, split=self.splits[role], layout=self.layout, transforms=transforms)
+        train = role == "train"
+        return COCOPanopticDataset(
+            self.root,
+            split=self.splits[role],
+            layout=self.layout,
+            transforms=transforms,
+            filter_empty=self.filter_empty_train and train,
+            min_size=self.filter_min_size_train if train else 0,
+        )
 
 
 class SyntheticPanopticDataModule(COCOPanopticDataModule):
@@ -433,7 +449,8 @@ class SyntheticPanopticDataModule(COCOPanopticDataModule):
     Args:
         root: output folder of :func:`generate_synthetic_panoptic`.
         num_train, num_val, image_size, seed, max_objects: generator settings.
-        **kwargs: :class:`SegmentationDataModule` settings; the test split is ``val``.
+        **kwargs: :class:`COCOPanopticDataModule` settings (``filter_empty_train`` defaults to
+            False here); the test split is ``val``.
     """
 
     def __init__(
@@ -448,6 +465,8 @@ class SyntheticPanopticDataModule(COCOPanopticDataModule):
     ) -> None:
         kwargs.setdefault("train_short_edge", None)
         kwargs.setdefault("eval_short_edge", None)
+        # the generated split is trained on whole: about one image in ten has no shape
+        kwargs.setdefault("filter_empty_train", False)
         kwargs.setdefault("crop_size", image_size)
         super().__init__(root, layout="annotations", train_split="train", val_split="val", test_split="val", **kwargs)
         self.generator_args = {
