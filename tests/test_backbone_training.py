@@ -38,7 +38,7 @@ def test_knet_with_the_backbone_trains_on_synthetic_data(tmp_path: Path, name: s
                  channels=32, num_groups=8, feedforward_channels=64, num_heads=4, **BACKBONES[name])  # fmt: skip
     assert isinstance(model.backbone, SwinBackbone) == name.startswith("swin")
     assert any(isinstance(m, DeformConv2dPack) for m in model.backbone.modules()) == name.endswith("dcn")
-    criterion = KNetCriterion("panoptic", info.num_things, info.num_stuff, num_proposals=10, matcher=HungarianMatcher())
+    criterion = KNetCriterion(info.num_things, info.num_stuff, num_proposals=10, matcher=HungarianMatcher())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
     model.train()
 

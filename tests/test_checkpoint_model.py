@@ -67,3 +67,26 @@ def test_free_and_weight_source_keys_may_differ_even_when_overridden() -> None:
     overrides = ["model.channels_last=false", "model.postprocess.object_mask_thr=0.6", "model.net.pretrained=false"]
     built = model_config_for_checkpoint(given, STORED, "x.ckpt", "eval", overrides)
     assert built["channels_last"] is False and built["postprocess"]["object_mask_thr"] == 0.6
+
+
+@pytest.mark.parametrize("task", ["panoptic", "instance"])
+def test_older_checkpoints_with_a_task_argument_still_rebuild(task: str, tmp_path) -> None:
+    """Configs stored before KNet and KNetCriterion stopped taking ``task`` (``net.task``,
+    ``criterion.task``) upgrade to today's keys and build the same network and criterion."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from cli_utils import compose_cfg, tiny_overrides
+    from knet_lightning.checkpoint_model import upgrade_model_config
+
+    today = OmegaConf.to_container(compose_cfg(tmp_path, tiny_overrides(f"model=knet_{task}")).model, resolve=True)
+    legacy = {**today, "net": {**today["net"], "task": task}, "criterion": dict(today["criterion"])}
+    legacy["criterion"].pop("stuff_kernels", None)
+    legacy["criterion"]["task"] = task
+    upgraded = upgrade_model_config(legacy)
+    assert upgraded["net"] == today["net"] and "task" not in upgraded["criterion"]
+    assert upgraded["criterion"]["stuff_kernels"] is (task == "panoptic")
+    assert model_config_for_checkpoint(today, legacy, "old.ckpt", "eval", [])["net"]["num_stuff"] == today["net"]["num_stuff"]
+    criterion = hydra.utils.instantiate(upgraded["criterion"])
+    assert criterion.num_stuff_kernels == (today["net"]["num_stuff"] if task == "panoptic" else 0)
+    assert hydra.utils.instantiate(upgraded["net"]).num_stuff == today["net"]["num_stuff"]

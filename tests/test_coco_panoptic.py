@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -10,13 +12,16 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from knet_lightning.data.coco import COCOPanopticDataset
+from knet_lightning.data.datamodule import COCOPanopticDataModule
 from knet_lightning.data.io import id2rgb, load_panoptic_png, rgb2id
 from knet_lightning.data.meta import ClassInfo, DatasetError, UnknownCategoryError, default_palette
+from knet_lightning.tasks import build_task
 
 # JSON order interleaves stuff and things; the reader must put things first.
 CATEGORIES = [
@@ -48,7 +53,7 @@ def _write_fixture(root: Path, layout: str = "annotations") -> dict[str, Any]:
 
     ids_b = np.full((16, 20), 42, dtype=np.uint32)
     ids_b[0:4] = 0
-    ids_b[12:16, 0:5] = 999  # not in segments_info: void
+    ids_b[12:16, 0:5] = 999  # not in segments_info
     Image.fromarray(rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)).save(root / "val2017" / "b.jpg")
     Image.fromarray(id2rgb(ids_b)).save(png_dir / "b.png")
 
@@ -179,13 +184,14 @@ def test_reader_pixel_exact(tmp_path: Path, layout: str) -> None:
     assert np.array_equal(t["panoptic"].numpy(), pan)
     assert (t["image_id"], t["file_name"], t["orig_size"]) == (1, "a.png", (24, 32))
 
-    image, t = ds[1]  # JPEG image; PNG id 999 is not in the JSON → void
+    image, t = ds[1]  # JPEG image; PNG id 999 is not in the JSON: ignored in sem_seg, -1 in panoptic
     assert tuple(image.shape) == (3, 16, 20) and t["orig_size"] == (16, 20)
     assert t["labels"].tolist() == [2] and t["iscrowd"].tolist() == [False]
     assert np.array_equal(t["masks"][0].numpy(), fx["ids_b"] == 42)
     sem_b = np.where(fx["ids_b"] == 42, 2, 255)
     assert np.array_equal(t["sem_seg"].numpy(), sem_b)
-    assert np.array_equal(t["panoptic"].numpy(), (fx["ids_b"] == 42).astype(np.int32))
+    pan_b = np.select([fx["ids_b"] == 42, fx["ids_b"] == 999], [1, -1], 0).astype(np.int32)
+    assert np.array_equal(t["panoptic"].numpy(), pan_b)
 
     image, t = ds[2]  # no segments at all
     assert tuple(t["masks"].shape) == (0, 16, 16) and t["labels"].shape == (0,)
@@ -216,6 +222,56 @@ def test_transforms_keep_panoptic_at_original_size(coco: tuple[Path, dict[str, A
     assert torch.equal(t["panoptic"], t0["panoptic"])  # plain tensor: untouched
     resized = COCOPanopticDataset(root, "val", transforms=v2.Resize((12, 16)))[0][1]
     assert tuple(resized["masks"].shape) == (5, 12, 16) and tuple(resized["panoptic"].shape) == (24, 32)
+
+
+def test_png_id_missing_from_json_is_scored_as_the_official_pq(coco: tuple[Path, dict[str, Any]]) -> None:
+    root, fx = coco
+    _, t = COCOPanopticDataset(root, "val")[1]
+    task = build_task("panoptic", num_classes=4, num_things=2, num_proposals=4, num_stages=1)
+    gt = task.ground_truth(t)
+    # one predicted road segment over the whole 16x20 image: 80 void, 20 unlisted (id 999),
+    # 220 road pixels. panopticapi's pq_compute_single_core: union = 320 + 220 - 220 - 80 = 240;
+    # were id 999 void, the union would be 220 and PQ 100.
+    task.update("test", 1, [(torch.ones(16, 20, dtype=torch.int32), [{"id": 1, "category_id": 2}])], [gt], [t])
+    assert float(task.compute("test")["test/pq"]) == pytest.approx(100 * 220 / 240)
+
+
+def _image_ids(ds: COCOPanopticDataset) -> list[int]:
+    return [ds.image_info(i)["image_id"] for i in range(len(ds))]
+
+
+def test_training_filter_drops_images_as_mmdet(coco: tuple[Path, dict[str, Any]], caplog: Any) -> None:
+    root, _ = coco
+    # B's only segment becomes a crowd of cars: mmdet's _filter_imgs counts crowd things too
+    _rewrite_json(root, lambda d: d["annotations"][1]["segments_info"][0].update(category_id=5, iscrowd=1))
+    assert _image_ids(COCOPanopticDataset(root, "val")) == [1, 2, 30]  # off by default
+    with caplog.at_level(logging.INFO, logger="knet_lightning.data.coco"):
+        ds = COCOPanopticDataset(root, "val", filter_empty=True)
+    assert _image_ids(ds) == [1, 2]  # C has no segment at all
+    assert "kept 2 of 3 images; dropped 1 without a thing segment" in caplog.text
+    # min(width, height) >= min_size stays: A is 32x24, B 20x16, C 16x16
+    assert _image_ids(COCOPanopticDataset(root, "val", min_size=16)) == [1, 2, 30]
+    assert _image_ids(COCOPanopticDataset(root, "val", min_size=17)) == [1]
+    with pytest.raises(DatasetError, match=r"no image left for training out of 3: 1 without .* 2 with a side below"):
+        COCOPanopticDataset(root, "val", filter_empty=True, min_size=33)
+    # a stuff-only image goes
+    _rewrite_json(root, lambda d: d["annotations"][1]["segments_info"][0].update(category_id=7, iscrowd=0))
+    assert _image_ids(COCOPanopticDataset(root, "val", filter_empty=True)) == [1]
+
+
+def test_data_module_filters_the_training_split_only(coco: tuple[Path, dict[str, Any]]) -> None:
+    root, _ = coco
+    dm = COCOPanopticDataModule(root, train_split="val", filter_min_size_train=17, num_workers=0)
+    dm.setup("fit")
+    assert _image_ids(dm.datasets["train"]) == [1] and _image_ids(dm.datasets["val"]) == [1, 2, 30]
+    assert _image_ids(dm._dataset("test")) == [1, 2, 30]
+    off = COCOPanopticDataModule(root, train_split="val", filter_empty_train=False, filter_min_size_train=0)
+    assert _image_ids(off._dataset("train")) == [1, 2, 30]
+    # the official defaults, in the class and in the config
+    params = inspect.signature(COCOPanopticDataModule).parameters
+    assert (params["filter_empty_train"].default, params["filter_min_size_train"].default) == (True, 32)
+    conf = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "data" / "coco_panoptic.yaml")
+    assert (conf.filter_empty_train, conf.filter_min_size_train) == (True, 32)
 
 
 def test_load_panoptic_png(coco: tuple[Path, dict[str, Any]]) -> None:

@@ -112,3 +112,31 @@ def peer_classes() -> list[str]:
     from mmseg.datasets import ADE20KDataset
 
     return list(ADE20KDataset.METAINFO["classes"])
+
+
+def _rule(t: torch.Tensor) -> tuple[str, float]:
+    """What an initialisation left in ``t``: a constant, or a spread (its standard deviation)."""
+    if torch.all(t == t.flatten()[0]):
+        return f"constant {float(t.flatten()[0])}", 0.0
+    return "random", float(t.float().std())
+
+
+def test_kernel_update_heads_start_as_mmsegmentations_do(tmp_path: Path) -> None:
+    """The official semantic heads' Xavier ``init_weights`` is never called (they sit in a plain
+    ``nn.ModuleList``): after MMSegmentation's own ``init_weights`` they hold PyTorch's default
+    init, and a ConvModule's Kaiming init in ``feat_transform``. Ours start from the same rules:
+    the same constants, and the same spread (std within 10%) for every random tensor."""
+    from knet_lightning.convert.mmseg import MMSEG_SEMANTIC
+
+    ref = peer.build_mmseg_knet("fcn", init="mmseg")
+    theirs = {k: v for k, v in ref.state_dict().items() if ".kernel_update_head." in k}
+    ours = dict(_ours(tmp_path, "fcn").net.state_dict())
+    compared = 0
+    for key, value in theirs.items():
+        mine = ours[MMSEG_SEMANTIC.target_of(key)]
+        (kind_a, std_a), (kind_b, std_b) = _rule(mine), _rule(value)
+        assert kind_a == kind_b, f"{key}: ours {kind_a}, MMSegmentation's {kind_b}"
+        if kind_a == "random" and value.numel() >= 4096:
+            assert std_a == pytest.approx(std_b, rel=0.1), key
+            compared += 1
+    assert compared >= 3 * 8  # per stage: feat_transform, attention in/out, updator, FFN, mask fcs

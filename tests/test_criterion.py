@@ -53,11 +53,11 @@ def make_outputs(
 
 
 def crit_panoptic(**kw: Any) -> KNetCriterion:
-    return KNetCriterion("panoptic", num_things=2, num_stuff=2, num_proposals=3, **kw)
+    return KNetCriterion(num_things=2, num_stuff=2, num_proposals=3, **kw)
 
 
 def crit_instance(**kw: Any) -> KNetCriterion:
-    return KNetCriterion("instance", num_things=2, num_stuff=0, num_proposals=2, **kw)
+    return KNetCriterion(num_things=2, num_stuff=0, num_proposals=2, stuff_kernels=False, **kw)
 
 
 def total(losses: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -254,11 +254,27 @@ def test_image_without_any_segment() -> None:
     assert outs[1].cls_logits.grad.abs().sum() > 0
 
 
+def test_an_emptied_thing_stays_a_target_an_emptied_stuff_does_not() -> None:
+    crit = crit_panoptic()
+    empty = torch.zeros(IMG, IMG, dtype=torch.bool)
+    tgt = target([(0, TOP), (1, empty), (3, empty), (2, BOTTOM), (1, empty)], crowd=[False] * 4 + [True])
+    gts = crit._prepare_targets([tgt], (H4, H4), torch.device("cpu"))
+    assert gts.thing_labels[0].tolist() == [0, 1]  # the empty crowd still goes
+    assert not bool(gts.thing_masks[0][1].any())
+    assert gts.stuff_present[0].tolist() == [True, False]
+    # the empty thing is matched like any other: two positives, finite losses
+    outs = make_outputs(1, 5, 4, 1)
+    losses = crit(outs, [tgt])
+    assert all(torch.isfinite(v) for v in losses.values())
+    total(losses).backward()
+    assert int((outs[1].cls_logits.grad[0, :3, :2] < 0).sum()) == 2
+
+
 def test_crowd_and_stuff_in_instance_mode_are_ignored() -> None:
     crit = crit_instance()
     outs = make_outputs(1, 2, 2, 1)
     plain = crit(outs, [target([(0, TOP)])])
-    inst_with_stuff = KNetCriterion("instance", num_things=2, num_stuff=1, num_proposals=2)
+    inst_with_stuff = KNetCriterion(num_things=2, num_stuff=1, num_proposals=2, stuff_kernels=False)
     noisy = inst_with_stuff(outs, [target([(0, TOP), (1, BOTTOM), (2, BOTTOM_LEFT)], crowd=[False, True, False])])
     for k in plain:
         assert noisy[k].item() == pytest.approx(plain[k].item(), rel=1e-6)
@@ -295,8 +311,8 @@ def test_bad_inputs_give_clear_errors() -> None:
         crit([outs[0]._replace(sem_logits=None), outs[1]], [target([(0, TOP)])])
     with pytest.raises(ValueError, match="2 targets for a batch of 1"):
         crit(outs, [target([]), target([])])
-    with pytest.raises(ValueError, match="task"):
-        KNetCriterion("semantic", 2, 0, 3)
+    with pytest.raises(ValueError, match="num_stuff must be >= 1 with stuff kernels"):
+        KNetCriterion(2, 0, 3)
 
 
 # --------------------------------------------------------------------------- semantic

@@ -23,7 +23,6 @@ def test_torch_export_matches_eager() -> None:
     model = KNet(
         num_things=3,
         num_stuff=2,
-        task="panoptic",
         num_proposals=6,
         num_stages=2,
         backbone_depth=18,
@@ -49,7 +48,6 @@ def test_torch_export_matches_eager() -> None:
 def test_torch_export_with_dynamic_batch() -> None:
     model = KNet(
         num_things=2,
-        task="instance",
         num_proposals=4,
         num_stages=1,
         backbone_depth=18,

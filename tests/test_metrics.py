@@ -312,6 +312,50 @@ def test_matches_reference_implementation_on_random_segmentations():
         assert float(value) == pytest.approx(ref[key], rel=1e-6)
 
 
+def test_unlisted_gt_ids_are_scored_as_panopticapi_not_as_void():
+    # GT id 9 (and the COCO reader's -1) is in the PNG but not in segments_info.
+    gt = _seg(["1111..99"])
+    pred = _seg(["11111111"])
+    # pq_compute_single_core: union = pred 8 + gt 4 - inter 4 - pred∩void 2 = 6 -> IoU 4/6;
+    # were the unlisted pixels void, the union would be 4 and the IoU 1.
+    for unlisted in (9, -1):
+        gt_u = torch.where(gt == 9, unlisted, gt)
+        assert _pq(pred, _preds((1, 0)), gt_u, _gts((1, 0, False)))["pq"] == pytest.approx(100 * 4 / 6)
+    # Unmatched pred 2 lies on 2 void + 4 unlisted pixels: 2/6 <= 0.5 is ignored, so it is a
+    # false positive (were the unlisted pixels void: 6/6, not counted). PQ = 1 / (1 + 0.5).
+    gt, pred = _seg(["11..9999"]), _seg(["11222222"])
+    images = [(pred, _preds((1, 0), (2, 0)), gt, _gts((1, 0, False)))]
+    assert _pq(*images[0])["pq"] == pytest.approx(100 / 1.5)
+    assert reference_pq_stats(images, NUM_CLASSES)[0] == {"iou": 1.0, "tp": 1, "fp": 1, "fn": 0}
+    # never a false negative when nothing covers it
+    assert _pq(_seg(["1111...."]), _preds((1, 0)), _seg(["1111..99"]), _gts((1, 0, False)))["rq"] == pytest.approx(100)
+
+
+def test_unlisted_gt_ids_match_reference_on_random_segmentations():
+    gen = torch.Generator().manual_seed(1)
+    images = []
+    for _ in range(30):
+        pred_seg, pred_segs, gt_seg, gt_segs = _random_image(gen)
+        # drop a listed GT segment: its pixels stay in the map with an id the list lacks
+        drop = int(torch.randint(0, len(gt_segs), (1,), generator=gen))
+        images.append((pred_seg, pred_segs, gt_seg, gt_segs[:drop] + gt_segs[drop + 1 :]))
+    metric = PanopticQuality(NUM_CLASSES, NUM_THINGS)
+    for img in images:
+        metric.update(*img)
+    stats = reference_pq_stats(images, NUM_CLASSES)
+    per = metric.per_class()
+    for key in ("tp", "fp", "fn"):
+        assert per[key].tolist() == [stats[c][key] for c in range(NUM_CLASSES)]
+    ref = reference_pq_average(stats, NUM_THINGS)
+    for key, value in metric.compute().items():
+        assert float(value) == pytest.approx(ref[key], rel=1e-6)
+    # the binary-search path (large ids) scores unlisted ids the same way
+    big = 256 * 256 * 200
+    small = _seg(["1111..99"]).long()
+    gt = torch.where(small == 1, big, torch.where(small == 9, big + 9, 0))
+    assert _pq(torch.ones_like(gt), _preds((1, 0)), gt, _gts((big, 0, False)))["pq"] == pytest.approx(100 * 4 / 6)
+
+
 def test_large_ids_use_binary_search_path():
     big = 256 * 256 * 200  # RGB-encoded COCO-style id, above the lookup-table limit
     gt = torch.tensor([[big, big], [big + 1, big + 1]], dtype=torch.int64)

@@ -30,7 +30,6 @@ def tiny_knet(**kw: object) -> KNet:
     cfg: dict[str, object] = dict(
         num_things=3,
         num_stuff=2,
-        task="panoptic",
         num_proposals=6,
         num_stages=2,
         backbone_depth=18,
@@ -51,7 +50,7 @@ def n_params(m: nn.Module) -> int:
 
 
 def test_param_counts_r50_panoptic_and_instance_match_official() -> None:
-    pan = KNet(num_things=80, num_stuff=53, task="panoptic")
+    pan = KNet(num_things=80, num_stuff=53)
     assert n_params(pan.backbone) == 23_508_032
     assert n_params(pan.fpn) == 3_344_384
     assert n_params(pan.neck) == 4_264_448
@@ -65,7 +64,7 @@ def test_param_counts_r50_panoptic_and_instance_match_official() -> None:
     assert pan.update_heads[0].fc_cls.weight is not pan.update_heads[1].fc_cls.weight
     del pan
 
-    ins = KNet(num_things=80, num_stuff=0, task="instance")
+    ins = KNet(num_things=80, num_stuff=0)
     assert n_params(ins.kernel_head) == 178_256
     assert n_params(ins.update_heads[0]) == 2_062_416
     assert n_params(ins) == 37_482_368
@@ -91,7 +90,8 @@ def test_param_count_scales_with_n_only_through_init_kernels() -> None:
     ],
 )
 def test_knet_output_shapes(task: str, num_proposals: int, num_stages: int, batch: int, hw: tuple[int, int]) -> None:
-    model = tiny_knet(task=task, num_proposals=num_proposals, num_stages=num_stages)
+    # an instance network has no stuff kernels (the instance configs' net.num_stuff=0)
+    model = tiny_knet(num_stuff=2 if task == "panoptic" else 0, num_proposals=num_proposals, num_stages=num_stages)
     h, w = hw
     outs = model(torch.randn(batch, 3, h, w))
     num_classes = 5 if task == "panoptic" else 3
@@ -110,10 +110,22 @@ def test_knet_output_shapes(task: str, num_proposals: int, num_stages: int, batc
             assert out.sem_logits is None
 
 
-def test_instance_mode_ignores_stuff() -> None:
-    model = tiny_knet(task="instance", num_stuff=4)
-    assert model.num_classes == 3 and model.num_kernels == 6
-    assert model.kernel_head.conv_seg.out_channels == 3
+def test_instance_config_ignores_stuff_on_a_panoptic_data_set(tmp_path: Path) -> None:
+    """model=knet_instance on a data set with stuff classes: a network without stuff kernels and
+    a criterion that keeps stuff labels valid but learns none of them."""
+    import hydra
+
+    from cli_utils import compose_cfg, tiny_overrides
+
+    cfg = compose_cfg(tmp_path, tiny_overrides("model=knet_instance"))
+    assert cfg.data.num_stuff > 0
+    model = hydra.utils.instantiate(cfg.model.net)
+    things = cfg.data.num_things
+    assert model.num_classes == things and model.num_kernels == cfg.model.num_proposals
+    assert model.kernel_head.conv_seg.out_channels == things
+    criterion = hydra.utils.instantiate(cfg.model.criterion)
+    assert criterion.num_stuff == cfg.data.num_stuff and criterion.num_classes == things
+    assert criterion.num_stuff_kernels == 0
 
 
 @pytest.mark.parametrize(
@@ -121,7 +133,7 @@ def test_instance_mode_ignores_stuff() -> None:
     [
         ({}, (1, 3, 48, 64), "multiples of 32"),
         ({}, (1, 1, 64, 64), r"\(B, 3, H, W\)"),
-        ({"task": "semantic"}, None, "task"),
+        ({"num_stuff": -1}, None, "num_stuff"),
         ({"num_things": 0}, None, "num_things"),
         ({"backbone_depth": 42}, None, "depth"),
         ({"num_groups": 5}, None, "num_groups"),
@@ -221,6 +233,20 @@ def test_kernel_update_head_matches_manual_pipeline_and_init() -> None:
     assert torch.allclose(out.cls_logits, cls, atol=1e-5)
     assert torch.allclose(out.mask_logits, mask_logits, atol=1e-4)
     assert out.mask_logits.shape == (2, n, 6, 8)
+
+
+def test_kernel_update_head_init_is_the_official_one() -> None:
+    """Official ``KernelUpdateHead.init_weights`` (det): Xavier-uniform on every parameter with
+    dim > 1, fc_cls bias at the 0.01 prior, and the ConvModule ``feat_transform``'s bias at 0."""
+    c = 256
+    head = KernelUpdateHead(num_classes=4, channels=c, feedforward_channels=2048, num_heads=8)
+    assert torch.count_nonzero(head.feat_transform.bias) == 0
+    for name, p in head.named_parameters():
+        if p.dim() > 1:
+            fan_out, fan_in = p.shape[0] * p[0][0].numel(), p.shape[1] * p[0][0].numel()
+            bound = math.sqrt(6.0 / (fan_in + fan_out))  # xavier_uniform_
+            assert p.abs().max() <= bound and p.abs().max() > 0.95 * bound, name
+    assert torch.equal(head.attention_norm.weight, torch.ones(c))  # 1-D: the constructor's
 
 
 def test_kernel_head_initial_kernels_and_stuff_kernels() -> None:

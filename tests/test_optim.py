@@ -66,7 +66,7 @@ def test_the_module_reads_precision_and_clipping_from_its_trainer(precision: str
 
     net = KNet(num_things=2, num_stuff=1, num_proposals=4, num_stages=1, backbone_depth=18, channels=16,
                num_groups=4, feedforward_channels=32, num_heads=2)  # fmt: skip
-    module = KNetModule(net, KNetCriterion("panoptic", 2, 1), scheduler={"milestones": [], "milestone_unit": "step"})
+    module = KNetModule(net, KNetCriterion(2, 1), scheduler={"milestones": [], "milestone_unit": "step"})
     module._trainer = SimpleNamespace(precision=precision, gradient_clip_val=clip)  # type: ignore[assignment]
     assert _kernel(module.configure_optimizers()["optimizer"]) == expected
 
@@ -79,7 +79,7 @@ def _tiny_module(channels_last: object = "auto") -> "KNetModule":  # noqa: F821
 
     net = KNet(num_things=2, num_stuff=1, num_proposals=4, num_stages=1, backbone_depth=18, channels=16,
                num_groups=4, feedforward_channels=32, num_heads=2)  # fmt: skip
-    return KNetModule(net, KNetCriterion("panoptic", 2, 1), channels_last=channels_last)  # type: ignore[arg-type]
+    return KNetModule(net, KNetCriterion(2, 1), channels_last=channels_last)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("capability", "expected"), [("AVX2", False), ("AVX512", True), ("DEFAULT", False)])

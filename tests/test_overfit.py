@@ -53,7 +53,7 @@ def test_overfits_two_synthetic_images_to_pq_90(tmp_path: Path) -> None:
     model = KNet(num_things=info.num_things, num_stuff=info.num_stuff, num_proposals=10, num_stages=2,
                  backbone_depth=18, frozen_stages=-1, norm_eval=True, channels=32, num_groups=8,
                  feedforward_channels=64, num_heads=4)
-    criterion = KNetCriterion("panoptic", info.num_things, info.num_stuff, num_proposals=10,
+    criterion = KNetCriterion(info.num_things, info.num_stuff, num_proposals=10,
                               matcher=HungarianMatcher())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
     start = time.perf_counter()

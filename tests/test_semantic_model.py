@@ -213,7 +213,8 @@ def test_update_head_dynamic_conv_equals_per_image_conv2d_loop() -> None:
     feature = torch.randn(2, 32, 6, 10)
     kernels = torch.randn(2, 5, 32)
     prev = torch.randn(2, 5, 6, 10)
-    logits, new_kernels = head(feature, kernels, prev)
+    new_kernels, logits, cls_logits = head(feature, kernels, prev)
+    assert cls_logits is None  # kernel n is class n
     assert logits.shape == (2, 5, 6, 10) and new_kernels.shape == (2, 5, 32)
     x = head.feat_transform(feature)
     mask_kernels = head.fc_mask(head.mask_fcs(new_kernels))
@@ -224,7 +225,7 @@ def test_update_head_dynamic_conv_equals_per_image_conv2d_loop() -> None:
 def test_update_head_kernel_path_matches_manual_composition() -> None:
     head = _small_update_head().eval()
     feature, kernels, prev = torch.randn(1, 32, 4, 4), torch.randn(1, 3, 32), torch.randn(1, 3, 4, 4)
-    _, new_kernels = head(feature, kernels, prev)
+    new_kernels = head(feature, kernels, prev).kernels
     x = head.feat_transform(feature)
     k = head.update_kernels(assemble_group_features(prev, x), kernels)
     k = head.attention_norm(k + head.attention(k, k, k)[0])  # post-norm, residual outside attention
@@ -235,7 +236,7 @@ def test_update_head_kernel_path_matches_manual_composition() -> None:
 def test_update_head_resizes_previous_logits_and_checks_shapes() -> None:
     head = SemanticKernelUpdateHead(in_channels=32, updator_channels=16, num_heads=4, feedforward_channels=16)
     feature = torch.randn(1, 32, 8, 8)
-    logits, _ = head(feature, torch.randn(1, 3, 32), torch.randn(1, 3, 4, 4))
+    logits = head(feature, torch.randn(1, 3, 32), torch.randn(1, 3, 4, 4)).mask_logits
     assert logits.shape == (1, 3, 8, 8)
     with pytest.raises(ValueError, match=r"kernels must be \(1, N, 32\)"):
         head(feature, torch.randn(1, 3, 16), torch.randn(1, 3, 8, 8))
@@ -385,3 +386,34 @@ def test_tiny_model_overfits_toy_two_class_image() -> None:
     with torch.no_grad():
         pred = F.interpolate(model(images)[-1].mask_logits, size=(h, w), mode="bilinear").argmax(1)
     assert (pred == labels).float().mean() > 0.95
+
+
+def test_semantic_evaluation_reads_each_image_unpadded() -> None:
+    """MMSegmentation's whole-image inference runs each image at its own size; a padded batch
+    would change every logit (the PPM pooling, the kernels' group features). The semantic task
+    runs the network per image, unpadded, whatever the collate function padded."""
+    from knet_lightning.postprocess import semantic_inference
+    from knet_lightning.tasks import build_task
+
+    net = SemanticKNet(num_classes=3, backbone_depth=18, num_stages=1, **TINY).eval()
+    task = build_task("semantic", num_classes=3, num_things=0, num_proposals=3, num_stages=1)
+    a, b = torch.randn(3, 40, 56), torch.randn(3, 64, 64)
+    images = torch.zeros(2, 3, 64, 64)
+    images[0, :, :40, :56], images[1] = a, b
+    batch = {"images": images, "image_sizes": [(40, 56), (64, 64)],
+             "targets": [{"orig_size": (80, 112)}, {"orig_size": (64, 64)}]}  # fmt: skip
+    parts = task.network_batches(batch)
+    assert [tuple(p["images"].shape[-2:]) for p in parts] == [(40, 56), (64, 64)]
+    with torch.no_grad():
+        preds = [p for part in parts for p in task.predict(net(part["images"])[-1], part)]
+        for image, pred, out in zip((a, b), preds, ((80, 112), (64, 64))):
+            alone = net(image[None])[-1].mask_logits[0]
+            assert torch.equal(pred, semantic_inference(alone, image.shape[-2:], image.shape[-2:], out))
+        alone_a = net(a[None])[-1].mask_logits[0]
+        h, w = alone_a.shape[-2:]
+        assert not torch.allclose(net(images)[-1].mask_logits[0][:, :h, :w], alone_a, atol=1e-3)
+    # a batch without padding, and the detection tasks, run as they are
+    single = {**batch, "images": images[1:], "image_sizes": [(64, 64)], "targets": batch["targets"][1:]}
+    assert task.network_batches(single) == [single]
+    pan = build_task("panoptic", num_classes=3, num_things=2, num_proposals=2, num_stages=1)
+    assert pan.network_batches(batch) == [batch]

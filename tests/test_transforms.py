@@ -219,6 +219,22 @@ def test_drop_empty_segments_keeps_fields_in_sync() -> None:
     assert target["labels"].tolist() == [4, 5, 6]  # input left alone
 
 
+@pytest.mark.parametrize("kind", ["resize", "multiscale"])
+def test_k_net_resizes_keep_a_segment_they_empty(kind: str) -> None:
+    # mmdet's Resize / RandomFlip / Pad (the official K-Net pipelines) drop no mask
+    image, target = make_sample()
+    dot = torch.zeros(H, W, dtype=torch.bool)
+    dot[1, 1] = True  # a one-pixel thing: a nearest ×1/4 downscale samples rows/cols 0, 4, ...
+    masks = target["masks"].clone()
+    masks[1, 1, 1] = False
+    target.update(masks=tv_tensors.Mask(torch.cat([masks, dot[None]])), labels=torch.tensor([0, 1, 0]),
+                  iscrowd=torch.zeros(3, dtype=torch.bool))  # fmt: skip
+    short_edge = 12 if kind == "resize" else (12, 12)
+    _, out = build_transforms(True, kind=kind, short_edge=short_edge, max_size=None, flip_prob=0.0)(image, target)
+    assert out["labels"].tolist() == [0, 1, 0] and tuple(out["masks"].shape) == (3, 12, 16)
+    assert not bool(out["masks"][2].any())
+
+
 # ------------------------------------------------------------------ full pipelines
 
 

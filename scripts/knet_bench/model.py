@@ -37,12 +37,11 @@ def build_knet(ctx: Context, num_proposals: int, num_stages: int, **net_kwargs: 
     net = KNet(
         num_things=NUM_THINGS,
         num_stuff=NUM_STUFF,
-        task="panoptic",
         num_proposals=num_proposals,
         num_stages=num_stages,
         **net_kwargs,
     )
-    criterion = KNetCriterion("panoptic", NUM_THINGS, NUM_STUFF, num_proposals)
+    criterion = KNetCriterion(NUM_THINGS, NUM_STUFF, num_proposals)
     # no lr schedule runs here; step milestones need no trainer to convert epochs
     module = KNetModule(
         net,

@@ -34,7 +34,23 @@ FREE_KEYS = (
 # where a network's initial weights come from; the checkpoint's weights replace them
 WEIGHT_SOURCE_KEYS = ("net.pretrained", "net.weights_path")
 # keys that must match the data set being evaluated, whoever set them
-DATA_BOUND_KEYS = ("task", "net.task", "net.num_things", "net.num_stuff", "net.num_classes")
+DATA_BOUND_KEYS = ("task", "net.num_things", "net.num_stuff", "net.num_classes")
+# what the `task` argument that KNet and KNetCriterion took before stored configs lost it meant:
+# whether the network has stuff kernels (learned with the rank loss)
+_LEGACY_TASK_STUFF_KERNELS = {"panoptic": True, "instance": False}
+
+
+def upgrade_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored model config in today's keys, so that older checkpoints still rebuild: their
+    ``net.task`` (the network had no stuff kernels for ``instance``) and ``criterion.task``
+    (now ``criterion.stuff_kernels``)."""
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in config.items()}
+    net, criterion = out.get("net"), out.get("criterion")
+    if isinstance(net, dict) and "task" in net and not _LEGACY_TASK_STUFF_KERNELS.get(net.pop("task"), True):
+        net["num_stuff"] = 0
+    if isinstance(criterion, dict) and "task" in criterion:
+        criterion["stuff_kernels"] = _LEGACY_TASK_STUFF_KERNELS.get(criterion.pop("task"), True)
+    return out
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -86,6 +102,7 @@ def model_config_for_checkpoint(
     """
     if stored is None:
         return given
+    stored = upgrade_model_config(stored)
     mine, theirs = _structural(flatten(given)), _structural(flatten(stored))
     differing = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
     overrides = list(overrides)

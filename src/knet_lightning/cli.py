@@ -31,6 +31,7 @@ from knet_lightning.checkpoint_model import (
 from knet_lightning.configs import register_configs
 from knet_lightning.distributed import end_of_job, is_global_zero_from_env
 from knet_lightning.errors import summary as error_summary
+from knet_lightning.reproduction import apply_strict_reproduction, strict_runtime
 from knet_lightning.secrets import hide_secret_overrides, redact, redact_hydra_dump
 
 log = logging.getLogger("knet_lightning")
@@ -364,6 +365,10 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
 
     from knet_lightning.callbacks import PredictionExport
 
+    if cfg.get("strict_reproduction"):
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        apply_strict_reproduction(cfg, overrides)
+        strict_runtime()
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
     L.seed_everything(_seed(cfg), workers=True)

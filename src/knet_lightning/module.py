@@ -191,17 +191,20 @@ class KNetModule(LightningModule):
     # ------------------------------------------------------------------ evaluation
     def predict_batch(self, batch: dict[str, Any], stage_index: int = -1) -> list[Any]:
         """Post-processed predictions of one stage for every image, at original image size."""
-        return self.task.predict(self(batch["images"])[stage_index], batch)
+        return [p for part in self.task.network_batches(batch)
+                for p in self.task.predict(self(part["images"])[stage_index], part)]  # fmt: skip
 
     def on_validation_epoch_start(self) -> None:
         self.vis_samples = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        preds = self.task.evaluate(self(batch["images"]), batch, "val")
+        preds = [p for part in self.task.network_batches(batch)
+                 for p in self.task.evaluate(self(part["images"]), part, "val")]  # fmt: skip
         self._keep_for_overlay(batch, preds)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.task.evaluate(self(batch["images"]), batch, "test")
+        for part in self.task.network_batches(batch):
+            self.task.evaluate(self(part["images"]), part, "test")
 
     def on_validation_epoch_end(self) -> None:
         # the values are global already (the task's torchmetrics sync their states); sync_dist

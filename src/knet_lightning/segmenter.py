@@ -32,7 +32,7 @@ from torch import Tensor
 from torchvision import tv_tensors
 
 from knet_lightning.checkpoint_io import load_checkpoint_file
-from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY, without_initial_weights
+from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY, upgrade_model_config, without_initial_weights
 from knet_lightning.data.io import read_rgb_image, to_rgb_array, upright
 from knet_lightning.data.meta import DatasetError, default_palette
 from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, collate_batch
@@ -194,8 +194,8 @@ class Segmenter:
                 "mode=convert) can be rebuilt without a config"
             )
         hparams = stored.get("hyper_parameters") or {}
-        stored_cfg = dict(model_cfg)
-        model_cfg = without_initial_weights(dict(model_cfg))
+        stored_cfg = upgrade_model_config(model_cfg)  # older checkpoints' keys in today's names
+        model_cfg = without_initial_weights(upgrade_model_config(stored_cfg))
         for key in _HANDLE_KEYS:
             model_cfg.pop(key, None)
         module = hydra.utils.instantiate(
@@ -254,11 +254,14 @@ class Segmenter:
         batch = collate_batch(samples, size_divisor=int(self.settings["size_divisor"]),
                               mean=self.settings["mean"], std=self.settings["std"])  # fmt: skip
         batch["images"] = batch["images"].to(self.device)
+        preds = []
         with torch.inference_mode():
-            stage = self._network(batch["images"])
-            # the merge compares scores and mask probabilities: in fp32, as evaluation runs it
-            stage = StageOutput(*(t.float() if isinstance(t, Tensor) else t for t in stage))
-            preds = self.module.task.predict(stage, batch)
+            # the batch, or each image unpadded where the task reads images at their own size
+            for part in self.module.task.network_batches(batch):
+                stage = self._network(part["images"])
+                # the merge compares scores and mask probabilities: in fp32, as evaluation runs it
+                stage = StageOutput(*(t.float() if isinstance(t, Tensor) else t for t in stage))
+                preds += self.module.task.predict(stage, part)
         for k, pred, (rgb, file_name) in zip(slots, preds, images):
             out[k] = self._result(pred, rgb, file_name)
         return out

@@ -102,10 +102,8 @@ class KNetCriterion(nn.Module):
     """Matching + weighted K-Net losses for all stages.
 
     Args:
-        task: ``"panoptic"`` or ``"instance"``.
         num_things: number of thing classes (ids ``[0, num_things)``).
-        num_stuff: number of stuff classes (ids ``[num_things, num_things + num_stuff)``); in
-            instance mode stuff segments in the targets are ignored.
+        num_stuff: number of stuff classes (ids ``[num_things, num_things + num_stuff)``).
         num_proposals: number of instance kernels (the first rows of every stage's outputs);
             ``None`` (what the configs use) reads it off the network's outputs, and a number is
             checked against them.
@@ -119,11 +117,14 @@ class KNetCriterion(nn.Module):
             unweighted, as in the official code.
         alpha: focal alpha (class and dense losses).
         gamma: focal gamma.
+        stuff_kernels: the network has one stuff kernel per stuff class after its instance
+            kernels, learned with the rank loss (panoptic, paper §3.2); ``False``: it has none,
+            and the stuff segments of the targets are ignored (instance; the official
+            instance configs have no stuff classes and no ``loss_rank``).
     """
 
     def __init__(
         self,
-        task: str,
         num_things: int,
         num_stuff: int,
         num_proposals: Optional[int] = None,
@@ -136,20 +137,19 @@ class KNetCriterion(nn.Module):
         stage_weights: Optional[Sequence[float]] = None,
         alpha: float = 0.25,
         gamma: float = 2.0,
+        stuff_kernels: bool = True,
     ) -> None:
         super().__init__()
-        if task not in ("panoptic", "instance"):
-            raise ValueError(f"KNetCriterion: task must be 'panoptic' or 'instance', got {task!r}")
         if num_things < 1:
             raise ValueError(f"KNetCriterion: num_things must be >= 1, got {num_things}")
-        if num_stuff < 0 or (task == "panoptic" and num_stuff < 1):
+        if num_stuff < 0 or (stuff_kernels and num_stuff < 1):
             raise ValueError(
-                f"KNetCriterion: num_stuff must be >= 1 for panoptic and >= 0 otherwise, got {num_stuff}"
+                "KNetCriterion: num_stuff must be >= 1 with stuff kernels (panoptic) and >= 0 otherwise, "
+                f"got {num_stuff}"
             )
         if num_proposals is not None and num_proposals < 1:
             raise ValueError(f"KNetCriterion: num_proposals must be >= 1, got {num_proposals}")
-        self.task = task
-        self.panoptic = task == "panoptic"
+        self.stuff_kernels = bool(stuff_kernels)
         self.num_things = num_things
         self.num_stuff = num_stuff
         self.num_proposals = num_proposals
@@ -166,12 +166,12 @@ class KNetCriterion(nn.Module):
     @property
     def num_classes(self) -> int:
         """Width of the class logits: things + stuff for panoptic, things for instance."""
-        return self.num_things + (self.num_stuff if self.panoptic else 0)
+        return self.num_things + (self.num_stuff if self.stuff_kernels else 0)
 
     @property
     def num_stuff_kernels(self) -> int:
         """Stuff kernels after the instance kernels: one per stuff class for panoptic."""
-        return self.num_stuff if self.panoptic else 0
+        return self.num_stuff if self.stuff_kernels else 0
 
     def instance_kernels(self, out: StageOutput) -> int:
         """The number of instance kernels P of a stage output: the network's ``num_proposals``
@@ -225,7 +225,8 @@ class KNetCriterion(nn.Module):
     # ------------------------------------------------------------------ targets
 
     def _prepare_targets(self, targets: Sequence[dict[str, Any]], size: tuple[int, int], device: torch.device) -> _Targets:
-        """Drop crowd/empty segments, split things/stuff, pad to ``4 * size``, downsample ×4."""
+        """Drop crowd segments and empty stuff ones, split things/stuff, pad to ``4 * size``,
+        downsample ×4."""
         h, w = size
         pad_h, pad_w = MASK_ASSIGN_STRIDE * h, MASK_ASSIGN_STRIDE * w
         T, S = self.num_things, self.num_stuff
@@ -237,14 +238,17 @@ class KNetCriterion(nn.Module):
         for b, tgt in enumerate(targets):
             masks, labels, crowd = self._read_target(b, tgt, pad_h, pad_w, device)
             mh, mw = masks.shape[-2:]
-            # Empty segments (e.g. cropped away) carry no supervision and would distort matching.
-            keep = ~crowd & masks.flatten(1).any(1)
+            # A thing whose mask the resize emptied stays a target: mmdet's Resize / RandomFlip /
+            # Pad drop no mask and the official KNet.forward_train (knet/det/knet.py) matches
+            # every gt_mask. An emptied stuff class is gone, as sem2ins_masks (knet/det/utils.py)
+            # reads the stuff targets off the classes present in the resized semantic map.
+            keep = ~crowd & ((labels < T) | masks.flatten(1).any(1))
             masks, labels = masks[keep], labels[keep]
             is_thing = labels < T
             pad = (0, pad_w - mw, 0, pad_h - mh)
             thing_full.append(F.pad(masks[is_thing].float(), pad))
             thing_labels.append(labels[is_thing])
-            if self.panoptic:
+            if self.stuff_kernels:
                 stuff_idx = labels[~is_thing] - T
                 # Several segments of one stuff class form one stuff target (``sem2ins_masks``).
                 uniq, inv = torch.unique(stuff_idx, return_inverse=True)
@@ -259,7 +263,7 @@ class KNetCriterion(nn.Module):
         B = len(targets)
         stuff_masks = torch.zeros((B, S, h, w), device=device)
         stuff_present = torch.zeros((B, S), dtype=torch.bool, device=device)
-        if self.panoptic:
+        if self.stuff_kernels:
             img_idx, cls_idx = torch.cat(stuff_img), torch.cat(stuff_cls)
             stuff_masks[img_idx, cls_idx] = _downsample(torch.cat(stuff_full), (h, w))
             stuff_present[img_idx, cls_idx] = True
@@ -309,7 +313,7 @@ class KNetCriterion(nn.Module):
                 raise ValueError(
                     f"KNetCriterion: targets[{b}]['iscrowd'] must be bool ({K},), got {tuple(crowd.shape)}"
                 )
-        if not self.panoptic:
+        if not self.stuff_kernels:
             # Instance mode learns things only; stuff segments of a panoptic data set are dropped.
             crowd = crowd | (labels >= self.num_things)
         return masks, labels, crowd
@@ -352,14 +356,14 @@ class KNetCriterion(nn.Module):
             pos_logits, pos_targets = mask_logits[pos], mask_targets[pos]
             out[f"{prefix}.mask"] = weight * self.mask_weight * mask_bce_loss(pos_logits, pos_targets)
             out[f"{prefix}.dice"] = weight * self.dice_weight * dice_loss(pos_logits, pos_targets)
-            if self.panoptic:
+            if self.stuff_kernels:
                 rank = rank_loss(mask_logits, self._rank_target(mask_targets, pos), IGNORE_INDEX)
                 out[f"{prefix}.rank"] = weight * self.rank_weight * rank
         else:
             zero = mask_logits.sum() * 0.0
             out[f"{prefix}.mask"] = zero
             out[f"{prefix}.dice"] = zero.clone()
-            if self.panoptic:
+            if self.stuff_kernels:
                 out[f"{prefix}.rank"] = zero.clone()
         return out
 
@@ -374,7 +378,7 @@ class KNetCriterion(nn.Module):
         # Dense target: stuff pixels first, then matched things overwrite in kernel order.
         C = self.num_classes
         seg_target = torch.full((B, h, w), C, dtype=torch.long, device=mask_logits.device)
-        if self.panoptic:
+        if self.stuff_kernels:
             stuff_owner = _last_cover(gts.stuff_masks, gts.stuff_present)
             seg_target = torch.where(stuff_owner >= 0, stuff_owner + self.num_things, seg_target)
         thing_owner = _last_cover(mask_targets, pos)
@@ -398,7 +402,7 @@ class KNetCriterion(nn.Module):
         label_weights = mask_logits.new_zeros((B, N, C), dtype=torch.float32)
         # Thing kernels never see a gradient on stuff columns (zero weight there).
         label_weights[:, :P, :T] = 1.0
-        if self.panoptic:
+        if self.stuff_kernels:
             S = self.num_stuff
             stuff_cls = torch.arange(S, device=mask_logits.device) + T
             labels[:, P:] = torch.where(gts.stuff_present, stuff_cls, torch.full_like(stuff_cls, C))

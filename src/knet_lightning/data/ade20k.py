@@ -40,7 +40,7 @@ from torchvision import tv_tensors
 
 from knet_lightning.constants import IGNORE_INDEX
 from knet_lightning.data.datamodule import SegmentationDataModule, role_splits
-from knet_lightning.data.io import decode_image, read_rgb_image
+from knet_lightning.data.io import decode_image, read_image_size, read_rgb_image
 from knet_lightning.data.meta import ClassInfo, DatasetError, default_palette
 from knet_lightning.data.mmseg_pipeline import build_ade20k_transforms
 from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -163,9 +163,18 @@ class ADE20KDataset(Dataset):
                 "(expected <image stem>.png)"
             )
         self._items: list[tuple[Path, Path]] = [(p, self.label_dir / f"{p.stem}.png") for p in images]
+        self._sizes: list[tuple[int, int]] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """``(height, width)`` of every sample, before any transform, from the image files' headers
+        (nothing decoded; read once, as no annotation file lists the sizes): the training sampler's
+        aspect-ratio groups."""
+        if self._sizes is None:
+            self._sizes = [read_image_size(image) for image, _ in self._items]
+        return self._sizes
 
     def load_label(self, path: Path) -> np.ndarray:
         """Label PNG -> ``(H, W)`` int64 in 0..149 / 255, after the zero-label reduction.

@@ -45,7 +45,7 @@ from torchvision import tv_tensors
 from knet_lightning.constants import IGNORE_INDEX
 from knet_lightning.data.coco import COCOPanopticDataset
 from knet_lightning.data.datamodule import SegmentationDataModule, role_splits
-from knet_lightning.data.io import decode_image, read_rgb_image
+from knet_lightning.data.io import decode_image, read_image_size, read_rgb_image
 from knet_lightning.data.cityscapes_labels import (
     _INSTANCE_OFFSET,
     _LABEL_BY_ID,
@@ -141,6 +141,7 @@ class _CityscapesFolderDataset(Dataset):
             if not gt.is_file():
                 missing.append(gt)
             self._items.append({"image_path": path, "gt_path": gt, "city": city, "stem": stem})
+        self._sizes: list[tuple[int, int]] | None = None
         if missing:
             raise DatasetError(
                 f"Cityscapes {self.kind}: {len(missing)} of {len(images)} images in {self.image_dir} have no "
@@ -162,6 +163,14 @@ class _CityscapesFolderDataset(Dataset):
             "image_path": item["image_path"],
             "gt_path": item["gt_path"],
         }
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """``(height, width)`` of every sample, before any transform, from the image files' headers
+        (nothing decoded; read once, as no annotation file lists the sizes): the training sampler's
+        aspect-ratio groups."""
+        if self._sizes is None:
+            self._sizes = [read_image_size(item["image_path"]) for item in self._items]
+        return self._sizes
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """Image ``(H, W, 3)`` uint8, raw ground-truth PNG values ``(H, W)`` int64, and the item."""

@@ -19,15 +19,22 @@ Conventions of the target (see "Contracts" in the README's Architecture):
 
 - Crowd segments are kept in ``masks``/``labels`` with ``iscrowd=True`` (the criterion drops
   them, the PQ evaluator needs them), but their pixels are 255 (ignore) in ``sem_seg``:
-  a crowd region is an unreliable label and K-Net ignores crowds in training.
-- PNG pixels with id 0, or with an id that ``segments_info`` does not list, are void: 255 in
-  ``sem_seg`` and 0 in ``panoptic``. The official PQ evaluation also ignores such pixels.
+  a crowd region is an unreliable label and K-Net ignores crowds in training. The panoptic
+  task's mIoU counts them with their class, as the references do (``PanopticTask.ground_truth``).
+- PNG pixels with id 0 are void: 255 in ``sem_seg`` and 0 in ``panoptic``.
+- PNG pixels with an id that ``segments_info`` does not list are 255 in ``sem_seg`` (as in
+  mmdet's ``LoadPanopticAnnotations``, mmdet/datasets/pipelines/loading.py, whose map starts
+  at 255 and receives the listed segments only) but -1 in ``panoptic``, not void: the official
+  ``pq_compute_single_core`` (panopticapi/evaluation.py) never matches them nor counts them as
+  false negatives, yet keeps them in a prediction's union and in the share of an unmatched
+  prediction that makes it a false positive; ``PanopticQuality`` scores -1 that way.
 - ``panoptic`` is a plain ``torch.Tensor`` (not a ``tv_tensor``) so that ``transforms.v2``
   passes it through untouched: it stays at the original resolution for evaluation.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +48,8 @@ from knet_lightning.data.io import load_coco_json, load_panoptic_png, read_rgb_i
 from knet_lightning.data.meta import ClassInfo, DatasetError, UnknownCategoryError
 
 __all__ = ["COCOPanopticDataset"]
+
+log = logging.getLogger(__name__)
 
 _LAYOUTS = ("annotations", "root")
 
@@ -57,6 +66,12 @@ class COCOPanopticDataset(Dataset):
         transforms: ``transforms.v2``-style callable ``(image, target) -> (image, target)``.
         json_file, image_dir, png_dir: explicit paths overriding the layout; relative
             paths are taken relative to ``root``.
+        filter_empty: drop images without any thing segment (crowd ones count), as mmdet's
+            ``CocoPanopticDataset._filter_imgs`` (mmdet/datasets/coco_panoptic.py) with
+            ``filter_empty_gt=True``; for training only.
+        min_size: drop images whose JSON width or height is below it (that function's
+            ``min_size=32``); 0 keeps all. For training only: mmdet filters only outside
+            ``test_mode``, evaluation scores every image.
 
     Attributes:
         class_info: contiguous classes (things first) built from the JSON ``categories``.
@@ -67,8 +82,9 @@ class COCOPanopticDataset(Dataset):
     ``target`` dict with ``masks`` (``tv_tensors.Mask`` bool ``(K, H, W)``), ``labels``
     (int64 ``(K,)`` contiguous), ``iscrowd`` (bool ``(K,)``), ``sem_seg`` (``tv_tensors.Mask``
     int64 ``(H, W)``, 255 = void or crowd), ``panoptic`` (plain int32 ``(H, W)``: ``k + 1``
-    on the pixels of segment ``k``, 0 = void), ``image_id`` (int), ``file_name`` (str, the
-    image's name in the JSON) and ``orig_size`` (``(H, W)``).
+    on the pixels of segment ``k``, 0 = void, -1 = an id not in ``segments_info``),
+    ``image_id`` (int), ``file_name`` (str, the image's name in the JSON) and ``orig_size``
+    (``(H, W)``).
 
     Raises:
         DatasetError: at construction for missing folders or a malformed JSON; at
@@ -84,8 +100,14 @@ class COCOPanopticDataset(Dataset):
         json_file: str | Path | None = None,
         image_dir: str | Path | None = None,
         png_dir: str | Path | None = None,
+        filter_empty: bool = False,
+        min_size: int = 0,
     ) -> None:
         super().__init__()
+        if min_size < 0:
+            raise DatasetError(f"COCO panoptic: min_size must be >= 0, got {min_size}")
+        self.filter_empty = bool(filter_empty)
+        self.min_size = int(min_size)
         if layout not in _LAYOUTS:
             raise DatasetError(f"COCO panoptic: layout must be one of {_LAYOUTS}, got {layout!r}")
         self.root = Path(root)
@@ -188,6 +210,37 @@ class COCOPanopticDataset(Dataset):
                 }
             )
 
+        self._filter_items()
+
+    def _filter_items(self) -> None:
+        """Apply ``filter_empty`` and ``min_size`` to the parsed items, logging what went."""
+        if not self.filter_empty and self.min_size == 0:
+            return
+        num_things = self.class_info.num_things
+        total = len(self._items)
+        no_thing = small = 0
+        kept = []
+        for item in self._items:
+            # mmdet's rule: any segment of a thing category, crowd or not, keeps the image
+            if self.filter_empty and not bool((item["labels"] < num_things).any()):
+                no_thing += 1
+            elif min(item["height"], item["width"]) < self.min_size:
+                small += 1
+            else:
+                kept.append(item)
+        if total and not kept:
+            # an empty training split would let Lightning "train" without a single step
+            raise DatasetError(
+                f"{self.json_path}: no image left for training out of {total}: {no_thing} without a thing "
+                f"segment (filter_empty), {small} with a side below min_size={self.min_size} px"
+            )
+        self._items = kept
+        log.info(
+            "%s: kept %d of %d images; dropped %d without a thing segment (filter_empty=%s) and %d "
+            "with a side below min_size=%d px",
+            self.json_path.name, len(kept), total, no_thing, self.filter_empty, small, self.min_size,
+        )
+
     def _image_key(self, raw_id: Any) -> Any:
         """The key that ties an annotation to its ``images`` entry (COCO: an int)."""
         return int(raw_id)
@@ -208,6 +261,11 @@ class COCOPanopticDataset(Dataset):
         """``image_id``, ``file_name``, ``height``, ``width`` of a sample without decoding it."""
         item = self._items[index]
         return {k: item[k] for k in ("image_id", "file_name", "height", "width")}
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """``(height, width)`` of every sample from the JSON, before any transform (no decoding):
+        the training sampler's aspect-ratio groups."""
+        return [(item["height"], item["width"]) for item in self._items]
 
     def max_things_per_image(self) -> int:
         """The most non-crowd thing segments in one image, from the JSON alone (no decoding):
@@ -246,7 +304,8 @@ class COCOPanopticDataset(Dataset):
             )
         sem_lut = np.full(len(uniq), 255, dtype=np.int64)
         sem_lut[pos[~iscrowd]] = labels[~iscrowd]
-        pan_lut = np.zeros(len(uniq), dtype=np.int32)
+        # -1 (not 0) on ids missing from segments_info: the official PQ does not treat them as void
+        pan_lut = np.where(uniq == 0, 0, -1).astype(np.int32)
         pan_lut[pos] = np.arange(1, len(seg_ids) + 1, dtype=np.int32)
         masks = inverse[None] == pos[:, None, None]
 

@@ -275,6 +275,11 @@ class COCOInstanceDataset(Dataset):
         item = self._items[index]
         return {k: item[k] for k in ("image_id", "file_name", "height", "width")}
 
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """``(height, width)`` of every sample from the JSON, before any transform (no decoding):
+        the training sampler's aspect-ratio groups."""
+        return [(item["height"], item["width"]) for item in self._items]
+
     def _to_rle(self, ann: Mapping[str, Any], h: int, w: int, file_name: str) -> dict[str, Any]:
         """One compressed RLE (``counts`` bytes) for an annotation, as ``COCO.annToRLE``."""
         segm = ann["segmentation"]

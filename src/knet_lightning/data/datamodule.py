@@ -1,8 +1,8 @@
 """Lightning data modules: data sets per split, transforms and loaders with the batch collate.
 
 A batch is ``{"images": (B, 3, Hp, Wp) float, "image_sizes": [(h, w)], "targets": [dict]}``
-(see :func:`knet_lightning.data.transforms.collate_batch`). The loaders use plain
-``shuffle=True`` / ``False`` so that Lightning swaps in a ``DistributedSampler`` under DDP.
+(see :func:`knet_lightning.data.transforms.collate_batch`). The training loader's sampler
+shards itself under DDP; the evaluation loaders' repeat no image (``eval_sampler``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,14 @@ from torchvision.transforms import v2
 
 from knet_lightning.data.coco import COCOPanopticDataset
 from knet_lightning.data.meta import ClassInfo, DatasetError
-from knet_lightning.data.sampling import BAD_SAMPLE_POLICIES, ResumableDataLoader, ResumableSampler, SeededSamples
+from knet_lightning.data.sampling import (
+    BAD_SAMPLE_POLICIES,
+    GroupedResumableSampler,
+    ResumableDataLoader,
+    ResumableSampler,
+    SeededSamples,
+    aspect_ratio_flags,
+)
 from knet_lightning.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_panoptic
 from knet_lightning.data.transforms import (
     IMAGENET_MEAN,
@@ -76,6 +83,10 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             silently different image set would not be comparable.
         sampler_seed: seed of the training order and of the per-sample augmentation draws
             (``None``: the run's ``seed``, which ``seed_everything`` exports as ``PL_GLOBAL_SEED``).
+        group_by_aspect_ratio: each training step holds only landscape or only portrait images
+            (:class:`GroupedResumableSampler`, from the training set's ``image_sizes()``), so that
+            a batch is padded to its own orientation, not to a square; for keep-ratio resizes
+            (a fixed-size crop pads nothing to begin with).
     """
 
     def __init__(
@@ -98,6 +109,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         std: Sequence[float] = IMAGENET_STD,
         on_bad_sample: str = "error",
         sampler_seed: int | None = None,
+        group_by_aspect_ratio: bool = False,
     ) -> None:
         super().__init__()
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
@@ -106,6 +118,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             )
         self.on_bad_sample = on_bad_sample
         self.sampler_seed = sampler_seed
+        self.group_by_aspect_ratio = bool(group_by_aspect_ratio)
         self._train_sampler: ResumableSampler | None = None
         self._sampler_state: dict[str, Any] | None = None
         if batch_size < 1:
@@ -267,11 +280,20 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled and resumable mid-epoch (:class:`ResumableSampler`, a ``DistributedSampler``
-        that shards itself under DDP, so Lightning does not replace it), augmentations seeded per
-        (seed, epoch, sample) (:class:`SeededSamples`)."""
+        that shards itself under DDP, so Lightning does not replace it; grouped by orientation with
+        ``group_by_aspect_ratio``), augmentations seeded per (seed, epoch, sample)
+        (:class:`SeededSamples`)."""
         seed = self._seed()
-        dataset = SeededSamples(self._dataset("train"), seed=seed, on_bad_sample=self.on_bad_sample)
-        sampler = ResumableSampler(dataset, batch_size=self.batch_size, shuffle=True, seed=seed)
+        train = self._dataset("train")
+        dataset = SeededSamples(train, seed=seed, on_bad_sample=self.on_bad_sample)
+        sampler: ResumableSampler
+        if self.group_by_aspect_ratio:
+            flags = aspect_ratio_flags(_image_sizes_of(train))
+            log.info("aspect-ratio groups of the training set: %d landscape, %d portrait or square",
+                     int(flags.sum()), int(len(flags) - flags.sum()))  # fmt: skip
+            sampler = GroupedResumableSampler(dataset, self.batch_size, flags, shuffle=True, seed=seed)
+        else:
+            sampler = ResumableSampler(dataset, batch_size=self.batch_size, shuffle=True, seed=seed)
         if self._sampler_state is not None:
             sampler.load_state_dict(self._sampler_state)
             _continue_by_sample_count(self.trainer, sampler, self._sampler_state)
@@ -356,6 +378,17 @@ def _plain_size(value: Any) -> Any:
     return value
 
 
+def _image_sizes_of(dataset: Dataset) -> list[tuple[int, int]]:
+    """``(height, width)`` of each training image, as the reader gives them without decoding."""
+    sizes = getattr(dataset, "image_sizes", None)
+    if not callable(sizes):
+        raise TypeError(
+            f"data.group_by_aspect_ratio=true needs the training set's image sizes, but {type(dataset).__name__} "
+            "has no image_sizes()"
+        )
+    return list(sizes())
+
+
 def _class_info_of(dataset: Dataset, role: str) -> ClassInfo:
     info = getattr(dataset, "class_info", None)
     if not isinstance(info, ClassInfo):
@@ -370,6 +403,10 @@ class COCOPanopticDataModule(SegmentationDataModule):
         root: folder with ``annotations/panoptic_{split}2017.json`` and ``{split}2017/``.
         layout: ``"annotations"`` (PNG folders under ``annotations/``) or ``"root"``.
         train_split, val_split, test_split: split names (``test`` also serves predict).
+        filter_empty_train: drop training images without a thing segment (mmdet's
+            ``filter_empty_gt=True``, which the official K-Net training used).
+        filter_min_size_train: drop training images with a side below it (mmdet's
+            ``_filter_imgs(min_size=32)``); 0 keeps all. Evaluation splits keep every image.
         **kwargs: :class:`SegmentationDataModule` settings.
     """
 
@@ -380,15 +417,27 @@ class COCOPanopticDataModule(SegmentationDataModule):
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "val",
+        filter_empty_train: bool = True,
+        filter_min_size_train: int = 32,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.root = Path(root)
         self.layout = layout
         self.splits = role_splits(train_split, val_split, test_split)
+        self.filter_empty_train = bool(filter_empty_train)
+        self.filter_min_size_train = int(filter_min_size_train)
 
     def make_dataset(self, role: str, transforms: Transforms) -> Dataset:
-        return COCOPanopticDataset(self.root, split=self.splits[role], layout=self.layout, transforms=transforms)
+        train = role == "train"
+        return COCOPanopticDataset(
+            self.root,
+            split=self.splits[role],
+            layout=self.layout,
+            transforms=transforms,
+            filter_empty=self.filter_empty_train and train,
+            min_size=self.filter_min_size_train if train else 0,
+        )
 
 
 class SyntheticPanopticDataModule(COCOPanopticDataModule):
@@ -400,7 +449,8 @@ class SyntheticPanopticDataModule(COCOPanopticDataModule):
     Args:
         root: output folder of :func:`generate_synthetic_panoptic`.
         num_train, num_val, image_size, seed, max_objects: generator settings.
-        **kwargs: :class:`SegmentationDataModule` settings; the test split is ``val``.
+        **kwargs: :class:`COCOPanopticDataModule` settings (``filter_empty_train`` defaults to
+            False here); the test split is ``val``.
     """
 
     def __init__(
@@ -415,6 +465,8 @@ class SyntheticPanopticDataModule(COCOPanopticDataModule):
     ) -> None:
         kwargs.setdefault("train_short_edge", None)
         kwargs.setdefault("eval_short_edge", None)
+        # the generated split is trained on whole: about one image in ten has no shape
+        kwargs.setdefault("filter_empty_train", False)
         kwargs.setdefault("crop_size", image_size)
         super().__init__(root, layout="annotations", train_split="train", val_split="val", test_split="val", **kwargs)
         self.generator_args = {

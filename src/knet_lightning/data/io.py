@@ -18,6 +18,7 @@ __all__ = [
     "id2rgb",
     "load_coco_json",
     "load_panoptic_png",
+    "read_image_size",
     "read_rgb_image",
     "require_keys",
     "rgb2id",
@@ -71,6 +72,22 @@ def upright(im: Image.Image) -> Image.Image:
     if im.getexif().get(ORIENTATION_TAG, 1) == 1:
         return im
     return ImageOps.exif_transpose(im)
+
+
+# EXIF orientations that turn the stored pixels by 90 degrees (5-8: transpose, rotate 90 / 270, transverse)
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def read_image_size(path: Path) -> tuple[int, int]:
+    """``(height, width)`` of an image file as :func:`read_rgb_image` returns it (EXIF orientation
+    applied), from its header: PIL reads the pixels only when asked, so nothing is decoded."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            turned = im.getexif().get(ORIENTATION_TAG, 1) in _QUARTER_TURNS
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{path}: cannot read the image size (missing, corrupt or not an image): {e}") from e
+    return (width, height) if turned else (height, width)
 
 
 def read_rgb_image(

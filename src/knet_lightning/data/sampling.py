@@ -5,6 +5,8 @@
 ``(seed, epoch, index)``, so the position in the epoch (saved in the checkpoint) is all a
 resumed run needs to draw exactly the batches the interrupted run would have drawn.
 :class:`SeededSamples` also applies the ``on_bad_sample`` policy.
+:class:`GroupedResumableSampler` is the same order with each training step's images of one
+orientation (``data.group_by_aspect_ratio``), so batches are padded less.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -23,9 +25,12 @@ from knet_lightning.data.meta import DatasetError
 
 __all__ = [
     "BAD_SAMPLE_POLICIES",
+    "GroupedResumableSampler",
     "ResumableDataLoader",
     "ResumableSampler",
     "SeededSamples",
+    "aspect_ratio_flags",
+    "grouped_order",
     "sample_seed",
 ]
 
@@ -121,6 +126,10 @@ class ResumableSampler(DistributedSampler):
     (not when a loader prefetches one), so a checkpoint records exactly what was trained on.
     """
 
+    # what the epoch's order is a function of besides (seed, epoch, dataset size, shuffle); a
+    # checkpoint of another kind of order cannot be resumed mid-epoch (one without the key is plain)
+    order_kind = "plain"
+
     def __init__(
         self,
         dataset: Dataset,
@@ -145,14 +154,17 @@ class ResumableSampler(DistributedSampler):
         # the epoch's positions skipped at its start and the batches they account for
         self._start = (0, 0)
 
+    def _epoch_order(self, n: int) -> list[int]:
+        """The epoch's order of the ``n`` indices, a function of ``(seed, epoch)`` only."""
+        if not self.shuffle:
+            return list(range(n))
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return torch.randperm(n, generator=g).tolist()
+
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         n = len(self.dataset)  # type: ignore[arg-type]
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
-            order = torch.randperm(n, generator=g).tolist()
-        else:
-            order = list(range(n))
+        order = self._epoch_order(n)
         skip = 0
         if self._skip is not None and self._skip[0] == self.epoch:
             skip = min(self._skip[1], len(order))
@@ -203,6 +215,7 @@ class ResumableSampler(DistributedSampler):
             "dataset_size": len(self.dataset),  # type: ignore[arg-type]
             "seed": self.seed,
             "shuffle": self.shuffle,
+            "order": self.order_kind,
             "samples_per_step": self.batch_size * self.num_replicas,
         }
 
@@ -214,10 +227,13 @@ class ResumableSampler(DistributedSampler):
             self._skip = None
             return
         self.set_epoch(epoch)
+        saved = {**state, "order": state.get("order", "plain")}
         changed = [
-            f"{key} {state.get(key)} -> {now}"
-            for key, now in (("dataset_size", size), ("seed", self.seed), ("shuffle", self.shuffle))
-            if state.get(key) != now
+            f"{key} {saved.get(key)} -> {now}"
+            for key, now in (
+                ("dataset_size", size), ("seed", self.seed), ("shuffle", self.shuffle), ("order", self.order_kind)
+            )
+            if saved.get(key) != now
         ]
         if changed:
             log.warning(
@@ -233,6 +249,139 @@ class ResumableSampler(DistributedSampler):
         # a checkpoint written before the resumed iteration starts records the same position
         self.consumed_batches = self.batches_done_after(consumed)
         self._start = (consumed, self.consumed_batches)
+
+
+def aspect_ratio_flags(sizes: Sequence[tuple[int, int]]) -> np.ndarray:
+    """The orientation group of each image: 1 where width / height > 1 (landscape), else 0.
+
+    As MMDetection 2.x ``CustomDataset._set_group_flag`` (``mmdet/datasets/custom.py``): from the
+    sizes in the annotation file, before any transform, so square images go with the portrait ones
+    (a keep-ratio resize keeps the orientation, so the flag still holds after it).
+
+    Args:
+        sizes: ``(height, width)`` of each image, ``N`` pairs.
+
+    Returns:
+        ``(N,)`` uint8 flags.
+    """
+    hw = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    return (hw[:, 1] > hw[:, 0]).astype(np.uint8)
+
+
+def grouped_order(
+    order: Sequence[int], flags: np.ndarray, chunk: int, generator: Optional[torch.Generator] = None
+) -> list[int]:
+    """``order`` rearranged so that each run of ``chunk`` positions holds one group's indices.
+
+    Each group keeps its indices in their order in ``order`` and is cut into runs of ``chunk``;
+    the full runs of all groups are shuffled with ``generator`` (without one they stay group by
+    group). Every index appears exactly once: the groups' leftovers (fewer than ``chunk`` each)
+    come last, group after group, so with two groups only the run where the first group's leftovers
+    meet the second's can mix them. MMDetection's ``DistributedGroupSampler``
+    (``mmdet/datasets/samplers/group_sampler.py``) pads each group with repeats instead, which
+    makes the epoch longer and shows some images twice. With one group ``order`` is returned as it is.
+
+    Args:
+        order: ``(N,)`` a permutation of ``range(N)``.
+        flags: ``(N,)`` the group of each index (:func:`aspect_ratio_flags`).
+        chunk: positions per run, the samples of one training step (batch size x processes).
+        generator: draws the order of the runs.
+
+    Returns:
+        ``N`` indices.
+    """
+    order_np = np.asarray(order, dtype=np.int64)
+    groups = [order_np[flags[order_np] == flag] for flag in np.unique(flags)]
+    if len(groups) <= 1:
+        return list(order)
+    runs: list[np.ndarray] = []
+    tail: list[np.ndarray] = []
+    for members in groups:
+        full = len(members) // chunk * chunk
+        runs += np.split(members[:full], full // chunk) if full else []
+        tail.append(members[full:])
+    if generator is not None and runs:
+        runs = [runs[i] for i in torch.randperm(len(runs), generator=generator).tolist()]
+    return np.concatenate(runs + tail).tolist()
+
+
+class GroupedResumableSampler(ResumableSampler):
+    """:class:`ResumableSampler` whose training steps each hold images of one orientation.
+
+    As MMDetection 2.x's ``GroupSampler`` / ``DistributedGroupSampler``
+    (``mmdet/datasets/samplers/group_sampler.py``): a batch of a landscape and a portrait image
+    is padded to the longer side both ways (1088x1088 for two 640x480 COCO images resized to short
+    side 800, 28 % padding), a batch of one orientation far less. The epoch's order is
+    :func:`grouped_order` of the plain sampler's permutation, with runs of one step's samples
+    (``batch_size * num_replicas``): rank ``r`` takes positions ``r, r + R, ...``, so each rank's
+    ``k``-th batch lies in the ``k``-th run. The order is a function of ``(seed, epoch)`` and the
+    run length; resuming skips the consumed positions as the plain sampler does.
+
+    Remainder: every image is seen exactly once per epoch (beyond the plain sampler's repeats
+    that make the epoch divide evenly among processes); the step where the landscape leftovers
+    meet the portrait ones, near the epoch's end, is the only one that mixes.
+
+    A run resumed mid-epoch with another batch size or number of processes finishes that epoch in
+    the checkpoint's order (so no image is skipped or repeated), whose runs no longer match the
+    steps: those batches may mix. The next epoch is grouped by the new step.
+
+    Args:
+        dataset: the training set, ``N`` samples.
+        batch_size: samples per batch on each process.
+        flags: ``(N,)`` the group of each sample (:func:`aspect_ratio_flags`).
+        shuffle, seed, num_replicas, rank: as :class:`ResumableSampler`.
+    """
+
+    order_kind = "aspect_ratio_groups"
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        flags: Sequence[int] | np.ndarray,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: Optional[int] = None,
+        rank: Optional[int] = None,
+    ) -> None:
+        super().__init__(dataset, batch_size, shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank)
+        self.flags = np.asarray(flags).reshape(-1)
+        n = len(dataset)  # type: ignore[arg-type]
+        if len(self.flags) != n:
+            raise ValueError(f"GroupedResumableSampler: {len(self.flags)} flags for {n} samples")
+        # the run length the current epoch's order is built with, and that of a resumed epoch
+        self.chunk = self.batch_size * self.num_replicas
+        self._resumed_chunk: Optional[tuple[int, int]] = None  # (epoch, run length)
+
+    def _epoch_order(self, n: int) -> list[int]:
+        chunk = self.batch_size * self.num_replicas
+        if self._resumed_chunk is not None and self._resumed_chunk[0] == self.epoch:
+            chunk = self._resumed_chunk[1]
+        self.chunk = chunk
+        if not self.shuffle:
+            return grouped_order(range(n), self.flags, chunk)
+        # one stream: the plain sampler's permutation, then the order of the runs
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return grouped_order(torch.randperm(n, generator=g).tolist(), self.flags, chunk, g)
+
+    def state_dict(self, epoch_done: bool = False) -> dict[str, Any]:
+        return {**super().state_dict(epoch_done), "group_chunk": self.chunk}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._resumed_chunk = None
+        if self._skip is None:  # a new epoch, or this one restarted: grouped by the new step
+            return
+        chunk = int(state.get("group_chunk", state.get("samples_per_step", self.batch_size * self.num_replicas)))
+        self._resumed_chunk = (self._skip[0], chunk)
+        self.chunk = chunk
+        if chunk != self.batch_size * self.num_replicas:
+            log.warning(
+                "resuming mid-epoch %d in the checkpoint's aspect-ratio groups of %d samples per step (now %d): "
+                "the rest of this epoch may mix orientations in a batch; the next epoch is grouped anew",
+                self._skip[0], chunk, self.batch_size * self.num_replicas,
+            )
 
 
 class ResumableDataLoader(DataLoader):

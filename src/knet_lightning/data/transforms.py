@@ -206,7 +206,7 @@ class LargeScaleJitter(v2.Transform):
 
 
 class DropEmptySegments(nn.Module):
-    """Removes segments whose mask has no pixel left (after a crop or a strong downscale).
+    """Removes segments whose mask has no pixel left (after a crop).
 
     A segment with an empty mask cannot be matched or scored; keeping it would give
     the matcher and the losses a target with no support. ``masks``, ``labels``,
@@ -256,8 +256,8 @@ def build_transforms(
     """The training or evaluation pipeline, ending in float32 normalised images.
 
     Args:
-        train: training pipeline (``kind`` + flip + drop of empty segments) or the
-            evaluation one (single-scale keep-ratio resize, no flip).
+        train: training pipeline (``kind`` + flip; LSJ drops the segments its crop empties)
+            or the evaluation one (single-scale keep-ratio resize, no flip).
         kind: ``"resize"`` (single scale, ``short_edge`` an int), ``"multiscale"``
             (``short_edge`` an inclusive ``(low, high)`` range) or ``"lsj"`` (large-scale
             jitter to ``crop_size`` with ``scale_range``). Ignored when ``train`` is False.
@@ -281,7 +281,9 @@ def build_transforms(
         if kind not in TRANSFORM_KINDS:
             raise ValueError(f"build_transforms: kind must be one of {TRANSFORM_KINDS}, got {kind!r}")
         if kind == "lsj":
-            ops.append(LargeScaleJitter(crop_size, scale_range))
+            # Not K-Net's: a crop empties whole segments, dropped as in Mask2Former's instance LSJ
+            # mapper (filter_empty_instances in coco_instance_new_baseline_dataset_mapper.py)
+            ops += [LargeScaleJitter(crop_size, scale_range), DropEmptySegments()]
         elif kind == "multiscale":
             if short_edge is None or isinstance(short_edge, int) or len(short_edge) != 2:
                 raise ValueError(
@@ -295,9 +297,10 @@ def build_transforms(
                     "(use kind='multiscale' for a range)"
                 )
             ops.append(ResizeShortestEdge(short_edge, max_size))
+        # The K-Net resizes keep a segment they empty, as mmdet's Resize / RandomFlip / Pad do;
+        # the criterion keeps such a thing as a target and drops such a stuff class.
         if flip_prob > 0:
             ops.append(v2.RandomHorizontalFlip(p=flip_prob))
-        ops.append(DropEmptySegments())
     elif short_edge is not None:
         if not isinstance(short_edge, int):
             raise ValueError(f"build_transforms: evaluation needs an int short_edge (single scale), got {short_edge!r}")

@@ -8,6 +8,10 @@ Re-implements ``panopticapi.evaluation.pq_compute`` (Kirillov et al.) on tensors
 - A (gt, pred) pair matches when the categories agree, the GT is not crowd and
   IoU > 0.5, with IoU = inter / (pred_area + gt_area - inter - pred∩void).
 - Unmatched non-crowd GT segments are false negatives; crowd GT never counts.
+- GT pixels whose id the GT segments do not list are not void: they never match and are
+  never false negatives, but they count in a prediction's area (so in the union and
+  against its void/crowd share), as ``pq_compute_single_core`` (panopticapi/evaluation.py)
+  treats a PNG id missing from ``segments_info``. Such predicted ids raise, as there.
 - An unmatched prediction is a false positive unless (its overlap with void + its overlap
   with the crowd GT segment of its own category) / its area > 0.5.
 - PQ/SQ/RQ are averaged over the classes with tp + fp + fn > 0.
@@ -31,45 +35,44 @@ __all__ = ["PanopticQuality"]
 _MAX_LUT_ID = 1 << 20
 
 
-def _index_map(seg: Tensor, ids: Tensor, what: str) -> Tensor:
+def _index_map(seg: Tensor, ids: Tensor, what: str, unlisted: bool = False) -> Tensor:
     """Map segment ids in ``seg`` to 1-based positions in ``ids`` (0 = void).
 
     Args:
         seg: ``(H*W,)`` int64 ids.
         ids: ``(K,)`` int64 listed ids (non-zero, unique).
+        unlisted: map a non-zero id missing from ``ids`` to ``K + 1`` (the GT rule of
+            ``pq_compute_single_core`` in panopticapi/evaluation.py); else raise, as that
+            function raises ``KeyError`` for such a predicted id.
 
     Returns:
-        ``(H*W,)`` int64 with ``k + 1`` where ``seg == ids[k]`` and 0 where ``seg == 0``.
+        ``(H*W,)`` int64 with ``k + 1`` where ``seg == ids[k]``, 0 where ``seg == 0`` and
+        ``K + 1`` on unlisted ids.
     """
-    def unknown_id(bad: int) -> ValueError:
-        return ValueError(f"PanopticQuality: {what} map contains segment id {bad} that is not in its segments list")
-
-    if ids.numel() == 0:
-        if bool((seg != 0).any()):
-            raise unknown_id(int(seg[seg != 0][0]))
-        return torch.zeros_like(seg)
-    lo, hi = int(seg.min()), int(seg.max())
-    max_id = int(ids.max())
-    if lo < 0 or hi > max_id:
-        raise unknown_id(lo if lo < 0 else hi)
-    if max_id <= _MAX_LUT_ID and int(ids.min()) > 0:
+    num = ids.numel()
+    if num == 0:
+        index = torch.where(seg == 0, 0, -1)
+    elif int(ids.min()) > 0 and int(ids.max()) <= _MAX_LUT_ID:
         # A lookup table is faster than searchsorted; used for the usual small ids.
+        max_id = int(ids.max())
         lut = torch.full((max_id + 1,), -1, dtype=torch.long, device=seg.device)
         lut[0] = 0
-        lut[ids] = torch.arange(1, ids.numel() + 1, device=seg.device)
-        index = lut[seg]
-        if bool((index < 0).any()):
-            raise unknown_id(int(seg[index < 0][0]))
-        return index
-    # Large ids (e.g. COCO's RGB-encoded ones): binary search instead of a huge table.
-    sorted_ids, perm = ids.sort()
-    pos = torch.searchsorted(sorted_ids, seg).clamp(max=sorted_ids.numel() - 1)
-    found = sorted_ids[pos] == seg
-    unknown = ~found & (seg != 0)
+        lut[ids] = torch.arange(1, num + 1, device=seg.device)
+        inside = (seg >= 0) & (seg <= max_id)
+        index = torch.where(inside, lut[seg.clamp(0, max_id)], -1)
+    else:
+        # Large ids (e.g. COCO's RGB-encoded ones): binary search instead of a huge table.
+        sorted_ids, perm = ids.sort()
+        pos = torch.searchsorted(sorted_ids, seg).clamp(max=num - 1)
+        found = sorted_ids[pos] == seg
+        index = torch.where(found, perm[pos] + 1, torch.where(seg == 0, 0, -1))
+    unknown = index < 0
     if bool(unknown.any()):
-        bad = int(seg[unknown][0])
-        raise ValueError(f"PanopticQuality: {what} map contains segment id {bad} that is not in its segments list")
-    return torch.where(found, perm[pos] + 1, torch.zeros_like(seg))
+        if not unlisted:
+            bad = int(seg[unknown][0])
+            raise ValueError(f"PanopticQuality: {what} map contains segment id {bad} that is not in its segments list")
+        index = torch.where(unknown, num + 1, index)
+    return index
 
 
 def _segment_fields(
@@ -144,8 +147,9 @@ class PanopticQuality(Metric):
             pred_seg: ``(H, W)`` integer predicted segment ids, 0 = void.
             pred_segments: dicts with ``id`` and ``category_id`` for every non-zero id of ``pred_seg``.
             gt_seg: ``(H, W)`` integer GT segment ids, 0 = void.
-            gt_segments: dicts with ``id``, ``category_id`` and ``iscrowd`` for every non-zero
-                id of ``gt_seg``.
+            gt_segments: dicts with ``id``, ``category_id`` and ``iscrowd``; a non-zero id of
+                ``gt_seg`` they do not list (e.g. the COCO reader's -1) is scored as the official
+                evaluation scores a PNG id missing from ``segments_info`` (module docstring).
         """
         if isinstance(pred_seg, Tensor) and pred_seg.dim() == 2:
             self._update_one(pred_seg, pred_segments, gt_seg, gt_segments)  # type: ignore[arg-type]
@@ -186,17 +190,19 @@ class PanopticQuality(Metric):
         num_pred, num_gt = p_ids.numel(), g_ids.numel()
 
         pi = _index_map(pred_seg.to(device=device, dtype=torch.long).flatten(), p_ids, "pred")
-        gi = _index_map(gt_seg.to(device=device, dtype=torch.long).flatten(), g_ids, "gt")
-        # Row 0 / column 0 are void; inter[g, p] = |GT_g ∩ P_p|.
-        inter = torch.bincount(gi * (num_pred + 1) + pi, minlength=(num_gt + 1) * (num_pred + 1))
-        inter = inter.view(num_gt + 1, num_pred + 1)
-        gt_area = inter.sum(1)[1:]
+        gi = _index_map(gt_seg.to(device=device, dtype=torch.long).flatten(), g_ids, "gt", unlisted=True)
+        # Row 0 / column 0 are void, row num_gt + 1 the unlisted GT ids; inter[g, p] = |GT_g ∩ P_p|.
+        # Unlisted GT pixels are not void: they stay in pred_area, so in the union and in the
+        # part of an unmatched prediction that makes it a false positive (pq_compute_single_core).
+        inter = torch.bincount(gi * (num_pred + 1) + pi, minlength=(num_gt + 2) * (num_pred + 1))
+        inter = inter.view(num_gt + 2, num_pred + 1)
+        gt_area = inter.sum(1)[1 : num_gt + 1]
         pred_area = inter.sum(0)[1:]
         if num_pred and bool((pred_area == 0).any()):
             missing = p_ids[pred_area == 0].tolist()
             raise ValueError(f"PanopticQuality: pred segments {missing} are listed but have no pixels in pred_seg")
         pred_void = inter[0, 1:]  # (P,)
-        pair = inter[1:, 1:]  # (G, P)
+        pair = inter[1 : num_gt + 1, 1:]  # (G, P)
 
         same_cat = g_cat[:, None] == p_cat[None, :]
         union = pred_area[None, :] + gt_area[:, None] - pair - pred_void[None, :]

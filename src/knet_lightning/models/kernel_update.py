@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from knet_lightning.models.outputs import KernelUpdateOutput
 
 #: Focal-loss prior: bias so that sigmoid(bias) = 0.01 at init (``bias_init_with_prob(0.01)``).
 PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)
@@ -95,20 +96,6 @@ class KernelUpdator(nn.Module):
         return self.activation(self.fc_norm(self.fc_layer(features)))
 
 
-class KernelUpdateOutput(NamedTuple):
-    """One update stage's results.
-
-    Attributes:
-        kernels: ``(B, N, C)`` updated kernels K_i (input of the next stage).
-        mask_logits: ``(B, N, h, w)`` mask logits at the feature stride (8), before the x2 upsample.
-        cls_logits: ``(B, N, num_classes)`` sigmoid class logits.
-    """
-
-    kernels: Tensor
-    mask_logits: Tensor
-    cls_logits: Tensor
-
-
 def _fc_ln_relu(channels: int) -> list[nn.Module]:
     return [nn.Linear(channels, channels, bias=False), nn.LayerNorm(channels), nn.ReLU(inplace=True)]
 
@@ -167,10 +154,15 @@ class KernelUpdateHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform for every parameter with dim > 1; fc_cls bias at the 0.01 prior."""
+        """The official ``init_weights`` (``knet/det/kernel_update_head.py``, which
+        ``KernelIterHead.init_weights`` calls for every stage): Xavier-uniform for every
+        parameter with dim > 1, ``fc_cls`` bias at the 0.01 prior; 1-D parameters keep their
+        constructor's values, so ``feat_transform``'s bias stays at the zero that mmcv's
+        ``ConvModule`` gives it."""
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
+        nn.init.zeros_(self.feat_transform.bias)
         nn.init.constant_(self.fc_cls.bias, PRIOR_BIAS)
 
     def forward(self, features: Tensor, kernels: Tensor, mask_logits: Tensor) -> KernelUpdateOutput:

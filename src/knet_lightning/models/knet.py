@@ -12,10 +12,7 @@ from knet_lightning.models.backbone import FPN, build_backbone
 from knet_lightning.models.kernel_head import KernelHead
 from knet_lightning.models.kernel_update import KernelUpdateHead
 from knet_lightning.models.neck import SemanticFPNNeck
-from knet_lightning.models.outputs import StageOutput, check_images
-
-_TASKS = ("panoptic", "instance")
-
+from knet_lightning.models.outputs import StageOutput, check_images, run_update_stages
 
 def _upsample2x(x: Tensor) -> Tensor:
     return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
@@ -24,10 +21,11 @@ def _upsample2x(x: Tensor) -> Tensor:
 class KNet(nn.Module):
     """K-Net (instance / panoptic) returning the outputs of every stage for deep supervision.
 
-    Panoptic: ``num_kernels = num_proposals + num_stuff``; kernel ``num_proposals + k`` is
-    stuff class ``num_things + k``; classifiers have ``num_things + num_stuff`` outputs.
-    Instance: ``num_kernels = num_proposals``; classifiers and ``conv_seg`` have
-    ``num_things`` outputs and ``num_stuff`` is ignored (stuff regions are not instances).
+    ``num_kernels = num_proposals + num_stuff``; kernel ``num_proposals + k`` is stuff class
+    ``num_things + k``; classifiers and ``conv_seg`` have ``num_things + num_stuff`` outputs.
+    Panoptic networks have a stuff kernel per stuff class; instance networks have none
+    (``num_stuff=0``, the instance configs' setting: stuff regions are not instances). The
+    network does not know the task: that is :mod:`knet_lightning.tasks`' business.
 
     ``backbone_type`` is ``"resnet"`` (``backbone_depth``, ``backbone_base_channels``: the
     width of the first stage, mmdet's ``base_channels``, 64 in every published ResNet, whose
@@ -44,7 +42,6 @@ class KNet(nn.Module):
         self,
         num_things: int,
         num_stuff: int = 0,
-        task: str = "panoptic",
         num_proposals: int = 100,
         num_stages: int = 3,
         backbone_depth: int = 50,
@@ -68,8 +65,6 @@ class KNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if task not in _TASKS:
-            raise ValueError(f"KNet task must be one of {_TASKS}, got {task!r}")
         if num_things < 1:
             raise ValueError(f"KNet num_things must be >= 1, got {num_things}")
         if num_stuff < 0:
@@ -78,9 +73,8 @@ class KNet(nn.Module):
             raise ValueError(f"KNet num_stages must be >= 0, got {num_stages}")
         if num_proposals < 1:
             raise ValueError(f"KNet num_proposals must be >= 1, got {num_proposals}")
-        self.task = task
         self.num_things = num_things
-        self.num_stuff = num_stuff if task == "panoptic" else 0
+        self.num_stuff = num_stuff
         self.num_classes = self.num_things + self.num_stuff
         self.num_proposals = num_proposals
         self.num_kernels = num_proposals + self.num_stuff
@@ -136,10 +130,6 @@ class KNet(nn.Module):
         check_images(images, "KNet.forward")
         loc_feat, sem_feat = self.neck(self.fpn(self.backbone(images)))
         head = self.kernel_head(loc_feat, sem_feat)
-        outputs = [StageOutput(_upsample2x(head.mask_logits), None, head.kernels, head.sem_logits)]
-        kernels, mask_logits = head.kernels, head.mask_logits
-        for stage in self.update_heads:
-            # The next stage gathers with the stride-8 masks; only the returned copy is upsampled.
-            kernels, mask_logits, cls_logits = stage(head.features, kernels, mask_logits)
-            outputs.append(StageOutput(_upsample2x(mask_logits), cls_logits, kernels, None))
-        return outputs
+        first = StageOutput(_upsample2x(head.mask_logits), None, head.kernels, head.sem_logits)
+        # The next stage gathers with the stride-8 masks; only the returned copy is upsampled.
+        return run_update_stages(first, self.update_heads, head.features, head.kernels, head.mask_logits, _upsample2x)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import NamedTuple, Optional
 
-from torch import Tensor
+from torch import Tensor, nn
 
 
 class StageOutput(NamedTuple):
@@ -30,6 +31,39 @@ class StageOutput(NamedTuple):
     cls_logits: Optional[Tensor]
     kernels: Tensor
     sem_logits: Optional[Tensor] = None
+
+
+class KernelUpdateOutput(NamedTuple):
+    """One kernel update stage's results (``KernelUpdateHead``, ``SemanticKernelUpdateHead``).
+
+    Attributes:
+        kernels: ``(B, N, C)`` updated kernels K_i (input of the next stage).
+        mask_logits: ``(B, N, h, w)`` mask logits at the feature's stride (the next stage's input).
+        cls_logits: ``(B, N, num_classes)`` sigmoid class logits; ``None`` for the semantic
+            heads, whose kernel n is class n.
+    """
+
+    kernels: Tensor
+    mask_logits: Tensor
+    cls_logits: Optional[Tensor]
+
+
+def run_update_stages(
+    first: StageOutput, heads: Iterable[nn.Module], feature: Tensor, kernels: Tensor, mask_logits: Tensor,
+    shown: Callable[[Tensor], Tensor] = lambda logits: logits,
+) -> list[StageOutput]:  # fmt: skip
+    """Stage 0's output followed by one per update head (paper §3.2, Eq. (7)-(10)).
+
+    Every head reads the same feature map and the previous stage's kernels and mask logits
+    ``(B, N, h, w)``, and returns a :class:`KernelUpdateOutput`; ``shown`` is what a stage
+    returns of its mask logits (K-Net: upsampled x2, while the next stage reads the
+    feature-stride ones; the semantic heads: as they are).
+    """
+    outputs = [first]
+    for head in heads:
+        kernels, mask_logits, cls_logits = head(feature, kernels, mask_logits)
+        outputs.append(StageOutput(shown(mask_logits), cls_logits, kernels, None))
+    return outputs
 
 
 def check_images(images: Tensor, owner: str, divisor: int = 32) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from knet_lightning.models.backbone import build_backbone
 from knet_lightning.models.kernel_update import KernelUpdator, dynamic_conv
-from knet_lightning.models.outputs import StageOutput, check_images
+from knet_lightning.models.outputs import KernelUpdateOutput, StageOutput, check_images, run_update_stages
 from knet_lightning.models.semantic_head import ASPPHead, DecodeHeadOutput, FCNHead, PSPHead, UPerHead
 
 __all__ = ["DECODE_HEADS", "SemanticKNet", "SemanticKernelUpdateHead", "assemble_group_features"]
@@ -122,11 +122,17 @@ class SemanticKernelUpdateHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Official ``init_weights``: Xavier-uniform for every parameter with dim > 1."""
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        # mmcv's ConvModule zeroes the conv bias before the head's Xavier pass.
+        """The initialisation the official semantic heads actually start from.
+
+        Their class defines a Xavier ``init_weights`` (official ``knet/seg/kernel_update_head.py``,
+        MMSegmentation's ``knet_head.py``), but ``IterativeDecodeHead`` keeps the heads in a
+        plain ``nn.ModuleList`` (``knet/seg/iter_decode_head.py``), and mmcv's
+        ``BaseModule.init_weights`` only calls ``init_weights`` on children that have one: it
+        never reaches them. Every layer keeps PyTorch's default, except ``feat_transform``, an
+        mmcv ``ConvModule``, whose constructor draws the weight Kaiming-normal (fan-out, ReLU)
+        and zeroes the bias.
+        """
+        nn.init.kaiming_normal_(self.feat_transform.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.feat_transform.bias)
 
     def update_kernels(self, assembled: Tensor, kernels: Tensor) -> Tensor:
@@ -146,7 +152,7 @@ class SemanticKernelUpdateHead(nn.Module):
         )
         return out.reshape(b, n, d)
 
-    def forward(self, feature: Tensor, kernels: Tensor, mask_logits: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, feature: Tensor, kernels: Tensor, mask_logits: Tensor) -> KernelUpdateOutput:
         """Args:
             feature: ``(B, D, h, w)`` decode-head feature ``F`` (the same for every stage).
             kernels: ``(B, N, D)`` class kernels of the previous stage.
@@ -154,7 +160,7 @@ class SemanticKernelUpdateHead(nn.Module):
                 bilinearly to ``(h, w)`` when they differ.
 
         Returns:
-            ``(logits (B, N, h, w), kernels (B, N, D))`` of this stage.
+            ``KernelUpdateOutput(kernels (B, N, D), logits (B, N, h, w), None)`` of this stage.
         """
         if feature.dim() != 4 or feature.shape[1] != self.in_channels:
             raise ValueError(
@@ -189,7 +195,7 @@ class SemanticKernelUpdateHead(nn.Module):
         mask_kernels = self.fc_mask(self.mask_fcs(kernels))
         # Dynamic 1x1 conv of F_i with per-image class kernels, as one batched einsum.
         logits = dynamic_conv(mask_kernels, x)
-        return logits, kernels
+        return KernelUpdateOutput(kernels, logits, None)
 
 
 class SemanticKNet(nn.Module):
@@ -385,9 +391,6 @@ class SemanticKNet(nn.Module):
         )
         logits = decoded.logits
         kernels = decoded.kernels.unsqueeze(0).expand(images.shape[0], -1, -1)
-        outputs = [StageOutput(logits, None, kernels, aux_logits)]
-        for head in self.kernel_update_heads:
-            # Every stage reads the same decode-head feature F, as in IterativeDecodeHead.
-            logits, kernels = head(decoded.feature, kernels, logits)
-            outputs.append(StageOutput(logits, None, kernels, None))
-        return outputs
+        # Every stage reads the same decode-head feature F, as in IterativeDecodeHead.
+        first = StageOutput(logits, None, kernels, aux_logits)
+        return run_update_stages(first, self.kernel_update_heads, decoded.feature, kernels, logits)

@@ -56,6 +56,9 @@ class SegmentationTask(nn.Module, ABC):
     first_eval_stage: ClassVar[int] = 1
     # the metric a validation reports for each stage depth, logged as val/<name>_s<k>
     stage_metric: ClassVar[str]
+    # the network reads every image at its own size, never padded to the batch's: the
+    # reference's inference (MMSegmentation's whole-image ``EncoderDecoder.inference``)
+    unpadded_inference: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -102,6 +105,22 @@ class SegmentationTask(nn.Module, ABC):
         output_size: tuple[int, int],
     ) -> Any:  # fmt: skip
         """Image ``b``'s prediction from one stage's outputs, at ``output_size``."""
+
+    def network_batches(self, batch: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        """The batches the network runs on for ``batch``, in image order: ``batch`` itself, or,
+        with :attr:`unpadded_inference` and a batch the collate function padded, one batch per
+        image holding it at its own (unpadded) size, so that padding never reaches the logits."""
+        images = batch["images"]
+        sizes = [tuple(int(v) for v in size) for size in batch["image_sizes"]]
+        if not self.unpadded_inference or all(size == tuple(images.shape[-2:]) for size in sizes):
+            return [batch]
+        parts = []
+        for b, (h, w) in enumerate(sizes):
+            part = dict(batch)
+            part.update(images=images[b : b + 1, :, :h, :w].contiguous(), image_sizes=[(h, w)],
+                        targets=batch["targets"][b : b + 1])  # fmt: skip
+            parts.append(part)
+        return parts
 
     def predict(self, stage: StageOutput, batch: Mapping[str, Any]) -> list[Any]:
         """Every image's prediction from one stage's outputs, at its original size."""

@@ -1,5 +1,6 @@
 """The panoptic task: thing and stuff kernels merged into one segment map per image, scored by
-PQ (official COCO rules) at every stage depth and by the mIoU of the segment classes."""
+PQ (official COCO rules) at every stage depth and by the mIoU of the segment classes (crowd
+pixels counted with their class, as the references' semantic ground truth)."""
 
 from __future__ import annotations
 
@@ -67,8 +68,15 @@ class PanopticTask(SegmentationTask):
         )
 
     def ground_truth(self, target: Mapping[str, Any]) -> tuple[Tensor, list[dict[str, Any]], Tensor]:
-        """The reader's segment-index map at original size (segment k has id k + 1), its
-        segments, and the semantic map with crowd and void pixels at ``IGNORE_INDEX``."""
+        """The reader's segment-index map at original size (segment k has id k + 1, -1 = an id
+        its JSON does not list), its segments, and the semantic map for the mIoU.
+
+        The mIoU's map follows the references, not the training target: crowd pixels count with
+        their class (the semantic ground truth of Mask2Former's
+        datasets/prepare_coco_semantic_annos_from_panoptic_annos.py and of mmdet's
+        ``LoadPanopticAnnotations`` write every listed segment, crowd included); void and
+        unlisted pixels are ``IGNORE_INDEX``.
+        """
         if "panoptic" not in target:
             raise KeyError(
                 f"{target.get('file_name', '?')}: panoptic evaluation needs target['panoptic'] (the segment-index "
@@ -82,8 +90,8 @@ class PanopticTask(SegmentationTask):
         ]
         # on the map's device: Lightning moves the targets to the GPU with the batch
         lut = torch.full((len(labels) + 1,), IGNORE_INDEX, dtype=torch.int64, device=seg.device)
-        lut[1:] = torch.where(iscrowd, torch.full_like(labels, IGNORE_INDEX), labels).to(seg.device)
-        sem = lut[seg.to(torch.int64).clamp_(0, len(labels))]
+        lut[1:] = labels.to(seg.device)
+        sem = lut[seg.to(torch.int64).clamp_(0, len(labels))]  # -1 (unlisted) reads lut[0]
         return seg, segments, sem
 
     def update(

@@ -26,6 +26,8 @@ class SemanticTask(SegmentationTask):
     settings_cls = SemanticSettings
     stage_metric = "miou"
     first_eval_stage = 0
+    # MMSegmentation evaluates each image unpadded (batch 1, no size divisor at test time)
+    unpadded_inference = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.pop("class_names", None)
