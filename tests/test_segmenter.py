@@ -346,11 +346,19 @@ def test_readme_use_a_trained_model_commands_run_as_written(trained: tuple[Path,
     (cwd / "photos" / "trip").mkdir(parents=True)
     for k, path in enumerate(sorted((root / "val2017").glob("*.jpg"))[:2]):
         shutil.copy(path, cwd / "photos" / ("trip" if k else "") / path.name)
+    outputs = []
     for command in commands:
         args = shlex.split(command.replace("<run>", "r1"))[len(COMMAND.split()):]
         proc = _run(args, cwd)
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         if "mode=predict" in args:
-            (out,) = cwd.glob("logs/predict/runs/*/predictions")
+            out = max(cwd.glob("logs/predict/runs/*/predictions"), key=lambda p: p.stat().st_mtime)
             assert json.loads((out / "summary.json").read_text())["done"] == 2
             assert len(list((out / "panoptic").rglob("*.png"))) == len(list((out / "overlays").rglob("*.png"))) == 2
+            outputs.append(json.loads((out / "panoptic.json").read_text())["annotations"])
+        if "mode=export" in args:
+            assert (cwd / "model.onnx").is_file()
+    assert len(outputs) == 2, commands  # a PyTorch predict and an ONNX Runtime one
+    # the same segments from the checkpoint and from its ONNX file
+    assert [[s["category_id"] for s in a["segments_info"]] for a in outputs[0]] == [
+        [s["category_id"] for s in a["segments_info"]] for a in outputs[1]]  # fmt: skip

@@ -1,7 +1,8 @@
 """Hydra entry point: ``python -m knet_lightning`` / ``knet-lightning``.
 
 ``mode=train`` fits and then tests the best checkpoint, ``mode=eval`` tests ``ckpt_path``,
-``mode=predict`` writes predictions for ``inputs``. Every run gets its own folder
+``mode=predict`` writes predictions for ``inputs``, ``mode=export`` writes an ONNX file,
+``mode=convert`` converts a published checkpoint. Every run gets its own folder
 (``logs/<task>/runs/<date_time>/``) holding the resolved config, checkpoints, logs and overlays.
 """
 
@@ -312,6 +313,20 @@ def _convert(cfg: DictConfig, datamodule: Any, output_dir: Path) -> None:
     log.info("converted checkpoint: %s (mode=eval ckpt_path=%s, or load_from=%s to fine-tune)", output, output, output)
 
 
+def _export(cfg: DictConfig, output_dir: Path) -> None:
+    """``mode=export``: the network of ``ckpt_path`` as one ONNX file (:mod:`knet_lightning.onnx_export`)."""
+    from knet_lightning.onnx_export import export_onnx
+
+    ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path is None:
+        raise ValueError("mode=export needs ckpt_path=<checkpoint> (or ckpt_path=last)")
+    output = Path(cfg.get("export_output") or output_dir / "model.onnx")
+    export_onnx(ckpt_path, output, stage=int(cfg.get("export_stage", -1)),
+                trusted=bool(cfg.get("trusted_checkpoint", False)))  # fmt: skip
+    log.info("ONNX file: %s (Segmenter.from_checkpoint(path, backend='onnxruntime'), or mode=predict "
+             "ckpt_path=%s predict.backend=onnxruntime)", output, output)  # fmt: skip
+
+
 def _postprocess_overrides(cfg: DictConfig) -> dict[str, Any]:
     """The ``model.postprocess.<key>`` values this run's command line sets (``model.postprocess=``
     as a whole sets them all)."""
@@ -338,10 +353,14 @@ def _predict(cfg: DictConfig) -> None:
         raise ValueError("mode=predict needs ckpt_path=<checkpoint> (or ckpt_path=last)")
     inputs = collect_inputs(cfg.inputs)
     opts = cfg.predict
+    backend = str(opts.get("backend", "torch"))
     device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if backend == "onnxruntime":
+        device = "cpu"  # the exported graph runs in ONNX Runtime's CPU session
     segmenter = Segmenter.from_checkpoint(ckpt_path, device=device, stage=int(opts.stage),
                                           trusted=bool(cfg.get("trusted_checkpoint", False)),
-                                          precision=str(opts.precision))  # fmt: skip
+                                          precision=str(opts.precision),
+                                          backend=backend)  # fmt: skip
     given = _postprocess_overrides(cfg)
     if given:
         # the command line may change the checkpoint's post-processing (as mode=eval's FREE_KEYS)
@@ -381,9 +400,12 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
         redact_hydra_dump(output_dir)
         (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
-    if cfg.mode == "predict":
+    if cfg.mode in ("predict", "export"):
         # the checkpoint carries the network, classes and preprocessing: no data set is read
-        _predict(cfg)
+        if cfg.mode == "predict":
+            _predict(cfg)
+        else:
+            _export(cfg, output_dir)
         return None
     datamodule = build_datamodule(cfg)
     if cfg.mode == "convert":
@@ -444,7 +466,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
             trainer.predict(model, dataloaders=datamodule.test_dataloader(), return_predictions=False)
             log.info("wrote %d predictions to %s", exporter.count, cfg.predict_output_dir)
     else:
-        raise ValueError(f"mode={mode!r}: expected train, eval, predict or convert")
+        raise ValueError(f"mode={mode!r}: expected train, eval, predict, export or convert")
 
     metrics = {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) or isinstance(v, (int, float))}
     if trainer.is_global_zero:
