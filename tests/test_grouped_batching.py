@@ -174,7 +174,8 @@ def _write_mixed_coco(root: Path) -> None:
 
 def test_the_training_loader_pads_each_batch_to_its_own_orientation(tmp_path: Path) -> None:
     _write_mixed_coco(tmp_path / "coco")
-    kwargs = {"train_split": "train", "val_split": "train", "batch_size": 2, "train_short_edge": None, "size_divisor": 8, "flip_prob": 0.0}
+    kwargs = {"train_split": "train", "val_split": "train", "batch_size": 2, "train_short_edge": None, "size_divisor": 8, "flip_prob": 0.0,
+              "filter_min_size_train": 0}  # the fixture's images are under mmdet's 32 px
     dm = COCOPanopticDataModule(tmp_path / "coco", group_by_aspect_ratio=True, sampler_seed=0, **kwargs)
     loader = dm.train_dataloader()
     assert isinstance(loader.sampler, GroupedResumableSampler)
@@ -206,7 +207,8 @@ def test_a_run_resumed_mid_epoch_trains_the_grouped_batches_it_would_have(tmp_pa
 
     def fit(kill: bool, resume: bool) -> list[int]:
         dm = COCOPanopticDataModule(tmp_path / "coco", train_split="train", val_split="train", batch_size=2,
-                                    train_short_edge=None, group_by_aspect_ratio=True, sampler_seed=1)  # fmt: skip
+                                    train_short_edge=None, group_by_aspect_ratio=True, sampler_seed=1,
+                                    filter_min_size_train=0)  # fmt: skip
         module = _RecordSamples()
         trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False, limit_val_batches=0, accelerator="cpu",
