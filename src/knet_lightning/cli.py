@@ -280,9 +280,14 @@ def run(cfg: DictConfig) -> Optional[float]:
     loggers: list[Any] = []
     # first and last lines of every run, failed ones included: where to look
     log.info("run folder: %s", cfg.paths.output_dir)
+    # the ranks this process started exit as it does: 0, or 143 when SIGTERM stopped the run
+    # (Lightning's launcher passes the signal on to them, each writes its part of last.ckpt)
+    rank_codes: tuple[int, ...] = (0,)
     try:
         return _run(cfg, loggers)
-    except SystemExit:
+    except SystemExit as err:
+        if err.code == 128 + signal.SIGTERM:
+            rank_codes = (0, 128 + signal.SIGTERM)
         raise
     except BaseException as err:
         # Hydra prints the error on the console only: the run's log file keeps it too, as one
@@ -293,7 +298,7 @@ def run(cfg: DictConfig) -> Optional[float]:
         finish_loggers(loggers)
         # DDP: wait for the ranks this job started and reset the process group and DDP
         # environment, so that the next job of a multirun starts its own ranks
-        end_of_job()
+        end_of_job(ok_codes=rank_codes)
         log.info("run folder: %s", cfg.paths.output_dir)
 
 
