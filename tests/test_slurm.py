@@ -371,7 +371,7 @@ def ddp_baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "run"
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # 3 two-process runs (baseline, killed, resumed): about 70 s
 def test_ddp_killed_job_resumes_exactly(tmp_path: Path, ddp_baseline: Path) -> None:
     run_dir = tmp_path / "run"
     # both ranks die after step 5 without warning; last.ckpt is the step-3 checkpoint (mid-epoch 0)
@@ -388,7 +388,7 @@ def test_ddp_killed_job_resumes_exactly(tmp_path: Path, ddp_baseline: Path) -> N
     _assert_same_weights(run_dir, ddp_baseline)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # 2 two-process runs after the shared baseline: about 45 s
 def test_ddp_sigterm_stops_every_rank_at_one_step_and_the_run_resumes_exactly(tmp_path: Path, ddp_baseline: Path) -> None:
     run_dir = tmp_path / "run"
     proc = start_cli([*DDP_RESUME, f"hydra.run.dir={run_dir}", "+callbacks.pause._target_=slurm_utils.PauseAtStep",
@@ -410,7 +410,7 @@ def test_ddp_sigterm_stops_every_rank_at_one_step_and_the_run_resumes_exactly(tm
     _assert_same_weights(run_dir, ddp_baseline)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # 2 x 2 task processes: about 30 s; test_time_limit_requeues_twice... covers one task in CI
 def test_a_two_task_slurm_job_requeues_once_and_both_tasks_resume(tmp_path: Path) -> None:
     """Two tasks of one simulated SLURM job (srun's environment, one CPU rank each), both paused
     after step 2 when SLURM signals them: one hpc checkpoint, one `scontrol requeue` (global
