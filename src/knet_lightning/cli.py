@@ -34,6 +34,7 @@ from knet_lightning.distributed import end_of_job, is_global_zero_from_env
 from knet_lightning.errors import summary as error_summary
 from knet_lightning.reproduction import apply_strict_reproduction, strict_runtime
 from knet_lightning.secrets import hide_secret_overrides, redact, redact_hydra_dump
+from knet_lightning.slurm import auto_resume_path, check_requeue_signal
 
 log = logging.getLogger("knet_lightning")
 # the knet.* resolvers and structured configs of conf/, before @hydra.main composes any config
@@ -281,9 +282,14 @@ def run(cfg: DictConfig) -> Optional[float]:
     loggers: list[Any] = []
     # first and last lines of every run, failed ones included: where to look
     log.info("run folder: %s", cfg.paths.output_dir)
+    # the ranks this process started exit as it does: 0, or 143 when SIGTERM stopped the run
+    # (Lightning's launcher passes the signal on to them, each writes its part of last.ckpt)
+    rank_codes: tuple[int, ...] = (0,)
     try:
         return _run(cfg, loggers)
-    except SystemExit:
+    except SystemExit as err:
+        if err.code == 128 + signal.SIGTERM:
+            rank_codes = (0, 128 + signal.SIGTERM)
         raise
     except BaseException as err:
         # Hydra prints the error on the console only: the run's log file keeps it too, as one
@@ -294,7 +300,7 @@ def run(cfg: DictConfig) -> Optional[float]:
         finish_loggers(loggers)
         # DDP: wait for the ranks this job started and reset the process group and DDP
         # environment, so that the next job of a multirun starts its own ranks
-        end_of_job()
+        end_of_job(ok_codes=rank_codes)
         log.info("run folder: %s", cfg.paths.output_dir)
 
 
@@ -432,6 +438,12 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False)
 
     mode = cfg.mode
+    if mode == "train":
+        # a requeued SLURM job (trainer=slurm) comes back to its folder with no ckpt_path: it
+        # continues from the folder's newest checkpoint (knet_lightning/slurm.py)
+        if ckpt_path is None and cfg.get("auto_resume"):
+            ckpt_path = auto_resume_path(trainer, output_dir / "checkpoints")
+        check_requeue_signal(trainer)
     # checkpoints load with torch.load(weights_only=True) unless trusted (checkpoint_io.py)
     weights_only = not bool(cfg.get("trusted_checkpoint", False))
     metrics: dict[str, Any] = {}
@@ -441,8 +453,9 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
         except SIGTERMException:
             # PreemptionCheckpoint has written last.ckpt at the step boundary; no test, no
             # metrics.json (the run is not finished), and the code a SIGTERM-ed process exits with
-            log.warning("stopped by SIGTERM at step %d; resume with ckpt_path=last hydra.run.dir=%s",
-                        trainer.global_step, output_dir)
+            how = ("a run in this folder continues from it (auto_resume)" if cfg.get("auto_resume")
+                   else f"resume with ckpt_path=last hydra.run.dir={output_dir}")
+            log.warning("stopped by SIGTERM at step %d; %s", trainer.global_step, how)
             raise SystemExit(128 + signal.SIGTERM) from None
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})
         if cfg.get("test_after_fit", True) and not trainer.fast_dev_run:

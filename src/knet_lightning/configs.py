@@ -16,11 +16,19 @@ Resolvers:
 * ``${knet.log_suffix:}`` (``hydra/default.yaml``): the per-process log file suffix of DDP runs.
 * ``${knet.sweep_group:}`` and ``${knet.sweep_tags:tags,N,S}`` (``logger/wandb.yaml``): the W&B
   group and tags of a sweep's jobs.
+* ``${knet.slurm_job_id:}`` (``trainer/slurm.yaml``): the SLURM job id that names the run folder.
+
+``conf/hydra/launcher/submitit_slurm.yaml`` has the name of hydra-submitit-launcher's structured
+config ``submitit_slurm``, so Hydra validates it against that config and merges it on top
+(``_load_single_config`` in Hydra 1.3's ``config_loader_impl.py``): the plugin's fields and
+defaults, ours where we set them, and a misspelled key fails at composition. Hydra calls that
+matching deprecated and warns at every composition; the warning is filtered here for that one file.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Callable
 
 from omegaconf import OmegaConf
@@ -33,6 +41,7 @@ def root_dir() -> str:
 
 def _resolvers() -> dict[str, Callable[..., Any]]:
     from knet_lightning.distributed import log_file_suffix
+    from knet_lightning.slurm import slurm_job_id
     from knet_lightning.sweep import sweep_group, sweep_tags
 
     return {
@@ -40,6 +49,7 @@ def _resolvers() -> dict[str, Callable[..., Any]]:
         "knet.log_suffix": log_file_suffix,
         "knet.sweep_group": sweep_group,
         "knet.sweep_tags": sweep_tags,
+        "knet.slurm_job_id": slurm_job_id,
     }
 
 
@@ -58,3 +68,7 @@ def register_configs() -> None:
         store.store(group="model/postprocess", name=name, node=task.settings_cls)
     store.store(group="model/optimizer", name="adamw", node=OptimizerSettings)
     store.store(group="model/scheduler", name="warmup_step", node=SchedulerSettings)
+    warnings.filterwarnings(
+        "ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore schema",
+        category=UserWarning,
+    )

@@ -172,12 +172,13 @@ def _remember_env() -> None:
         _env_before = {key: os.environ.get(key) for key in DDP_ENV_KEYS}
 
 
-def end_of_job(timeout: float = 600.0) -> None:
+def end_of_job(timeout: float = 600.0, ok_codes: tuple[int, ...] = (0,)) -> None:
     """After a job that started DDP ranks: wait for them, tear the process group down and
     restore the environment, so that the next job of a multirun starts its own ranks.
 
-    A child that exits with an error makes this raise, so a sweep never reports a job whose
-    other ranks failed as finished. A no-op in processes that started no ranks.
+    A child that exits with a code outside ``ok_codes`` makes this raise, so a sweep never
+    reports a job whose other ranks failed as finished (a run stopped by SIGTERM passes 143: its
+    ranks stopped with it). A no-op in processes that started no ranks.
     """
     global _env_before
     failed: list[str] = []
@@ -189,7 +190,7 @@ def end_of_job(timeout: float = 600.0) -> None:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     code = proc.wait()
-                if code != 0:
+                if code not in ok_codes:
                     failed.append(f"pid {proc.pid} exited with {code}")
         if _launchers and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -1,0 +1,104 @@
+"""Callbacks that the CLI loads in the tests of requeue and resume (``tests/`` on PYTHONPATH, as
+for ``distributed_utils.Probe``), and a stand-in for SLURM's ``scontrol``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import time
+from pathlib import Path
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+
+class PauseAtStep(Callback):
+    """After the first optimizer step of ``at_steps`` that this run has not trained yet
+    (``on_train_batch_end``, where step checkpoints are written too), every rank writes
+    ``<flag_dir>/paused<step>.rank<r>`` and waits for a SIGTERM (up to ``timeout`` s), so that
+    the test's signals land between two steps. One pause per run: the same command pauses a
+    run at 2 and the run resumed from step 2 at 3."""
+
+    def __init__(self, at_steps: list[int], flag_dir: str, timeout: float = 120.0) -> None:
+        self.at_steps = sorted(int(s) for s in at_steps)
+        self.flag_dir = Path(flag_dir)
+        self.timeout = float(timeout)
+        self._at: int | None = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._at = next((s for s in self.at_steps if s > trainer.global_step), None)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if self._at is None or trainer.global_step != self._at:
+            return
+        self._at = None
+        self.flag_dir.mkdir(parents=True, exist_ok=True)
+        (self.flag_dir / f"paused{trainer.global_step}.rank{trainer.global_rank}").write_text(str(os.getpid()))
+        deadline = time.monotonic() + self.timeout
+        # a signal handler does not cut a sleep short: poll (SIGUSR1's handler runs in between)
+        while not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class KillAtStep(Callback):
+    """After optimizer step ``at_step``, global rank 0 SIGKILLs its whole process group (the CLI
+    and the DDP ranks it started: a node lost, a job killed without warning)."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = int(at_step)
+        self._armed = True
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._armed = trainer.global_step < self.at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if self._armed and trainer.global_step == self.at_step and trainer.is_global_zero:
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+class StartStep(Callback):
+    """Appends the step each rank's training starts at (after any restore) to
+    ``<out_dir>/start.rank<r>.txt``, one line per run."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with (self.out_dir / f"start.rank{trainer.global_rank}.txt").open("a") as fh:
+            fh.write(f"{trainer.global_step}\n")
+
+
+def start_steps(out_dir: Path, rank: int = 0) -> list[int]:
+    """The start steps :class:`StartStep` wrote for ``rank``, one per run."""
+    return [int(line) for line in (out_dir / f"start.rank{rank}.txt").read_text().split()]
+
+
+def fake_scontrol(bin_dir: Path, record: Path) -> Path:
+    """An ``scontrol`` that appends its arguments to ``record`` and succeeds, first on PATH
+    where ``bin_dir`` is: Lightning's requeue handler runs ``scontrol requeue <job id>``."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    script = bin_dir / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{record}"\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return script
+
+
+def slurm_env(job_id: str, ntasks: int = 1, procid: int = 0, nnodes: int = 1, **extra: str) -> dict[str, str]:
+    """The variables srun gives one task of a job with ``ntasks`` tasks on ``nnodes`` nodes
+    (tasks spread evenly, node by node)."""
+    per_node = ntasks // nnodes
+    env = {
+        "SLURM_JOB_ID": job_id,
+        "SLURM_JOB_NAME": "knet-train",
+        "SLURM_NTASKS": str(ntasks),
+        "SLURM_NTASKS_PER_NODE": str(per_node),
+        "SLURM_NNODES": str(nnodes),
+        "SLURM_PROCID": str(procid),
+        "SLURM_LOCALID": str(procid % per_node),
+        "SLURM_NODEID": str(procid // per_node),
+        "SLURM_JOB_NODELIST": "127.0.0.1",
+        "SLURM_NODELIST": "127.0.0.1",
+    }
+    env.update(extra)
+    return env
