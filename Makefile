@@ -33,13 +33,17 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/python -m knet_lightning $(ARGS)
 
+# two test processes, one file each at a time (a file's module fixtures are built once): every
+# test runs single-threaded (tests/conftest.py), so the 2 cores run two files side by side
+XDIST ?= -n 2 --dist loadfile
+
 # the CI suite (slow tests excluded)
 test: $(PEER_STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 # everything, slow tests included
 test-all: $(PEER_STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -e '.[test,bench]'
