@@ -228,7 +228,7 @@ def test_a_run_resumed_mid_epoch_trains_the_grouped_batches_it_would_have(tmp_pa
 @pytest.mark.parametrize(
     ("experiment", "grouped"),
     [("knet_r50_coco_panoptic_ms3x", True), ("knet_r50_coco_instance_1x", True),
-     ("knet_fcn_r50_ade20k_80k", False), ("knet_r50_cityscapes_panoptic_90k", False), ("synthetic", False)],
+     ("knet_fcn_r50_ade20k_80k", False), ("knet_r50_cityscapes_panoptic_90k", True), ("synthetic", False)],
 )  # fmt: skip
 def test_keep_ratio_experiments_group_by_aspect_ratio(tmp_path: Path, experiment: str, grouped: bool) -> None:
     # the COCO experiments resize keeping the ratio; ADE20K and Cityscapes panoptic crop to a fixed size
