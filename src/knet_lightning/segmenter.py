@@ -195,7 +195,7 @@ class Segmenter:
             )
         hparams = stored.get("hyper_parameters") or {}
         stored_cfg = upgrade_model_config(model_cfg)  # older checkpoints' keys in today's names
-        model_cfg = without_initial_weights(upgrade_model_config(stored_cfg))
+        model_cfg = without_initial_weights(stored_cfg)  # a copy: stored_cfg stays as stored
         for key in _HANDLE_KEYS:
             model_cfg.pop(key, None)
         module = hydra.utils.instantiate(
