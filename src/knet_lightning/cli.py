@@ -98,6 +98,11 @@ def run_identity(run_dir: Path) -> Optional[tuple[Optional[str], Optional[str]]]
     return (None if experiment in (None, "null") else str(experiment), task)
 
 
+def command_line_overrides() -> list[str]:
+    """This run's command-line overrides (Hydra's ``overrides.task``; none outside a Hydra app)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
     """``ckpt_path`` as a file. ``last`` means this run folder's ``checkpoints/last.ckpt`` if it
     exists (resuming with ``hydra.run.dir=<old run>``), else the newest ``last.ckpt`` of an
@@ -191,7 +196,7 @@ def build_model(cfg: DictConfig, class_info: Any, ckpt_path: Optional[str] = Non
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if ckpt_path is not None and cfg.mode in ("eval", "predict"):
         stored = load_checkpoint_file(ckpt_path, trusted=bool(cfg.get("trusted_checkpoint", False)))
-        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        overrides = command_line_overrides()
         model_cfg = model_config_for_checkpoint(
             model_cfg, stored.get(MODEL_CONFIG_KEY) if isinstance(stored, dict) else None, ckpt_path, cfg.mode, overrides
         )
@@ -336,7 +341,7 @@ def _export(cfg: DictConfig, output_dir: Path) -> None:
 def _postprocess_overrides(cfg: DictConfig) -> dict[str, Any]:
     """The ``model.postprocess.<key>`` values this run's command line sets (``model.postprocess=``
     as a whole sets them all)."""
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    overrides = command_line_overrides()
     node = cfg.model.get("postprocess")
     given = OmegaConf.to_container(node, resolve=True) if node is not None else {}
     assert isinstance(given, dict)
@@ -391,7 +396,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     from knet_lightning.callbacks import PredictionExport
 
     if cfg.get("strict_reproduction"):
-        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        overrides = command_line_overrides()
         apply_strict_reproduction(cfg, overrides)
         strict_runtime()
     if cfg.get("matmul_precision"):
