@@ -326,6 +326,7 @@ def _local_sweep(tmp_path: Path, grid: list[str]) -> tuple[Path, str, list[dict[
     return sweep_dir, out, rows
 
 
+@pytest.mark.slow  # about 20 s; CI runs the README's sweep through submitit's SLURM executor (test_slurm_cluster.py)
 def test_a_sweep_job_runs_in_a_submitit_process(tmp_path: Path) -> None:
     # one job: the launcher pickles the job, submitit's process unpickles and runs it
     _, _, rows = _local_sweep(tmp_path, ["model.num_proposals=4", "model.num_stages=2"])

@@ -1,0 +1,231 @@
+"""The README's "On a SLURM cluster" commands, run as written on a stand-in cluster
+(``fake_slurm.py``: ``sbatch``/``srun``/``sacct``/``scontrol`` on this machine, nodes on loopback
+addresses), and what happens at a job's time limit, through the launcher and through the sbatch
+example.
+
+Only size-reducing settings are added to the README's commands: a tiny network and data set (as in
+``test_readme.py``), one CPU task per node instead of eight GPUs (``hydra.launcher.gpus_per_node=1``
+appended; for the sbatch script ``--ntasks-per-node=1`` before its name, where sbatch takes its
+options, which win over the script's ``#SBATCH`` lines)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import fake_slurm
+from test_readme import ONE_EPOCH, TINY_COCO, TINY_KERNELS, TINY_NET, _write_coco_panoptic
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "### On a SLURM cluster"
+ONE_TASK_PER_NODE = "hydra.launcher.gpus_per_node=1"
+
+
+def _section() -> str:
+    text = (ROOT / "README.md").read_text()
+    assert SECTION in text, f"README.md has no '{SECTION}' section"
+    return text.split(SECTION, 1)[1].split("\n## ", 1)[0]
+
+
+def readme_slurm_commands() -> list[str]:
+    """The commands of the section's first bash block, continuation lines joined, comments dropped."""
+    block = re.search(r"```bash\n(.*?)```", _section(), re.S)
+    assert block, f"README.md's '{SECTION}' has no bash block"
+    joined = block.group(1).replace("\\\n", " ")
+    return [" ".join(line.split()) for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_the_readme_shows_the_sbatch_example_as_it_is_in_the_repository() -> None:
+    blocks = re.findall(r"```bash\n(.*?)```", _section(), re.S)
+    assert (ROOT / "scripts" / "slurm" / "train.sbatch").read_text() in blocks
+
+
+class Cluster:
+    """A fresh clone's folder (``scripts/`` copied), a tiny COCO, and the fake SLURM on ``PATH``."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.cwd = tmp_path / "clone"
+        shutil.copytree(ROOT / "scripts" / "slurm", self.cwd / "scripts" / "slurm")
+        self.coco = tmp_path / "coco"
+        _write_coco_panoptic(self.coco)
+        self.state = tmp_path / "slurm"
+        bin_dir = fake_slurm.install(tmp_path / "bin", self.state)
+        env = {k: v for k, v in os.environ.items() if k not in ("KNET_ROOT", "KNET_CONFIG_DIR") and not k.startswith("SLURM_")}
+        # `python` in the batch script is this interpreter, as in an activated environment
+        path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env["PATH"]])
+        self.env = dict(env, PATH=path, WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="1",
+                        OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests"))  # fmt: skip
+
+    def start(self, command: str, extra: list[str], **env: str) -> tuple[str, subprocess.Popen]:
+        """``command`` as the README writes it (``/data/coco`` filled in), ``extra`` appended."""
+        args = shlex.split(command.replace("/data/coco", str(self.coco)))
+        if args[0] == "python":
+            args[0] = sys.executable
+        if args[0] == "sbatch":
+            script = next(i for i, a in enumerate(args) if a.endswith(".sbatch"))
+            args[script:script] = ["--ntasks-per-node=1"]
+        proc = subprocess.Popen(args + extra, cwd=self.cwd, env={**self.env, **env}, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        return command, proc
+
+    @staticmethod
+    def finish(started: tuple[str, subprocess.Popen]) -> str:
+        """Waits for the command; its stdout and stderr."""
+        command, proc = started
+        stdout, stderr = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"{command}\n{stdout[-3000:]}\n{stderr[-6000:]}"
+        return stdout + stderr
+
+    def run(self, command: str, extra: list[str], **env: str) -> str:
+        return self.finish(self.start(command, extra, **env))
+
+    def wait(self) -> dict[str, dict]:
+        return fake_slurm.wait_for_jobs(self.state)
+
+
+def _tiny(args: str) -> list[str]:
+    """The size-reducing overrides of ``test_readme`` (a swept key keeps its values)."""
+    kernels = [o for o in TINY_KERNELS if o.split("=")[0] + "=" not in args]
+    return TINY_NET + kernels + ONE_EPOCH + TINY_COCO
+
+
+def _summary(sweep: Path) -> list[dict[str, str]]:
+    with (sweep / "summary.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_readme_slurm_commands_run_as_written(tmp_path: Path) -> None:
+    commands = readme_slurm_commands()
+    assert len(commands) == 3, commands  # a run, a sweep, the sbatch example: each checked below
+    run, sweep, own = commands
+    assert "hydra.launcher.nodes=2" in run and "hydra/launcher=submitit_slurm" in run
+    cluster = Cluster(tmp_path)
+    multiruns = cluster.cwd / "logs" / "train" / "multiruns"
+    # all three at once (the launchers mostly wait), the second launcher a second after the first
+    # opened its multirun folder, whose name is the start time to the second
+    started = [cluster.start(sweep, [ONE_TASK_PER_NODE, *_tiny(sweep)]), cluster.start(own, _tiny(own))]
+    deadline = time.monotonic() + 120
+    while not list(multiruns.glob("*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.1)
+    started.append(cluster.start(run, [ONE_TASK_PER_NODE, *_tiny(run)]))
+    sweep_out, own_out, run_out = (cluster.finish(s) for s in started)
+    states = cluster.wait()
+    assert {s["state"] for s in states.values()} == {"COMPLETED"}, states
+    assert "sweep summary" in run_out and "sweep summary" in sweep_out
+    by_script = {}
+    for state in states.values():
+        by_script.setdefault(Path(state["script"]).name, []).append(state)
+    (own_job,) = by_script.pop("train.sbatch")
+    launched = sorted(by_script.values(), key=len)
+    assert [len(jobs) for jobs in launched] == [1, 4]
+    (run_job,), sweep_jobs = launched
+    sweeps = {len(_summary(d)): d for d in multiruns.glob("*")}
+    assert sorted(sweeps) == [1, 4]
+
+    # 1. one run on 2 nodes: one SLURM job of 2 tasks (one per "node"), DDP over both
+    assert run_job["nodes"] == 2 and run_job["tasks_per_node"] == 1
+    options = run_job["options"]
+    assert options["signal"] == "USR1@120" and options["requeue"] == "1" and options["partition"] == "gpu"
+    run_dir = sweeps[1] / "0"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "metrics.json").is_file()
+    resolved = OmegaConf.load(run_dir / "config_resolved.yaml")
+    assert (resolved.trainer.num_nodes, resolved.trainer.devices) == (2, 1)  # from the job's SLURM_* variables
+    # rank 0 logged to train.log, rank 1 to its own file; submitit kept each task's stdout/stderr
+    assert (run_dir / "train.log").is_file() and (run_dir / "train.rank1.log").is_file()
+    logs = sweeps[1] / ".submitit" / run_job["key"]
+    assert (logs / f"{run_job['key']}_0_log.out").is_file() and (logs / f"{run_job['key']}_1_log.err").is_file()
+    assert [r["status"] for r in _summary(sweeps[1])] == ["done"]
+
+    # 2. the sweep: one job array, each of its 4 tasks a job of its own on one node
+    assert {s["nodes"] for s in sweep_jobs} == {1} and len({s["job_id"] for s in sweep_jobs}) == 4
+    assert len({s["array_job_id"] for s in sweep_jobs}) == 1
+    rows = _summary(sweeps[4])
+    assert sorted((r["N"], r["S"]) for r in rows) == [("100", "1"), ("100", "3"), ("50", "1"), ("50", "3")]
+    assert {r["status"] for r in rows} == {"done"}
+    assert len(list(sweeps[4].glob(".submitit/*_*/*_0_log.out"))) == 4
+
+    # 3. the sbatch example: 2 nodes x 1 task, the run folder named after the job
+    job_id = re.search(r"Submitted batch job (\d+)", own_out).group(1)
+    assert own_job["job_id"] == job_id and (own_job["nodes"], own_job["tasks_per_node"]) == (2, 1)
+    run_dir = cluster.cwd / "logs" / "train" / "runs" / f"slurm-{job_id}"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "metrics.json").is_file()
+    assert (run_dir / "train.rank1.log").is_file()
+    assert f"run folder: {run_dir}" in (cluster.cwd / f"slurm-knet-train-{job_id}.out").read_text()
+
+
+# ---------------------------------------------------------------------- the time limit
+
+TIME_LIMIT_AT_STEP = 3  # of 6: 3 epochs of the fixture's 2 training images, one per step
+
+
+def _time_limited(flags: Path) -> list[str]:
+    """The run pauses after step 3 and writes ``paused3.rank0`` there; the fake cluster takes
+    that file as the time limit (``FAKE_SLURM_TIME_LIMIT``)."""
+    return [
+        "trainer.max_epochs=3", "data.batch_size=1",
+        "+callbacks.pause._target_=slurm_utils.PauseAtStep", f"+callbacks.pause.at_steps=[{TIME_LIMIT_AT_STEP}]",
+        f"+callbacks.pause.flag_dir={flags}",
+        "+callbacks.start._target_=slurm_utils.StartStep", f"+callbacks.start.out_dir={flags}",
+    ]  # fmt: skip
+
+
+def _assert_requeued_once_and_resumed(cluster: Cluster, key: str, run_dir: Path, flags: Path) -> None:
+    from slurm_utils import start_steps
+
+    state = cluster.wait()[key]
+    # the first instance ended by the SIGTERM after the requeue, the second ran to its end
+    assert state["state"] == "COMPLETED" and state["restarts"] == 1, state
+    assert state["exit_codes"][-1] == 0 and len(state["exit_codes"]) == 2
+    requeues = [c for c in fake_slurm.calls(cluster.state) if c[0] == "scontrol"]
+    assert len(requeues) == 1 and requeues[0][1] == "requeue"  # by Lightning, on SIGUSR1
+    assert start_steps(flags) == [0, TIME_LIMIT_AT_STEP]  # the second instance went on from step 3
+    assert sorted(p.name for p in run_dir.glob("hpc_ckpt_*.ckpt")) == ["hpc_ckpt_1.ckpt"]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 6
+    assert (run_dir / "metrics.json").is_file()
+
+
+def _tiny_limited(command: str) -> list[str]:
+    return [o for o in _tiny(command) if not o.startswith("trainer.max_epochs=")]
+
+
+@pytest.mark.slow  # two instances of one job: about 40 s
+def test_a_launcher_job_at_its_time_limit_is_requeued_and_resumes_in_its_folder(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    flags = tmp_path / "flags"
+    run = readme_slurm_commands()[0]
+    # one node: with several tasks, Lightning 2.6's SIGTERM handler can hang (knet_lightning/slurm.py)
+    cluster.run(run, [ONE_TASK_PER_NODE, "hydra.launcher.nodes=1", *_tiny_limited(run), *_time_limited(flags)],
+                FAKE_SLURM_TIME_LIMIT=str(flags / f"paused{TIME_LIMIT_AT_STEP}.rank0"))  # fmt: skip
+    (sweep,) = (cluster.cwd / "logs" / "train" / "multiruns").glob("*")
+    (key,) = cluster.wait()
+    _assert_requeued_once_and_resumed(cluster, key, sweep / "0", flags)
+    # the launcher waited through the requeue for the job's one result
+    assert [r["status"] for r in _summary(sweep)] == ["done"]
+
+
+@pytest.mark.slow  # two instances of one job: about 35 s
+def test_an_sbatch_job_at_its_time_limit_is_requeued_and_resumes_in_its_folder(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path)
+    flags = tmp_path / "flags"
+    own = readme_slurm_commands()[2]
+    out = cluster.run(own.replace("sbatch ", "sbatch --nodes=1 ", 1), [*_tiny_limited(own), *_time_limited(flags)],
+                      FAKE_SLURM_TIME_LIMIT=str(flags / f"paused{TIME_LIMIT_AT_STEP}.rank0"))  # fmt: skip
+    job_id = re.search(r"Submitted batch job (\d+)", out).group(1)
+    run_dir = cluster.cwd / "logs" / "train" / "runs" / f"slurm-{job_id}"
+    _assert_requeued_once_and_resumed(cluster, job_id, run_dir, flags)
+    log = (cluster.cwd / f"slurm-knet-train-{job_id}.out").read_text()
+    # --open-mode=append: both instances in one file, the second one's auto_resume logged
+    assert "stopped by SIGTERM at step 3" in log and "auto_resume: continuing from" in log
