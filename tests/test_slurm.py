@@ -1,6 +1,6 @@
 """SLURM without a cluster: the launcher's sbatch script, the ranks Lightning's SLURMEnvironment
 reads from a simulated job, the requeue on SIGUSR1 (a stand-in ``scontrol``) and the requeued
-job's resume, a sweep through submitit's local executor, and exact resume under DDP after a kill
+job's resume, a 2 x 2 sweep through submitit's local executor, and exact resume under DDP after a kill
 and after a SIGTERM (``trainer=ddp_cpu``)."""
 
 from __future__ import annotations
@@ -93,6 +93,16 @@ def test_submitit_slurm_launcher_writes_the_sbatch_script(tmp_path: Path, monkey
     # a sweep is one job array: one SLURM job per sweep job, each with its own nodes
     assert "#SBATCH --array=0-1%2\n" in array
     assert f"#SBATCH --output={sweep_dir}/.submitit/%A_%a/%A_%a_0_log.out" in array
+
+
+def test_the_launcher_config_prints_with_cfg_hydra(tmp_path: Path) -> None:
+    out = run_cli(["hydra/launcher=submitit_slurm", "trainer=slurm", "hydra.launcher.partition=gpu",
+                   "hydra.launcher.nodes=2", "--cfg", "hydra"], tmp_path)  # fmt: skip
+    launcher = OmegaConf.create(out[out.index("hydra:"):]).hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.partition, launcher.nodes, launcher.gpus_per_node, launcher.max_num_timeout) == ("gpu", 2, 8, 0)
+    # resolved on reading: Lightning's requeue signal, signal_delay_s before the limit
+    assert launcher.additional_parameters.signal == "USR1@120" and launcher.additional_parameters.requeue is True
 
 
 def test_submitit_local_launcher_composes(tmp_path: Path) -> None:
@@ -326,15 +336,9 @@ def _local_sweep(tmp_path: Path, grid: list[str]) -> tuple[Path, str, list[dict[
     return sweep_dir, out, rows
 
 
-@pytest.mark.slow  # about 20 s; CI runs the README's sweep through submitit's SLURM executor (test_slurm_cluster.py)
-def test_a_sweep_job_runs_in_a_submitit_process(tmp_path: Path) -> None:
-    # one job: the launcher pickles the job, submitit's process unpickles and runs it
-    _, _, rows = _local_sweep(tmp_path, ["model.num_proposals=4", "model.num_stages=2"])
-    assert [(r["job"], r["N"], r["S"]) for r in rows] == [("0", "4", "2")]
-
-
-@pytest.mark.slow  # 4 job processes on 2 cores: about 50 s
 def test_grid_sweep_2x2_through_submitit_local_writes_the_summary(tmp_path: Path) -> None:
+    # each job pickled by the launcher, unpickled and run in a process of submitit's (4 on 2 cores:
+    # about 50 s)
     _, _, rows = _local_sweep(tmp_path, ["model.num_proposals=4,6", "model.num_stages=1,2"])
     # the rows of the basic launcher's sweep (test_sweep.py)
     assert sorted((int(r["N"]), int(r["S"])) for r in rows) == [(4, 1), (4, 2), (6, 1), (6, 2)]
