@@ -174,6 +174,42 @@ def test_filter_empty(fixture: dict[str, Any]) -> None:
     assert len(COCOInstanceDataset(fixture["root"], split="val", filter_empty=False)) == 3
 
 
+def test_min_size_drops_small_images_as_mmdet(fixture: dict[str, Any], caplog: Any) -> None:
+    import logging
+
+    root = fixture["root"]
+    # min(width, height) >= min_size stays: A is 32x24, B 20x16, C 16x16
+    names = lambda ds: [ds.image_info(i)["file_name"] for i in range(len(ds))]  # noqa: E731
+    assert names(COCOInstanceDataset(root, split="val", min_size=16)) == ["a.png", "b.jpg", "c.png"]
+    with caplog.at_level(logging.INFO, logger="knet_lightning.data.coco"):
+        ds = COCOInstanceDataset(root, split="val", filter_empty=True, min_size=17)
+    assert names(ds) == ["a.png"]
+    assert "kept 1 of 3 images; dropped 1 without an annotation (filter_empty=True) and 1 with a side below" in caplog.text
+    with pytest.raises(DatasetError, match=r"instances_val2017.json: no image left for training out of 3: 1 without an "
+                                           r"annotation .* 2 with a side below min_size=25 px"):  # fmt: skip
+        COCOInstanceDataset(root, split="val", filter_empty=True, min_size=25)
+    with pytest.raises(DatasetError, match="min_size must be >= 0"):
+        COCOInstanceDataset(root, split="val", min_size=-1)
+
+
+def test_datamodule_filters_small_training_images_by_default(tmp_path: Path) -> None:
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    _write_fixture(tmp_path, split="train")
+    _write_fixture(tmp_path, split="val")
+    dm = COCOInstanceDataModule(tmp_path, filter_min_size_train=17, num_workers=0)
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 1 and len(dm.datasets["val"]) == 3  # evaluation keeps every image
+    # mmdet's min_size=32, in the class and in the config: the fixture's images are all smaller
+    with pytest.raises(DatasetError, match="no image left for training"):
+        COCOInstanceDataModule(tmp_path, num_workers=0).setup("fit")
+    assert inspect.signature(COCOInstanceDataModule).parameters["filter_min_size_train"].default == 32
+    conf = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "data" / "coco_instance.yaml")
+    assert (conf.filter_empty_train, conf.filter_min_size_train) == (True, 32)
+
+
 def test_transforms_move_masks_but_not_eval_gt(fixture: dict[str, Any]) -> None:
     ds = COCOInstanceDataset(fixture["root"], split="val", transforms=v2.RandomHorizontalFlip(p=1.0))
     image, target = ds[0]
@@ -281,7 +317,7 @@ def test_datamodule_batches_and_filter_empty_train(tmp_path: Path) -> None:
     _write_fixture(tmp_path, split="val")
     dm = COCOInstanceDataModule(
         tmp_path, batch_size=2, val_batch_size=3, num_workers=0, train_short_edge=None, eval_short_edge=None,
-        flip_prob=0.0,
+        flip_prob=0.0, filter_min_size_train=0,  # the fixture's images are under mmdet's 32 px
     )  # fmt: skip
     assert dm.class_info.names == ("dog", "person", "car") and dm.num_stuff == 0
     dm.setup("fit")
@@ -303,7 +339,8 @@ def test_datamodule_batches_and_filter_empty_train(tmp_path: Path) -> None:
 
 def test_datamodule_keeps_empty_when_asked(tmp_path: Path) -> None:
     _write_fixture(tmp_path, split="train")
-    dm = COCOInstanceDataModule(tmp_path, val_split="train", filter_empty_train=False, num_workers=0)
+    dm = COCOInstanceDataModule(tmp_path, val_split="train", filter_empty_train=False, filter_min_size_train=0,
+                                num_workers=0)  # fmt: skip
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 3
 

@@ -56,6 +56,45 @@ _LAYOUTS = ("annotations", "root")
 Transforms = Callable[[tv_tensors.Image, dict[str, Any]], tuple[tv_tensors.Image, dict[str, Any]]]
 
 
+def filter_training_images(
+    items: list[dict[str, Any]],
+    source: Path,
+    *,
+    filter_empty: bool,
+    min_size: int,
+    is_empty: Callable[[dict[str, Any]], bool],
+    empty_what: str,
+) -> list[dict[str, Any]]:
+    """mmdet's ``_filter_imgs`` for a training split (mmdet/datasets/coco.py, coco_panoptic.py):
+    with ``filter_empty``, drop the items ``is_empty`` says have no ground truth; drop items whose
+    JSON ``width`` or ``height`` is below ``min_size`` (0 keeps all). Logs what went.
+
+    Raises:
+        DatasetError: naming ``source`` when the filter leaves no image (an empty training split
+            would let Lightning "train" without a single step).
+    """
+    if not filter_empty and min_size == 0:
+        return items
+    kept, empty, small = [], 0, 0
+    for item in items:
+        if filter_empty and is_empty(item):
+            empty += 1
+        elif min(item["height"], item["width"]) < min_size:
+            small += 1
+        else:
+            kept.append(item)
+    if items and not kept:
+        raise DatasetError(
+            f"{source}: no image left for training out of {len(items)}: {empty} {empty_what} (filter_empty), "
+            f"{small} with a side below min_size={min_size} px"
+        )
+    log.info(
+        "%s: kept %d of %d images; dropped %d %s (filter_empty=%s) and %d with a side below min_size=%d px",
+        source.name, len(kept), len(items), empty, empty_what, filter_empty, small, min_size,
+    )  # fmt: skip
+    return kept
+
+
 class COCOPanopticDataset(Dataset):
     """COCO panoptic segmentation samples as ``(image, target)`` pairs.
 
@@ -214,32 +253,12 @@ class COCOPanopticDataset(Dataset):
 
     def _filter_items(self) -> None:
         """Apply ``filter_empty`` and ``min_size`` to the parsed items, logging what went."""
-        if not self.filter_empty and self.min_size == 0:
-            return
         num_things = self.class_info.num_things
-        total = len(self._items)
-        no_thing = small = 0
-        kept = []
-        for item in self._items:
-            # mmdet's rule: any segment of a thing category, crowd or not, keeps the image
-            if self.filter_empty and not bool((item["labels"] < num_things).any()):
-                no_thing += 1
-            elif min(item["height"], item["width"]) < self.min_size:
-                small += 1
-            else:
-                kept.append(item)
-        if total and not kept:
-            # an empty training split would let Lightning "train" without a single step
-            raise DatasetError(
-                f"{self.json_path}: no image left for training out of {total}: {no_thing} without a thing "
-                f"segment (filter_empty), {small} with a side below min_size={self.min_size} px"
-            )
-        self._items = kept
-        log.info(
-            "%s: kept %d of %d images; dropped %d without a thing segment (filter_empty=%s) and %d "
-            "with a side below min_size=%d px",
-            self.json_path.name, len(kept), total, no_thing, self.filter_empty, small, self.min_size,
-        )
+        # mmdet's rule: any segment of a thing category, crowd or not, keeps the image
+        self._items = filter_training_images(
+            self._items, self.json_path, filter_empty=self.filter_empty, min_size=self.min_size,
+            is_empty=lambda item: not bool((item["labels"] < num_things).any()), empty_what="without a thing segment",
+        )  # fmt: skip
 
     def _image_key(self, raw_id: Any) -> Any:
         """The key that ties an annotation to its ``images`` entry (COCO: an int)."""

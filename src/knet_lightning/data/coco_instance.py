@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from knet_lightning.constants import IGNORE_INDEX
+from knet_lightning.data.coco import filter_training_images
 from knet_lightning.data.datamodule import SegmentationDataModule, role_splits
 from knet_lightning.data.io import load_coco_json, read_rgb_image, require_keys
 from knet_lightning.data.meta import ClassInfo, DatasetError, UnknownCategoryError
@@ -95,8 +96,10 @@ class COCOInstanceDataset(Dataset):
         json_file, image_dir: explicit paths overriding the defaults; relative paths are
             taken relative to ``root``.
         filter_empty: drop images without any annotation (crowd included, as mmdet's
-            ``filter_empty_gt``); for training. Evaluation must keep them (COCO AP counts
-            false positives on them).
+            ``CocoDataset._filter_imgs`` with ``filter_empty_gt=True``); for training.
+            Evaluation must keep them (COCO AP counts false positives on them).
+        min_size: drop images whose JSON width or height is below it (that function's
+            ``min_size=32``); 0 keeps all. For training only, as ``filter_empty``.
 
     Attributes:
         class_info: contiguous classes (all things, JSON order).
@@ -126,12 +129,16 @@ class COCOInstanceDataset(Dataset):
         json_file: str | Path | None = None,
         image_dir: str | Path | None = None,
         filter_empty: bool = False,
+        min_size: int = 0,
     ) -> None:
         super().__init__()
+        if min_size < 0:
+            raise DatasetError(f"COCO instance: min_size must be >= 0, got {min_size}")
         self.root = Path(root)
         self.split = split
         self.transforms = transforms
         self.filter_empty = bool(filter_empty)
+        self.min_size = int(min_size)
         self.json_path = self.root / (json_file or Path("annotations") / f"instances_{split}2017.json")
         self.image_dir = self.root / (image_dir or f"{split}2017")
         self._check_paths()
@@ -202,7 +209,10 @@ class COCOInstanceDataset(Dataset):
             )
 
         # JSON order, as pycocotools' getImgIds and mmdet.
-        self._items = [img for img in images.values() if img["anns"] or not self.filter_empty]
+        self._items = filter_training_images(
+            list(images.values()), src, filter_empty=self.filter_empty, min_size=self.min_size,
+            is_empty=lambda img: not img["anns"], empty_what="without an annotation",
+        )  # fmt: skip
 
     def _check_segmentation(self, ann: Mapping[str, Any], where: str, img: Mapping[str, Any]) -> Any:
         """Validates the structure of ``ann['segmentation']`` and returns it.
@@ -348,6 +358,8 @@ class COCOInstanceDataModule(SegmentationDataModule):
         train_split, val_split, test_split: split names (``test`` also serves predict).
         filter_empty_train: drop training images without annotations (mmdet's
             ``filter_empty_gt=True``); evaluation splits always keep every image.
+        filter_min_size_train: drop training images with a side below it (mmdet's
+            ``min_size=32``); 0 keeps all.
         **kwargs: :class:`SegmentationDataModule` settings.
     """
 
@@ -358,11 +370,13 @@ class COCOInstanceDataModule(SegmentationDataModule):
         val_split: str = "val",
         test_split: str = "val",
         filter_empty_train: bool = True,
+        filter_min_size_train: int = 32,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.root = Path(root)
         self.filter_empty_train = bool(filter_empty_train)
+        self.filter_min_size_train = int(filter_min_size_train)
         self.splits = role_splits(train_split, val_split, test_split)
 
     def make_dataset(self, role: str, transforms: Transforms) -> Dataset:
@@ -371,4 +385,5 @@ class COCOInstanceDataModule(SegmentationDataModule):
             split=self.splits[role],
             transforms=transforms,
             filter_empty=self.filter_empty_train and role == "train",
+            min_size=self.filter_min_size_train if role == "train" else 0,
         )
