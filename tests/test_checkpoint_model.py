@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from knet_lightning.checkpoint_model import flatten, model_config_for_checkpoint
+from knet_lightning.configs import override_key
 
 STORED = {
     "task": "panoptic",
@@ -25,6 +26,14 @@ def _given(**changes: object) -> dict:
             node = node[p]
         node[last] = value
     return given
+
+
+@pytest.mark.parametrize(("item", "key"), [("model.num_stages=2", "model.num_stages"), ("+model.x=1", "model.x"),
+                                         ("++model.x=a=b", "model.x"), ("~model.x", "model.x"),
+                                         ("~model.x=3", "model.x"), ("trainer=ddp", "trainer"),
+                                         ("hydra/launcher=submitit_slurm", "hydra/launcher")])  # fmt: skip
+def test_override_key_names_what_the_command_line_sets(item: str, key: str) -> None:
+    assert override_key(item) == key
 
 
 def test_flatten_joins_nested_keys() -> None:

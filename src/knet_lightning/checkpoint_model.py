@@ -14,6 +14,8 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
+from knet_lightning.configs import override_key
+
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_KEY = "knet_model_config"
@@ -75,8 +77,7 @@ def _structural(flat: Mapping[str, Any]) -> dict[str, Any]:
 def _overridden(key: str, overrides: Iterable[str]) -> bool:
     """Whether a command-line override (``model.x=..``, ``+model.x=..``, ``~model.x``) sets ``model.<key>``."""
     full = f"model.{key}"
-    for item in overrides:
-        name = item.split("=", 1)[0].lstrip("+~")
+    for name in map(override_key, overrides):
         if full == name or full.startswith(name + "."):
             return True
     return False

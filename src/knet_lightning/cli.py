@@ -29,7 +29,7 @@ from knet_lightning.checkpoint_model import (
     model_config_for_checkpoint,
     without_initial_weights,
 )
-from knet_lightning.configs import register_configs
+from knet_lightning.configs import override_key, register_configs
 from knet_lightning.distributed import end_of_job, is_global_zero_from_env
 from knet_lightning.errors import summary as error_summary
 from knet_lightning.reproduction import apply_strict_reproduction, strict_runtime
@@ -345,7 +345,7 @@ def _postprocess_overrides(cfg: DictConfig) -> dict[str, Any]:
     node = cfg.model.get("postprocess")
     given = OmegaConf.to_container(node, resolve=True) if node is not None else {}
     assert isinstance(given, dict)
-    names = [item.split("=", 1)[0].lstrip("+~") for item in overrides]
+    names = [override_key(item) for item in overrides]
     if "model.postprocess" in names:
         return given
     return {k: v for k, v in given.items() if f"model.postprocess.{k}" in names}

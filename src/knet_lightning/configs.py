@@ -34,6 +34,13 @@ from typing import Any, Callable
 from omegaconf import OmegaConf
 
 
+def override_key(item: str) -> str:
+    """The config key (or group) a Hydra command-line override names: ``model.x`` for
+    ``model.x=1``, ``+model.x=1``, ``++model.x=1`` and ``~model.x``; ``trainer`` for ``trainer=ddp``.
+    Readers of ``overrides.task`` decide what a parent key or a group choice means to them."""
+    return item.split("=", 1)[0].lstrip("+~")
+
+
 def root_dir() -> str:
     """The project root that data and logs live under: ``$KNET_ROOT`` or the working directory."""
     return os.environ.get("KNET_ROOT") or os.getcwd()

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from knet_lightning.configs import override_key
+
 __all__ = ["STRICT_SETTINGS", "apply_strict_reproduction", "strict_runtime"]
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ STRICT_SETTINGS: dict[str, tuple[Any, str]] = {
 
 def _overridden(key: str, overrides: Iterable[str]) -> bool:
     # the key itself; a group choice (trainer=ddp) sets defaults, which the preset may change
-    return any(item.split("=", 1)[0].lstrip("+~") == key for item in overrides)
+    return any(override_key(item) == key for item in overrides)
 
 
 def apply_strict_reproduction(cfg: DictConfig, overrides: Iterable[str] = ()) -> list[str]:
