@@ -70,3 +70,25 @@ def metrics_csv(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "csv" / "version_0" / "metrics.csv"
     with path.open() as fh:
         return list(csv.DictReader(fh))
+
+
+def assert_same_run(resumed: Path, baseline: Path, steps: int) -> None:
+    """Two run folders ended alike, bit for bit: ``steps`` optimizer steps, every weight and
+    buffer, Adam's moments, the lr scheduler, and the validation PQ and mIoU of ``metrics.json``
+    (an interrupted and resumed run against the uninterrupted one)."""
+    import json
+
+    import torch
+
+    from knet_lightning.checkpoint_io import load_checkpoint_file
+
+    a, b = (load_checkpoint_file(d / "checkpoints" / "last.ckpt") for d in (resumed, baseline))
+    assert a["global_step"] == b["global_step"] == steps
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    differing = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
+    assert not differing, f"weights differ from the uninterrupted run: {differing[:5]}"
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (resumed, baseline))
+    assert ma["val/pq"] == mb["val/pq"] and ma["val/miou"] == mb["val/miou"]

@@ -12,7 +12,6 @@ steps, a step checkpoint every 3 steps, validation at the end.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -117,17 +116,9 @@ def _final_state(workdir: Path) -> dict:
 
 
 def _assert_same_run(resumed: Path, baseline: Path) -> None:
-    a, b = _final_state(resumed), _final_state(baseline)
-    assert a["global_step"] == b["global_step"] == TOTAL_STEPS
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    differing = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
-    assert not differing, f"weights differ from the uninterrupted run: {differing[:5]}"
-    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
-        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
-    assert a["lr_schedulers"] == b["lr_schedulers"]
-    ma = json.loads((resumed / "run" / "metrics.json").read_text())
-    mb = json.loads((baseline / "run" / "metrics.json").read_text())
-    assert ma["val/pq"] == mb["val/pq"] and ma["val/miou"] == mb["val/miou"]
+    from cli_utils import assert_same_run
+
+    assert_same_run(resumed / "run", baseline / "run", TOTAL_STEPS)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,9 @@ from typing import Any
 
 import hydra
 import pytest
-import torch
 from omegaconf import OmegaConf
 
-from cli_utils import compose_cfg
+from cli_utils import assert_same_run, compose_cfg
 from distributed_utils import CLI_TINY, cli_env, free_port, probe_overrides, read_probes, run_cli, start_cli, wait_cli
 from slurm_utils import fake_scontrol, slurm_env, start_steps
 from knet_lightning.slurm import auto_resume_path, check_requeue_signal, slurm_environment
@@ -355,18 +354,6 @@ DDP_RESUME = ["trainer=ddp_cpu", *[o for o in RUN_TINY if not o.startswith(("dat
 DDP_STEPS = 8
 
 
-def _assert_same_weights(resumed: Path, baseline: Path) -> None:
-    a, b = _ckpt(resumed / "checkpoints" / "last.ckpt"), _ckpt(baseline / "checkpoints" / "last.ckpt")
-    assert a["global_step"] == b["global_step"] == DDP_STEPS
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    differing = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
-    assert not differing, f"weights differ from the uninterrupted run: {differing[:5]}"
-    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
-        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
-    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (resumed, baseline))
-    assert ma["val/pq"] == mb["val/pq"] and ma["val/miou"] == mb["val/miou"]
-
-
 @pytest.fixture(scope="module")
 def ddp_baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ddp_uninterrupted")
@@ -390,7 +377,7 @@ def test_ddp_killed_job_resumes_exactly(tmp_path: Path, ddp_baseline: Path) -> N
              "+callbacks.start._target_=slurm_utils.StartStep", f"+callbacks.start.out_dir={tmp_path / 'start'}"],
             tmp_path)
     assert start_steps(tmp_path / "start", 0) == start_steps(tmp_path / "start", 1) == [3]
-    _assert_same_weights(run_dir, ddp_baseline)
+    assert_same_run(run_dir, ddp_baseline, DDP_STEPS)
 
 
 @pytest.mark.slow  # 2 two-process runs after the shared baseline: about 45 s
@@ -412,7 +399,7 @@ def test_ddp_sigterm_stops_every_rank_at_one_step_and_the_run_resumes_exactly(tm
     # auto_resume: no ckpt_path, as after a SLURM requeue
     out = run_cli([*DDP_RESUME, f"hydra.run.dir={run_dir}", "auto_resume=true"], tmp_path)
     assert f"auto_resume: continuing from {run_dir / 'checkpoints' / 'last.ckpt'}" in out
-    _assert_same_weights(run_dir, ddp_baseline)
+    assert_same_run(run_dir, ddp_baseline, DDP_STEPS)
 
 
 @pytest.mark.slow  # 2 x 2 task processes: about 30 s; test_time_limit_requeues_twice... covers one task in CI
