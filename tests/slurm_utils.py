@@ -35,9 +35,30 @@ class PauseAtStep(Callback):
         self.flag_dir.mkdir(parents=True, exist_ok=True)
         (self.flag_dir / f"paused{trainer.global_step}.rank{trainer.global_rank}").write_text(str(os.getpid()))
         deadline = time.monotonic() + self.timeout
-        # a signal handler does not cut a sleep short: poll (SIGUSR1's handler runs in between)
-        while not trainer.received_sigterm and time.monotonic() < deadline:
+        # a signal handler does not cut a sleep short: poll (SIGUSR1's handler runs in between).
+        # A DDP run notes SIGTERM in StepBoundarySignals and sets received_sigterm at the step's end
+        while not (trainer.received_sigterm or _sigterm_noted(trainer)) and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def _sigterm_noted(trainer: Trainer) -> bool:
+    from knet_lightning.signals import StepBoundarySignals
+
+    return any(cb.sigterm_noted for cb in trainer.callbacks if isinstance(cb, StepBoundarySignals))
+
+
+class MarkStep(Callback):
+    """After optimizer step ``at_step``, every rank writes ``<flag_dir>/at<step>.rank<r>`` and
+    trains on: a test's signals then land wherever the ranks are, mid-step included."""
+
+    def __init__(self, at_step: int, flag_dir: str) -> None:
+        self.at_step = int(at_step)
+        self.flag_dir = Path(flag_dir)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.global_step == self.at_step:
+            self.flag_dir.mkdir(parents=True, exist_ok=True)
+            (self.flag_dir / f"at{trainer.global_step}.rank{trainer.global_rank}").write_text(str(os.getpid()))
 
 
 class KillAtStep(Callback):

@@ -151,6 +151,16 @@ def test_trainer_slurm_outside_a_job_says_so(tmp_path: Path, monkeypatch: pytest
         slurm_environment()
 
 
+def test_the_requeued_id_of_an_array_task_is_array_id_and_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    from knet_lightning.signals import requeue_job_id
+
+    _simulate(monkeypatch, slurm_env("4343"))
+    assert requeue_job_id() == "4343"
+    # a sweep's job: submitit submits one array, and scontrol takes <array id>_<index>
+    _simulate(monkeypatch, slurm_env("4345", SLURM_ARRAY_JOB_ID="4342", SLURM_ARRAY_TASK_ID="2"))
+    assert requeue_job_id() == "4342_2"
+
+
 def test_auto_resume_takes_the_newest_of_last_and_hpc(tmp_path: Path) -> None:
     from lightning.pytorch import Trainer
 
@@ -406,7 +416,8 @@ def test_ddp_sigterm_stops_every_rank_at_one_step_and_the_run_resumes_exactly(tm
 def test_a_two_task_slurm_job_requeues_once_and_both_tasks_resume(tmp_path: Path) -> None:
     """Two tasks of one simulated SLURM job (srun's environment, one CPU rank each), both paused
     after step 2 when SLURM signals them: one hpc checkpoint, one `scontrol requeue` (global
-    rank 0's), last.ckpt from the SIGTERM; the requeued tasks continue from step 2 in step."""
+    rank 0's), last.ckpt from the SIGTERM, all at the end of step 2; the requeued tasks continue
+    from step 2 in step."""
     record = tmp_path / "scontrol.args"
     fake_scontrol(tmp_path / "bin", record)
     run_dir = tmp_path / "logs" / "train" / "runs" / "slurm-5151"
@@ -426,15 +437,11 @@ def test_a_two_task_slurm_job_requeues_once_and_both_tasks_resume(tmp_path: Path
     procs = tasks(0)
     for rank in (0, 1):
         _wait_for(tmp_path / "flags" / f"paused2.rank{rank}", procs[rank])
-    for proc in procs:  # SLURM signals every task of the step
-        os.kill(proc.pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 60
-    while not record.exists():
-        assert time.monotonic() < deadline, procs[0].log_path.read_text()[-4000:]
-        time.sleep(0.1)
-    time.sleep(1)
-    for proc in procs:
-        os.kill(proc.pid, signal.SIGTERM)
+    # SLURM signals every task of the step; the ranks act on both at the end of step 2, together
+    for signum in (signal.SIGUSR1, signal.SIGTERM):
+        for proc in procs:
+            os.kill(proc.pid, signum)
+        time.sleep(0.5)
     for proc in procs:
         proc.wait(timeout=240)
     assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, procs[0].log_path.read_text()[-4000:]

@@ -1,7 +1,7 @@
 """The README's "On a SLURM cluster" commands, run as written on a stand-in cluster
 (``fake_slurm.py``: ``sbatch``/``srun``/``sacct``/``scontrol`` on this machine, nodes on loopback
-addresses), and what happens at a job's time limit, through the launcher and through the sbatch
-example.
+addresses), and what happens at a job's time limit: the 2-node run signalled while it trains, and
+(``make test-all``) the sbatch example's one-task job.
 
 Only size-reducing settings are added to the README's commands: a tiny network and data set (as in
 ``test_readme.py``), one CPU task per node instead of eight GPUs (``hydra.launcher.gpus_per_node=1``
@@ -201,19 +201,42 @@ def _tiny_limited(command: str) -> list[str]:
     return [o for o in _tiny(command) if not o.startswith("trainer.max_epochs=")]
 
 
-@pytest.mark.slow  # two instances of one job: about 40 s
-def test_a_launcher_job_at_its_time_limit_is_requeued_and_resumes_in_its_folder(tmp_path: Path) -> None:
+MID_TRAINING_STEPS = 12  # 12 epochs of one step: 2 ranks, one image each
+
+
+def test_a_two_node_launcher_job_signalled_mid_training_is_requeued_and_resumes_in_step(tmp_path: Path) -> None:
+    """The README's 2-node run (two instances of a 2-task job: about 60 s); the time limit comes
+    after step 3 while both tasks train on (SIGUSR1, then SIGTERM a second later, to every task,
+    wherever each is): one hpc checkpoint and one requeue, both ranks stop after the same step and
+    the requeued job goes on from it. With Lightning's own handlers this job hangs."""
+    from slurm_utils import start_steps
+
     cluster = Cluster(tmp_path)
     flags = tmp_path / "flags"
     run = readme_slurm_commands()[0]
-    # one node: with several tasks, Lightning 2.6's SIGTERM handler can hang (knet_lightning/slurm.py)
-    cluster.run(run, [ONE_TASK_PER_NODE, "hydra.launcher.nodes=1", *_tiny_limited(run), *_time_limited(flags)],
-                FAKE_SLURM_TIME_LIMIT=str(flags / f"paused{TIME_LIMIT_AT_STEP}.rank0"))  # fmt: skip
+    marker = ["+callbacks.mark._target_=slurm_utils.MarkStep", "+callbacks.mark.at_step=3",
+              f"+callbacks.mark.flag_dir={flags}",
+              "+callbacks.start._target_=slurm_utils.StartStep", f"+callbacks.start.out_dir={flags}"]  # fmt: skip
+    cluster.run(run, [ONE_TASK_PER_NODE, *_tiny_limited(run), f"trainer.max_epochs={MID_TRAINING_STEPS}",
+                      "data.batch_size=1", *marker],
+                FAKE_SLURM_TIME_LIMIT=str(flags / "at3.rank0"), FAKE_SLURM_TIME_LIMIT_GRACE="1")  # fmt: skip
     (sweep,) = (cluster.cwd / "logs" / "train" / "multiruns").glob("*")
-    (key,) = cluster.wait()
-    _assert_requeued_once_and_resumed(cluster, key, sweep / "0", flags)
-    # the launcher waited through the requeue for the job's one result
-    assert [r["status"] for r in _summary(sweep)] == ["done"]
+    ((key, state),) = cluster.wait().items()
+    assert state["state"] == "COMPLETED" and state["restarts"] == 1 and state["nodes"] == 2, state
+    requeues = [c for c in fake_slurm.calls(cluster.state) if c[0] == "scontrol"]
+    assert requeues == [["scontrol", "requeue", key]]
+    log = "".join(p.read_text() for p in sorted((sweep / ".submitit" / key).glob("*_log.*")))
+    # each rank logs where it stopped, into its own task's files: the same step
+    stopped = sorted({int(m) for m in re.findall(r"stopped by SIGTERM at step (\d+)", log)})
+    assert len(stopped) == 1 and 3 <= stopped[0] < MID_TRAINING_STEPS, log[-4000:]
+    # both ranks of the second instance started where the first stopped
+    assert start_steps(flags, 0) == start_steps(flags, 1) == [0, stopped[0]]
+    run_dir = sweep / "0"
+    hpc = torch.load(run_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    assert 3 <= hpc["global_step"] <= stopped[0]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == MID_TRAINING_STEPS
+    assert [r["status"] for r in _summary(sweep)] == ["done"]  # the launcher waited through the requeue
 
 
 @pytest.mark.slow  # two instances of one job: about 35 s

@@ -201,18 +201,16 @@ class RNGStateCheckpoint(Callback):
 
 
 class PreemptionCheckpoint(Callback):
-    """On SIGTERM (preemption, ``scancel``, a SLURM time limit) Lightning finishes the current
-    step and raises ``SIGTERMException``; this callback then writes ``<dirpath>/last.ckpt``, so
-    ``ckpt_path=last`` (or ``auto_resume``) continues from that step, and the CLI exits with 143.
+    """On SIGTERM (preemption, ``scancel``, a SLURM time limit) the run stops at the next step
+    boundary and this callback writes ``<dirpath>/last.ckpt`` there, so ``ckpt_path=last`` (or
+    ``auto_resume``) continues from that step, and the CLI exits with 143.
 
     SIGTERM is ours, SIGUSR1 is Lightning's: under ``trainer=slurm`` Lightning's SIGUSR1 handler
     writes ``hpc_ckpt_<n>.ckpt`` in the run folder and requeues the job, and the SIGTERM with
     which SLURM then ends the instance comes here (:mod:`knet_lightning.slurm` has the whole
-    sequence). Under DDP every rank takes part in the save (``trainer.save_checkpoint`` is
-    collective): SIGTERM must reach global rank 0, which Lightning's handler passes on to the
-    ranks it started (``_SubprocessScriptLauncher.kill``) and whose decision
-    ``_TrainingEpochLoop._broadcast_sigterm_tensor`` broadcasts; a SIGTERM that reaches another
-    rank alone leaves the ranks in different collectives (Lightning 2.6's signal connector).
+    sequence). One process stops on Lightning's own ``trainer.received_sigterm``; in a
+    distributed fit :class:`~knet_lightning.signals.StepBoundarySignals` sets it on every rank
+    after the same step, so that the collective save below meets every rank there.
 
     Args:
         dirpath: checkpoint folder (the run's ``checkpoints/``).

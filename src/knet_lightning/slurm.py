@@ -14,17 +14,20 @@ wires them together for ``trainer=slurm``:
   whose folder already holds a checkpoint continues from the newest one, without ``ckpt_path``.
 
 Who owns which signal (Lightning 2.x ``trainer/connectors/signal_connector.py``, registered at the
-start of every ``fit``/``test``):
+start of every ``fit``/``test``; :mod:`knet_lightning.signals` in a distributed fit):
 
-* **SIGUSR1: Lightning's requeue handler.** SLURM sends it ``signal_delay_s`` before the time limit
-  (``#SBATCH --signal=USR1@120``). ``_SignalConnector._slurm_sigusr_handler_fn`` writes
-  ``<run folder>/hpc_ckpt_<n>.ckpt`` (``trainer.save_checkpoint``, so through our atomic
-  ``SafeCheckpointIO``) and, on global rank 0, runs ``scontrol requeue <job id>``. Lightning installs
-  it only if nothing else handles SIGUSR1 (``_has_already_handler``): :func:`check_requeue_signal`
-  warns when something does. Nothing of ours touches SIGUSR1.
-* **SIGTERM: ours.** Lightning's SIGTERM handler only sets ``trainer.received_sigterm`` (and, with
-  auto-requeue, logs "Bypassing SIGTERM"); the loop raises ``SIGTERMException`` at the next step
-  boundary, :class:`~knet_lightning.callbacks.PreemptionCheckpoint` writes
+* **SIGUSR1: the requeue.** SLURM sends it ``signal_delay_s`` before the time limit
+  (``#SBATCH --signal=USR1@120``). It writes ``<run folder>/hpc_ckpt_<n>.ckpt``
+  (``trainer.save_checkpoint``, so through our atomic ``SafeCheckpointIO``) and, on global rank 0,
+  runs ``scontrol requeue <job id>``. With one process, Lightning's handler does that
+  (``_SignalConnector._slurm_sigusr_handler_fn``, wherever the signal lands: mid-step too); in a
+  distributed fit, :class:`~knet_lightning.signals.StepBoundarySignals` does it at the end of the
+  step, on every rank together. Lightning installs its handler only if nothing else handles
+  SIGUSR1 (``_has_already_handler``): :func:`check_requeue_signal` warns when something does, and
+  then neither takes it.
+* **SIGTERM: ours.** The run stops at the next step boundary (one process: Lightning's
+  ``trainer.received_sigterm``; distributed: set by ``StepBoundarySignals`` on every rank after the
+  same step), :class:`~knet_lightning.callbacks.PreemptionCheckpoint` writes
   ``checkpoints/last.ckpt`` there and the CLI exits with 143. SLURM sends SIGTERM when it stops the
   job: after the requeue above, at the time limit, on preemption and on ``scancel``.
 
@@ -33,15 +36,10 @@ SLURM ends the running instance (``last.ckpt`` at the next step boundary, if the
 SLURM's ``KillWait``). The requeued job starts again with the same job id and
 :func:`auto_resume_path` picks whichever of the two is newer.
 
-Limits, both Lightning's (2.6): its handlers run wherever the signal lands, between two Python
-bytecodes. The hpc checkpoint is therefore taken mid-step when SIGUSR1 lands mid-step (the run
-continues from that step, but bit-exactly only when it landed between steps); ``last.ckpt`` is
-always at a step boundary. And with several ranks, the SIGTERM handler broadcasts from inside the
-handler (``_SignalConnector._sigterm_notifier_fn``): when SIGTERM reaches every task while they
-train, as SLURM sends it, that broadcast can meet another collective and the tasks hang until
-SLURM's SIGKILL (simulated 2-task jobs on gloo did so). The job is then still requeued (after
-SIGUSR1) and resumes from the hpc checkpoint, or (preemption without SIGUSR1) from the last step
-checkpoint.
+Limits: a signal that lands during validation is acted on at its end in a distributed fit, so
+``signal_delay_s`` should exceed a validation pass. A one-process run's hpc checkpoint is taken
+mid-step when SIGUSR1 lands mid-step (the run continues from that step, but bit-exactly only when
+it landed between steps); ``last.ckpt`` is always at a step boundary.
 """
 
 from __future__ import annotations
