@@ -404,7 +404,8 @@ def test_ddp_sigterm_stops_every_rank_at_one_step_and_the_run_resumes_exactly(tm
     log = proc.log_path.read_text()
     assert proc.returncode == 128 + signal.SIGTERM, log[-6000:]
     assert "Traceback" not in log, log[-6000:]
-    assert _ckpt(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2
+    # noted between steps 2 and 3, acted on by both ranks at the end of step 3 (StepBoundarySignals)
+    assert _ckpt(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 3
 
     # auto_resume: no ckpt_path, as after a SLURM requeue
     out = run_cli([*DDP_RESUME, f"hydra.run.dir={run_dir}", "auto_resume=true"], tmp_path)
@@ -416,8 +417,8 @@ def test_ddp_sigterm_stops_every_rank_at_one_step_and_the_run_resumes_exactly(tm
 def test_a_two_task_slurm_job_requeues_once_and_both_tasks_resume(tmp_path: Path) -> None:
     """Two tasks of one simulated SLURM job (srun's environment, one CPU rank each), both paused
     after step 2 when SLURM signals them: one hpc checkpoint, one `scontrol requeue` (global
-    rank 0's), last.ckpt from the SIGTERM, all at the end of step 2; the requeued tasks continue
-    from step 2 in step."""
+    rank 0's), last.ckpt from the SIGTERM, all at the end of step 3, the first step boundary
+    after the signals; the requeued tasks continue from step 3 in step."""
     record = tmp_path / "scontrol.args"
     fake_scontrol(tmp_path / "bin", record)
     run_dir = tmp_path / "logs" / "train" / "runs" / "slurm-5151"
@@ -437,7 +438,7 @@ def test_a_two_task_slurm_job_requeues_once_and_both_tasks_resume(tmp_path: Path
     procs = tasks(0)
     for rank in (0, 1):
         _wait_for(tmp_path / "flags" / f"paused2.rank{rank}", procs[rank])
-    # SLURM signals every task of the step; the ranks act on both at the end of step 2, together
+    # SLURM signals every task of the step; the ranks act on both at the end of step 3, together
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         for proc in procs:
             os.kill(proc.pid, signum)
@@ -447,12 +448,12 @@ def test_a_two_task_slurm_job_requeues_once_and_both_tasks_resume(tmp_path: Path
     assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, procs[0].log_path.read_text()[-4000:]
     assert record.read_text() == "requeue 5151\n"
     assert sorted(p.name for p in run_dir.glob("*.ckpt")) == ["hpc_ckpt_1.ckpt"]
-    assert _ckpt(run_dir / "hpc_ckpt_1.ckpt")["global_step"] == 2
-    assert _ckpt(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2
+    assert _ckpt(run_dir / "hpc_ckpt_1.ckpt")["global_step"] == 3
+    assert _ckpt(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 3
 
     for proc in tasks(1):
         wait_cli(proc)
-    assert start_steps(tmp_path / "start", 0) == start_steps(tmp_path / "start", 1) == [0, 2]
+    assert start_steps(tmp_path / "start", 0) == start_steps(tmp_path / "start", 1) == [0, 3]
     probes = read_probes(tmp_path / "probe")
     assert probes[0]["world_size"] == 2 and probes[0]["final_weights"] == probes[1]["final_weights"]
     assert _ckpt(run_dir / "checkpoints" / "last.ckpt")["global_step"] == DDP_STEPS

@@ -205,10 +205,9 @@ class PreemptionCheckpoint(Callback):
     boundary and this callback writes ``<dirpath>/last.ckpt`` there, so ``ckpt_path=last`` (or
     ``auto_resume``) continues from that step, and the CLI exits with 143.
 
-    SIGTERM is ours, SIGUSR1 is Lightning's: under ``trainer=slurm`` Lightning's SIGUSR1 handler
-    writes ``hpc_ckpt_<n>.ckpt`` in the run folder and requeues the job, and the SIGTERM with
-    which SLURM then ends the instance comes here (:mod:`knet_lightning.slurm` has the whole
-    sequence). One process stops on Lightning's own ``trainer.received_sigterm``; in a
+    SIGTERM is ours, SIGUSR1 the requeue's: under ``trainer=slurm`` it writes ``hpc_ckpt_<n>.ckpt``
+    in the run folder and requeues the job, and the SIGTERM with which SLURM then ends the
+    instance comes here (:mod:`knet_lightning.slurm` has the whole sequence). One process stops on Lightning's own ``trainer.received_sigterm``; in a
     distributed fit :class:`~knet_lightning.signals.StepBoundarySignals` sets it on every rank
     after the same step, so that the collective save below meets every rank there.
 

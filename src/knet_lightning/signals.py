@@ -37,8 +37,7 @@ import threading
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
 
@@ -54,14 +53,12 @@ def requeue_job_id() -> str:
     return os.environ["SLURM_JOB_ID"]
 
 
-class StepBoundarySignals(Checkpoint):
+class StepBoundarySignals(Callback):
     """Acts on SIGTERM and the SLURM requeue signal at a step boundary, on every rank of a
-    distributed fit together (see the module docstring). A ``Checkpoint`` for Lightning, which
-    calls it after the other callbacks, so that all of a step's end hooks have run before it."""
+    distributed fit together (see the module docstring)."""
 
     def __init__(self) -> None:
         self.noted: dict[str, bool] = {"requeue": False, "sigterm": False}
-        self._requeue_signal: signal.Signals | None = None
         self._active = False
 
     @property
@@ -81,7 +78,6 @@ class StepBoundarySignals(Checkpoint):
             # only where Lightning installed its requeue handler (knet_lightning.slurm.check_requeue_signal
             # has warned otherwise): a handler of someone else's stays
             if isinstance(signal.getsignal(env.requeue_signal), _HandlersCompose):
-                self._requeue_signal = env.requeue_signal
                 signal.signal(env.requeue_signal, self._note_requeue)
 
     def _note_sigterm(self, trainer: Trainer, signum: int, frame: Any) -> None:
