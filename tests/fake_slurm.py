@@ -206,10 +206,20 @@ def sbatch(state: State, argv: list[str]) -> int:
     return 0
 
 
-def _expand(pattern: str, record: dict[str, Any]) -> str:
+def _fill(pattern: str, values: dict[str, str]) -> str:
+    """SLURM's file name patterns (``%j %A %a %x %t %n %N %s %%``); one not in ``values`` stays."""
+    return re.sub(r"%([jAaxtnNs%])", lambda m: values.get(m.group(1), m.group(0)), pattern)
+
+
+def _job_values(record: dict[str, Any]) -> dict[str, str]:
     array = record["array_job_id"]
-    return (pattern.replace("%A", str(array or record["job_id"])).replace("%a", str(record["array_task_id"] or 0))
-            .replace("%j", record["job_id"]).replace("%x", record["options"].get("job-name", "sbatch")))  # fmt: skip
+    return {"j": record["job_id"], "A": array or record["job_id"], "a": str(record["array_task_id"] or 0),
+            "x": _job_name(record), "%": "%"}  # fmt: skip
+
+
+def _job_name(record: dict[str, Any]) -> str:
+    """``--job-name``, by default the batch script's file name, as SLURM's."""
+    return record["options"].get("job-name", Path(record["script"]).name)
 
 
 def _node_names(nodes: int) -> list[str]:
@@ -221,7 +231,7 @@ def _batch_env(record: dict[str, Any]) -> dict[str, str]:
     env = dict(record["env"])
     env.update(
         SLURM_JOB_ID=record["job_id"], SLURM_JOBID=record["job_id"],
-        SLURM_JOB_NAME=record["options"].get("job-name", Path(record["script"]).name),
+        SLURM_JOB_NAME=_job_name(record),
         SLURM_JOB_NUM_NODES=str(nodes), SLURM_NNODES=str(nodes),
         SLURM_JOB_NODELIST=",".join(_node_names(nodes)), SLURM_NODELIST=",".join(_node_names(nodes)),
         SLURM_NTASKS=str(nodes * per_node), SLURM_NPROCS=str(nodes * per_node),
@@ -255,8 +265,8 @@ def _run_instance(state: State, key: str) -> int:
     state.write(key, record)
     options = record["options"]
     default_out = "slurm-%A_%a.out" if record["array_job_id"] else "slurm-%j.out"
-    out_path = Path(record["cwd"], _expand(options.get("output", default_out), record))
-    err_path = Path(record["cwd"], _expand(options["error"], record)) if "error" in options else None
+    out_path = Path(record["cwd"], _fill(options.get("output", default_out), _job_values(record)))
+    err_path = Path(record["cwd"], _fill(options["error"], _job_values(record))) if "error" in options else None
     mode = "a" if options.get("open-mode") == "append" or record["restarts"] else "w"
     try:  # as SLURM: the output's folder must exist (nothing creates it), else the job fails
         out = out_path.open(mode)
@@ -360,12 +370,11 @@ def run_jobs(state: State, parallel: int, keys: list[str]) -> None:
 
 
 def _task_file(pattern: str, rank: int, env: dict[str, str]) -> str:
-    """srun's ``--output``/``--error`` patterns: ``%j %A %a %x %s %t %n %N``."""
-    array = env.get("SLURM_ARRAY_JOB_ID")
-    values = {"j": env["SLURM_JOB_ID"], "A": array or env["SLURM_JOB_ID"], "a": env.get("SLURM_ARRAY_TASK_ID", "0"),
-              "x": env["SLURM_JOB_NAME"], "s": "0", "t": str(rank), "n": env["SLURM_NODEID"],
-              "N": env["SLURMD_NODENAME"], "%": "%"}  # fmt: skip
-    return re.sub(r"%([jAaxstnN%])", lambda m: values[m.group(1)], pattern)
+    """srun's ``--output``/``--error`` for task ``rank``."""
+    values = {"j": env["SLURM_JOB_ID"], "A": env.get("SLURM_ARRAY_JOB_ID") or env["SLURM_JOB_ID"],
+              "a": env.get("SLURM_ARRAY_TASK_ID", "0"), "x": env["SLURM_JOB_NAME"], "s": "0", "t": str(rank),
+              "n": env["SLURM_NODEID"], "N": env["SLURMD_NODENAME"], "%": "%"}  # fmt: skip
+    return _fill(pattern, values)
 
 
 def srun(state: State, argv: list[str]) -> int:
