@@ -247,10 +247,14 @@ def _batch_env(record: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-def _signal_tasks(state: State, key: str, signum: int, shell: subprocess.Popen | None = None) -> None:
+def _task_pids(state: State, key: str) -> list[int]:
+    """The processes the job's ``srun`` started (``<key>.pids``, one per line)."""
     pid_file = state.jobs / f"{key}.pids"
-    pids = [int(p) for p in pid_file.read_text().split()] if pid_file.is_file() else []
-    for pid in pids + ([shell.pid] if shell is not None else []):
+    return [int(p) for p in pid_file.read_text().split()] if pid_file.is_file() else []
+
+
+def _signal_tasks(state: State, key: str, signum: int, shell: subprocess.Popen | None = None) -> None:
+    for pid in _task_pids(state, key) + ([shell.pid] if shell is not None else []):
         try:
             os.kill(pid, signum)
         except ProcessLookupError:
@@ -319,9 +323,8 @@ def _run_instance(state: State, key: str) -> int:
 
 def _live_tasks(state: State, key: str) -> list[int]:
     """The job's task processes that still run (a zombie has ended)."""
-    pid_file = state.jobs / f"{key}.pids"
     live = []
-    for pid in (int(p) for p in pid_file.read_text().split()) if pid_file.is_file() else []:
+    for pid in _task_pids(state, key):
         try:
             status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except (FileNotFoundError, ProcessLookupError):

@@ -207,9 +207,10 @@ class PreemptionCheckpoint(Callback):
 
     SIGTERM is ours, SIGUSR1 the requeue's: under ``trainer=slurm`` it writes ``hpc_ckpt_<n>.ckpt``
     in the run folder and requeues the job, and the SIGTERM with which SLURM then ends the
-    instance comes here (:mod:`knet_lightning.slurm` has the whole sequence). One process stops on Lightning's own ``trainer.received_sigterm``; in a
-    distributed fit :class:`~knet_lightning.signals.StepBoundarySignals` sets it on every rank
-    after the same step, so that the collective save below meets every rank there.
+    instance comes here (:mod:`knet_lightning.slurm` has the whole sequence). One process stops
+    on Lightning's own ``trainer.received_sigterm``; in a distributed fit
+    :class:`~knet_lightning.signals.StepBoundarySignals` sets it on every rank after the same
+    step, so that the collective save below meets every rank there.
 
     Args:
         dirpath: checkpoint folder (the run's ``checkpoints/``).
