@@ -39,7 +39,7 @@ XDIST ?= -n 2 --dist loadfile
 
 # the CI suite (slow tests excluded)
 test: $(PEER_STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(XDIST) --durations=25 $(PYTEST_ARGS)
 
 # everything, slow tests included
 test-all: $(PEER_STAMP)

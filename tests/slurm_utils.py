@@ -13,38 +13,45 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 
 class PauseAtStep(Callback):
-    """After the first optimizer step of ``at_steps`` that this run has not trained yet
+    """After each optimizer step of ``at_steps`` that this run has not trained yet
     (``on_train_batch_end``, where step checkpoints are written too), every rank writes
-    ``<flag_dir>/paused<step>.rank<r>`` and waits for a SIGTERM (up to ``timeout`` s), so that
-    the test's signals land between two steps. One pause per run: the same command pauses a
-    run at 2 and the run resumed from step 2 at 3."""
+    ``<flag_dir>/paused<step>.rank<r>`` and waits (up to ``timeout`` s) for a SIGTERM, or with
+    ``release="any"`` for SLURM's requeue signal too, so that the test's signals land between two
+    steps. The same command pauses a run at 2 and the run resumed from step 2 at 3."""
 
-    def __init__(self, at_steps: list[int], flag_dir: str, timeout: float = 120.0) -> None:
+    def __init__(self, at_steps: list[int], flag_dir: str, timeout: float = 120.0, release: str = "sigterm") -> None:
+        if release not in ("sigterm", "any"):
+            raise ValueError(f"release: 'sigterm' or 'any', not {release!r}")
         self.at_steps = sorted(int(s) for s in at_steps)
         self.flag_dir = Path(flag_dir)
         self.timeout = float(timeout)
-        self._at: int | None = None
+        self.release = release
+        self._ahead: list[int] = []
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._at = next((s for s in self.at_steps if s > trainer.global_step), None)
+        self._ahead = [s for s in self.at_steps if s > trainer.global_step]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        if self._at is None or trainer.global_step != self._at:
+        if trainer.global_step not in self._ahead:
             return
-        self._at = None
+        self._ahead.remove(trainer.global_step)
         self.flag_dir.mkdir(parents=True, exist_ok=True)
         (self.flag_dir / f"paused{trainer.global_step}.rank{trainer.global_rank}").write_text(str(os.getpid()))
         deadline = time.monotonic() + self.timeout
-        # a signal handler does not cut a sleep short: poll (SIGUSR1's handler runs in between).
-        # A DDP run notes SIGTERM in StepBoundarySignals and sets received_sigterm at the step's end
-        while not (trainer.received_sigterm or _sigterm_noted(trainer)) and time.monotonic() < deadline:
+        # a signal handler does not cut a sleep short: poll. StepBoundarySignals notes a DDP run's
+        # SIGTERM (and sets received_sigterm at the step's end) and the requeue signal
+        while not self._released(trainer) and time.monotonic() < deadline:
             time.sleep(0.05)
 
+    def _released(self, trainer: Trainer) -> bool:
+        from knet_lightning.signals import StepBoundarySignals
 
-def _sigterm_noted(trainer: Trainer) -> bool:
-    from knet_lightning.signals import StepBoundarySignals
-
-    return any(cb.sigterm_noted for cb in trainer.callbacks if isinstance(cb, StepBoundarySignals))
+        if trainer.received_sigterm:
+            return True
+        for cb in trainer.callbacks:
+            if isinstance(cb, StepBoundarySignals) and (cb.sigterm_noted or self.release == "any" and cb.requeue_noted):
+                return True
+        return False
 
 
 class MarkStep(Callback):

@@ -244,68 +244,75 @@ def _wait_for(path: Path, proc: Any, timeout: float = 240) -> None:
         time.sleep(0.1)
 
 
-def _signal_when_paused(proc: Any, flag: Path, *signals: signal.Signals, record: Path | None = None,
-                       requeues: int = 0) -> str:
-    """Waits for ``flag`` (a rank paused by PauseAtStep), sends ``signals`` to ``proc`` (SIGUSR1:
-    waits until the fake scontrol has recorded its ``requeues``-th call; SIGKILL: to the whole
-    session) and returns the process's log once it has ended."""
-    _wait_for(flag, proc)
-    for signum in signals:
-        if signum == signal.SIGKILL:
-            os.killpg(proc.pid, signal.SIGKILL)
-            continue
-        os.kill(proc.pid, signum)
-        if signum == signal.SIGUSR1 and record is not None:
-            # Lightning's handler writes the checkpoint, then calls scontrol
-            deadline = time.monotonic() + 60
-            while not (record.exists() and record.read_text().count("\n") >= requeues):
-                assert time.monotonic() < deadline and proc.poll() is None, proc.log_path.read_text()[-4000:]
-                time.sleep(0.1)
-    proc.wait(timeout=240)
-    return proc.log_path.read_text()
+def _wait_for_requeues(record: Path, n: int, proc: Any) -> None:
+    """Until the fake scontrol has recorded its ``n``-th call."""
+    deadline = time.monotonic() + 60
+    while not (record.exists() and record.read_text().count("\n") >= n):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.log_path.read_text()[-4000:]
+        time.sleep(0.1)
+
+
+def _wait_for_log(proc: Any, text: str) -> None:
+    deadline = time.monotonic() + 60
+    while text not in proc.log_path.read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.log_path.read_text()[-4000:]
+        time.sleep(0.05)
 
 
 def test_time_limit_requeues_twice_and_every_instance_resumes_where_the_last_stopped(tmp_path: Path) -> None:
-    """Signal ownership under trainer=slurm, end to end. SIGUSR1 (Lightning's): hpc_ckpt_<n>.ckpt
-    and `scontrol requeue`; SIGTERM (ours): last.ckpt at the step boundary, exit 143. Each
-    requeued instance (same job id, same command, no ckpt_path) opens the same folder and
-    continues from its newest checkpoint, whichever of the two wrote it."""
+    """Signal ownership under trainer=slurm (one task), end to end. SIGUSR1 (StepBoundarySignals
+    over Lightning's handler): hpc_ckpt_<n>.ckpt and `scontrol requeue` at the end of the step in
+    progress; SIGTERM (Lightning's flag, our PreemptionCheckpoint): last.ckpt at the step
+    boundary, exit 143. Each requeued instance (same job id, same command, no ckpt_path) opens the
+    same folder and continues from its newest checkpoint, whichever of the two wrote it."""
     record = tmp_path / "scontrol.args"
     fake_scontrol(tmp_path / "bin", record)
     run_dir = tmp_path / "logs" / "train" / "runs" / "slurm-4242"
     flags, starts = tmp_path / "flags", tmp_path / "start"
-    args = [*CPU_SLURM, *RUN_TINY,
-            "+callbacks.pause._target_=slurm_utils.PauseAtStep", "+callbacks.pause.at_steps=[2,3]",
-            f"+callbacks.pause.flag_dir={flags}",
-            "+callbacks.start._target_=slurm_utils.StartStep", f"+callbacks.start.out_dir={starts}"]
+    args = [*CPU_SLURM, *RUN_TINY, "+callbacks.pause._target_=slurm_utils.PauseAtStep", f"+callbacks.pause.flag_dir={flags}",
+            "+callbacks.start._target_=slurm_utils.StartStep", f"+callbacks.start.out_dir={starts}"]  # fmt: skip
 
-    def instance(restart: int) -> Any:
+    def instance(restart: int, *pause: str) -> Any:
         env = cli_env(tmp_path, **slurm_env("4242", SLURM_RESTART_COUNT=str(restart)), MASTER_PORT=str(free_port()),
                       PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-        return start_cli(args, tmp_path, env)
+        return start_cli([*args, *pause], tmp_path, env)
 
-    # 1. the time limit: SIGUSR1 after step 2, then SIGTERM as SLURM ends the requeued instance
-    proc = instance(0)
-    log = _signal_when_paused(proc, flags / "paused2.rank0", signal.SIGUSR1, signal.SIGTERM, record=record,
-                              requeues=1)
+    # 1. the time limit: SIGUSR1 during step 2 (the run paused after step 1 goes on when it is
+    # noted): checkpoint and requeue at the end of step 2; then SIGTERM as SLURM ends the instance
+    proc = instance(0, "+callbacks.pause.at_steps=[1,2]", "+callbacks.pause.release=any")
+    _wait_for(flags / "paused1.rank0", proc)
+    os.kill(proc.pid, signal.SIGUSR1)
+    _wait_for(flags / "paused2.rank0", proc)
+    _wait_for_requeues(record, 1, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=240)
+    log = proc.log_path.read_text()
     assert proc.returncode == 128 + signal.SIGTERM, log[-4000:]
-    assert "Handling auto-requeue signal" in log and "Bypassing SIGTERM" in log
+    assert "SIGUSR1: checkpoint and requeue after this step" in log and "Bypassing SIGTERM" in log
+    assert "Handling auto-requeue signal" not in log  # Lightning's mid-step handler did not run
     assert record.read_text() == "requeue 4242\n"
     assert _ckpt(run_dir / "hpc_ckpt_1.ckpt")["global_step"] == 2
     assert _ckpt(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 2
     assert "a run in this folder continues from it (auto_resume)" in log
 
-    # 2. requeued: continues from last.ckpt (written after the hpc checkpoint); the next time
-    # limit after step 3, and this time the step outlasts SLURM's KillWait: SIGKILL
-    proc = instance(1)
-    log = _signal_when_paused(proc, flags / "paused3.rank0", signal.SIGUSR1, signal.SIGKILL, record=record,
-                              requeues=2)
+    # 2. requeued: continues from last.ckpt (written after the hpc checkpoint). The next time
+    # limit comes late: SIGUSR1 and SIGTERM both before the end of step 3. The run stops there,
+    # and the requeue is not lost: hpc_ckpt_2.ckpt and a second `scontrol requeue`
+    proc = instance(1, "+callbacks.pause.at_steps=[3]")
+    _wait_for(flags / "paused3.rank0", proc)
+    os.kill(proc.pid, signal.SIGUSR1)
+    _wait_for_log(proc, "SIGUSR1: checkpoint and requeue after this step")
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=240)
+    log = proc.log_path.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, log[-4000:]
     assert f"auto_resume: continuing from {run_dir / 'checkpoints' / 'last.ckpt'}" in log
     assert record.read_text() == "requeue 4242\nrequeue 4242\n"
     assert _ckpt(run_dir / "hpc_ckpt_2.ckpt")["global_step"] == 3
+    assert _ckpt(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 3
 
-    # 3. requeued again: continues from Lightning's hpc_ckpt_2.ckpt and finishes
-    proc = instance(2)
+    # 3. requeued again: continues from Lightning's hpc_ckpt_2.ckpt (written after last.ckpt) and finishes
+    proc = instance(2, "+callbacks.pause.at_steps=[]")
     out = wait_cli(proc)
     assert f"auto_resume: continuing from {run_dir / 'hpc_ckpt_2.ckpt'} (the newest checkpoint of this run folder; " \
            "SLURM restart 2)" in out

@@ -1,5 +1,5 @@
-"""SIGTERM and SLURM's requeue signal in a distributed fit: acted on by every rank together, at
-a step boundary.
+"""SIGTERM and SLURM's requeue signal: acted on at a step boundary, by every rank of a
+distributed fit together.
 
 Lightning 2.6 acts on both inside the signal handler (``trainer/connectors/signal_connector.py``):
 on SIGTERM ``_sigterm_notifier_fn`` calls ``torch.distributed.broadcast``, and on the requeue
@@ -7,13 +7,17 @@ signal ``_slurm_sigusr_handler_fn`` calls ``trainer.save_checkpoint``, whose bar
 collective too. A handler runs wherever the signal lands, between two Python bytecodes, so under
 DDP one rank can enter that collective while another is in a gradient all-reduce: the job hangs
 until SLURM's SIGKILL (simulated 2-task jobs did). Its loops also read each rank's own
-``received_sigterm``, so ranks signalled a moment apart can stop at different steps.
+``received_sigterm``, so ranks signalled a moment apart can stop at different steps. Even in one
+process, a checkpoint written inside the handler is one of whatever state the step had reached
+(half an optimizer update, say), so the requeued run does not resume exactly.
 
-:class:`StepBoundarySignals` replaces those two handlers when a distributed fit starts (Lightning
-restores the original handlers at its teardown). Its handlers only note the signal (and pass
-SIGTERM on to the ranks Lightning's launcher started, as Lightning's does). At the end of every
-training step, and at the end of a validation run inside the fit, the ranks all-reduce (max) what
-they noted, so they all decide alike, whichever of them were signalled:
+:class:`StepBoundarySignals` replaces those handlers when a fit starts (Lightning restores the
+original handlers at its teardown): the requeue handler always, SIGTERM's in a distributed fit
+(in one process Lightning's only sets a flag its loops read between steps). Its handlers only
+note the signal (and pass SIGTERM on to the ranks Lightning's launcher started, as Lightning's
+does). At the end of every training step, and at the end of a validation run inside the fit, the
+ranks all-reduce (max) what they noted, so they all decide alike, whichever of them were
+signalled:
 
 * the requeue signal: every rank takes part in ``hpc_ckpt_<n>.ckpt`` (written at the step
   boundary, so the requeued job resumes bit-exactly), then global rank 0 runs
@@ -21,9 +25,12 @@ they noted, so they all decide alike, whichever of them were signalled:
 * SIGTERM: ``trainer.received_sigterm`` is set on every rank; Lightning's loops stop after this
   step and :class:`~knet_lightning.callbacks.PreemptionCheckpoint` writes ``last.ckpt``.
 
+In one process Lightning's SIGTERM flag stops the run right after the step's batch-end hooks;
+a requeue signal noted in that step is then acted on as the run stops (``on_exception``), so
+that a SIGTERM close behind it does not lose the requeue.
+
 A signal that lands during validation waits for the end of it, so ``signal_delay_s`` (SLURM's
-``--signal=USR1@<s>``) should exceed a validation pass. A one-process fit keeps Lightning's
-handlers, which have no collective there.
+``--signal=USR1@<s>``) should exceed a validation pass.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +68,28 @@ class StepBoundarySignals(Callback):
     def __init__(self) -> None:
         self.noted: dict[str, bool] = {"requeue": False, "sigterm": False}
         self._active = False
+        self._distributed = False
 
     @property
     def sigterm_noted(self) -> bool:
         """Whether this rank has received SIGTERM that the ranks have not acted on yet."""
         return self.noted["sigterm"]
 
+    @property
+    def requeue_noted(self) -> bool:
+        """Whether this rank has received the requeue signal that the ranks have not acted on yet."""
+        return self.noted["requeue"]
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.noted = {"requeue": False, "sigterm": False}
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        self._active = trainer.world_size > 1 and distributed and threading.current_thread() is threading.main_thread()
+        # signal handlers can only be set from the main thread
+        self._active = threading.current_thread() is threading.main_thread()
         if not self._active:
             return
-        signal.signal(signal.SIGTERM, functools.partial(self._note_sigterm, trainer))
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self._distributed = trainer.world_size > 1 and distributed
+        if self._distributed:
+            signal.signal(signal.SIGTERM, functools.partial(self._note_sigterm, trainer))
         env = trainer._accelerator_connector.cluster_environment
         if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
             # only where Lightning installed its requeue handler (knet_lightning.slurm.check_requeue_signal
@@ -99,13 +116,23 @@ class StepBoundarySignals(Callback):
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._act(trainer)
 
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # In one process Lightning's SIGTERM flag stops the run right after this step's batch-end
+        # hooks: a requeue signal noted since the last boundary is acted on here, so that the
+        # SIGTERM with which SLURM ends the job does not lose the requeue. (In a distributed fit
+        # _act has handled both at the same boundary.)
+        if self._active and not self._distributed and self.noted["requeue"] and isinstance(exception, SIGTERMException):
+            self.noted["requeue"] = False
+            self._checkpoint_and_requeue(trainer)
+
     def _act(self, trainer: Trainer) -> None:
         if not self._active:
             return
-        flags = torch.tensor([float(self.noted["requeue"]), float(self.noted["sigterm"])],
-                             device=trainer.strategy.root_device)  # fmt: skip
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        requeue, sigterm = (bool(v) for v in flags.tolist())
+        requeue, sigterm = self.noted["requeue"], self.noted["sigterm"]
+        if self._distributed:
+            flags = torch.tensor([float(requeue), float(sigterm)], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            requeue, sigterm = (bool(v) for v in flags.tolist())
         if requeue:
             self.noted["requeue"] = False
             self._checkpoint_and_requeue(trainer)
@@ -122,7 +149,12 @@ class StepBoundarySignals(Callback):
         if not trainer.is_global_zero:
             return
         job_id = requeue_job_id()
-        code = subprocess.call(["scontrol", "requeue", job_id])
+        try:
+            code = subprocess.call(["scontrol", "requeue", job_id])
+        except FileNotFoundError:  # the checkpoint is there; the job just ends at its time limit
+            log.warning("saved %s at step %d; no `scontrol` on PATH to requeue SLURM job %s", path,
+                        trainer.global_step, job_id)  # fmt: skip
+            return
         if code == 0:
             log.info("saved %s at step %d; requeued SLURM job %s", path, trainer.global_step, job_id)
         else:

@@ -14,17 +14,17 @@ wires them together for ``trainer=slurm``:
   whose folder already holds a checkpoint continues from the newest one, without ``ckpt_path``.
 
 Who owns which signal (Lightning 2.x ``trainer/connectors/signal_connector.py``, registered at the
-start of every ``fit``/``test``; :mod:`knet_lightning.signals` in a distributed fit):
+start of every ``fit``/``test``; :mod:`knet_lightning.signals` over them in a fit):
 
 * **SIGUSR1: the requeue.** SLURM sends it ``signal_delay_s`` before the time limit
   (``#SBATCH --signal=USR1@120``). It writes ``<run folder>/hpc_ckpt_<n>.ckpt``
   (``trainer.save_checkpoint``, so through our atomic ``SafeCheckpointIO``) and, on global rank 0,
-  runs ``scontrol requeue <job id>``. With one process, Lightning's handler does that
-  (``_SignalConnector._slurm_sigusr_handler_fn``, wherever the signal lands: mid-step too); in a
-  distributed fit, :class:`~knet_lightning.signals.StepBoundarySignals` does it at the end of the
-  step, on every rank together. Lightning installs its handler only if nothing else handles
-  SIGUSR1 (``_has_already_handler``): :func:`check_requeue_signal` warns when something does, and
-  then neither takes it.
+  runs ``scontrol requeue <job id>``, as Lightning's handler would
+  (``_SignalConnector._slurm_sigusr_handler_fn``), but at the end of the step in progress, on
+  every rank together: :class:`~knet_lightning.signals.StepBoundarySignals` takes over Lightning's
+  handler, which would checkpoint wherever the signal landed (mid-step too). Lightning installs
+  its handler only if nothing else handles SIGUSR1 (``_has_already_handler``):
+  :func:`check_requeue_signal` warns when something does, and then neither takes it.
 * **SIGTERM: ours.** The run stops at the next step boundary (one process: Lightning's
   ``trainer.received_sigterm``; distributed: set by ``StepBoundarySignals`` on every rank after the
   same step), :class:`~knet_lightning.callbacks.PreemptionCheckpoint` writes
@@ -36,10 +36,9 @@ SLURM ends the running instance (``last.ckpt`` at the next step boundary, if the
 SLURM's ``KillWait``). The requeued job starts again with the same job id and
 :func:`auto_resume_path` picks whichever of the two is newer.
 
-Limits: a signal that lands during validation is acted on at its end in a distributed fit, so
-``signal_delay_s`` should exceed a validation pass. A one-process run's hpc checkpoint is taken
-mid-step when SIGUSR1 lands mid-step (the run continues from that step, but bit-exactly only when
-it landed between steps); ``last.ckpt`` is always at a step boundary.
+Limits: SIGUSR1 (and SIGTERM in a distributed fit) landing during validation is acted on at its
+end, so ``signal_delay_s`` should exceed a validation pass. Both checkpoints are at a step
+boundary, so the requeued run resumes bit-exactly.
 """
 
 from __future__ import annotations
