@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import pickle
 from pathlib import Path
 
@@ -163,9 +164,54 @@ def test_converted_checkpoint_evaluates_and_fine_tunes(tmp_path: Path, caplog: p
     last = load_checkpoint_file(run_dir / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 2 and len(last["optimizer_states"]) == 1
 
-    with pytest.raises(ConversionError, match=r"load_from=.*converted\.ckpt does not match this network.*shapes differ"):
-        run_cfg(compose_cfg(tmp_path / "wide", [UPERNET, *TINY, *data, *two_steps, "model.net.aux_channels=8",
-                                                 f"load_from={converted}"]))  # fmt: skip
+    wide = [UPERNET, *TINY, *data, *two_steps, "model.net.aux_channels=8", f"load_from={converted}"]
+    with pytest.raises(ConversionError, match=r"load_from=.*converted\.ckpt does not match this network.*shapes "
+                                              r"differ.*With load_from_strict=false"):  # fmt: skip
+        run_cfg(compose_cfg(tmp_path / "wide", wide))
+    # not strict: what matches is loaded, the auxiliary head of another width keeps its init
+    with caplog.at_level("INFO", logger="knet_lightning.checkpoint_model"):
+        run_cfg(compose_cfg(tmp_path / "wide", [*wide, "load_from_strict=false"]))
+    assert re.search(r"load_from=.*converted\.ckpt \(not strict\): \d+ of \d+ network tensors loaded.*left as "
+                     r"initialised: \d+ of another shape: .*aux", caplog.text), caplog.text  # fmt: skip
     with pytest.raises(ValueError, match="either load_from= .* or ckpt_path="):
         run_cfg(compose_cfg(tmp_path / "both", [UPERNET, *TINY, *data, f"load_from={converted}",
                                                  f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"]))  # fmt: skip
+
+
+def test_load_from_not_strict_loads_what_matches_and_names_the_rest(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """load_from_strict=false, as for fine-tuning on other classes: tensors of equal name and shape
+    come from the checkpoint, the classifier of another class count keeps its initialisation."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from knet_lightning.checkpoint_model import load_network_weights
+
+    def net(classes: int) -> nn.Module:
+        torch.manual_seed(classes)
+        return nn.Sequential(nn.Conv2d(3, 4, 1), nn.Linear(4, classes))
+
+    source = net(133)
+    torch.save({"state_dict": {f"net.{k}": v for k, v in source.state_dict().items()}, "epoch": 3},
+               tmp_path / "coco.ckpt")  # fmt: skip
+    module = SimpleNamespace(net=net(19))
+    initial = {k: v.clone() for k, v in module.net.state_dict().items()}
+    with pytest.raises(ConversionError, match=r"shapes differ: 1\.weight \(133, 4\) -> 1\.weight \(19, 4\).*"
+                                              r"load_from_strict=false"):  # fmt: skip
+        load_network_weights(module, str(tmp_path / "coco.ckpt"))
+    assert all(torch.equal(v, initial[k]) for k, v in module.net.state_dict().items())  # nothing half-loaded
+
+    with caplog.at_level("INFO", logger="knet_lightning.checkpoint_model"):
+        load_network_weights(module, str(tmp_path / "coco.ckpt"), strict=False)
+    loaded = module.net.state_dict()
+    assert torch.equal(loaded["0.weight"], source[0].weight) and torch.equal(loaded["0.bias"], source[0].bias)
+    assert torch.equal(loaded["1.weight"], initial["1.weight"]) and torch.equal(loaded["1.bias"], initial["1.bias"])
+    (record,) = [r for r in caplog.records if "not strict" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert "2 of 4 network tensors loaded" in record.getMessage()
+    assert "left as initialised: 2 of another shape: 1.weight (133, 4) -> (19, 4), 1.bias (133,) -> (19,)" \
+        in record.getMessage()
+
+    torch.save({"state_dict": {"net.head.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
+    with pytest.raises(ConversionError, match=r"other\.ckpt: no tensor of its network has a name and shape"):
+        load_network_weights(module, str(tmp_path / "other.ckpt"), strict=False)

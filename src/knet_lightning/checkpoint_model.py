@@ -138,21 +138,49 @@ def without_initial_weights(model_cfg: dict[str, Any]) -> dict[str, Any]:
     return {**model_cfg, "net": net} if net else dict(model_cfg)
 
 
-def load_network_weights(module: Any, path: str, trusted: bool = False) -> None:
+def load_network_weights(module: Any, path: str, trusted: bool = False, strict: bool = True) -> None:
     """``load_from=``: copy the network weights of checkpoint ``path`` (ours, or one that
     ``mode=convert`` wrote) into ``module.net``; optimizer, schedule and epoch start afresh.
 
-    Strict: the checkpoint's network must be this config's (same keys and shapes); anything
-    else is one error naming the file and the keys.
+    ``strict`` (``load_from_strict``, the default): the checkpoint's network must be this config's
+    (same keys and shapes); anything else is one error naming the file and the keys. Not strict
+    (to fine-tune on another data set, as MMDetection's ``load_from`` and detectron2's
+    ``MODEL.WEIGHTS`` do): every tensor whose name and shape match is loaded, the rest of the
+    network keeps its initialisation (e.g. the classifier and the stuff kernels of another class
+    list), and a warning lists what was left out; a checkpoint that shares no tensor is an error.
     """
     from knet_lightning.checkpoint_io import load_checkpoint_file
-    from knet_lightning.convert.mapping import KeyMapping, convert_state_dict
+    from knet_lightning.convert.mapping import ConversionError, KeyMapping, key_listing, convert_state_dict
 
     checkpoint = load_checkpoint_file(path, trusted=trusted)
     state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping):
         raise ValueError(f"load_from={path}: not a knet-lightning checkpoint (no 'state_dict')")
     net_state = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
-    same = KeyMapping([("{rest}", "{rest}")], name="load_from")
-    module.net.load_state_dict(convert_state_dict(net_state, module.net.state_dict(), same, f"load_from={path}"))
-    log.info("load_from=%s: network weights loaded; optimizer and schedule start afresh", path)
+    target = module.net.state_dict()
+    if strict:
+        same = KeyMapping([("{rest}", "{rest}")], name="load_from")
+        try:
+            loaded = convert_state_dict(net_state, target, same, f"load_from={path}")
+        except ConversionError as error:
+            raise ConversionError(f"{error}. With load_from_strict=false the tensors whose names and shapes match "
+                                  "are loaded and the rest keeps its initialisation (to fine-tune on other "
+                                  "classes)") from None  # fmt: skip
+        module.net.load_state_dict(loaded)
+        log.info("load_from=%s: network weights loaded; optimizer and schedule start afresh", path)
+        return
+    loaded = {k: v for k, v in net_state.items() if k in target and tuple(v.shape) == tuple(target[k].shape)}
+    if not loaded:
+        raise ConversionError(f"load_from={path}: no tensor of its network has a name and shape of this network's "
+                              f"({len(net_state)} tensors, e.g. {key_listing(list(net_state)[:3])})")  # fmt: skip
+    module.net.load_state_dict(loaded, strict=False)
+    shapes = [f"{k} {tuple(net_state[k].shape)} -> {tuple(target[k].shape)}"
+              for k in net_state if k in target and k not in loaded]  # fmt: skip
+    absent = [k for k in target if k not in net_state]
+    unused = [k for k in net_state if k not in target]
+    left = [f"{len(shapes)} of another shape: {key_listing(shapes)}"] if shapes else []
+    left += [f"{len(absent)} not in the checkpoint: {key_listing(absent)}"] if absent else []
+    left += [f"{len(unused)} checkpoint tensors with no place here: {key_listing(unused)}"] if unused else []
+    log.log(logging.WARNING if left else logging.INFO,
+            "load_from=%s (not strict): %d of %d network tensors loaded; optimizer and schedule start afresh%s",
+            path, len(loaded), len(target), "; left as initialised: " + "; ".join(left) if left else "")  # fmt: skip

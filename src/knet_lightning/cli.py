@@ -435,7 +435,8 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
         if cfg.get("load_from"):
             if ckpt_path is not None:
                 raise ValueError("give either load_from= (start from its weights) or ckpt_path= (resume), not both")
-            load_network_weights(model, cfg.load_from, trusted=bool(cfg.get("trusted_checkpoint", False)))
+            load_network_weights(model, cfg.load_from, trusted=bool(cfg.get("trusted_checkpoint", False)),
+                                 strict=bool(cfg.get("load_from_strict", True)))
 
     loggers.extend(build_loggers(cfg))
     for logger in loggers:

@@ -68,7 +68,7 @@ def kernel_update_head_pairs(source: str, target: str) -> list[tuple[str, str]]:
     ]
 
 
-def _listing(keys: Sequence[str], limit: int = 6) -> str:
+def key_listing(keys: Sequence[str], limit: int = 6) -> str:
     """A few keys by name, or, for many, the modules they sit in (``decode_head.conv_cat.* (6)``)."""
     if len(keys) <= limit:
         return ", ".join(keys)
@@ -111,11 +111,11 @@ def convert_state_dict(
     ]
     problems = []
     if unused:
-        problems.append(f"{len(unused)} source tensors have no place in the network: {_listing(unused)}")
+        problems.append(f"{len(unused)} source tensors have no place in the network: {key_listing(unused)}")
     if missing:
-        problems.append(f"{len(missing)} network tensors are not in the checkpoint: {_listing(missing)}")
+        problems.append(f"{len(missing)} network tensors are not in the checkpoint: {key_listing(missing)}")
     if twice:
-        problems.append(f"filled twice: {_listing(twice)}")
+        problems.append(f"filled twice: {key_listing(twice)}")
     if shapes:
         problems.append(f"{len(shapes)} shapes differ: {', '.join(shapes[:4])}{', ...' if len(shapes) > 4 else ''}")
     if problems:
