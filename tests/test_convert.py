@@ -166,7 +166,7 @@ def test_converted_checkpoint_evaluates_and_fine_tunes(tmp_path: Path, caplog: p
 
     wide = [UPERNET, *TINY, *data, *two_steps, "model.net.aux_channels=8", f"load_from={converted}"]
     with pytest.raises(ConversionError, match=r"load_from=.*converted\.ckpt does not match this network.*shapes "
-                                              r"differ.*With load_from_strict=false"):  # fmt: skip
+                                              r"differ.*; with load_from_strict=false"):  # fmt: skip
         run_cfg(compose_cfg(tmp_path / "wide", wide))
     # not strict: what matches is loaded, the auxiliary head of another width keeps its init
     with caplog.at_level("INFO", logger="knet_lightning.checkpoint_model"):
@@ -197,7 +197,7 @@ def test_load_from_not_strict_loads_what_matches_and_names_the_rest(tmp_path: Pa
     module = SimpleNamespace(net=net(19))
     initial = {k: v.clone() for k, v in module.net.state_dict().items()}
     with pytest.raises(ConversionError, match=r"shapes differ: 1\.weight \(133, 4\) -> 1\.weight \(19, 4\).*"
-                                              r"load_from_strict=false"):  # fmt: skip
+                                              r"; with load_from_strict=false"):  # fmt: skip
         load_network_weights(module, str(tmp_path / "coco.ckpt"))
     assert all(torch.equal(v, initial[k]) for k, v in module.net.state_dict().items())  # nothing half-loaded
 
@@ -215,3 +215,31 @@ def test_load_from_not_strict_loads_what_matches_and_names_the_rest(tmp_path: Pa
     torch.save({"state_dict": {"net.head.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
     with pytest.raises(ConversionError, match=r"other\.ckpt: no tensor of its network has a name and shape"):
         load_network_weights(module, str(tmp_path / "other.ckpt"), strict=False)
+
+
+def test_coco_panoptic_weights_fine_tune_on_cityscapes_panoptic(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The README's cross-data-set fine-tuning: COCO panoptic weights (133 classes) into the
+    Cityscapes panoptic experiment (19) with load_from_strict=false. Only the classifiers differ."""
+    from cli_utils import TINY_MODEL
+    from test_cityscapes import _write_fixture as write_cityscapes
+    from test_readme import _write_coco_panoptic
+
+    _write_coco_panoptic(tmp_path / "coco")
+    write_cityscapes(tmp_path / "cityscapes")
+    one_step = [*LOADER, *TINY_MODEL, "model.net.pretrained=false", "trainer.max_steps=1", "trainer.max_epochs=1",
+                "trainer.limit_train_batches=1", "trainer.limit_val_batches=0", "test_after_fit=false"]  # fmt: skip
+    run_cfg(compose_cfg(tmp_path / "coco_run", ["experiment=knet_r50_coco_panoptic_1x", f"data.root={tmp_path / 'coco'}",
+                                                 "data.train_short_edge=64", "data.train_max_size=96", *one_step]))  # fmt: skip
+    coco = load_checkpoint_file(tmp_path / "coco_run" / "run" / "checkpoints" / "last.ckpt")["state_dict"]
+    with caplog.at_level("INFO", logger="knet_lightning.checkpoint_model"):
+        run_cfg(compose_cfg(tmp_path / "cs_run", [
+            "experiment=knet_r50_cityscapes_panoptic_90k", f"data.root={tmp_path / 'cityscapes'}", "data.crop_size=[16,32]",
+            "data.batch_size=2", *one_step, f"load_from={tmp_path / 'coco_run' / 'run' / 'checkpoints' / 'last.ckpt'}",
+            "load_from_strict=false"]))  # fmt: skip
+    (message,) = [r.getMessage() for r in caplog.records if "(not strict)" in r.getMessage()]
+    left = re.search(r"left as initialised: 4 of another shape: (.*)$", message)
+    assert left, message
+    assert sorted(re.findall(r"([\w.]+) \(", left.group(1))) == [
+        "kernel_head.conv_seg.bias", "kernel_head.conv_seg.weight", "update_heads.0.fc_cls.bias",
+        "update_heads.0.fc_cls.weight"]  # fmt: skip
+    assert f"{len(coco) - 4} of {len(coco)} network tensors loaded" in message

@@ -163,7 +163,7 @@ def load_network_weights(module: Any, path: str, trusted: bool = False, strict: 
         try:
             loaded = convert_state_dict(net_state, target, same, f"load_from={path}")
         except ConversionError as error:
-            raise ConversionError(f"{error}. With load_from_strict=false the tensors whose names and shapes match "
+            raise ConversionError(f"{error}; with load_from_strict=false the tensors whose names and shapes match "
                                   "are loaded and the rest keeps its initialisation (to fine-tune on other "
                                   "classes)") from None  # fmt: skip
         module.net.load_state_dict(loaded)
