@@ -85,6 +85,19 @@ def test_train_and_val_loaders_without_workers(root: Path) -> None:
         check_batch(batch, batch["images"].shape[0], padded=(64, 64))
 
 
+def test_pin_memory_only_for_an_accelerator(root: Path) -> None:
+    from types import SimpleNamespace
+
+    dm = SyntheticPanopticDataModule(root, batch_size=2, pin_memory=True, **GEN)
+    dm.setup("fit")
+    for device, pinned in (("cpu", False), ("cuda", True)):
+        dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+        assert dm.train_dataloader().pin_memory is pinned and dm.val_dataloader().pin_memory is pinned
+    dm.trainer = None  # no trainer: a GPU's presence decides
+    assert dm.train_dataloader().pin_memory is torch.cuda.is_available()
+    assert SyntheticPanopticDataModule(root, pin_memory=False, **GEN)._pins() is False
+
+
 def test_loaders_with_one_worker_and_multiscale(root: Path) -> None:
     dm = SyntheticPanopticDataModule(
         root,

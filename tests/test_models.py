@@ -355,8 +355,12 @@ def test_frozen_stages_and_norm_eval() -> None:
     bb(torch.randn(2, 3, 64, 64))
     assert torch.equal(bb.layer3[0].bn1.running_mean, before)
 
+    # modules_in_eval_mode() lists exactly the modules train() keeps in eval mode
+    assert {id(m) for m in bb.modules_in_eval_mode()} == {id(m) for m in bb.modules() if not m.training}
+
     free = ResNetBackbone(depth=18, frozen_stages=-1, norm_eval=False).train()
     assert all(p.requires_grad for p in free.parameters())
+    assert free.modules_in_eval_mode() == []
     assert all(m.training for m in free.modules() if isinstance(m, nn.BatchNorm2d))
     feats = free(torch.randn(1, 3, 64, 96))
     assert [f.shape[1] for f in feats] == free.out_channels == [64, 128, 256, 512]
@@ -490,3 +494,30 @@ def test_forward_under_cpu_autocast_keeps_kernels_fp32() -> None:
         outs = model(torch.randn(1, 3, 64, 64))
     assert outs[0].kernels.dtype == torch.float32
     assert all(torch.isfinite(o.mask_logits.float()).all() for o in outs)
+
+
+def test_frozen_modules_note_replaces_lightnings_warning_only_for_the_backbones_own(caplog) -> None:
+    import warnings
+
+    from knet_lightning.callbacks import FrozenModulesNote
+
+    module = nn.Module()
+    module.net = nn.Module()
+    module.net.backbone = ResNetBackbone(depth=18, frozen_stages=1, norm_eval=True)
+    module.net.head = nn.Linear(2, 2)
+    n = len([m for m in module.modules() if not m.training])
+    assert n == len(module.net.backbone.modules_in_eval_mode()) > 0
+
+    def lightning_warns(count: int) -> list:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with caplog.at_level("INFO", logger="knet_lightning.callbacks"):
+                FrozenModulesNote().on_fit_start(None, module)
+            warnings.warn(f"Found {count} module(s) in eval mode at the start of training. This may lead to ...")
+        return seen
+
+    assert lightning_warns(n) == []
+    assert f"{n} backbone modules stay in eval mode while training, by design: frozen_stages=1 and norm_eval" \
+        in caplog.text
+    module.net.head.eval()  # not the backbone's: Lightning's warning stays
+    assert len(lightning_warns(n + 1)) == 1

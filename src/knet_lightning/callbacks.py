@@ -7,12 +7,16 @@
 * :class:`PreemptionCheckpoint`: on SIGTERM Lightning stops at the next step boundary; this
   callback writes ``last.ckpt`` there, so the run resumes with ``ckpt_path=last``.
 * :class:`BadSampleReport`: with ``on_bad_sample=skip`` it counts and reports the skipped files.
+* :class:`FrozenModulesNote`: says which backbone modules stay in eval mode while training, in
+  place of Lightning's warning about them.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -270,3 +274,27 @@ class BadSampleReport(Callback):
                 "epoch %d: skipped %d bad training sample(s) (data.on_bad_sample=skip):\n  %s%s",
                 trainer.current_epoch, count, listed, f"\n  ... and {more} more" if more > 0 else "",
             )
+
+
+class FrozenModulesNote(Callback):
+    """The backbones keep their frozen stages and (ResNet with ``norm_eval``, as mmdet's) every
+    BatchNorm in eval mode while training, by design; Lightning warns of any module in eval
+    mode at the start of training as possibly unexpected. When the modules in eval mode are
+    exactly the backbone's (``modules_in_eval_mode()``), this logs what they are and why instead,
+    and that one warning is not shown; any other module in eval mode still gets it."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        backbone = getattr(getattr(pl_module, "net", None), "backbone", None)
+        if not hasattr(backbone, "modules_in_eval_mode"):
+            return
+        by_design = {id(m) for m in backbone.modules_in_eval_mode()}
+        in_eval = [m for m in pl_module.modules() if not m.training]
+        if not in_eval or any(id(m) not in by_design for m in in_eval):
+            return
+        warnings.filterwarnings(
+            "ignore", message=re.escape(f"Found {len(in_eval)} module(s) in eval mode at the start of training")
+        )
+        norm_eval = getattr(backbone, "norm_eval", False)
+        log.info("%d backbone modules stay in eval mode while training, by design: frozen_stages=%d%s",
+                 len(in_eval), backbone.frozen_stages,  # fmt: skip
+                 " and norm_eval (every BatchNorm keeps its pretrained statistics)" if norm_eval else "")

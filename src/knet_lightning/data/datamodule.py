@@ -65,7 +65,8 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         batch_size: training images per device.
         val_batch_size: evaluation images per device (``None``: ``batch_size``).
         num_workers: loader worker processes per device.
-        pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
+        pin_memory: pin batches in page-locked memory (faster host-to-GPU copies); only where
+            the trainer runs on an accelerator.
         persistent_workers: keep workers alive between epochs (only with workers).
         train_kind: ``"resize"``, ``"multiscale"`` or ``"lsj"`` (see ``build_transforms``).
         train_short_edge: training short side; an int, a ``(low, high)`` range for
@@ -265,13 +266,23 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self.collate,
-            pin_memory=self.pin_memory,
+            pin_memory=self._pins(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             drop_last=False,
             # a loader's own generator seeds its workers: starting an iterator must not draw
             # from the global RNG, or a resumed run's dropout draws would shift
             generator=torch.Generator().manual_seed(self._seed()),
         )
+
+    def _pins(self) -> bool:
+        """``pin_memory`` where it helps: page-locked batches only speed up copies to a GPU, and a
+        CPU run would pin for nothing (and torch warns of it)."""
+        if not self.pin_memory:
+            return False
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.strategy.root_device.type != "cpu"
+        return torch.cuda.is_available()
 
     def _seed(self) -> int:
         if self.sampler_seed is not None:
@@ -305,7 +316,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self.collate,
-            pin_memory=self.pin_memory,
+            pin_memory=self._pins(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             drop_last=False,
             generator=torch.Generator().manual_seed(seed),

@@ -342,6 +342,14 @@ class ResNetBackbone(nn.Module):
             for p in m.parameters():
                 p.requires_grad_(False)
 
+    def modules_in_eval_mode(self) -> list[nn.Module]:
+        """The modules that :meth:`train` keeps in eval mode: the frozen stages (with their
+        children) and, with ``norm_eval``, every BatchNorm."""
+        kept = [sub for m in self._frozen_modules() for sub in m.modules()]
+        if self.norm_eval:
+            kept += [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        return list({id(m): m for m in kept}.values())
+
     def train(self, mode: bool = True) -> ResNetBackbone:
         """Switch mode, but keep frozen stages and (with ``norm_eval``) every BN in eval mode."""
         super().train(mode)

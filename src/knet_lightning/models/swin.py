@@ -356,6 +356,10 @@ class SwinBackbone(nn.Module):
             mods += [self.stages[i], getattr(self, f"norm{i}")]
         return mods
 
+    def modules_in_eval_mode(self) -> list[nn.Module]:
+        """The modules that :meth:`train` keeps in eval mode: the frozen stages, with their children."""
+        return [sub for m in self._frozen_modules() for sub in m.modules()]
+
     def train(self, mode: bool = True) -> SwinBackbone:
         """Switch mode, keeping frozen stages in eval mode and without gradients."""
         super().train(mode)
