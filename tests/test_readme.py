@@ -126,6 +126,10 @@ def test_every_quick_start_command_runs_as_written(tmp_path: Path) -> None:
             assert {(r["N"], r["S"]) for r in rows} == {(n, s) for n in ("50", "100", "200") for s in "1234"}
         if any(a.startswith("experiment=knet_r50_coco") for a in args):
             assert list(cwd.glob("logs/train/runs/*/wandb/offline-run-*")), "no offline W&B run"
+            # warnings nobody can act on: pinning without a GPU, the frozen backbone's eval-mode
+            # modules (logged as by design instead), Lightning's use of torch's pytree API
+            for noise in ("'pin_memory' argument", "module(s) in eval mode at the start", "LeafSpec"):
+                assert noise not in proc.stderr + proc.stdout, noise
         if "ckpt_path=last" in args and "mode=train" not in args and not any(a.startswith("mode=") for a in args):
             # the resume commands restore the default run's own checkpoint (not the COCO run's,
             # newer) and say which one

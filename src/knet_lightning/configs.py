@@ -79,3 +79,6 @@ def register_configs() -> None:
         "ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore schema",
         category=UserWarning,
     )
+    # Lightning 2.6's own use of torch 2.14's pytree API (lightning/pytorch/utilities/_pytree.py),
+    # printed at every fit and nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")

@@ -104,7 +104,8 @@ def auto_resume_path(trainer: Any, checkpoint_dir: str | Path) -> Optional[str]:
         candidates["hpc"] = os.path.getmtime(hpc)
     if not candidates:
         return None
-    # on a tie the step-boundary last.ckpt: the hpc file is written wherever SIGUSR1 lands
+    # on a tie last.ckpt (both are written at a step boundary; a hpc file of an older version of
+    # this package, or of Lightning's own handler, may be mid-step)
     choice = max(candidates, key=lambda key: (candidates[key], key != "hpc"))
     restart = os.environ.get("SLURM_RESTART_COUNT")
     log.info("auto_resume: continuing from %s (the newest checkpoint of this run folder%s)",
