@@ -6,7 +6,8 @@ stage (K-Net, Zhang et al., NeurIPS 2021: the masks and classes of update stage 
 official code's test path reads the last one). The graph takes one input and has dynamic batch,
 height and width::
 
-    images       (B, 3, H, W)  float32, normalised, H and W multiples of the size divisor (32)
+    images       (B, 3, H, W)  float32, normalised; H and W multiples of the size divisor (32),
+                               any size for the semantic task (it reads images unpadded)
     mask_logits  (B, N, H/4, W/4)
     cls_logits   (B, N, C)     panoptic and instance only (the semantic task has no classifier)
 
@@ -113,7 +114,14 @@ def export_onnx(
     with torch.no_grad():
         outputs = wrapper(example)
     names = ["mask_logits", "cls_logits"][: len(outputs)]
-    dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+    if module.task.unpadded_inference:  # the semantic task reads each image at its own size
+        dims = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+    else:
+        # H and W as multiples of the size divisor, as every input is padded: the Swin backbone's
+        # window padding and shifted-window masks then give torch.export guards it can prove for
+        # every size (with free H and W it specialises them to the example's)
+        dims = {0: torch.export.Dim("batch"), 2: divisor * torch.export.Dim("height_blocks", min=1, max=1024),
+                3: divisor * torch.export.Dim("width_blocks", min=1, max=1024)}  # fmt: skip
     try:
         with torch.no_grad():
             program = torch.onnx.export(
@@ -129,7 +137,7 @@ def export_onnx(
              if isinstance(shape[axis], int)]  # fmt: skip
     if fixed:
         # torch.export turns a dynamic size static, without an error, where the code branches on
-        # it (as the Swin backbone's window padding and shifted-window mask do)
+        # it in a way it cannot prove for every size (the Swin backbone did with free H and W)
         raise RuntimeError(
             f"{checkpoint}: the exported {module.task.name} network fixes the input's {', '.join(fixed)} "
             f"(torch.export specialised them); such a graph runs at the example size only, so nothing is written"
@@ -146,6 +154,15 @@ def export_onnx(
         STAGE_KEY: stage_index,
         FORMAT_KEY: FORMAT_VERSION,
     }  # fmt: skip
+    # the exporter annotates every intermediate value with a symbolic shape, and under the Swin
+    # backbone some of those are wrong at sizes other than the example's (ONNX Runtime's memory
+    # planner then reuses a (1, 49, 49) window-mask buffer for a (2, 49, 49) one and fails); ONNX
+    # Runtime infers the shapes it needs from the inputs itself
+    for node in program.model.graph:
+        for value in node.outputs:
+            if not value.is_graph_output():
+                value.shape = None
+    _name_dims(program.model.graph)
     program.model.metadata_props.update({key: json.dumps(value) for key, value in metadata.items()})
     program.model.doc_string = f"K-Net ({task.name}), stage {stage_index} of {checkpoint.name}"
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +175,19 @@ def export_onnx(
     log.info("exported %s stage %d (%s) to %s: %s -> %s", checkpoint, stage_index, task.name, out_path,
              INPUT_NAME, ", ".join(names))  # fmt: skip
     return out_path
+
+
+def _name_dims(graph: Any) -> None:
+    """The graph's dynamic sizes by what they are (``batch``, ``height``, ``width``, ``height_4``,
+    ``width_4``) rather than the exporter's symbols (``32*s75``), for whoever reads the file."""
+    import onnx_ir as ir
+
+    graph.inputs[0].shape = ir.Shape(["batch", 3, "height", "width"])
+    masks = graph.outputs[0]
+    masks.shape = ir.Shape(["batch", masks.shape[1], "height_4", "width_4"])
+    if len(graph.outputs) > 1:
+        classes = graph.outputs[1]
+        classes.shape = ir.Shape(["batch", classes.shape[1], classes.shape[2]])
 
 
 def _check_export(path: Path, wrapper: nn.Module, divisor: int) -> None:
@@ -258,6 +288,12 @@ class OnnxRuntimeNetwork:
 
     def run(self, images: Tensor) -> list[Any]:
         """The session's numpy outputs for ``images (B, 3, H, W)`` (normalised, padded)."""
+        # exported for padded inputs only (export_onnx), except where the task reads them unpadded
+        divisor = 1 if self.task.unpadded_inference else int(self.inference.get("size_divisor") or 1)
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] % divisor or images.shape[3] % divisor:
+            # the graph was exported for such inputs only; another size would not fail, only be wrong
+            raise ValueError(f"{self.path}: images must be (B, 3, H, W) with H and W multiples of {divisor} "
+                             f"(the Segmenter pads them so), got {tuple(images.shape)}")  # fmt: skip
         feed = {INPUT_NAME: images.detach().to("cpu", torch.float32).contiguous().numpy()}
         return self.session.run(self.output_names, feed)
 
