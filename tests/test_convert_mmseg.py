@@ -49,7 +49,10 @@ def _ours(tmp_path: Path, name: str, ckpt: Path | None = None) -> torch.nn.Modul
     return build_model(cfg, datamodule.class_info, ckpt)
 
 
-@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+# Swin-L (its 989 MB checkpoint written and converted, both networks built at full size: ~30 s and
+# 2 GB of disk) in make test-all; Swin-T runs the same mapping and layers in CI
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "swin-l" else n
+                                  for n in sorted(EXPERIMENTS)])  # fmt: skip
 def test_mmsegmentation_checkpoint_converts_and_matches_logits_and_losses(tmp_path: Path, name: str) -> None:
     ref = peer.randomize_(peer.build_mmseg_knet(name, init="empty"), seed=3).eval()
     source = tmp_path / f"{name}.pth"
