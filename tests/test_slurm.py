@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -232,31 +233,30 @@ def _ckpt(path: Path) -> dict[str, Any]:
     return load_checkpoint_file(path)
 
 
-def _wait_for(path: Path, proc: Any, timeout: float = 240) -> None:
-    """Polls for ``path`` while ``proc`` runs; fails with the end of its log otherwise."""
+def _wait_until(done: Callable[[], bool], what: str, proc: Any, timeout: float = 240) -> None:
+    """Polls ``done()`` while ``proc`` runs; otherwise stops it and fails with ``what`` and the end
+    of its log."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not done():
         if proc.poll() is not None or time.monotonic() > deadline:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            pytest.fail(f"no {path.name}; the run ended with {proc.returncode}:\n{proc.log_path.read_text()[-4000:]}")
-        time.sleep(0.1)
+            pytest.fail(f"no {what}; the run ended with {proc.returncode}:\n{proc.log_path.read_text()[-4000:]}")
+        time.sleep(0.05)
+
+
+def _wait_for(path: Path, proc: Any, timeout: float = 240) -> None:
+    _wait_until(path.exists, path.name, proc, timeout)
 
 
 def _wait_for_requeues(record: Path, n: int, proc: Any) -> None:
     """Until the fake scontrol has recorded its ``n``-th call."""
-    deadline = time.monotonic() + 60
-    while not (record.exists() and record.read_text().count("\n") >= n):
-        assert time.monotonic() < deadline and proc.poll() is None, proc.log_path.read_text()[-4000:]
-        time.sleep(0.1)
+    _wait_until(lambda: record.exists() and record.read_text().count("\n") >= n, f"scontrol call {n}", proc, 60)
 
 
 def _wait_for_log(proc: Any, text: str) -> None:
-    deadline = time.monotonic() + 60
-    while text not in proc.log_path.read_text():
-        assert time.monotonic() < deadline and proc.poll() is None, proc.log_path.read_text()[-4000:]
-        time.sleep(0.05)
+    _wait_until(lambda: text in proc.log_path.read_text(), repr(text), proc, 60)
 
 
 def test_time_limit_requeues_twice_and_every_instance_resumes_where_the_last_stopped(tmp_path: Path) -> None:
