@@ -121,11 +121,11 @@ def _walk(node: Any) -> Iterator[Any]:
             yield from _walk(child)
 
 
-def load_knet_config(name: str, num_classes: int | None = None) -> Any:
+def load_knet_config(name: str, num_classes: int | None = None, keep_preprocessor: bool = False) -> Any:
     """The mmengine ``Config`` of ``name``, adapted to a single CPU process.
 
-    ``data_preprocessor`` is popped from the model (inputs are fed already normalized),
-    every ``SyncBN`` becomes ``BN`` (there is no process group), ``pretrained`` is None and
+    ``data_preprocessor`` is popped from the model (inputs are fed already normalized) unless
+    ``keep_preprocessor`` (for MMSegmentation's whole test path, ``init_mmseg_model``), every ``SyncBN`` becomes ``BN`` (there is no process group), ``pretrained`` is None and
     no ``init_cfg`` points at a checkpoint (nothing downloads), and, if given,
     ``num_classes`` replaces every ``num_classes`` in the model config (the kernel generate
     head, the three kernel update heads and the auxiliary head).
@@ -135,7 +135,8 @@ def load_knet_config(name: str, num_classes: int | None = None) -> Any:
 
     cfg = Config.fromfile(str(config_path(name)))
     model = cfg.model
-    model.pop("data_preprocessor", None)
+    if not keep_preprocessor:
+        model.pop("data_preprocessor", None)
     model.pretrained = None
     for key in cfg.keys():  # the model and the top-level ``norm_cfg`` variable
         for node in _walk(cfg[key]):
@@ -556,6 +557,28 @@ def save_mmseg_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(checkpoint, str(path))
     return checkpoint
+
+
+def init_mmseg_model(
+    name: str, checkpoint: str | Path, test_scale: Sequence[int] | None = None, test_cfg: Mapping[str, Any] | None = None
+) -> nn.Module:
+    """MMSegmentation's own ``mmseg.apis.init_model`` of config ``name`` and ``checkpoint`` on the
+    CPU, with the config's data preprocessor and test pipeline: ``inference_model`` on it is the
+    path a user of MMSegmentation takes (read, ``Resize`` keep-ratio, normalise, network, logits
+    resized to the image). ``test_scale`` replaces the test ``Resize`` scale (``(2048, 512)``),
+    ``test_cfg`` the model's (e.g. ``dict(mode="slide", crop_size=..., stride=...)``)."""
+    import_mmseg()
+    from mmseg.apis import init_model
+
+    cfg = load_knet_config(name, keep_preprocessor=True)
+    if test_scale is not None:
+        resizes = [step for step in cfg.test_pipeline if step["type"] == "Resize"]
+        assert len(resizes) == 1, cfg.test_pipeline
+        resizes[0]["scale"] = tuple(int(v) for v in test_scale)
+    if test_cfg is not None:
+        cfg.model.test_cfg = dict(test_cfg)
+    with torch.serialization.safe_globals(mmengine_safe_globals()):
+        return init_model(cfg, str(checkpoint), device="cpu")
 
 
 def load_mmseg_checkpoint(model: nn.Module, path: str | Path) -> dict[str, Any]:

@@ -43,9 +43,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_checkpoint_carries_the_inference_settings(trained: tuple[Path, Path]) -> None:
     ckpt, _ = trained
     settings = load_checkpoint_file(ckpt)[INFERENCE_KEY]
-    # the synthetic data set: no resize, ImageNet normalisation, padding to 32, its category ids
+    # the synthetic data set: no resize (the references' arithmetic where there is one), ImageNet
+    # normalisation, padding to 32, its category ids
     assert settings == {
-        "short_edge": None, "max_size": None, "mean": pytest.approx([0.485, 0.456, 0.406]),
+        "short_edge": None, "max_size": None, "resize_backend": "cv2", "mean": pytest.approx([0.485, 0.456, 0.406]),
         "std": pytest.approx([0.229, 0.224, 0.225]), "size_divisor": 32, "dataset_ids": [1, 2, 3, 4, 101, 102, 103],
     }  # fmt: skip
 

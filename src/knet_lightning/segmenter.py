@@ -35,6 +35,7 @@ from knet_lightning.checkpoint_io import load_checkpoint_file
 from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY, upgrade_model_config, without_initial_weights
 from knet_lightning.data.io import read_rgb_image, to_rgb_array, upright
 from knet_lightning.data.meta import DatasetError, default_palette
+from knet_lightning.data.resize import LEGACY_BACKEND
 from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, collate_batch
 from knet_lightning.models.outputs import StageOutput
 from knet_lightning.results import SegmentationResult, SkippedInput
@@ -152,9 +153,11 @@ class Segmenter:
         self.isthing = list(module.isthing)
         self.colors = [tuple(c) for c in (module.colors or default_palette(len(self.class_names)))]
         self.dataset_ids = list(self.settings.get("dataset_ids") or range(1, len(self.class_names) + 1))
+        # checkpoints written before the resize's arithmetic was stored were evaluated with torchvision's
+        self.settings.setdefault("resize_backend", LEGACY_BACKEND)
         self.transforms = build_transforms(
             False, short_edge=self.settings["short_edge"], max_size=self.settings["max_size"],
-            mean=self.settings["mean"], std=self.settings["std"],
+            mean=self.settings["mean"], std=self.settings["std"], resize_backend=self.settings["resize_backend"],
         )  # fmt: skip
 
     @classmethod

@@ -288,7 +288,8 @@ class ADE20KDataModule(SegmentationDataModule):
         self.root = Path(root)
         self.reduce_zero_label = bool(reduce_zero_label)
         self.splits = role_splits(train_split, val_split, test_split)
-        common = {"img_scale": tuple(img_scale), "mean": tuple(mean), "std": tuple(std)}
+        common = {"img_scale": tuple(img_scale), "mean": tuple(mean), "std": tuple(std),
+                  "resize_backend": self.resize_backend}  # fmt: skip
         self.train_transforms = build_ade20k_transforms(
             True,
             crop_size=crop_size if isinstance(crop_size, int) else tuple(crop_size),

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from knet_lightning.data.coco import COCOPanopticDataset
+from knet_lightning.data.resize import check_backend
 from knet_lightning.data.meta import ClassInfo, DatasetError
 from knet_lightning.data.sampling import (
     BAD_SAMPLE_POLICIES,
@@ -78,6 +79,9 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         eval_short_edge, eval_max_size: single-scale evaluation resize (``None``: keep size).
         size_divisor: padded batch sides are multiples of it.
         mean, std: normalisation on the 0-1 scale, RGB.
+        resize_backend: the keep-ratio resizes' pixel arithmetic: ``"cv2"`` (default: the
+            references' ``mmcv.imrescale``, OpenCV bilinear without antialiasing) or
+            ``"torchvision"`` (antialiased); see :mod:`knet_lightning.data.resize`.
         on_bad_sample: ``"error"`` (default): a training sample with a missing or corrupt file
             stops the run with the reader's error; ``"skip"``: it is logged, replaced by the next
             sample and counted (``BadSampleReport``). Evaluation always stops: metrics over a
@@ -111,8 +115,10 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         on_bad_sample: str = "error",
         sampler_seed: int | None = None,
         group_by_aspect_ratio: bool = False,
+        resize_backend: str = "cv2",
     ) -> None:
         super().__init__()
+        self.resize_backend = check_backend(resize_backend, f"{type(self).__name__}: data.resize_backend")
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
             raise ValueError(
                 f"{type(self).__name__}: data.on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}"
@@ -149,10 +155,12 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             flip_prob=flip_prob,
             mean=tuple(mean),
             std=tuple(std),
+            resize_backend=self.resize_backend,
         )
         self.eval_transforms = build_transforms(
-            False, short_edge=_plain_size(eval_short_edge), max_size=eval_max_size, mean=tuple(mean), std=tuple(std)
-        )
+            False, short_edge=_plain_size(eval_short_edge), max_size=eval_max_size, mean=tuple(mean), std=tuple(std),
+            resize_backend=self.resize_backend,
+        )  # fmt: skip
         self.datasets: dict[str, Dataset] = {}
         self._class_info: ClassInfo | None = None
 
@@ -161,8 +169,9 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
     def inference_settings(self) -> dict[str, Any]:
         """The test-time preprocessing and class ids a trained model needs to run on new images,
         read from the evaluation pipeline (keep-ratio resize, normalisation) and the collate
-        padding: ``short_edge`` / ``max_size`` (None: no resize), ``mean`` / ``std`` (0-1 scale,
-        RGB), ``size_divisor`` and ``dataset_ids`` (the data set's id of each class).
+        padding: ``short_edge`` / ``max_size`` (None: no resize), ``resize_backend`` (its pixel
+        arithmetic), ``mean`` / ``std`` (0-1 scale, RGB), ``size_divisor`` and ``dataset_ids``
+        (the data set's id of each class).
         Stored in checkpoints (``knet_inference``) for :class:`knet_lightning.Segmenter`."""
         short_edge: int | None = None
         max_size: int | None = None
@@ -178,6 +187,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         return {
             "short_edge": short_edge,
             "max_size": max_size,
+            "resize_backend": self.resize_backend,
             "mean": mean,
             "std": std,
             "size_divisor": self.size_divisor,

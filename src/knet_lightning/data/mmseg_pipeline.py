@@ -27,7 +27,9 @@ from knet_lightning.data.transforms import (
     _pad_fill,
     _pair,
     keep_ratio_size,
+    resize_sample_part,
 )
+from knet_lightning.data.resize import check_backend
 
 __all__ = ["PadToSize", "PhotoMetricDistortion", "RandomCropCatMax", "RatioRangeResize", "build_ade20k_transforms"]
 
@@ -50,10 +52,12 @@ class RatioRangeResize(v2.Transform):
     Args:
         img_scale: ``(long, short)`` base scale, e.g. ``(2048, 512)``; order does not matter.
         ratio_range: ``(low, high)`` or ``None`` for the fixed ``img_scale``.
+        backend: the pixel arithmetic, ``"cv2"`` (mmcv's) or ``"torchvision"``
+            (:mod:`knet_lightning.data.resize`).
     """
 
     def __init__(
-        self, img_scale: Sequence[int], ratio_range: Sequence[float] | None = (0.5, 2.0), antialias: bool = True
+        self, img_scale: Sequence[int], ratio_range: Sequence[float] | None = (0.5, 2.0), backend: str = "cv2"
     ) -> None:
         super().__init__()
         if len(img_scale) != 2 or min(img_scale) <= 0:
@@ -66,7 +70,7 @@ class RatioRangeResize(v2.Transform):
                 )
             ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
         self.ratio_range = ratio_range
-        self.antialias = antialias
+        self.backend = check_backend(backend, "RatioRangeResize.backend")
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = v2.query_size(flat_inputs)
@@ -79,13 +83,13 @@ class RatioRangeResize(v2.Transform):
         return {"size": list(keep_ratio_size(height, width, short_side, long_side))}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        return self._call_kernel(F.resize, inpt, params["size"], antialias=self.antialias)
+        return resize_sample_part(inpt, params["size"], self.backend)
 
     _get_params = make_params
     _transform = transform
 
     def extra_repr(self) -> str:
-        return f"img_scale={self.img_scale}, ratio_range={self.ratio_range}"
+        return f"img_scale={self.img_scale}, ratio_range={self.ratio_range}, backend={self.backend!r}"
 
 
 class RandomCropCatMax(v2.Transform):
@@ -300,6 +304,7 @@ def build_ade20k_transforms(
     photometric: bool = True,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    resize_backend: str = "cv2",
 ) -> v2.Compose:
     """mmseg's ADE20K pipeline (training) or its single-scale test resize (evaluation).
 
@@ -314,6 +319,7 @@ def build_ade20k_transforms(
         flip_prob: horizontal flip probability.
         photometric: apply :class:`PhotoMetricDistortion`.
         mean, std: normalisation on the 0-1 scale, RGB.
+        resize_backend: the resizes' arithmetic, ``"cv2"`` (mmcv's) or ``"torchvision"``.
 
     Returns:
         ``pipeline(image, target) -> (image, target)``; the image comes out float32; in
@@ -330,9 +336,9 @@ def build_ade20k_transforms(
         v2.Normalize(mean=[float(m) for m in mean], std=[float(s) for s in std]),
     ]
     if not train:
-        return v2.Compose([ResizeShortestEdge(min(scale), max(scale)), *normalize])
+        return v2.Compose([ResizeShortestEdge(min(scale), max(scale), resize_backend), *normalize])
     crop = _pair(crop_size, "build_ade20k_transforms.crop_size")
-    ops: list[Any] = [RatioRangeResize(scale, ratio_range), RandomCropCatMax(crop, cat_max_ratio)]
+    ops: list[Any] = [RatioRangeResize(scale, ratio_range, resize_backend), RandomCropCatMax(crop, cat_max_ratio)]
     if flip_prob > 0:
         ops.append(v2.RandomHorizontalFlip(p=flip_prob))
     if photometric:

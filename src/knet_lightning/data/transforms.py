@@ -33,6 +33,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from knet_lightning.constants import IGNORE_INDEX
+from knet_lightning.data.resize import check_backend, resize_image, resize_label_map, scale_size
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -78,7 +79,8 @@ def keep_ratio_size(height: int, width: int, short_edge: float, max_size: float 
     scale = short_edge / min(height, width)
     if max_size is not None:
         scale = min(scale, max_size / max(height, width))
-    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+    h, w = scale_size(height, width, scale)
+    return max(1, h), max(1, w)
 
 
 def _pad_fill(inpt: Any, image_fill: float, seg_fill: int) -> float:
@@ -93,6 +95,19 @@ def _pad_fill(inpt: Any, image_fill: float, seg_fill: int) -> float:
     return image_fill
 
 
+def resize_sample_part(inpt: Any, size: Sequence[int], backend: str) -> Any:
+    """One input of a transform resized to ``size`` ``(h, w)``: an ``Image`` bilinear and a ``Mask``
+    nearest with ``backend``'s arithmetic (:mod:`knet_lightning.data.resize`); boxes through
+    torchvision; plain tensors and other values pass through untouched."""
+    if isinstance(inpt, tv_tensors.Image):
+        return tv_tensors.wrap(resize_image(inpt.as_subclass(Tensor), size, backend), like=inpt)
+    if isinstance(inpt, tv_tensors.Mask):
+        return tv_tensors.wrap(resize_label_map(inpt.as_subclass(Tensor), size, backend), like=inpt)
+    if isinstance(inpt, tv_tensors.TVTensor):
+        return F.resize(inpt, list(size))
+    return inpt
+
+
 class ResizeShortestEdge(v2.Transform):
     """Keep-ratio resize with mmdet ``Resize`` semantics (``keep_ratio=True``).
 
@@ -103,11 +118,12 @@ class ResizeShortestEdge(v2.Transform):
         short_edge: target short side, or an inclusive ``(low, high)`` range from which
             an integer is drawn uniformly per call (mmdet ``multiscale_mode='range'``).
         max_size: cap on the long side; ``None`` for no cap.
-        antialias: antialias the image when downscaling (torchvision default). The
-            masks are always resized nearest.
+        backend: the pixel arithmetic (:mod:`knet_lightning.data.resize`): ``"cv2"`` (the
+            references' ``mmcv.imrescale``: OpenCV bilinear images, nearest masks) or
+            ``"torchvision"`` (antialiased bilinear images, nearest masks).
     """
 
-    def __init__(self, short_edge: int | Sequence[int], max_size: int | None = 1333, antialias: bool = True) -> None:
+    def __init__(self, short_edge: int | Sequence[int], max_size: int | None = 1333, backend: str = "cv2") -> None:
         super().__init__()
         self.short_edge = _pair(short_edge, "ResizeShortestEdge.short_edge")
         if not 0 < self.short_edge[0] <= self.short_edge[1]:
@@ -115,7 +131,7 @@ class ResizeShortestEdge(v2.Transform):
         if max_size is not None and max_size <= 0:
             raise ValueError(f"ResizeShortestEdge.max_size must be positive or None, got {max_size!r}")
         self.max_size = max_size
-        self.antialias = antialias
+        self.backend = check_backend(backend, "ResizeShortestEdge.backend")
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = v2.query_size(flat_inputs)
@@ -124,14 +140,14 @@ class ResizeShortestEdge(v2.Transform):
         return {"size": list(keep_ratio_size(height, width, short, self.max_size))}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        return self._call_kernel(F.resize, inpt, params["size"], antialias=self.antialias)
+        return resize_sample_part(inpt, params["size"], self.backend)
 
     # torchvision < 0.21 calls the private names.
     _get_params = make_params
     _transform = transform
 
     def extra_repr(self) -> str:
-        return f"short_edge={self.short_edge}, max_size={self.max_size}"
+        return f"short_edge={self.short_edge}, max_size={self.max_size}, backend={self.backend!r}"
 
 
 class LargeScaleJitter(v2.Transform):
@@ -252,6 +268,7 @@ def build_transforms(
     flip_prob: float = 0.5,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    resize_backend: str = "cv2",
 ) -> v2.Compose:
     """The training or evaluation pipeline, ending in float32 normalised images.
 
@@ -267,6 +284,8 @@ def build_transforms(
         scale_range: LSJ random factor range.
         flip_prob: horizontal flip probability (training only).
         mean, std: per-channel normalisation on the 0-1 scale, RGB.
+        resize_backend: the keep-ratio resizes' arithmetic, ``"cv2"`` (the references') or
+            ``"torchvision"`` (:mod:`knet_lightning.data.resize`); LSJ resizes with torchvision.
 
     Returns:
         A ``v2.Compose`` called as ``pipeline(image, target) -> (image, target)``;
@@ -289,14 +308,14 @@ def build_transforms(
                 raise ValueError(
                     f"build_transforms: kind='multiscale' needs short_edge=(low, high), got {short_edge!r}"
                 )
-            ops.append(ResizeShortestEdge(short_edge, max_size))
+            ops.append(ResizeShortestEdge(short_edge, max_size, resize_backend))
         elif short_edge is not None:
             if not isinstance(short_edge, int):
                 raise ValueError(
                     f"build_transforms: kind='resize' needs an int short_edge, got {short_edge!r} "
                     "(use kind='multiscale' for a range)"
                 )
-            ops.append(ResizeShortestEdge(short_edge, max_size))
+            ops.append(ResizeShortestEdge(short_edge, max_size, resize_backend))
         # The K-Net resizes keep a segment they empty, as mmdet's Resize / RandomFlip / Pad do;
         # the criterion keeps such a thing as a target and drops such a stuff class.
         if flip_prob > 0:
@@ -304,7 +323,7 @@ def build_transforms(
     elif short_edge is not None:
         if not isinstance(short_edge, int):
             raise ValueError(f"build_transforms: evaluation needs an int short_edge (single scale), got {short_edge!r}")
-        ops.append(ResizeShortestEdge(short_edge, max_size))
+        ops.append(ResizeShortestEdge(short_edge, max_size, resize_backend))
     # A single dtype converts only images (and videos): masks keep bool / int64.
     ops.append(v2.ToDtype(torch.float32, scale=True))
     ops.append(v2.Normalize(mean=[float(m) for m in mean], std=[float(s) for s in std]))
