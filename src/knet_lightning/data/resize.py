@@ -133,6 +133,8 @@ def _resize_planes(x: Tensor, size: tuple[int, int], interpolation: int, chunk: 
     """``(..., H, W)`` through ``cv2.resize`` as ``(H, W, prod(...))`` planes."""
     lead = x.shape[:-2]
     height, width = x.shape[-2:]
+    if x.numel() == 0:  # e.g. an image without segments: (0, H, W) masks
+        return x.new_zeros(*lead, *size)
     planes = x.detach().cpu().reshape(-1, height, width).permute(1, 2, 0).numpy()
     out = torch.from_numpy(_cv2_resize(planes, size, interpolation, chunk)).permute(2, 0, 1)
     return out.reshape(*lead, *size).contiguous().to(x.device)
