@@ -217,3 +217,27 @@ def test_coco_multiscale_resize_equals_mmcv_on_the_same_scale() -> None:
                 target["masks"][k].numpy(),
                 mmcv.imrescale(masks[k].astype(np.uint8), (1333, short), interpolation="nearest").astype(bool),
             )
+
+
+# ------------------------------------------------------------------ fp32 for published numbers
+def test_published_weights_run_in_fp32_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    import knet_lightning.segmenter as segmenter
+    from knet_lightning.cli import published_numbers_in_fp32
+
+    _, converted = _converted(tmp_path, "fcn", CI_SCALE[0])
+    # where bf16 is fast, "auto" picks it for trained checkpoints, but not for published weights
+    monkeypatch.setattr(segmenter, "bf16_supported", lambda device: True)
+    assert Segmenter.from_checkpoint(converted).precision == "fp32"
+    assert Segmenter.from_checkpoint(converted, precision="bf16").precision == "bf16"
+
+    # mode=eval: the experiment's bf16 (trainer=gpu) gives way to fp32; the command line's is kept
+    for overrides, expected in [([], "32-true"), (["trainer.precision=bf16-mixed"], "bf16-mixed")]:
+        cfg = compose_cfg(tmp_path, ["experiment=knet_fcn_r50_ade20k_80k", "mode=eval", f"ckpt_path={converted}",
+                                     *overrides])  # fmt: skip
+        with open_dict(cfg):
+            cfg.trainer.precision = "bf16-mixed"
+        HydraConfig.instance().set_config(cfg)
+        published_numbers_in_fp32(cfg)
+        assert cfg.trainer.precision == expected, overrides

@@ -22,6 +22,8 @@ MODEL_CONFIG_KEY = "knet_model_config"
 # what inference needs besides the network (knet_lightning.segmenter): the test-time resize,
 # the normalisation, the padding divisor and the data set's class ids
 INFERENCE_KEY = "knet_inference"
+# where a checkpoint that mode=convert wrote records its published source (knet_lightning.convert)
+CONVERSION_KEY = "knet_conversion"
 
 # model.* keys that may differ from the checkpoint's: they do not shape any weight
 FREE_KEYS = (

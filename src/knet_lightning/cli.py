@@ -20,7 +20,7 @@ from typing import Any, Optional
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from knet_lightning.checkpoint_io import load_checkpoint_file
 from knet_lightning.checkpoint_model import (
@@ -309,6 +309,26 @@ def run(cfg: DictConfig) -> Optional[float]:
         log.info("run folder: %s", cfg.paths.output_dir)
 
 
+def published_numbers_in_fp32(cfg: DictConfig) -> None:
+    """``mode=eval`` of a checkpoint that ``mode=convert`` wrote (published weights) runs in fp32,
+    as the published numbers were computed, unless the command line sets ``trainer.precision``
+    (e.g. the ``bf16-mixed`` of ``trainer=gpu``, which moves labels; README, Results)."""
+    ckpt = cfg.get("ckpt_path")
+    if cfg.mode != "eval" or ckpt is None or str(ckpt) == "last" or not Path(str(ckpt)).is_file():
+        return  # ckpt_path=last is a training run's; a missing file is reported where it is loaded
+    if "trainer.precision" in map(override_key, command_line_overrides()):
+        return
+    from knet_lightning.convert import conversion_record
+
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
+    if precision in ("32", "32-true") or conversion_record(str(ckpt)) is None:
+        return
+    log.info("mode=eval of a converted checkpoint: trainer.precision=32-true (the published numbers' precision) "
+             "instead of %s; set trainer.precision on the command line to choose", precision)  # fmt: skip
+    with open_dict(cfg):
+        cfg.trainer.precision = "32-true"
+
+
 def _convert(cfg: DictConfig, datamodule: Any, output_dir: Path) -> None:
     """``mode=convert``: a published checkpoint into ours (:mod:`knet_lightning.convert`)."""
     from knet_lightning.convert import convert_checkpoint
@@ -405,6 +425,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
 
     output_dir = Path(cfg.paths.output_dir)
     check_output_dir(output_dir)
+    published_numbers_in_fp32(cfg)
     resolved = resolved_config(cfg)
     # not Lightning's rank_zero_only yet: before the strategy sets up, it says 0 on node 1 too
     if is_global_zero_from_env():
@@ -442,6 +463,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     for logger in loggers:
         logger.log_hyperparams(resolved)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False)
+    log.info("precision: %s (trainer.precision)", trainer.precision)
 
     mode = cfg.mode
     if mode == "train":
@@ -489,7 +511,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
 
     metrics = {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) or isinstance(v, (int, float))}
     if trainer.is_global_zero:
-        print_results(f"K-Net {model.task.name} ({mode})", metrics)
+        print_results(f"K-Net {model.task.name} ({mode}, precision {trainer.precision})", metrics)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     value = metrics.get(cfg.get("optimized_metric") or "")
     return value

@@ -32,7 +32,7 @@ from torch import Tensor
 from torchvision import tv_tensors
 
 from knet_lightning.checkpoint_io import load_checkpoint_file
-from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY, upgrade_model_config, without_initial_weights
+from knet_lightning.checkpoint_model import CONVERSION_KEY, INFERENCE_KEY, MODEL_CONFIG_KEY, upgrade_model_config, without_initial_weights
 from knet_lightning.data.io import read_rgb_image, to_rgb_array, upright
 from knet_lightning.data.meta import DatasetError, default_palette
 from knet_lightning.data.resize import LEGACY_BACKEND
@@ -173,7 +173,8 @@ class Segmenter:
             device: ``"cpu"``, ``"cuda"``, ... (``onnxruntime``: ``"cpu"``).
             stage: the stage output to read (-1: the last; an ``.onnx`` file: -1 or its stage).
             trusted: load with full pickle (only for files you trust); default weights-only.
-            precision: ``"auto"`` (default), ``"fp32"`` or ``"bf16"`` (see the class).
+            precision: ``"auto"`` (default), ``"fp32"`` or ``"bf16"`` (see the class); ``"auto"``
+                runs a checkpoint of ``mode=convert`` (published weights) in fp32.
             backend: ``"torch"`` (default), or ``"onnxruntime"``: the network runs in an ONNX
                 Runtime session on the CPU (a checkpoint is exported to a temporary file first).
         """
@@ -208,6 +209,11 @@ class Segmenter:
         state = {k.removeprefix("net."): v for k, v in stored["state_dict"].items() if k.startswith("net.")}
         module.net.load_state_dict(state, strict=True)
         module.model_config = stored_cfg  # as a training run's module holds it (export_onnx reads it)
+        if precision == "auto" and CONVERSION_KEY in stored:
+            # published weights: their numbers were computed in fp32, and bf16 moves labels
+            log.info("%s was converted from published weights: precision 'auto' runs it in fp32 (ask for "
+                     "'bf16' to trade agreement for speed)", path)  # fmt: skip
+            precision = "fp32"
         inference = stored.get(INFERENCE_KEY)
         if inference is None:
             inference = _default_inference(len(module.class_names))

@@ -17,23 +17,33 @@ from pathlib import Path
 from typing import Any
 
 import lightning
+import torch
 
 from knet_lightning.checkpoint_io import atomic_torch_save
-from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY
+from knet_lightning.checkpoint_model import CONVERSION_KEY, INFERENCE_KEY, MODEL_CONFIG_KEY
 from knet_lightning.convert.backbones import backbone_from_published, backbone_layout
 from knet_lightning.convert.mapping import ConversionError, KeyMapping, convert_state_dict
 from knet_lightning.convert.mmdet import MMDET_KNET
 from knet_lightning.convert.mmseg import MMSEG_SEMANTIC
 from knet_lightning.convert.reading import PublishedCheckpoint, read_published_checkpoint
 
-__all__ = ["CONVERSION_KEY", "MAPPINGS", "ConversionError", "convert_checkpoint", "mapping_for_task"]
+__all__ = ["CONVERSION_KEY", "MAPPINGS", "ConversionError", "conversion_record", "convert_checkpoint", "mapping_for_task"]
 
 log = logging.getLogger(__name__)
 
-# where a converted checkpoint records its source
-CONVERSION_KEY = "knet_conversion"
 # model.task -> the published layout its checkpoints have
 MAPPINGS: dict[str, KeyMapping] = {"semantic": MMSEG_SEMANTIC, "panoptic": MMDET_KNET, "instance": MMDET_KNET}
+
+
+def conversion_record(path: str | Path) -> dict[str, Any] | None:
+    """The :data:`CONVERSION_KEY` record of checkpoint ``path`` (None: not written by
+    ``mode=convert``, or not loadable weights-only); the tensors are memory-mapped, not read."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not our format: the caller's own loading reports why
+        return None
+    record = stored.get(CONVERSION_KEY) if isinstance(stored, dict) else None
+    return record if isinstance(record, dict) else None
 
 
 def mapping_for_task(task: str) -> KeyMapping:
