@@ -312,7 +312,7 @@ def run(cfg: DictConfig) -> Optional[float]:
 def published_numbers_in_fp32(cfg: DictConfig) -> None:
     """``mode=eval`` of a checkpoint that ``mode=convert`` wrote (published weights) runs in fp32,
     as the published numbers were computed, unless the command line sets ``trainer.precision``
-    (e.g. the ``bf16-mixed`` of ``trainer=gpu``, which moves labels; README, Results)."""
+    (e.g. the ``bf16-mixed`` of ``trainer=gpu``, which moves labels; README, Use the published weights)."""
     ckpt = cfg.get("ckpt_path")
     if cfg.mode != "eval" or ckpt is None or str(ckpt) == "last" or not Path(str(ckpt)).is_file():
         return  # ckpt_path=last is a training run's; a missing file is reported where it is loaded
@@ -464,6 +464,11 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
         logger.log_hyperparams(resolved)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False)
     log.info("precision: %s (trainer.precision)", trainer.precision)
+    if cfg.mode == "train":
+        from knet_lightning.global_batch import apply_global_batch
+
+        apply_global_batch(trainer, model, int(cfg.data.batch_size), cfg.get("base_batch_size"),
+                           str(cfg.get("batch_remedy", "none")))  # fmt: skip
 
     mode = cfg.mode
     if mode == "train":

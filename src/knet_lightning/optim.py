@@ -48,9 +48,20 @@ class OptimizerSettings:
             )
 
 
+SCHEDULE_CONVENTIONS = ("mmcv", "mmengine")
+
+
 @dataclass
 class SchedulerSettings:
-    """``model.scheduler``: linear warmup, then ``lr *= gamma`` at each milestone."""
+    """``model.scheduler``: linear warmup, then ``lr *= gamma`` at each milestone.
+
+    ``convention``: whose arithmetic the same numbers follow (:func:`warmup_step_lambda`).
+    ``mmcv`` (default): mmcv 1.x's ``lr_config=dict(policy='step', warmup='linear', ...)``, which
+    trained the published K-Net weights (official code and MMSegmentation 0.x). ``mmengine``: as
+    MMSegmentation 1.x's configs write the schedule, ``LinearLR(start_factor=warmup_ratio, begin=0,
+    end=warmup_iters)`` + ``MultiStepLR(begin=warmup_iters, milestones)``: the warmup reaches 1 one
+    step earlier and the milestones count from the warmup's end (80k ADE20K: decays at 61k and 73k).
+    """
 
     warmup_iters: int = 1000
     warmup_ratio: float = 0.001
@@ -58,10 +69,15 @@ class SchedulerSettings:
     # epoch (converted with the trainer's steps per epoch) or step
     milestone_unit: str = "epoch"
     gamma: float = 0.1
+    convention: str = "mmcv"
 
     def __post_init__(self) -> None:
         if self.milestone_unit not in ("epoch", "step"):
             raise ValueError(f"model.scheduler.milestone_unit={self.milestone_unit!r}: expected 'epoch' or 'step'")
+        if self.convention not in SCHEDULE_CONVENTIONS:
+            raise ValueError(
+                f"model.scheduler.convention={self.convention!r}: expected one of {', '.join(SCHEDULE_CONVENTIONS)}"
+            )
 
 
 def param_groups(net: nn.Module, settings: OptimizerSettings) -> list[dict[str, Any]]:
@@ -126,21 +142,33 @@ def build_optimizer(
 
 
 def warmup_step_lambda(
-    warmup_iters: int, warmup_ratio: float, milestones: Sequence[int], gamma: float
+    warmup_iters: int, warmup_ratio: float, milestones: Sequence[int], gamma: float, convention: str = "mmcv"
 ) -> Callable[[int], float]:
-    """The official lr policy as a multiplicative factor of the step count.
+    """The official lr policy as a multiplicative factor of the (0-based) step count.
 
-    Linear warmup from ``warmup_ratio`` to 1 over ``warmup_iters`` steps (mmcv's "linear"
-    warmup), times ``gamma`` per milestone passed. ``milestones`` are in steps.
+    ``mmcv``: linear warmup ``1 - (1 - step / warmup_iters) (1 - warmup_ratio)`` below
+    ``warmup_iters`` (mmcv 1.x's ``LrUpdaterHook.get_warmup_lr``), times ``gamma`` per milestone
+    reached (``StepLrUpdaterHook``). ``mmengine``: ``warmup_ratio + (1 - warmup_ratio) step /
+    (warmup_iters - 1)`` below ``warmup_iters - 1`` (``LinearLR`` of ``end - begin - 1`` steps),
+    times ``gamma`` per ``warmup_iters + milestone`` reached (``MultiStepLR`` begun at the
+    warmup's end). ``milestones`` are in steps.
     """
-    sorted_milestones = sorted(int(m) for m in milestones)
+    if convention not in SCHEDULE_CONVENTIONS:
+        raise ValueError(f"convention must be one of {SCHEDULE_CONVENTIONS}, got {convention!r}")
+    offset = warmup_iters if convention == "mmengine" else 0
+    sorted_milestones = sorted(int(m) + offset for m in milestones)
+
+    def warmup(step: int) -> float:
+        if convention == "mmcv":
+            if warmup_iters > 0 and step < warmup_iters:
+                return 1.0 - (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
+            return 1.0
+        if warmup_iters > 1 and step < warmup_iters - 1:
+            return warmup_ratio + (1.0 - warmup_ratio) * step / (warmup_iters - 1)
+        return 1.0
 
     def factor(step: int) -> float:
-        decay = gamma ** sum(step >= m for m in sorted_milestones)
-        if warmup_iters > 0 and step < warmup_iters:
-            k = (1.0 - step / warmup_iters) * (1.0 - warmup_ratio)
-            return decay * (1.0 - k)
-        return decay
+        return gamma ** sum(step >= m for m in sorted_milestones) * warmup(step)
 
     return factor
 
@@ -153,5 +181,6 @@ def build_scheduler(
     if settings.milestone_unit == "epoch" and milestones:
         per_epoch = steps_per_epoch()
         milestones = [int(round(m * per_epoch)) for m in milestones]
-    factor = warmup_step_lambda(settings.warmup_iters, settings.warmup_ratio, milestones, settings.gamma)
+    factor = warmup_step_lambda(settings.warmup_iters, settings.warmup_ratio, milestones, settings.gamma,
+                                settings.convention)  # fmt: skip
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
