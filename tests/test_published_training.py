@@ -14,6 +14,7 @@ import torch
 from cli_utils import compose_cfg
 from lightning.pytorch import Trainer
 from omegaconf import open_dict
+from test_convert_mmseg import EXPERIMENTS as CONVERTED
 
 from knet_lightning.cli import build_datamodule, build_model
 from knet_lightning.convert.backbones import backbone_from_published
@@ -25,10 +26,7 @@ from knet_lightning.optim import build_optimizer, warmup_step_lambda
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
 # MMSegmentation's config -> our experiment (and the overrides that make the network its twin)
-EXPERIMENTS = {
-    "upernet": ("knet_upernet_r50_ade20k_80k", ["model.net.channels=512"]),
-    "swin-t": ("knet_upernet_swin-t_ade20k_80k_mmseg", []),
-}
+EXPERIMENTS = {name: CONVERTED[name] for name in ("upernet", "swin-t")}
 
 
 def _module(tmp_path: Path, experiment: str, extra: list[str]):  # type: ignore[no-untyped-def]
@@ -183,3 +181,19 @@ def test_apply_global_batch_to_a_trainer_and_module(tmp_path: Path, caplog: pyte
     assert module.optimizer_settings.lr == pytest.approx(lr / 8)
     groups = build_optimizer(module.net, module.optimizer_settings).param_groups
     assert max(g["lr"] for g in groups) == pytest.approx(lr / 8)
+
+
+def test_a_training_run_reports_and_remedies_its_global_batch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The CLI applies ``batch_remedy`` to its Trainer: 1 process x 4 images, published 8 -> 2
+    batches per optimizer step (2 training batches make 1 step, not 2)."""
+    from cli_utils import run_cfg, tiny_overrides
+
+    cfg = compose_cfg(tmp_path, tiny_overrides("base_batch_size=8", "batch_remedy=accumulate", "trainer.max_epochs=1",
+                                               "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                                               "test_after_fit=false"))  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="knet_lightning"):
+        run_cfg(cfg)
+    assert ("global batch 4 (1 process(es) x data.batch_size=4), but the published numbers were trained with 8; "
+            "batch_remedy=accumulate: 2 batches per optimizer step (global batch 8)") in caplog.text
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 1

@@ -4,8 +4,8 @@ A checkpoint's weights only fit the network they were trained in. ``mode=eval`` 
 ``mode=predict`` therefore build the network from the model config stored in the checkpoint
 (:data:`MODEL_CONFIG_KEY`, written by ``KNetModule.on_save_checkpoint``), not from the config
 of the command line. The command line may still change what does not touch the weights
-(:data:`FREE_KEYS`: post-processing, evaluation, memory format, losses, optimizer); a model
-override that contradicts the checkpoint is a one-line error naming the keys.
+(:data:`FREE_KEYS`: post-processing, evaluation, test-time strategy, memory format, losses,
+optimizer); a model override that contradicts the checkpoint is a one-line error naming the keys.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ FREE_KEYS = (
     "optimizer",
     "scheduler",
     "criterion",
+    # how validation, test and predict run the network (whole, slide, multi-scale + flip)
+    "test_time",
 )
 # where a network's initial weights come from; the checkpoint's weights replace them
 WEIGHT_SOURCE_KEYS = ("net.pretrained", "net.weights_path")

@@ -253,14 +253,14 @@ def format_value(value: float) -> str:
     return f"{value:.2f}"
 
 
-def print_results(title: str, metrics: dict[str, Any]) -> None:
-    """A results table on stdout (rich if available)."""
+def print_results(title: str, metrics: dict[str, Any], caption: str = "") -> None:
+    """A results table on stdout (rich if available), ``caption`` under it."""
     rows = [(k, float(v)) for k, v in sorted(metrics.items()) if not k.startswith("train/")]
     try:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=title)
+        table = Table(title=title, caption=caption or None)
         table.add_column("metric")
         table.add_column("value", justify="right")
         for k, v in rows:
@@ -270,6 +270,7 @@ def print_results(title: str, metrics: dict[str, Any]) -> None:
         print(title)
         for k, v in rows:
             print(f"{k:>24s} {format_value(v):>8s}")
+        print(caption)
 
 
 def finish_loggers(loggers: list[Any]) -> None:
@@ -358,17 +359,17 @@ def _export(cfg: DictConfig, output_dir: Path) -> None:
              "ckpt_path=%s predict.backend=onnxruntime)", output, output)  # fmt: skip
 
 
-def _postprocess_overrides(cfg: DictConfig) -> dict[str, Any]:
-    """The ``model.postprocess.<key>`` values this run's command line sets (``model.postprocess=``
-    as a whole sets them all)."""
+def _postprocess_overrides(cfg: DictConfig, key: str = "postprocess") -> dict[str, Any]:
+    """The ``model.<key>.<field>`` values this run's command line sets (``model.<key>=`` as a
+    whole sets them all); ``key``: ``postprocess`` or ``test_time``."""
     overrides = command_line_overrides()
-    node = cfg.model.get("postprocess")
+    node = cfg.model.get(key)
     given = OmegaConf.to_container(node, resolve=True) if node is not None else {}
     assert isinstance(given, dict)
     names = [override_key(item) for item in overrides]
-    if "model.postprocess" in names:
+    if f"model.{key}" in names:
         return given
-    return {k: v for k, v in given.items() if f"model.postprocess.{k}" in names}
+    return {k: v for k, v in given.items() if f"model.{key}.{k}" in names}
 
 
 def _predict(cfg: DictConfig) -> None:
@@ -388,10 +389,12 @@ def _predict(cfg: DictConfig) -> None:
     device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if backend == "onnxruntime":
         device = "cpu"  # the exported graph runs in ONNX Runtime's CPU session
+    # the command line's model.test_time.<field> on top of the checkpoint's (None: the checkpoint's)
+    test_time = _postprocess_overrides(cfg, "test_time") or None
     segmenter = Segmenter.from_checkpoint(ckpt_path, device=device, stage=int(opts.stage),
                                           trusted=bool(cfg.get("trusted_checkpoint", False)),
                                           precision=str(opts.precision),
-                                          backend=backend)  # fmt: skip
+                                          backend=backend, test_time=test_time)  # fmt: skip
     given = _postprocess_overrides(cfg)
     if given:
         # the command line may change the checkpoint's post-processing (as mode=eval's FREE_KEYS)
@@ -446,11 +449,18 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     datamodule.prepare_data()
     class_info = datamodule.class_info
     check_class_counts(cfg, class_info)
+    # the single-scale preprocessing, for checkpoints; then multi-scale + flip reads the images at
+    # their original size (it resizes them itself)
+    inference_config = datamodule.inference_settings()
+    if OmegaConf.select(cfg, "model.test_time.tta", default=False):
+        datamodule.keep_eval_size()
     check_data(cfg, datamodule)
 
     ckpt_path = resolve_ckpt_path(cfg)
     model = build_model(cfg, class_info, ckpt_path)
-    model.inference_config = datamodule.inference_settings()
+    model.inference_config = inference_config
+    if not model.test_time.is_plain:
+        log.info("test-time strategy: %s", model.test_time.describe())
     if cfg.mode == "train":
         model.task.check_training_set(datamodule.datasets.get("train"))
         if cfg.get("load_from"):
@@ -516,7 +526,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
 
     metrics = {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) or isinstance(v, (int, float))}
     if trainer.is_global_zero:
-        print_results(f"K-Net {model.task.name} ({mode}, precision {trainer.precision})", metrics)
+        print_results(f"K-Net {model.task.name} ({mode})", metrics, caption=f"precision {trainer.precision}")
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     value = metrics.get(cfg.get("optimized_metric") or "")
     return value

@@ -4,7 +4,9 @@ Structured configs (Hydra's ConfigStore), the single source of these settings' d
 types, so that a misspelled key in an experiment file fails at composition:
 
 * ``model/postprocess``: ``panoptic``, ``instance``, ``semantic`` (:mod:`knet_lightning.tasks.settings`);
-* ``model/optimizer``: ``adamw`` and ``model/scheduler``: ``warmup_step`` (:mod:`knet_lightning.optim`).
+* ``model/optimizer``: ``adamw`` and ``model/scheduler``: ``warmup_step`` (:mod:`knet_lightning.optim`);
+* ``model/test_time``: ``default`` (whole image, single scale; ``mode``, ``tta``, ... set on it,
+  :mod:`knet_lightning.test_time`).
 
 Resolvers:
 
@@ -66,6 +68,7 @@ def register_configs() -> None:
 
     from knet_lightning.optim import OptimizerSettings, SchedulerSettings
     from knet_lightning.tasks import TASKS
+    from knet_lightning.test_time import TestTimeSettings
 
     for name, fn in _resolvers().items():
         if not OmegaConf.has_resolver(name):
@@ -75,6 +78,7 @@ def register_configs() -> None:
         store.store(group="model/postprocess", name=name, node=task.settings_cls)
     store.store(group="model/optimizer", name="adamw", node=OptimizerSettings)
     store.store(group="model/scheduler", name="warmup_step", node=SchedulerSettings)
+    store.store(group="model/test_time", name="default", node=TestTimeSettings)
     warnings.filterwarnings(
         "ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore schema",
         category=UserWarning,

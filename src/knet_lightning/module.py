@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Optional
 
 import torch
@@ -24,6 +24,7 @@ from knet_lightning.memory_format import choose_memory_format
 from knet_lightning.optim import OptimizerSettings, SchedulerSettings, build_optimizer, build_scheduler, clips_under_amp
 from knet_lightning.settings import settings_from
 from knet_lightning.tasks import SegmentationTask, build_task
+from knet_lightning.test_time import TestTimeSettings, run_test_time, settings_for_task
 from knet_lightning.visualize import denormalized_image
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class KNetModule(LightningModule):
         channels_last: run the network in the channels-last memory format; ``"auto"``: where it
             is the faster layout (:mod:`knet_lightning.memory_format`), decided once the device is known.
         compile: ``torch.compile`` the network in place (parameter names stay as they are).
+        test_time: :class:`~knet_lightning.test_time.TestTimeSettings` or its fields: how evaluation runs the network.
     """
 
     def __init__(
@@ -66,9 +68,10 @@ class KNetModule(LightningModule):
         max_bad_steps: int = 20,
         channels_last: bool | str = "auto",
         compile: bool = False,
+        test_time: Optional[Mapping[str, Any] | TestTimeSettings] = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "criterion"], logger=False)
+        self.save_hyperparameters(ignore=["net", "criterion", "test_time"], logger=False)  # test_time: model_config
         self.net = net
         self.criterion = criterion
         self.optimizer_settings = settings_from(OptimizerSettings, optimizer, "model.optimizer")
@@ -107,15 +110,11 @@ class KNetModule(LightningModule):
             self.isthing = self.isthing[:num_classes]
             self.colors = self.colors[:num_classes] if self.colors else None
         self.task: SegmentationTask = build_task(
-            task,
-            num_classes=num_classes,
-            num_things=num_things,
-            num_proposals=int(net.num_proposals),
-            num_stages=int(net.num_stages),
-            eval_all_stages=eval_all_stages,
-            settings=postprocess,
+            task, num_classes=num_classes, num_things=num_things, num_proposals=int(net.num_proposals),
+            num_stages=int(net.num_stages), eval_all_stages=eval_all_stages, settings=postprocess,
             class_names=self.class_names,
-        )
+        )  # fmt: skip
+        self.test_time = settings_for_task(test_time, self.task)  # whole, slide, multi-scale + flip
         self.vis_samples: list[dict[str, Any]] = []
         # set by the CLI, stored in checkpoints: the resolved model config and the data set's
         # test-time preprocessing and class ids (eval/predict and Segmenter rebuild from them)
@@ -189,22 +188,29 @@ class KNetModule(LightningModule):
         return None
 
     # ------------------------------------------------------------------ evaluation
+    def network_outputs(self, batch: dict[str, Any], stages: list[int]) -> Iterator[tuple[list[Any], dict[str, Any]]]:
+        """``(outputs under model.test_time, None at stages not asked for; part)`` per ``task.network_batches``."""
+        for part in self.task.network_batches(batch):
+            yield run_test_time(self, part, self.test_time, stages, self.inference_config), part
+
     def predict_batch(self, batch: dict[str, Any], stage_index: int = -1) -> list[Any]:
         """Post-processed predictions of one stage for every image, at original image size."""
-        return [p for part in self.task.network_batches(batch)
-                for p in self.task.predict(self(part["images"])[stage_index], part)]  # fmt: skip
+        return [p for outputs, part in self.network_outputs(batch, [stage_index])
+                for p in self.task.predict(outputs[stage_index], part)]  # fmt: skip
+
+    def _evaluate(self, batch: dict[str, Any], split: str) -> list[Any]:
+        """Updates ``split``'s metrics with a batch; returns the last stage's predictions."""
+        return [p for outputs, part in self.network_outputs(batch, self.task.stages(split))
+                for p in self.task.evaluate(outputs, part, split)]  # fmt: skip
 
     def on_validation_epoch_start(self) -> None:
         self.vis_samples = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        preds = [p for part in self.task.network_batches(batch)
-                 for p in self.task.evaluate(self(part["images"]), part, "val")]  # fmt: skip
-        self._keep_for_overlay(batch, preds)
+        self._keep_for_overlay(batch, self._evaluate(batch, "val"))
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        for part in self.task.network_batches(batch):
-            self.task.evaluate(self(part["images"]), part, "test")
+        self._evaluate(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
         # the values are global already (the task's torchmetrics sync their states); sync_dist
@@ -220,16 +226,12 @@ class KNetModule(LightningModule):
         for b, pred in enumerate(preds[: self.num_vis_images - len(self.vis_samples)]):
             target = batch["targets"][b]
             out_size = tuple(int(s) for s in target["orig_size"])
-            self.vis_samples.append(
-                {"file_name": str(target.get("file_name", b)), "image": denormalized_image(batch, b, out_size),
-                 "prediction": pred}  # fmt: skip
-            )
+            self.vis_samples.append({"file_name": str(target.get("file_name", b)), "prediction": pred,
+                                     "image": denormalized_image(batch, b, out_size)})  # fmt: skip
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        return [
-            {"file_name": t.get("file_name"), "image_id": t.get("image_id"), "prediction": p}
-            for t, p in zip(batch["targets"], self.predict_batch(batch))
-        ]
+        return [{"file_name": t.get("file_name"), "image_id": t.get("image_id"), "prediction": p}
+                for t, p in zip(batch["targets"], self.predict_batch(batch))]  # fmt: skip
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:

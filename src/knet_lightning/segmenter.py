@@ -21,7 +21,7 @@ and 16-bit images become 8-bit RGB. An input that cannot be read becomes a
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -39,6 +39,7 @@ from knet_lightning.data.resize import LEGACY_BACKEND
 from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, collate_batch
 from knet_lightning.models.outputs import StageOutput
 from knet_lightning.results import SegmentationResult, SkippedInput
+from knet_lightning.test_time import TestTimeSettings, run_test_time, settings_for_task
 
 __all__ = ["BACKENDS", "PRECISIONS", "Segmenter", "bf16_supported"]
 
@@ -124,10 +125,17 @@ class Segmenter:
             makes it the default where the CPU has bf16 kernels
             (``scripts/bench_inference_precision.py``; README, Use a trained model). The
             ``onnxruntime`` backend runs the exported fp32 graph: ``"auto"`` is fp32 there.
+        test_time: how the network is run (:class:`~knet_lightning.test_time.TestTimeSettings`):
+            ``None``: the module's (a checkpoint's stored ``model.test_time``), else whole image;
+            a mapping: those fields on top of it, e.g. ``{"tta": True, "scales": [0.5, 1.0]}``;
+            a ``TestTimeSettings``: as it is. Sliding windows and multi-scale + flip are the
+            semantic task's; under ``tta`` the images are not resized before the network (the
+            views are resized from the original).
     """
 
     def __init__(self, module: Any, inference: dict[str, Any], device: str | torch.device = "cpu",
-                 stage: int = -1, precision: str = "auto") -> None:  # fmt: skip
+                 stage: int = -1, precision: str = "auto",
+                 test_time: Optional[Mapping[str, Any] | TestTimeSettings] = None) -> None:  # fmt: skip
         self.backend: str = getattr(module, "backend", "torch")
         self.module = module.eval().to(device)
         self.device = torch.device(device)
@@ -155,8 +163,17 @@ class Segmenter:
         self.dataset_ids = list(self.settings.get("dataset_ids") or range(1, len(self.class_names) + 1))
         # checkpoints written before the resize's arithmetic was stored were evaluated with torchvision's
         self.settings.setdefault("resize_backend", LEGACY_BACKEND)
+        own = getattr(module, "test_time", None)  # an exported network has none: whole image
+        base = own if isinstance(own, TestTimeSettings) else TestTimeSettings()
+        if test_time is None or isinstance(test_time, TestTimeSettings):
+            self.test_time = test_time or base
+        else:
+            self.test_time = TestTimeSettings.from_config({**base.to_dict(), **dict(test_time)})
+        settings_for_task(self.test_time, module.task)  # refused where the task has no such strategy
+        # multi-scale + flip resizes the original image itself
         self.transforms = build_transforms(
-            False, short_edge=self.settings["short_edge"], max_size=self.settings["max_size"],
+            False, short_edge=None if self.test_time.tta else self.settings["short_edge"],
+            max_size=self.settings["max_size"],
             mean=self.settings["mean"], std=self.settings["std"], resize_backend=self.settings["resize_backend"],
         )  # fmt: skip
 
@@ -164,6 +181,7 @@ class Segmenter:
     def from_checkpoint(
         cls, path: str | Path, device: str | torch.device = "cpu", stage: int = -1, trusted: bool = False,
         precision: str = "auto", backend: str = "torch",
+        test_time: Optional[Mapping[str, Any] | TestTimeSettings] = None,
     ) -> Segmenter:
         """A Segmenter from a checkpoint of a training run or of ``mode=convert``, or (backend
         ``onnxruntime``) from an ``.onnx`` file of :func:`~knet_lightning.onnx_export.export_onnx`.
@@ -177,6 +195,8 @@ class Segmenter:
                 runs a checkpoint of ``mode=convert`` (published weights) in fp32.
             backend: ``"torch"`` (default), or ``"onnxruntime"``: the network runs in an ONNX
                 Runtime session on the CPU (a checkpoint is exported to a temporary file first).
+            test_time: ``None``: the checkpoint's ``model.test_time`` (whole image if it has
+                none); a mapping of fields on top of it or a ``TestTimeSettings`` (see the class).
         """
         import hydra
 
@@ -187,7 +207,8 @@ class Segmenter:
             from knet_lightning.onnx_export import onnxruntime_network
 
             network = onnxruntime_network(path, stage=stage, trusted=trusted)
-            return cls(network, network.inference, device=device, stage=network.stage, precision=precision)
+            return cls(network, network.inference, device=device, stage=network.stage, precision=precision,
+                       test_time=test_time)  # fmt: skip
         if path.suffix.lower() == ".onnx":
             raise ValueError(f"{path} is an ONNX file: load it with backend='onnxruntime'")
         stored = load_checkpoint_file(path, trusted=trusted)
@@ -219,7 +240,7 @@ class Segmenter:
             inference = _default_inference(len(module.class_names))
             log.warning("%s has no '%s' entry (written before it existed): assuming no resize, ImageNet "
                         "normalisation and size divisor 32", path, INFERENCE_KEY)  # fmt: skip
-        return cls(module, inference, device=device, stage=stage, precision=precision)
+        return cls(module, inference, device=device, stage=stage, precision=precision, test_time=test_time)
 
     # ------------------------------------------------------------------ running
     def __call__(
@@ -267,7 +288,11 @@ class Segmenter:
         with torch.inference_mode():
             # the batch, or each image unpadded where the task reads images at their own size
             for part in self.module.task.network_batches(batch):
-                stage = self._network(part["images"])
+                if self.test_time.is_plain:
+                    stage = self._network(part["images"])
+                else:  # sliding windows / multi-scale + flip over the stage read (knet_lightning.test_time)
+                    (stage,) = run_test_time(lambda images: [self._network(images)], part, self.test_time, [0],
+                                             self.settings)  # fmt: skip
                 # the merge compares scores and mask probabilities: in fp32, as evaluation runs it
                 stage = StageOutput(*(t.float() if isinstance(t, Tensor) else t for t in stage))
                 preds += self.module.task.predict(stage, part)

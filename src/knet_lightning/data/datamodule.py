@@ -194,6 +194,25 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             "dataset_ids": list(self.class_info.dataset_ids),
         }
 
+    def keep_eval_size(self) -> None:
+        """Evaluation images at their original size: :attr:`eval_transforms` becomes its own
+        normalisation alone (``ToDtype(float32, scale=True)`` + ``Normalize``, mean/std of the
+        pipeline), without the resize. For multi-scale + flip (``model.test_time.tta``), which
+        resizes the original image itself (:mod:`knet_lightning.test_time`). Call it before
+        :meth:`setup` builds the evaluation sets, and after :meth:`inference_settings` (which
+        reads the single-scale resize from the pipeline)."""
+        ops = getattr(self.eval_transforms, "transforms", [])
+        normalize = [op for op in ops if isinstance(op, v2.Normalize)]
+        if len(normalize) != 1:
+            raise ValueError(f"{type(self).__name__}.keep_eval_size: expected one Normalize in the evaluation "
+                             f"pipeline, got {ops}")  # fmt: skip
+        built = [role for role in ("val", "test") if role in self.datasets]
+        if built:
+            raise RuntimeError(f"{type(self).__name__}.keep_eval_size: the {built} data sets are built already "
+                               "with the resizing pipeline; call it before setup()")  # fmt: skip
+        mean, std = normalize[0].mean, normalize[0].std
+        self.eval_transforms = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=mean, std=std)])
+
     @abstractmethod
     def make_dataset(self, role: str, transforms: Transforms) -> Dataset:
         """The data set for ``role`` (``"train"``, ``"val"`` or ``"test"``)."""
