@@ -272,6 +272,12 @@ def _run_instance(state: State, key: str) -> int:
     out_path = Path(record["cwd"], _fill(options.get("output", default_out), _job_values(record)))
     err_path = Path(record["cwd"], _fill(options["error"], _job_values(record))) if "error" in options else None
     mode = "a" if options.get("open-mode") == "append" or record["restarts"] else "w"
+    # a real job waits in the queue for a while after sbatch has answered: submitit creates the
+    # job's log folder in that time (after sbatch gave it the job id), so give it a moment here too
+    deadline = time.monotonic() + float(os.environ.get("FAKE_SLURM_QUEUE_WAIT", 60))
+    folders = [out_path.parent] + ([err_path.parent] if err_path is not None else [])
+    while not all(f.is_dir() for f in folders) and time.monotonic() < deadline:
+        time.sleep(0.1)
     try:  # as SLURM: the output's folder must exist (nothing creates it), else the job fails
         out = out_path.open(mode)
         err = err_path.open(mode) if err_path is not None else subprocess.STDOUT
