@@ -44,7 +44,9 @@ def test_every_data_config_composes_and_its_datamodule_instantiates(tmp_path: Pa
     cfg = compose_cfg(tmp_path, [f"data={option}"])
     for key in DATA_META_KEYS:
         assert key in cfg.data, f"data/{option}.yaml lacks {key}"
-    assert cfg.data.num_classes == cfg.data.num_things + cfg.data.num_stuff
+    counts = [cfg.data[key] for key in DATA_META_KEYS]
+    # fixed class lists state their counts; the COCO-format configs take theirs from the JSON (null)
+    assert counts == [None] * 3 or cfg.data.num_classes == cfg.data.num_things + cfg.data.num_stuff, counts
     data_cfg = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in DATA_META_KEYS}
     dm = hydra.utils.instantiate(data_cfg, _convert_="partial")
     assert isinstance(dm, LightningDataModule)
@@ -262,7 +264,8 @@ def test_ckpt_path_last_finds_the_newest_run_of_the_same_experiment_and_task(tmp
 
 def test_class_count_mismatch_fails_before_training(tmp_path: Path) -> None:
     cfg = compose_cfg(tmp_path, tiny_overrides("data.num_things=5", "data.num_classes=8"))
-    with pytest.raises(ValueError, match=r"data.num_things=5 but the data set's categories give 4"):
+    with pytest.raises(ValueError, match=r"data.num_things=5 but the data set's categories give 4 \(4 things, 3 "
+                                         r"stuff\); drop data.num_things to take the count from the data set"):
         run_cfg(cfg)
 
 

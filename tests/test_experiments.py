@@ -180,14 +180,14 @@ def _coco_fixture(tmp_path: Path, task: str) -> tuple[Path, list[str]]:
     root = tmp_path / "coco"
     if task == "panoptic":
         write_coco_panoptic(root)  # val split only (a, b, c): it serves as the training split too
-        # its images are under the 32 px that training drops; filter_empty_train leaves image a
-        counts = ["data.train_split=val", "data.num_things=2", "data.num_stuff=2", "data.num_classes=4",
-                  "data.filter_min_size_train=0"]  # fmt: skip
+        # its images are under the 32 px that training drops; filter_empty_train leaves image a. No
+        # class count is typed: the JSON's categories (2 things, 2 stuff) give them
+        counts = ["data.train_split=val", "data.filter_min_size_train=0"]
     else:
         write_coco_instance(root, split="train")
         write_coco_instance(root, split="val")
         # its images are under the 32 px that training drops; filter_empty_train leaves a and c
-        counts = ["data.num_things=3", "data.num_stuff=0", "data.num_classes=3", "data.filter_min_size_train=0"]
+        counts = ["data.filter_min_size_train=0"]  # 3 thing classes, from the JSON
     sizes = ["data.train_max_size=64", "data.eval_short_edge=32", "data.eval_max_size=64", "data.val_batch_size=3"]
     return root, [f"data.root={root}", *LOADER, *counts, *sizes, *TINY_MODEL, "model.net.pretrained=false"]
 
@@ -241,6 +241,10 @@ def test_coco_panoptic_1x_trains_and_evaluates(tmp_path: Path) -> None:
     overrides = ["experiment=knet_r50_coco_panoptic_1x", *overrides, "data.train_short_edge=32"]
     train, evaluated, out = _run_train_then_eval(tmp_path, overrides)
     assert {"val/pq", "val/pq_th", "val/pq_st", "test/pq", "test/miou"} <= set(train)
+    # the counts the JSON gave are in the run's record (the data config leaves them null)
+    resolved = OmegaConf.load(tmp_path / "train" / "run" / "config_resolved.yaml")
+    assert (resolved.data.num_things, resolved.data.num_stuff, resolved.data.num_classes) == (2, 2, 4)
+    assert (resolved.model.net.num_things, resolved.model.net.num_stuff) == (2, 2)
     assert evaluated["test/pq"] == pytest.approx(train["test/pq"], abs=1e-6)
     sizes = {"a.png": (24, 32), "b.png": (16, 20), "c.png": (16, 16)}
     _check_panoptic_export(out, list(sizes), sizes, {3, 5, 7, 12})

@@ -165,16 +165,31 @@ def build_datamodule(cfg: DictConfig) -> Any:
     return hydra.utils.instantiate(data_cfg, _convert_="partial")
 
 
-def check_class_counts(cfg: DictConfig, class_info: Any) -> None:
-    """The model's class counts (from ``data.num_things`` / ``data.num_stuff``) must equal the
-    data set's metadata; a mismatch would silently train the wrong classifier."""
-    expected = {"num_things": class_info.num_things, "num_stuff": class_info.num_stuff}
-    for key, value in expected.items():
-        if key in cfg.data and cfg.data[key] is not None and int(cfg.data[key]) != int(value):
+def class_counts(class_info: Any) -> dict[str, int]:
+    """``num_things`` / ``num_stuff`` / ``num_classes`` of a data set's classes (things first)."""
+    things = sum(bool(t) for t in class_info.isthing)
+    return {"num_things": things, "num_stuff": len(class_info.names) - things, "num_classes": len(class_info.names)}
+
+
+def check_class_counts(cfg: DictConfig, class_info: Any) -> bool:
+    """The class counts come from the data set's files: ``data.num_things`` / ``num_stuff`` /
+    ``num_classes`` left null (the COCO-format configs) are filled in from ``class_info``; a typed
+    one must equal it, since a mismatch would silently train the wrong classifier. Returns whether
+    a count was filled in."""
+    counts = class_counts(class_info)
+    filled = False
+    for key, value in counts.items():
+        typed = cfg.data.get(key)
+        if typed is None:
+            with open_dict(cfg):
+                cfg.data[key] = value
+            filled = True
+        elif int(typed) != value:
             raise ValueError(
-                f"data.{key}={cfg.data[key]} but the data set's categories give {value} "
-                f"({class_info.num_things} things, {class_info.num_stuff} stuff); fix data.{key}"
+                f"data.{key}={typed} but the data set's categories give {value} ({counts['num_things']} things, "
+                f"{counts['num_stuff']} stuff); drop data.{key} to take the count from the data set, or fix it"
             )
+    return filled
 
 
 def check_data(cfg: DictConfig, datamodule: Any) -> None:
@@ -193,6 +208,7 @@ def build_model(cfg: DictConfig, class_info: Any, ckpt_path: Optional[str] = Non
     (:func:`~knet_lightning.checkpoint_model.model_config_for_checkpoint`); there, for
     ``mode=convert`` and with ``load_from=`` no initial (ImageNet) weights are loaded.
     """
+    check_class_counts(cfg, class_info)  # the network's class counts are the data set's
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if ckpt_path is not None and cfg.mode in ("eval", "predict"):
         stored = load_checkpoint_file(ckpt_path, trusted=bool(cfg.get("trusted_checkpoint", False)))
@@ -308,6 +324,11 @@ def run(cfg: DictConfig) -> Optional[float]:
         # environment, so that the next job of a multirun starts its own ranks
         end_of_job(ok_codes=rank_codes)
         log.info("run folder: %s", cfg.paths.output_dir)
+
+
+def write_resolved_config(resolved: dict[str, Any], output_dir: Path) -> None:
+    """``config_resolved.yaml``: every interpolation resolved, secrets redacted."""
+    (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
 
 def published_numbers_in_fp32(cfg: DictConfig) -> None:
@@ -433,7 +454,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     # not Lightning's rank_zero_only yet: before the strategy sets up, it says 0 on node 1 too
     if is_global_zero_from_env():
         redact_hydra_dump(output_dir)
-        (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        write_resolved_config(resolved, output_dir)
 
     if cfg.mode in ("predict", "export"):
         # the checkpoint carries the network, classes and preprocessing: no data set is read
@@ -448,7 +469,11 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
         return None
     datamodule.prepare_data()
     class_info = datamodule.class_info
-    check_class_counts(cfg, class_info)
+    if check_class_counts(cfg, class_info):
+        # the counts the data set's files gave, in the run's record and its loggers' hyperparameters
+        resolved = resolved_config(cfg)
+        if is_global_zero_from_env():
+            write_resolved_config(resolved, output_dir)
     # the single-scale preprocessing, for checkpoints; then multi-scale + flip reads the images at
     # their original size (it resizes them itself)
     inference_config = datamodule.inference_settings()
