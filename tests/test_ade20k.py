@@ -163,7 +163,7 @@ def test_size_mismatch(fixture: dict[str, Any]) -> None:
 
 def test_missing_label(fixture: dict[str, Any]) -> None:
     _label_path(fixture, "ADE_train_00000002").unlink()
-    with pytest.raises(DatasetError, match=r"missing label PNG for 1 image\(s\) .*ADE_train_00000002\.png"):
+    with pytest.raises(DatasetError, match=r"missing label file for 1 image\(s\) .*ADE_train_00000002\.png"):
         ADE20KDataset(fixture["root"], split="training")
 
 

@@ -1,0 +1,240 @@
+"""Your own data set, for the three tasks: the README's "Train on your own data" commands run as
+written (train, evaluate, predict) on tiny data sets in each layout, with the classes taken from
+the files: a COCO panoptic set with non-contiguous category ids, a semantic folder of 3 classes
+(``reduce_zero_label`` both ways) and a COCO instance set of 2 classes."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+from test_readme import COMMAND, ONE_EPOCH, ROOT, TINY_KERNELS, TINY_NET, _run
+
+from knet_lightning.data.io import id2rgb
+
+SECTION = "## Train on your own data"
+SIZE = 64
+# COCO-format sets: their images at their own size (64 px), not enlarged to the recipe's 800
+KEEP_SIZE = ["data.train_short_edge=64", "data.train_max_size=96", "data.eval_short_edge=64", "data.eval_max_size=96"]
+# the semantic recipe (UPerNet, 80k iterations at 512x512) at toy size: a few steps on 64 px crops
+TINY_SEMANTIC = ["model.net.backbone_depth=18", "model.net.channels=32", "model.net.updator_channels=32",
+                 "model.net.aux_channels=16", "model.net.feedforward_channels=64", "model.net.num_heads=2",
+                 "model.num_stages=1", "data.img_scale=[128,64]", "data.crop_size=64", "trainer.max_steps=4",
+                 "trainer.val_check_interval=2", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]  # fmt: skip
+LOADER = ["data.num_workers=0", "data.persistent_workers=false", "data.batch_size=2", "model.net.pretrained=false"]
+# the own panoptic set's categories: ids as a user's annotation tool numbered them
+PANOPTIC_CATEGORIES = [
+    {"id": 7, "name": "cat", "isthing": 1, "color": [220, 20, 60], "supercategory": "animal"},
+    {"id": 9, "name": "dog", "isthing": 1, "color": [0, 0, 142], "supercategory": "animal"},
+    {"id": 50, "name": "sky", "isthing": 0, "color": [70, 130, 180], "supercategory": "background"},
+    {"id": 60, "name": "lawn", "isthing": 0, "color": [107, 142, 35], "supercategory": "background"},
+]
+INSTANCE_CATEGORIES = [{"id": 3, "name": "bolt", "supercategory": "part"}, {"id": 8, "name": "nut", "supercategory": "part"}]
+SEMANTIC_CLASSES = ["sky", "road", "car"]
+
+
+def readme_commands() -> dict[str, list[str]]:
+    """The section's ``python -m knet_lightning`` commands, by experiment."""
+    text = (ROOT / "README.md").read_text()
+    assert SECTION in text, f"README.md has no '{SECTION}' section"
+    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
+    commands: dict[str, list[str]] = {}
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith(COMMAND):
+                experiment = re.search(r"experiment=(\S+)", line).group(1)
+                commands.setdefault(experiment, []).append(line)
+    return commands
+
+
+def _blobs(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """An image and a map of regions: 0 top (sky), 1 bottom (ground), 2 and 3 two squares."""
+    regions = np.zeros((SIZE, SIZE), np.uint8)
+    regions[SIZE // 2 :] = 1
+    y, x = rng.integers(4, 20, 2)
+    regions[y : y + 14, x : x + 14] = 2
+    y, x = rng.integers(36, 48, 2)
+    regions[y : y + 12, x : x + 12] = 3
+    colours = np.array([[90, 140, 220], [60, 160, 60], [220, 40, 40], [30, 30, 200]], np.uint8)
+    image = (colours[regions] + rng.integers(0, 30, (SIZE, SIZE, 3))).clip(0, 255).astype(np.uint8)
+    return image, regions
+
+
+def write_own_panoptic(root: Path) -> None:
+    """COCO panoptic layout, 4 train + 2 val images: cat and dog squares on sky and lawn."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train2017", 4), ("val2017", 2)):
+        (root / split).mkdir(parents=True)
+        (root / "annotations" / f"panoptic_{split}").mkdir(parents=True)
+        images, annotations = [], []
+        for i in range(count):
+            image, regions = _blobs(rng)
+            ids = np.array([1, 2, 3, 4], np.uint32)[regions]
+            name = f"{split}_{i}"
+            Image.fromarray(image).save(root / split / f"{name}.jpg")
+            Image.fromarray(id2rgb(ids)).save(root / "annotations" / f"panoptic_{split}" / f"{name}.png")
+            images.append({"id": i + 1, "file_name": f"{name}.jpg", "height": SIZE, "width": SIZE})
+            segments = [{"id": sid, "category_id": cat, "iscrowd": 0, "area": int((ids == sid).sum()), "bbox": [0, 0, 1, 1]}
+                        for sid, cat in ((1, 50), (2, 60), (3, 7), (4, 9))]  # fmt: skip
+            annotations.append({"image_id": i + 1, "file_name": f"{name}.png", "segments_info": segments})
+        payload = {"images": images, "annotations": annotations, "categories": PANOPTIC_CATEGORIES}
+        (root / "annotations" / f"panoptic_{split}.json").write_text(json.dumps(payload))
+
+
+def write_own_semantic(root: Path, reduce_zero_label: bool) -> None:
+    """img_dir / ann_dir with train (4) and val (2), 3 classes; labels 0..2 (255 ignored) or, with
+    ``reduce_zero_label``, 1..3 with 0 unlabelled."""
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 4), ("val", 2)):
+        (root / "img_dir" / split).mkdir(parents=True)
+        (root / "ann_dir" / split).mkdir(parents=True)
+        for i in range(count):
+            image, regions = _blobs(rng)
+            labels = np.array([0, 1, 2, 2], np.uint8)[regions]
+            labels[:2] = 255  # a strip nobody labelled
+            if reduce_zero_label:
+                labels = np.where(labels == 255, 0, labels + 1).astype(np.uint8)
+            Image.fromarray(image).save(root / "img_dir" / split / f"{i:04d}.jpg")
+            Image.fromarray(labels, mode="L").save(root / "ann_dir" / split / f"{i:04d}.png")
+    (root / "classes.txt").write_text("\n".join(SEMANTIC_CLASSES) + "\n")
+
+
+def write_own_instance(root: Path) -> None:
+    """COCO instance layout, 4 train + 2 val images: one bolt and one nut each (RLE masks)."""
+    rng = np.random.default_rng(2)
+    ann_id = 1
+    for split, count in (("train2017", 4), ("val2017", 2)):
+        (root / split).mkdir(parents=True)
+        (root / "annotations").mkdir(exist_ok=True)
+        images, annotations = [], []
+        for i in range(count):
+            image, regions = _blobs(rng)
+            name = f"{split}_{i}.jpg"
+            Image.fromarray(image).save(root / split / name)
+            images.append({"id": i + 1, "file_name": name, "height": SIZE, "width": SIZE})
+            for region, category in ((2, 3), (3, 8)):
+                rle = mask_utils.encode(np.asfortranarray((regions == region).astype(np.uint8)))
+                box = [float(v) for v in mask_utils.toBbox(rle)]
+                annotations.append({"id": ann_id, "image_id": i + 1, "category_id": category, "iscrowd": 0,
+                                    "area": float(mask_utils.area(rle)), "bbox": box,
+                                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})  # fmt: skip
+                ann_id += 1
+        payload = {"images": images, "annotations": annotations, "categories": INSTANCE_CATEGORIES}
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(payload))
+
+
+def _reductions(experiment: str) -> list[str]:
+    if experiment == "own_semantic":
+        return TINY_SEMANTIC + LOADER
+    epochs = [o for o in ONE_EPOCH if not o.startswith("trainer.max_epochs=")] + ["trainer.max_epochs=2"]
+    return TINY_NET + TINY_KERNELS + epochs + KEEP_SIZE + LOADER + ["data.val_batch_size=2"]
+
+
+@pytest.mark.parametrize(("experiment", "reduce_zero_label"),
+                         [("own_panoptic", None), ("own_semantic", False), ("own_semantic", True),
+                          ("own_instance", None)])  # fmt: skip
+def test_readme_own_data_commands_train_evaluate_and_predict(tmp_path: Path, experiment: str,
+                                                             reduce_zero_label: bool | None) -> None:  # fmt: skip
+    commands = readme_commands()[experiment]
+    assert [c.split("mode=")[1].split()[0] if "mode=" in c else "train" for c in commands] == ["train", "eval", "predict"]
+    root = tmp_path / "mine"
+    if experiment == "own_panoptic":
+        write_own_panoptic(root)
+    elif experiment == "own_instance":
+        write_own_instance(root)
+    else:
+        write_own_semantic(root, bool(reduce_zero_label))
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    extra = _reductions(experiment) + (["data.reduce_zero_label=true"] if reduce_zero_label else [])
+    for command in commands:
+        args = shlex.split(command.replace("/data/mine", str(root)))[len(COMMAND.split()):]
+        assert not any(a.startswith(("data.num_", "+data.num_")) for a in args)  # no class count is typed
+        if "mode=predict" in args:  # the predict command reads the checkpoint, not the data set
+            extra = [a for a in extra if not a.startswith(("data.", "model.", "trainer."))]
+        proc = _run(args + extra, cwd)
+        assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    logs = cwd / "logs"
+    (train,) = logs.glob("train/runs/*")
+    resolved = (train / "config_resolved.yaml").read_text()
+    (evaluated,) = logs.glob("eval/runs/*/metrics.json")
+    metrics = json.loads(evaluated.read_text())
+    (predicted,) = logs.glob("predict/runs/*/predictions")
+    assert sorted(p.name for p in predicted.glob("overlays/*.png")), "no overlay"
+    if experiment == "own_panoptic":
+        assert "num_classes: 4" in resolved and "num_things: 2" in resolved
+        assert {"test/pq", "test/pq_th", "test/pq_st"} <= set(metrics)
+        exported = json.loads((predicted / "panoptic.json").read_text())
+        assert [(c["id"], c["name"]) for c in exported["categories"]] == [(c["id"], c["name"]) for c in PANOPTIC_CATEGORIES]
+        assert sorted(p.name for p in predicted.glob("panoptic/*.png")) == ["val2017_0.png", "val2017_1.png"]
+    elif experiment == "own_instance":
+        assert "num_classes: 2" in resolved
+        assert "test/map" in metrics
+        results = json.loads((predicted / "instances.json").read_text())
+        assert {r["category_id"] for r in results} <= {3, 8}
+    else:
+        assert "num_classes: 3" in resolved and "num_stuff: 3" in resolved
+        assert {"test/miou", "test/acc"} <= set(metrics)
+        labels = {v for p in predicted.glob("semantic/*.png") for v in np.unique(np.array(Image.open(p))).tolist()}
+        # the data set's own label values: 1..3 with reduce_zero_label, else 0..2
+        assert labels and labels <= ({1, 2, 3} if reduce_zero_label else {0, 1, 2})
+    summary = json.loads(next(logs.glob("predict/runs/*/predictions/summary.json")).read_text())
+    assert summary["done"] == 2
+
+
+# ------------------------------------------------------------------ the semantic folder reader
+def test_semantic_classes_from_a_text_json_or_yaml_file_or_a_list(tmp_path: Path) -> None:
+    from knet_lightning.data.semantic_folder import SemanticFolderDataModule
+
+    write_own_semantic(tmp_path / "a", reduce_zero_label=False)
+    dm = SemanticFolderDataModule(tmp_path / "a", num_workers=0)
+    info = dm.class_info
+    assert info.names == tuple(SEMANTIC_CLASSES) and info.num_stuff == 3 and info.dataset_ids == (0, 1, 2)
+    palette = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    (tmp_path / "meta.json").write_text(json.dumps({"classes": SEMANTIC_CLASSES, "palette": palette}))
+    (tmp_path / "meta.yaml").write_text("classes: [sky, road, car]\npalette: [[1, 2, 3], [4, 5, 6], [7, 8, 9]]\n")
+    for source in (tmp_path / "meta.json", str(tmp_path / "meta.yaml")):
+        info = SemanticFolderDataModule(tmp_path / "a", classes=source, reduce_zero_label=True).class_info
+        assert info.names == tuple(SEMANTIC_CLASSES) and info.colors == tuple(map(tuple, palette))
+        assert info.dataset_ids == (1, 2, 3)  # what the label PNG writer writes back
+    assert SemanticFolderDataModule(tmp_path / "a", classes=["x", "y"]).class_info.names == ("x", "y")
+
+
+def test_semantic_reader_errors_name_the_file_and_what_was_expected(tmp_path: Path) -> None:
+    from knet_lightning.data.meta import DatasetError
+    from knet_lightning.data.semantic_folder import SemanticFolderDataModule
+
+    root = tmp_path / "a"
+    write_own_semantic(root, reduce_zero_label=False)
+    with pytest.raises(DatasetError, match=r"no class file.*data.classes=\[sky,road,car\]"):
+        SemanticFolderDataModule(root, classes=str(tmp_path / "none.txt")).class_info
+    with pytest.raises(DatasetError, match=r"class names must be unique, \['sky'\] repeat"):
+        SemanticFolderDataModule(root, classes=["sky", "sky"]).class_info
+    with pytest.raises(DatasetError, match=r"one \[r, g, b\] \(0..255\) per class"):
+        SemanticFolderDataModule(root, palette=[[0, 0, 0]]).class_info
+    # two classes named, labels 0..2 on disk: the value out of range, the file and the rule are named
+    dm = SemanticFolderDataModule(root, classes=["sky", "road"], num_workers=0)
+    dm.setup("validate")
+    with pytest.raises(DatasetError, match=r"0000.png: label values \[2\] out of range; expected 0..1 or 255 for 2 "
+                                           r"classes \(reduce_zero_label=False\)"):
+        dm.datasets["val"][0]
+    (root / "ann_dir" / "val" / "0001.png").unlink()
+    with pytest.raises(DatasetError, match=r"missing label file for 1 image\(s\).*0001.jpg \(expected <image stem>.png\)"):
+        SemanticFolderDataModule(root, num_workers=0).setup("validate")
+
+
+def test_a_typed_class_count_is_checked_against_the_class_file(tmp_path: Path) -> None:
+    from cli_utils import compose_cfg, run_cfg
+
+    write_own_semantic(tmp_path / "mine", reduce_zero_label=False)
+    cfg = compose_cfg(tmp_path, ["experiment=own_semantic", f"data.root={tmp_path / 'mine'}", "data.num_classes=150",
+                                 *TINY_SEMANTIC, *LOADER])  # fmt: skip
+    with pytest.raises(ValueError, match=r"data.num_classes=150 but the data set's categories give 3 \(0 things, 3 stuff\)"):
+        run_cfg(cfg)
