@@ -238,3 +238,61 @@ def test_a_typed_class_count_is_checked_against_the_class_file(tmp_path: Path) -
                                  *TINY_SEMANTIC, *LOADER])  # fmt: skip
     with pytest.raises(ValueError, match=r"data.num_classes=150 but the data set's categories give 3 \(0 things, 3 stuff\)"):
         run_cfg(cfg)
+
+
+def test_published_coco_weights_fine_tune_onto_your_own_classes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """README: ``load_from=<converted COCO checkpoint> load_from_strict=false`` on the own 4-class
+    panoptic set loads every network tensor but the classifiers (133 classes -> 2 + 2), and says which."""
+    import torch
+    from cli_utils import compose_cfg, run_cfg
+    from test_convert_mmdet import official_keys, random_official
+    from test_readme import _write_coco_panoptic
+
+    _write_coco_panoptic(tmp_path / "coco")
+    source = tmp_path / "knet_s3_r50_fpn_1x_coco-panoptic.pth"
+    meta = {"mmdet_version": "2.17.0", "CLASSES": [f"class{c}" for c in range(133)]}
+    torch.save({"meta": meta, "state_dict": random_official(official_keys("panoptic_r50"))}, source)
+    converted = tmp_path / "knet_panoptic.ckpt"
+    run_cfg(compose_cfg(tmp_path / "convert", ["mode=convert", "experiment=knet_r50_coco_panoptic_1x",
+                                               f"data.root={tmp_path / 'coco'}", f"convert_source={source}",
+                                               f"convert_output={converted}"]))  # fmt: skip
+    write_own_panoptic(tmp_path / "mine")
+    one_step = [*LOADER, *KEEP_SIZE, "trainer.max_steps=1", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+                "trainer.limit_val_batches=0", "test_after_fit=false"]  # fmt: skip
+    with caplog.at_level("INFO", logger="knet_lightning.checkpoint_model"):
+        run_cfg(compose_cfg(tmp_path / "own", ["experiment=own_panoptic", f"data.root={tmp_path / 'mine'}", *one_step,
+                                               f"load_from={converted}", "load_from_strict=false"]))  # fmt: skip
+    (message,) = [r.getMessage() for r in caplog.records if "(not strict)" in r.getMessage()]
+    assert ("494 of 502 network tensors loaded; optimizer and schedule start afresh; left as initialised: 8 of another "
+            "shape: kernel_head.conv_seg.* (2), update_heads.0.* (2), update_heads.1.* (2), update_heads.2.* (2)") in message
+    # those 8 are the classifiers: the initial kernels' classes and each stage's fc_cls
+    from knet_lightning.checkpoint_io import load_checkpoint_file
+
+    theirs = load_checkpoint_file(converted)["state_dict"]
+    ours = load_checkpoint_file(tmp_path / "own" / "run" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert sorted(k.removeprefix("net.") for k in theirs if theirs[k].shape != ours[k].shape) == [
+        "kernel_head.conv_seg.bias", "kernel_head.conv_seg.weight", *(f"update_heads.{s}.fc_cls.{p}" for s in range(3)
+                                                                        for p in ("bias", "weight"))]  # fmt: skip
+
+
+def test_a_resize_that_enlarges_small_images_says_so_with_the_fix(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from cli_utils import compose_cfg
+
+    from knet_lightning.cli import build_datamodule
+
+    write_own_panoptic(tmp_path / "pan")
+    write_own_semantic(tmp_path / "sem", reduce_zero_label=False)
+    cases = [("own_panoptic", "pan", [], "enlarges this data set's images 12.5x (median 64x64 px -> 800x800): slower, "
+              "and no detail is gained; keep them near their size with data.train_short_edge=64 data.eval_short_edge=64"),
+             ("own_semantic", "sem", [], "the val resize enlarges this data set's images 8.0x (median 64x64 px -> "
+              "512x512)"), ("own_semantic", "sem", [], "data.img_scale=[256,64] data.crop_size=64"),
+             ("own_panoptic", "pan", KEEP_SIZE, None)]  # fmt: skip
+    for experiment, root, extra, expected in cases:
+        caplog.clear()
+        cfg = compose_cfg(tmp_path / experiment, [f"experiment={experiment}", f"data.root={tmp_path / root}", *extra])
+        with caplog.at_level("WARNING", logger="knet_lightning.data.datamodule"):
+            build_datamodule(cfg).setup("fit")
+        if expected is None:
+            assert "enlarges" not in caplog.text
+        else:
+            assert expected in caplog.text, caplog.text

@@ -85,6 +85,10 @@ class RatioRangeResize(v2.Transform):
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return resize_sample_part(inpt, params["size"], self.backend)
 
+    def nominal_size(self, height: int, width: int) -> tuple[int, int]:
+        """The output size of an ``height x width`` image at ratio 1 (``img_scale`` itself)."""
+        return keep_ratio_size(height, width, self.img_scale[1], self.img_scale[0])
+
     _get_params = make_params
     _transform = transform
 

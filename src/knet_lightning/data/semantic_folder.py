@@ -169,6 +169,12 @@ class SemanticFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self._items)
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        """``(height, width)`` of sample ``index``, from its image file's header."""
+        if self._sizes is not None:
+            return self._sizes[index]
+        return read_image_size(self._items[index][0])
+
     def image_sizes(self) -> list[tuple[int, int]]:
         """``(height, width)`` of every sample, before any transform, from the image files' headers
         (nothing decoded; read once): the training sampler's aspect-ratio groups."""
@@ -301,6 +307,10 @@ class SemanticFolderDataModule(SegmentationDataModule):
             flip_prob=flip_prob, photometric=photometric, **common,
         )  # fmt: skip
         self.eval_transforms = build_ade20k_transforms(False, **common)
+
+    def keep_size_hint(self, short_side: int) -> str:
+        side = max(32, 32 * round(short_side / 32))
+        return f"data.img_scale=[{4 * side},{side}] data.crop_size={side}"
 
     def split_dirs(self, split: str) -> tuple[Path, Path]:
         """The image and label folders of ``split``."""

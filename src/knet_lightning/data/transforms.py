@@ -142,6 +142,10 @@ class ResizeShortestEdge(v2.Transform):
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         return resize_sample_part(inpt, params["size"], self.backend)
 
+    def nominal_size(self, height: int, width: int) -> tuple[int, int]:
+        """The output size of an ``height x width`` image at the middle of the short-edge range."""
+        return keep_ratio_size(height, width, sum(self.short_edge) / 2, self.max_size)
+
     # torchvision < 0.21 calls the private names.
     _get_params = make_params
     _transform = transform
