@@ -99,3 +99,19 @@ def test_older_checkpoints_with_a_task_argument_still_rebuild(task: str, tmp_pat
     criterion = hydra.utils.instantiate(upgraded["criterion"])
     assert criterion.num_stuff_kernels == (today["net"]["num_stuff"] if task == "panoptic" else 0)
     assert hydra.utils.instantiate(upgraded["net"]).num_stuff == today["net"]["num_stuff"]
+
+
+def test_on_the_checkpoints_own_data_set_only_typed_free_keys_replace_its_own() -> None:
+    """mode=eval with the checkpoint's stored data config: the composed model group may be another
+    task's (the default panoptic one for a semantic checkpoint), so its task and free keys give way
+    to the checkpoint's, but for what the command line sets."""
+    stored = {**STORED, "postprocess": {"object_mask_thr": 0.3, "overlap_thr": 0.7}}
+    given = _given(task="semantic", postprocess={"object_mask_thr": 0.5, "overlap_thr": 0.6}, channels_last=False)
+    built = model_config_for_checkpoint(given, stored, "x.ckpt", "eval", ["model.postprocess.object_mask_thr=0.5"],
+                                        data_bound=())  # fmt: skip
+    assert built["task"] == "panoptic" and built["channels_last"] == "auto"
+    assert built["postprocess"] == {"object_mask_thr": 0.5, "overlap_thr": 0.7}
+    # the same on another data set: task differences are refused, free keys come from this run
+    with pytest.raises(ValueError, match=r"model.task \(checkpoint 'panoptic', here 'semantic'\); .* model.task follow "
+                                         r"the data set: evaluate on one with the checkpoint's task and classes"):
+        model_config_for_checkpoint(given, stored, "x.ckpt", "eval", [])

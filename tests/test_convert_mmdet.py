@@ -74,8 +74,11 @@ def test_official_layout_converts_strictly_and_round_trips(tmp_path: Path, name:
     # function of the window size that we do not save)
     assert len(keys) == tensors
     assert sum(math.prod(s) for k, s in keys.items() if not k.endswith(BUFFERS)) == params
-    # the network of the experiment that reproduces the official model
-    net = instantiate(compose_cfg(tmp_path, [f"experiment={experiment}", "model.net.pretrained=false"]).model.net)
+    # the network of the experiment that reproduces the official model, with COCO's class counts
+    # (a run takes them from the data set's JSON)
+    stuff = 53 if "panoptic" in experiment else 0
+    counts = ["data.num_things=80", f"data.num_stuff={stuff}", f"data.num_classes={80 + stuff}"]
+    net = instantiate(compose_cfg(tmp_path, [f"experiment={experiment}", "model.net.pretrained=false", *counts]).model.net)
     assert isinstance(net, KNet)
     saved = {k for k in keys if not k.endswith("relative_position_index")}
     assert sum(p.numel() for p in net.parameters()) == params and len(net.state_dict()) == len(saved)

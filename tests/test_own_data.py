@@ -187,6 +187,22 @@ def test_readme_own_data_commands_train_evaluate_and_predict(tmp_path: Path, exp
         assert labels and labels <= ({1, 2, 3} if reduce_zero_label else {0, 1, 2})
     summary = json.loads(next(logs.glob("predict/runs/*/predictions/summary.json")).read_text())
     assert summary["done"] == 2
+    # README: the checkpoint alone, with data.root: its stored data config gives reader, classes, pipeline
+    command = readme_checkpoint_eval_command()
+    checkpoint = train / "checkpoints" / "last.ckpt"
+    args = shlex.split(command.replace("<checkpoint>", str(checkpoint)).replace("/data/mine", str(root)))
+    proc = _run(args[len(COMMAND.split()):], cwd)
+    assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert "the data set the checkpoint was trained on" in proc.stdout + proc.stderr
+    again = json.loads(max(logs.glob("eval/runs/*/metrics.json"), key=lambda p: p.stat().st_mtime).read_text())
+    assert again == pytest.approx(metrics)
+
+
+def readme_checkpoint_eval_command() -> str:
+    """The section's inline ``mode=eval ckpt_path=<checkpoint> data.root=...`` command."""
+    section = (ROOT / "README.md").read_text().split(SECTION, 1)[1].split("\n## ", 1)[0]
+    (command,) = re.findall(r"`(python -m knet_lightning mode=eval ckpt_path=<checkpoint> [^`]*)`", section)
+    return command
 
 
 # ------------------------------------------------------------------ the semantic folder reader

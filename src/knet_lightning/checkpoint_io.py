@@ -165,6 +165,18 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", trusted: b
     return obj
 
 
+def checkpoint_entry(path: str | Path, key: str) -> dict[str, Any] | None:
+    """The mapping stored under ``key`` in checkpoint ``path`` (None: absent, or a file that does not
+    load weights-only); the tensors are memory-mapped, not read, so a large checkpoint costs little.
+    For a look before the run loads the checkpoint itself (which reports any error)."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not our format: the caller's own loading reports why
+        return None
+    entry = stored.get(key) if isinstance(stored, dict) else None
+    return entry if isinstance(entry, dict) else None
+
+
 def _is_local(path: Any) -> bool:
     return "://" not in str(path) or str(path).startswith("file://")
 

@@ -10,6 +10,7 @@ optimizer); a model override that contradicts the checkpoint is a one-line error
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
@@ -24,6 +25,9 @@ MODEL_CONFIG_KEY = "knet_model_config"
 INFERENCE_KEY = "knet_inference"
 # where a checkpoint that mode=convert wrote records its published source (knet_lightning.convert)
 CONVERSION_KEY = "knet_conversion"
+# the resolved data config the network was trained on (its reader, layout, classes and pipeline):
+# mode=eval of the checkpoint reads the same data set with nothing but data.root typed
+DATA_CONFIG_KEY = "knet_data_config"
 
 # model.* keys that may differ from the checkpoint's: they do not shape any weight
 FREE_KEYS = (
@@ -88,7 +92,8 @@ def _overridden(key: str, overrides: Iterable[str]) -> bool:
 
 
 def model_config_for_checkpoint(
-    given: dict[str, Any], stored: Optional[Mapping[str, Any]], ckpt_path: str, mode: str, overrides: Iterable[str]
+    given: dict[str, Any], stored: Optional[Mapping[str, Any]], ckpt_path: str, mode: str, overrides: Iterable[str],
+    data_bound: Iterable[str] = DATA_BOUND_KEYS,
 ) -> dict[str, Any]:
     """The model config to build for evaluating or predicting with ``ckpt_path``.
 
@@ -97,6 +102,9 @@ def model_config_for_checkpoint(
         stored: the checkpoint's (:data:`MODEL_CONFIG_KEY`); None for checkpoints written
             before it was stored, or by other tools: ``given`` is used as it is.
         overrides: this run's command-line overrides (Hydra's ``overrides.task``).
+        data_bound: the keys that must match the evaluated data set whoever set them
+            (:data:`DATA_BOUND_KEYS`; none where the data set is the checkpoint's own, and then
+            only the free keys the command line sets replace the checkpoint's).
 
     Returns:
         ``stored`` with the :data:`FREE_KEYS` of ``given``.
@@ -110,15 +118,21 @@ def model_config_for_checkpoint(
     stored = upgrade_model_config(stored)
     mine, theirs = _structural(flatten(given)), _structural(flatten(stored))
     differing = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-    overrides = list(overrides)
-    refused = [k for k in differing if k in DATA_BOUND_KEYS or _overridden(k, overrides)]
-    if refused:
-        listed = ", ".join(f"model.{k} (checkpoint {theirs.get(k)!r}, here {mine.get(k)!r})" for k in refused)
+    overrides, data_bound = list(overrides), set(data_bound)
+    typed = [k for k in differing if _overridden(k, overrides)]
+    bound = [k for k in differing if k in data_bound and k not in typed]
+    if typed or bound:
+        def listed(keys: list[str]) -> str:
+            return ", ".join(f"model.{k} (checkpoint {theirs.get(k)!r}, here {mine.get(k)!r})" for k in keys)
+
+        reasons = [f"drop the overrides {', '.join(f'model.{k}' for k in typed)}"] if typed else []
+        if bound:
+            reasons.append(f"{', '.join(f'model.{k}' for k in bound)} follow the data set: evaluate on one with the "
+                           "checkpoint's task and classes (without data= or experiment=, the checkpoint's own)")  # fmt: skip
         raise ValueError(
-            f"mode={mode} ckpt_path={ckpt_path}: the checkpoint's network differs in {listed}; its weights only "
-            f"fit the network they were trained in, which mode={mode} rebuilds from the checkpoint. Drop these "
-            f"overrides, or evaluate on a data set with the checkpoint's classes; only model.{{{','.join(FREE_KEYS)}}} "
-            "may change"
+            f"mode={mode} ckpt_path={ckpt_path}: the checkpoint's network differs in {listed(typed + bound)}; its "
+            f"weights only fit the network they were trained in, which mode={mode} rebuilds from the checkpoint: "
+            f"{'; '.join(reasons)}. Only model.{{{','.join(FREE_KEYS)}}} may change"
         )
     if differing:
         log.info(
@@ -126,8 +140,31 @@ def model_config_for_checkpoint(
             mode, ", ".join(f"model.{k}={theirs.get(k)!r} (the config says {mine.get(k)!r})" for k in differing),
         )
     merged = {k: v for k, v in stored.items() if k not in FREE_KEYS}
-    merged.update({k: v for k, v in given.items() if k in FREE_KEYS})
+    if data_bound:
+        merged.update({k: v for k, v in given.items() if k in FREE_KEYS})
+    else:
+        # the checkpoint's own data set: the composed model group may be another task's, so the free
+        # keys stay the checkpoint's but for what the command line sets in them
+        merged.update(_with_typed_free_keys(stored, given, overrides))
     return without_initial_weights(merged)
+
+
+def _with_typed_free_keys(stored: Mapping[str, Any], given: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """The :data:`FREE_KEYS` of ``stored``, with each ``model.<free key>[.<path>]`` the command line
+    sets taken from ``given``."""
+    out = {k: copy.deepcopy(stored[k]) for k in FREE_KEYS if k in stored}
+    for name in map(override_key, overrides):
+        parts = name.split(".")
+        if len(parts) < 2 or parts[0] != "model" or parts[1] not in FREE_KEYS or parts[1] not in given:
+            continue
+        if len(parts) == 2 or not isinstance(out.get(parts[1]), dict):
+            out[parts[1]] = copy.deepcopy(given[parts[1]])
+            continue
+        src, dst = given[parts[1]], out[parts[1]]
+        for part in parts[2:-1]:
+            src, dst = src[part], dst.setdefault(part, {})
+        dst[parts[-1]] = copy.deepcopy(src[parts[-1]])
+    return out
 
 
 def without_initial_weights(model_cfg: dict[str, Any]) -> dict[str, Any]:

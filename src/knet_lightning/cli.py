@@ -22,8 +22,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from knet_lightning.checkpoint_io import load_checkpoint_file
+from knet_lightning.checkpoint_io import checkpoint_entry, load_checkpoint_file
 from knet_lightning.checkpoint_model import (
+    DATA_BOUND_KEYS,
+    DATA_CONFIG_KEY,
     MODEL_CONFIG_KEY,
     load_network_weights,
     model_config_for_checkpoint,
@@ -213,9 +215,12 @@ def build_model(cfg: DictConfig, class_info: Any, ckpt_path: Optional[str] = Non
     if ckpt_path is not None and cfg.mode in ("eval", "predict"):
         stored = load_checkpoint_file(ckpt_path, trusted=bool(cfg.get("trusted_checkpoint", False)))
         overrides = command_line_overrides()
+        # a data set read from the checkpoint's own data config fits its task and classes by construction
+        data_bound = () if checkpoint_data_config(cfg) is not None else DATA_BOUND_KEYS
         model_cfg = model_config_for_checkpoint(
-            model_cfg, stored.get(MODEL_CONFIG_KEY) if isinstance(stored, dict) else None, ckpt_path, cfg.mode, overrides
-        )
+            model_cfg, stored.get(MODEL_CONFIG_KEY) if isinstance(stored, dict) else None, ckpt_path, cfg.mode, overrides,
+            data_bound,
+        )  # fmt: skip
         del stored
     elif cfg.mode == "convert" or (cfg.mode == "train" and cfg.get("load_from")):
         model_cfg = without_initial_weights(model_cfg)
@@ -326,6 +331,42 @@ def run(cfg: DictConfig) -> Optional[float]:
         log.info("run folder: %s", cfg.paths.output_dir)
 
 
+def stored_data_config(cfg: DictConfig) -> dict[str, Any]:
+    """The run's data config as checkpoints store it (:data:`DATA_CONFIG_KEY`): resolved, with the
+    class counts the data set gave."""
+    return OmegaConf.to_container(cfg.data, resolve=True)  # type: ignore[return-value]
+
+
+def checkpoint_data_config(cfg: DictConfig) -> Optional[dict[str, Any]]:
+    """The stored data config (:data:`DATA_CONFIG_KEY`) that ``mode=eval ckpt_path=<file>`` reads its
+    data set with: where the command line chooses no data set (no ``data=``, no ``experiment=``).
+    None elsewhere, and for checkpoints written before the data config was stored."""
+    ckpt = cfg.get("ckpt_path")
+    if cfg.mode != "eval" or ckpt is None or str(ckpt) == "last" or not Path(str(ckpt)).is_file():
+        return None
+    if any(override_key(o) in ("data", "experiment") for o in command_line_overrides()):
+        return None
+    return checkpoint_entry(str(ckpt), DATA_CONFIG_KEY)
+
+
+def data_config_from_checkpoint(cfg: DictConfig) -> None:
+    """``mode=eval ckpt_path=<file>`` without a data set on the command line evaluates on the data
+    set the checkpoint was trained on: its stored data config (reader, layout, classes, pipeline),
+    with the command line's ``data.*`` values on top (``data.root=/data/mine``)."""
+    stored = checkpoint_data_config(cfg)
+    if stored is None:
+        return
+    data = OmegaConf.create(stored)
+    keys = [override_key(o) for o in command_line_overrides()]
+    typed = sorted({k.removeprefix("data.") for k in keys if k.startswith("data.")})
+    for key in typed:
+        OmegaConf.update(data, key, OmegaConf.select(cfg, f"data.{key}"), force_add=True)
+    with open_dict(cfg):
+        cfg.data = data
+    log.info("mode=eval: the data set the checkpoint was trained on (%s)%s", stored.get("_target_"),
+             f", with the command line's data.{', data.'.join(typed)}" if typed else "")  # fmt: skip
+
+
 def write_resolved_config(resolved: dict[str, Any], output_dir: Path) -> None:
     """``config_resolved.yaml``: every interpolation resolved, secrets redacted."""
     (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
@@ -362,6 +403,7 @@ def _convert(cfg: DictConfig, datamodule: Any, output_dir: Path) -> None:
     check_class_counts(cfg, class_info)
     module = build_model(cfg, class_info)
     module.inference_config = datamodule.inference_settings()
+    module.data_config = stored_data_config(cfg)
     convert_checkpoint(cfg.convert_source, output, module, class_info.names)
     log.info("converted checkpoint: %s (mode=eval ckpt_path=%s, or load_from=%s to fine-tune)", output, output, output)
 
@@ -450,6 +492,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     output_dir = Path(cfg.paths.output_dir)
     check_output_dir(output_dir)
     published_numbers_in_fp32(cfg)
+    data_config_from_checkpoint(cfg)
     resolved = resolved_config(cfg)
     # not Lightning's rank_zero_only yet: before the strategy sets up, it says 0 on node 1 too
     if is_global_zero_from_env():
@@ -484,6 +527,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     ckpt_path = resolve_ckpt_path(cfg)
     model = build_model(cfg, class_info, ckpt_path)
     model.inference_config = inference_config
+    model.data_config = stored_data_config(cfg)
     if not model.test_time.is_plain:
         log.info("test-time strategy: %s", model.test_time.describe())
     if cfg.mode == "train":

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
-from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY
+from knet_lightning.checkpoint_model import DATA_CONFIG_KEY, INFERENCE_KEY, MODEL_CONFIG_KEY
 from knet_lightning.errors import NonFiniteLossError
 from knet_lightning.models.outputs import StageOutput
 from knet_lightning.memory_format import choose_memory_format
@@ -116,10 +116,10 @@ class KNetModule(LightningModule):
         )  # fmt: skip
         self.test_time = settings_for_task(test_time, self.task)  # whole, slide, multi-scale + flip
         self.vis_samples: list[dict[str, Any]] = []
-        # set by the CLI, stored in checkpoints: the resolved model config and the data set's
-        # test-time preprocessing and class ids (eval/predict and Segmenter rebuild from them)
+        # set by the CLI, stored in checkpoints, for eval/predict and Segmenter to rebuild from (checkpoint_model.py)
         self.model_config: Optional[dict[str, Any]] = None
         self.inference_config: Optional[dict[str, Any]] = None
+        self.data_config: Optional[dict[str, Any]] = None
 
     @property
     def num_stages(self) -> int:
@@ -139,9 +139,9 @@ class KNetModule(LightningModule):
         return self.net(images)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        for key, value in ((MODEL_CONFIG_KEY, self.model_config), (INFERENCE_KEY, self.inference_config)):
-            if value is not None:
-                checkpoint[key] = value
+        stored = {MODEL_CONFIG_KEY: self.model_config, INFERENCE_KEY: self.inference_config,
+                  DATA_CONFIG_KEY: self.data_config}  # fmt: skip
+        checkpoint.update({key: value for key, value in stored.items() if value is not None})
 
     def setup(self, stage: str) -> None:
         # before configure_optimizers and checkpoint loading, which keep the parameters' layout

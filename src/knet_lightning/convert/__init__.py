@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning
-import torch
 
-from knet_lightning.checkpoint_io import atomic_torch_save
+from knet_lightning.checkpoint_io import atomic_torch_save, checkpoint_entry
 from knet_lightning.checkpoint_model import CONVERSION_KEY, INFERENCE_KEY, MODEL_CONFIG_KEY
 from knet_lightning.convert.backbones import backbone_from_published, backbone_layout
 from knet_lightning.convert.mapping import ConversionError, KeyMapping, convert_state_dict
@@ -36,14 +35,8 @@ MAPPINGS: dict[str, KeyMapping] = {"semantic": MMSEG_SEMANTIC, "panoptic": MMDET
 
 
 def conversion_record(path: str | Path) -> dict[str, Any] | None:
-    """The :data:`CONVERSION_KEY` record of checkpoint ``path`` (None: not written by
-    ``mode=convert``, or not loadable weights-only); the tensors are memory-mapped, not read."""
-    try:
-        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - not our format: the caller's own loading reports why
-        return None
-    record = stored.get(CONVERSION_KEY) if isinstance(stored, dict) else None
-    return record if isinstance(record, dict) else None
+    """The :data:`CONVERSION_KEY` record of checkpoint ``path`` (None: not written by ``mode=convert``)."""
+    return checkpoint_entry(path, CONVERSION_KEY)
 
 
 def mapping_for_task(task: str) -> KeyMapping:
