@@ -9,6 +9,7 @@ import json
 import re
 import shlex
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -312,3 +313,65 @@ def test_a_resize_that_enlarges_small_images_says_so_with_the_fix(tmp_path: Path
             assert "enlarges" not in caplog.text
         else:
             assert expected in caplog.text, caplog.text
+
+
+def readme_check_data_command() -> str:
+    """The section's inline ``mode=check_data`` command."""
+    section = (ROOT / "README.md").read_text().split(SECTION, 1)[1].split("\n## ", 1)[0]
+    (command,) = re.findall(r"`(python -m knet_lightning mode=check_data [^`]*)`", section)
+    return command
+
+
+def _check(root: Path, cwd: Path, experiment: str) -> tuple[Any, dict]:
+    command = readme_check_data_command().replace("own_panoptic", experiment).replace("/data/mine", str(root))
+    cwd.mkdir(parents=True, exist_ok=True)
+    proc = _run(shlex.split(command)[len(COMMAND.split()):], cwd)
+    (report,) = cwd.glob("logs/check_data/runs/*/data_check/data_check.json")
+    assert report.with_name("class_histogram.png").is_file()
+    return proc, json.loads(report.read_text())
+
+
+def test_data_check_reports_classes_and_counts_and_names_each_defect(tmp_path: Path) -> None:
+    from knet_lightning.data.io import id2rgb as to_rgb
+
+    # a clean set: counts per class, exit 0
+    write_own_panoptic(tmp_path / "pan")
+    proc, report = _check(tmp_path / "pan", tmp_path / "clean", "own_panoptic")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train, val = report["splits"]
+    assert (train["images"], val["images"], report["problems"]) == (4, 2, 0)
+    assert [c["name"] for c in report["classes"]] == ["cat", "dog", "sky", "lawn"]
+    assert train["segments"] == [4, 4, 4, 4] and sum(train["pixels"]) == 4 * SIZE * SIZE
+    assert "train: 4 images, 16 segments" in proc.stdout
+
+    # planted: an unknown category id (train JSON), a missing PNG and a size mismatch (val)
+    root = tmp_path / "bad"
+    write_own_panoptic(root)
+    train_json = root / "annotations" / "panoptic_train2017.json"
+    data = json.loads(train_json.read_text())
+    data["annotations"][1]["segments_info"][0]["category_id"] = 99
+    train_json.write_text(json.dumps(data))
+    (root / "annotations" / "panoptic_val2017" / "val2017_0.png").unlink()
+    Image.fromarray(to_rgb(np.ones((SIZE, SIZE + 8), np.uint32))).save(root / "annotations" / "panoptic_val2017" / "val2017_1.png")
+    proc, report = _check(root, tmp_path / "planted", "own_panoptic")
+    assert proc.returncode != 0
+    problems = [p for split in report["splits"] for p in split["problems"]]
+    assert len(problems) == report["problems"] == 3
+    text = "\n".join(f"{name}: {message}" for name, message in problems)
+    assert "panoptic_train2017.json: annotations[1]" in text and "unknown category id 99" in text
+    assert "val2017_0.png: panoptic PNG not found" in text
+    assert "val2017_1.png: PNG size 72x64 (WxH) differs from the image val2017_1.jpg size 64x64" in text
+    assert "data check: 3 problem(s)" in proc.stderr
+
+    # a semantic set: an unknown label value and a size mismatch (val), an image without its label (train)
+    root = tmp_path / "sem"
+    write_own_semantic(root, reduce_zero_label=False)
+    Image.fromarray(np.full((SIZE, SIZE), 7, np.uint8), mode="L").save(root / "ann_dir" / "val" / "0000.png")
+    Image.fromarray(np.zeros((SIZE // 2, SIZE), np.uint8), mode="L").save(root / "ann_dir" / "val" / "0001.png")
+    (root / "ann_dir" / "train" / "0003.png").unlink()
+    proc, report = _check(root, tmp_path / "semantic", "own_semantic")
+    assert proc.returncode != 0
+    text = "\n".join(f"{name}: {message}" for split in report["splits"] for name, message in split["problems"])
+    assert "missing label file for 1 image(s)" in text and "0003.jpg" in text
+    assert "0000.jpg: " in text and "label values [7] out of range; expected 0..2 or 255 for 3 classes" in text
+    assert "0001.jpg: " in text and "label size 64x32 (WxH) differs from the image 0001.jpg size 64x64" in text

@@ -392,6 +392,31 @@ def published_numbers_in_fp32(cfg: DictConfig) -> None:
         cfg.trainer.precision = "32-true"
 
 
+def _check_data(cfg: DictConfig, datamodule: Any, output_dir: Path) -> None:
+    """``mode=check_data``: the training and validation splits read without transforms and
+    reported (:mod:`knet_lightning.data.check`); a defect is an error once the report is written."""
+    from functools import partial
+
+    from knet_lightning.data.check import check_split, summary_lines, write_report
+    from knet_lightning.data.meta import DatasetError
+
+    datamodule.prepare_data()
+    class_info = datamodule.class_info
+    check_class_counts(cfg, class_info)
+    splits = datamodule.splits
+    roles = ["train"] + (["val"] if splits["val"] != splits["train"] else [])
+    reports = [check_split(role, partial(datamodule.make_dataset, role, None), class_info.num_classes) for role in roles]
+    out_dir = output_dir / "data_check"
+    record = write_report(class_info, reports, out_dir)
+    for line in summary_lines(class_info, reports):
+        print(line)
+    log.info("data check: %s (class_histogram.png beside it)", out_dir / "data_check.json")
+    if record["problems"]:
+        first = next(f"{name}: {message}" for r in reports for name, message in r.problems)
+        raise DatasetError(f"data check: {record['problems']} problem(s), each named in {out_dir / 'data_check.json'}; "
+                           f"the first: {first}")  # fmt: skip
+
+
 def _convert(cfg: DictConfig, datamodule: Any, output_dir: Path) -> None:
     """``mode=convert``: a published checkpoint into ours (:mod:`knet_lightning.convert`)."""
     from knet_lightning.convert import convert_checkpoint
@@ -510,6 +535,9 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
     if cfg.mode == "convert":
         _convert(cfg, datamodule, output_dir)
         return None
+    if cfg.mode == "check_data":
+        _check_data(cfg, datamodule, output_dir)
+        return None
     datamodule.prepare_data()
     class_info = datamodule.class_info
     if check_class_counts(cfg, class_info):
@@ -591,7 +619,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
             trainer.predict(model, dataloaders=datamodule.test_dataloader(), return_predictions=False)
             log.info("wrote %d predictions to %s", exporter.count, cfg.predict_output_dir)
     else:
-        raise ValueError(f"mode={mode!r}: expected train, eval, predict, export or convert")
+        raise ValueError(f"mode={mode!r}: expected train, eval, predict, export, convert or check_data")
 
     metrics = {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) or isinstance(v, (int, float))}
     if trainer.is_global_zero:

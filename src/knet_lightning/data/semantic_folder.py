@@ -169,6 +169,11 @@ class SemanticFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self._items)
 
+    def image_info(self, index: int) -> dict[str, Any]:
+        """``file_name`` (the image's) and ``label_file`` of sample ``index``, without reading them."""
+        image, label = self._items[index]
+        return {"file_name": image.name, "label_file": str(label)}
+
     def image_size(self, index: int) -> tuple[int, int]:
         """``(height, width)`` of sample ``index``, from its image file's header."""
         if self._sizes is not None:
