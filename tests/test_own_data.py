@@ -375,3 +375,25 @@ def test_data_check_reports_classes_and_counts_and_names_each_defect(tmp_path: P
     assert "missing label file for 1 image(s)" in text and "0003.jpg" in text
     assert "0000.jpg: " in text and "label values [7] out of range; expected 0..2 or 255 for 3 classes" in text
     assert "0001.jpg: " in text and "label size 64x32 (WxH) differs from the image 0001.jpg size 64x64" in text
+
+
+@pytest.mark.parametrize("experiment", ["knet_fcn_r50_ade20k_80k", "knet_pspnet_r50_ade20k_80k",
+                                        "knet_deeplabv3_r50_ade20k_80k", "knet_upernet_r50_ade20k_80k",
+                                        "knet_upernet_swin-t_ade20k_80k"])  # fmt: skip
+def test_every_semantic_model_config_reads_a_semantic_folder(tmp_path: Path, experiment: str) -> None:
+    """``experiment=<any semantic setting> data=semantic_folder``: the network gets the folder's 3 classes."""
+    import torch
+    from cli_utils import compose_cfg
+
+    from knet_lightning.cli import build_datamodule, build_model
+
+    write_own_semantic(tmp_path / "mine", reduce_zero_label=False)
+    cfg = compose_cfg(tmp_path, [f"experiment={experiment}", "data=semantic_folder", f"data.root={tmp_path / 'mine'}",
+                                 "model.net.pretrained=false", "data.num_workers=0", "data.persistent_workers=false"])  # fmt: skip
+    datamodule = build_datamodule(cfg)
+    module = build_model(cfg, datamodule.class_info).eval()
+    assert module.class_names == SEMANTIC_CLASSES and cfg.data.num_classes == 3
+    batch = next(iter(datamodule.val_dataloader()))
+    with torch.no_grad():
+        outputs = module(batch["images"])
+    assert outputs[-1].mask_logits.shape[:2] == (1, 3)
