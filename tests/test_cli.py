@@ -23,7 +23,8 @@ from omegaconf import OmegaConf
 from cli_utils import compose_cfg, metrics_csv, run_cfg, tiny_overrides
 from wandb_utils import read_offline_run
 
-from knet_lightning.cli import DATA_META_KEYS, build_model, config_dir, print_results, resolve_ckpt_path
+from knet_lightning.cli import build_model, config_dir, print_results, resolve_ckpt_path
+from knet_lightning.run_data import DATA_META_KEYS
 from knet_lightning.data.meta import ClassInfo
 from knet_lightning.secrets import hide_secret_overrides, redact, redact_hydra_dump
 

@@ -19,19 +19,26 @@ from typing import Any, Optional
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from knet_lightning.checkpoint_io import checkpoint_entry, load_checkpoint_file
+from knet_lightning.checkpoint_io import load_checkpoint_file
 from knet_lightning.checkpoint_model import (
     DATA_BOUND_KEYS,
-    DATA_CONFIG_KEY,
     MODEL_CONFIG_KEY,
     load_network_weights,
     model_config_for_checkpoint,
     without_initial_weights,
 )
-from knet_lightning.configs import override_key, register_configs
+from knet_lightning.configs import command_line_overrides, override_key, register_configs
+from knet_lightning.run_data import (
+    build_datamodule,
+    check_class_counts,
+    check_data,
+    checkpoint_data_config,
+    data_config_from_checkpoint,
+    run_data_check,
+    stored_data_config,
+)
 from knet_lightning.distributed import end_of_job, is_global_zero_from_env
 from knet_lightning.errors import summary as error_summary
 from knet_lightning.reproduction import apply_strict_reproduction, strict_runtime
@@ -42,8 +49,6 @@ log = logging.getLogger("knet_lightning")
 # the knet.* resolvers and structured configs of conf/, before @hydra.main composes any config
 register_configs()
 
-# keys of the data config that describe the data set rather than construct the data module
-DATA_META_KEYS = ("num_things", "num_stuff", "num_classes")
 # keys of the model config that only parametrize the network by interpolation (the handles that
 # sweeps vary); the network is their one consumer, the module and criterion read it
 MODEL_HANDLE_KEYS = ("num_proposals", "num_stages")
@@ -100,11 +105,6 @@ def run_identity(run_dir: Path) -> Optional[tuple[Optional[str], Optional[str]]]
     return (None if experiment in (None, "null") else str(experiment), task)
 
 
-def command_line_overrides() -> list[str]:
-    """This run's command-line overrides (Hydra's ``overrides.task``; none outside a Hydra app)."""
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
 def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
     """``ckpt_path`` as a file. ``last`` means this run folder's ``checkpoints/last.ckpt`` if it
     exists (resuming with ``hydra.run.dir=<old run>``), else the newest ``last.ckpt`` of an
@@ -155,52 +155,6 @@ def _seed(cfg: DictConfig) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"seed={value!r}: expected an integer (e.g. seed=42)")
     return value
-
-
-def build_datamodule(cfg: DictConfig) -> Any:
-    # the project's data folder (data/ by default) is created on first use; a data.root outside
-    # it must already exist
-    Path(cfg.paths.data_dir).mkdir(parents=True, exist_ok=True)
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
-    for key in DATA_META_KEYS:
-        data_cfg.pop(key, None)
-    return hydra.utils.instantiate(data_cfg, _convert_="partial")
-
-
-def class_counts(class_info: Any) -> dict[str, int]:
-    """``num_things`` / ``num_stuff`` / ``num_classes`` of a data set's classes (things first)."""
-    things = sum(bool(t) for t in class_info.isthing)
-    return {"num_things": things, "num_stuff": len(class_info.names) - things, "num_classes": len(class_info.names)}
-
-
-def check_class_counts(cfg: DictConfig, class_info: Any) -> bool:
-    """The class counts come from the data set's files: ``data.num_things`` / ``num_stuff`` /
-    ``num_classes`` left null (the COCO-format configs) are filled in from ``class_info``; a typed
-    one must equal it, since a mismatch would silently train the wrong classifier. Returns whether
-    a count was filled in."""
-    counts = class_counts(class_info)
-    filled = False
-    for key, value in counts.items():
-        typed = cfg.data.get(key)
-        if typed is None:
-            with open_dict(cfg):
-                cfg.data[key] = value
-            filled = True
-        elif int(typed) != value:
-            raise ValueError(
-                f"data.{key}={typed} but the data set's categories give {value} ({counts['num_things']} things, "
-                f"{counts['num_stuff']} stuff); drop data.{key} to take the count from the data set, or fix it"
-            )
-    return filled
-
-
-def check_data(cfg: DictConfig, datamodule: Any) -> None:
-    """Builds the data sets this run reads before the Trainer exists, so that a missing data
-    root or a wrong layout fails with the reader's ``DatasetError`` (naming the path) before any
-    step."""
-    stage = {"train": "fit", "eval": "test"}.get(str(cfg.mode))
-    if stage is not None:
-        datamodule.setup(stage)
 
 
 def build_model(cfg: DictConfig, class_info: Any, ckpt_path: Optional[str] = None) -> Any:
@@ -331,42 +285,6 @@ def run(cfg: DictConfig) -> Optional[float]:
         log.info("run folder: %s", cfg.paths.output_dir)
 
 
-def stored_data_config(cfg: DictConfig) -> dict[str, Any]:
-    """The run's data config as checkpoints store it (:data:`DATA_CONFIG_KEY`): resolved, with the
-    class counts the data set gave."""
-    return OmegaConf.to_container(cfg.data, resolve=True)  # type: ignore[return-value]
-
-
-def checkpoint_data_config(cfg: DictConfig) -> Optional[dict[str, Any]]:
-    """The stored data config (:data:`DATA_CONFIG_KEY`) that ``mode=eval ckpt_path=<file>`` reads its
-    data set with: where the command line chooses no data set (no ``data=``, no ``experiment=``).
-    None elsewhere, and for checkpoints written before the data config was stored."""
-    ckpt = cfg.get("ckpt_path")
-    if cfg.mode != "eval" or ckpt is None or str(ckpt) == "last" or not Path(str(ckpt)).is_file():
-        return None
-    if any(override_key(o) in ("data", "experiment") for o in command_line_overrides()):
-        return None
-    return checkpoint_entry(str(ckpt), DATA_CONFIG_KEY)
-
-
-def data_config_from_checkpoint(cfg: DictConfig) -> None:
-    """``mode=eval ckpt_path=<file>`` without a data set on the command line evaluates on the data
-    set the checkpoint was trained on: its stored data config (reader, layout, classes, pipeline),
-    with the command line's ``data.*`` values on top (``data.root=/data/mine``)."""
-    stored = checkpoint_data_config(cfg)
-    if stored is None:
-        return
-    data = OmegaConf.create(stored)
-    keys = [override_key(o) for o in command_line_overrides()]
-    typed = sorted({k.removeprefix("data.") for k in keys if k.startswith("data.")})
-    for key in typed:
-        OmegaConf.update(data, key, OmegaConf.select(cfg, f"data.{key}"), force_add=True)
-    with open_dict(cfg):
-        cfg.data = data
-    log.info("mode=eval: the data set the checkpoint was trained on (%s)%s", stored.get("_target_"),
-             f", with the command line's data.{', data.'.join(typed)}" if typed else "")  # fmt: skip
-
-
 def write_resolved_config(resolved: dict[str, Any], output_dir: Path) -> None:
     """``config_resolved.yaml``: every interpolation resolved, secrets redacted."""
     (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
@@ -390,31 +308,6 @@ def published_numbers_in_fp32(cfg: DictConfig) -> None:
              "instead of %s; set trainer.precision on the command line to choose", precision)  # fmt: skip
     with open_dict(cfg):
         cfg.trainer.precision = "32-true"
-
-
-def _check_data(cfg: DictConfig, datamodule: Any, output_dir: Path) -> None:
-    """``mode=check_data``: the training and validation splits read without transforms and
-    reported (:mod:`knet_lightning.data.check`); a defect is an error once the report is written."""
-    from functools import partial
-
-    from knet_lightning.data.check import check_split, summary_lines, write_report
-    from knet_lightning.data.meta import DatasetError
-
-    datamodule.prepare_data()
-    class_info = datamodule.class_info
-    check_class_counts(cfg, class_info)
-    splits = datamodule.splits
-    roles = ["train"] + (["val"] if splits["val"] != splits["train"] else [])
-    reports = [check_split(role, partial(datamodule.make_dataset, role, None), class_info.num_classes) for role in roles]
-    out_dir = output_dir / "data_check"
-    record = write_report(class_info, reports, out_dir)
-    for line in summary_lines(class_info, reports):
-        print(line)
-    log.info("data check: %s (class_histogram.png beside it)", out_dir / "data_check.json")
-    if record["problems"]:
-        first = next(f"{name}: {message}" for r in reports for name, message in r.problems)
-        raise DatasetError(f"data check: {record['problems']} problem(s), each named in {out_dir / 'data_check.json'}; "
-                           f"the first: {first}")  # fmt: skip
 
 
 def _convert(cfg: DictConfig, datamodule: Any, output_dir: Path) -> None:
@@ -536,7 +429,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
         _convert(cfg, datamodule, output_dir)
         return None
     if cfg.mode == "check_data":
-        _check_data(cfg, datamodule, output_dir)
+        run_data_check(cfg, datamodule, output_dir)
         return None
     datamodule.prepare_data()
     class_info = datamodule.class_info

@@ -86,3 +86,10 @@ def register_configs() -> None:
     # Lightning 2.6's own use of torch 2.14's pytree API (lightning/pytorch/utilities/_pytree.py),
     # printed at every fit and nothing a user can act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def command_line_overrides() -> list[str]:
+    """This run's command-line overrides (Hydra's ``overrides.task``; none outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
