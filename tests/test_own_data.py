@@ -188,6 +188,19 @@ def test_readme_own_data_commands_train_evaluate_and_predict(tmp_path: Path, exp
         assert labels and labels <= ({1, 2, 3} if reduce_zero_label else {0, 1, 2})
     summary = json.loads(next(logs.glob("predict/runs/*/predictions/summary.json")).read_text())
     assert summary["done"] == 2
+    print(f"{experiment} (reduce_zero_label={reduce_zero_label}): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in sorted(metrics.items()) if k in ("test/pq", "test/miou", "test/map")))
+    # the Python API names the data set's classes (its results, the overlay's legend)
+    from knet_lightning import Segmenter
+
+    seg = Segmenter.from_checkpoint(train / "checkpoints" / "last.ckpt", precision="fp32")
+    expected = {"own_panoptic": [c["name"] for c in PANOPTIC_CATEGORIES], "own_semantic": SEMANTIC_CLASSES,
+                "own_instance": [c["name"] for c in INSTANCE_CATEGORIES]}[experiment]  # fmt: skip
+    assert seg.class_names == expected
+    image = next(p for p in root.rglob("*.jpg") if "val" in str(p))
+    result = seg(image)
+    assert {s.class_name for s in result.segments} <= set(expected)
+    assert result.overlay().size[0] > SIZE  # the image and its legend of class names
     # README: the checkpoint alone, with data.root: its stored data config gives reader, classes, pipeline
     command = readme_checkpoint_eval_command()
     checkpoint = train / "checkpoints" / "last.ckpt"
