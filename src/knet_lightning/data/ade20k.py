@@ -35,8 +35,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from knet_lightning.data.meta import ClassInfo, DatasetError, default_palette
-from knet_lightning.data.semantic_folder import SemanticFolderDataModule, SemanticFolderDataset
+from knet_lightning.data.meta import ClassInfo, DatasetError
+from knet_lightning.data.semantic_folder import SemanticFolderDataModule, SemanticFolderDataset, semantic_class_info
 
 __all__ = [
     "ADE20K_CLASSES",
@@ -69,20 +69,13 @@ ADE20K_CLASSES: tuple[str, ...] = (
     "bulletin board", "shower", "radiator", "glass", "clock", "flag",
 )  # fmt: skip
 
-NUM_ADE20K_CLASSES = 150
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def ade20k_class_info(reduce_zero_label: bool = True) -> ClassInfo:
     """The 150 classes, all stuff; ``dataset_ids`` are the label-file values (``c + 1`` when
     ``reduce_zero_label``, else ``c``), which is what an exporter must write back."""
-    offset = 1 if reduce_zero_label else 0
-    return ClassInfo(
-        names=ADE20K_CLASSES,
-        isthing=(False,) * NUM_ADE20K_CLASSES,
-        colors=default_palette(NUM_ADE20K_CLASSES),
-        dataset_ids=tuple(range(offset, NUM_ADE20K_CLASSES + offset)),
-    )
+    return semantic_class_info(ADE20K_CLASSES, None, reduce_zero_label, "ADE20K")
 
 
 def resolve_ade20k_root(root: str | Path, split: str) -> Path:
