@@ -36,6 +36,7 @@ from knet_lightning.run_data import (
     check_data,
     checkpoint_data_config,
     data_config_from_checkpoint,
+    eval_checkpoint_file,
     run_data_check,
     stored_data_config,
 )
@@ -294,15 +295,13 @@ def published_numbers_in_fp32(cfg: DictConfig) -> None:
     """``mode=eval`` of a checkpoint that ``mode=convert`` wrote (published weights) runs in fp32,
     as the published numbers were computed, unless the command line sets ``trainer.precision``
     (e.g. the ``bf16-mixed`` of ``trainer=gpu``, which moves labels; README, Use the published weights)."""
-    ckpt = cfg.get("ckpt_path")
-    if cfg.mode != "eval" or ckpt is None or str(ckpt) == "last" or not Path(str(ckpt)).is_file():
-        return  # ckpt_path=last is a training run's; a missing file is reported where it is loaded
-    if "trainer.precision" in map(override_key, command_line_overrides()):
+    ckpt = eval_checkpoint_file(cfg)
+    if ckpt is None or "trainer.precision" in map(override_key, command_line_overrides()):
         return
     from knet_lightning.convert import conversion_record
 
     precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
-    if precision in ("32", "32-true") or conversion_record(str(ckpt)) is None:
+    if precision in ("32", "32-true") or conversion_record(ckpt) is None:
         return
     log.info("mode=eval of a converted checkpoint: trainer.precision=32-true (the published numbers' precision) "
              "instead of %s; set trainer.precision on the command line to choose", precision)  # fmt: skip
@@ -318,8 +317,7 @@ def _convert(cfg: DictConfig, datamodule: Any, output_dir: Path) -> None:
         raise ValueError("mode=convert needs convert_source=<published checkpoint .pth>")
     output = Path(cfg.convert_output or output_dir / "checkpoints" / "converted.ckpt")
     class_info = datamodule.class_info
-    check_class_counts(cfg, class_info)
-    module = build_model(cfg, class_info)
+    module = build_model(cfg, class_info)  # with the class counts the data set gives
     module.inference_config = datamodule.inference_settings()
     module.data_config = stored_data_config(cfg)
     convert_checkpoint(cfg.convert_source, output, module, class_info.names)
@@ -340,7 +338,7 @@ def _export(cfg: DictConfig, output_dir: Path) -> None:
              "ckpt_path=%s predict.backend=onnxruntime)", output, output)  # fmt: skip
 
 
-def _postprocess_overrides(cfg: DictConfig, key: str = "postprocess") -> dict[str, Any]:
+def _typed_model_fields(cfg: DictConfig, key: str = "postprocess") -> dict[str, Any]:
     """The ``model.<key>.<field>`` values this run's command line sets (``model.<key>=`` as a
     whole sets them all); ``key``: ``postprocess`` or ``test_time``."""
     overrides = command_line_overrides()
@@ -371,12 +369,12 @@ def _predict(cfg: DictConfig) -> None:
     if backend == "onnxruntime":
         device = "cpu"  # the exported graph runs in ONNX Runtime's CPU session
     # the command line's model.test_time.<field> on top of the checkpoint's (None: the checkpoint's)
-    test_time = _postprocess_overrides(cfg, "test_time") or None
+    test_time = _typed_model_fields(cfg, "test_time") or None
     segmenter = Segmenter.from_checkpoint(ckpt_path, device=device, stage=int(opts.stage),
                                           trusted=bool(cfg.get("trusted_checkpoint", False)),
                                           precision=str(opts.precision),
                                           backend=backend, test_time=test_time)  # fmt: skip
-    given = _postprocess_overrides(cfg)
+    given = _typed_model_fields(cfg)
     if given:
         # the command line may change the checkpoint's post-processing (as mode=eval's FREE_KEYS)
         task = segmenter.module.task

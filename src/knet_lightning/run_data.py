@@ -73,16 +73,23 @@ def stored_data_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg.data, resolve=True)  # type: ignore[return-value]
 
 
+def eval_checkpoint_file(cfg: DictConfig) -> Optional[str]:
+    """The checkpoint file ``mode=eval`` names explicitly (None: another mode, no checkpoint,
+    ``ckpt_path=last``, which is a training run's, or a missing file, reported where it is loaded)."""
+    ckpt = cfg.get("ckpt_path")
+    if cfg.mode != "eval" or ckpt is None or str(ckpt) == "last" or not Path(str(ckpt)).is_file():
+        return None
+    return str(ckpt)
+
+
 def checkpoint_data_config(cfg: DictConfig) -> Optional[dict[str, Any]]:
     """The stored data config (:data:`DATA_CONFIG_KEY`) that ``mode=eval ckpt_path=<file>`` reads its
     data set with: where the command line chooses no data set (no ``data=``, no ``experiment=``).
     None elsewhere, and for checkpoints written before the data config was stored."""
-    ckpt = cfg.get("ckpt_path")
-    if cfg.mode != "eval" or ckpt is None or str(ckpt) == "last" or not Path(str(ckpt)).is_file():
+    ckpt = eval_checkpoint_file(cfg)
+    if ckpt is None or any(override_key(o) in ("data", "experiment") for o in command_line_overrides()):
         return None
-    if any(override_key(o) in ("data", "experiment") for o in command_line_overrides()):
-        return None
-    return checkpoint_entry(str(ckpt), DATA_CONFIG_KEY)
+    return checkpoint_entry(ckpt, DATA_CONFIG_KEY)
 
 
 def data_config_from_checkpoint(cfg: DictConfig) -> None:

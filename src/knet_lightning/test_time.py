@@ -30,9 +30,9 @@ from typing import Any, ClassVar, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.transforms import v2
 
 from knet_lightning.data.resize import check_backend, rescale_size, resize_image, scale_size
+from knet_lightning.data.transforms import build_transforms
 from knet_lightning.models.outputs import StageOutput
 from knet_lightning.settings import settings_from
 
@@ -279,9 +279,8 @@ def multi_scale_flip(network: Network, image: Tensor, settings: TestTimeSettings
     """
     check_backend(resize_backend)
     height, width = image.shape[-2:]
-    # the evaluation pipeline's tail, on each view: uint8 -> [0, 1] float32 -> normalised
-    normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True),
-                            v2.Normalize(mean=[float(m) for m in mean], std=[float(s) for s in std])])  # fmt: skip
+    # the evaluation pipeline without its resize, on each view: uint8 -> [0, 1] float32 -> normalised
+    normalize = build_transforms(False, short_edge=None, mean=mean, std=std)
     image = image.cpu()  # OpenCV resizes on the CPU
     sums: list[Optional[Tensor]] = [None] * len(stages)
     views = 0

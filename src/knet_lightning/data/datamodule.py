@@ -210,8 +210,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         if built:
             raise RuntimeError(f"{type(self).__name__}.keep_eval_size: the {built} data sets are built already "
                                "with the resizing pipeline; call it before setup()")  # fmt: skip
-        mean, std = normalize[0].mean, normalize[0].std
-        self.eval_transforms = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=mean, std=std)])
+        self.eval_transforms = build_transforms(False, short_edge=None, mean=normalize[0].mean, std=normalize[0].std)
 
     @abstractmethod
     def make_dataset(self, role: str, transforms: Transforms) -> Dataset:
@@ -301,11 +300,11 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         else:
             return
         h, w = (int(v) for v in torch.tensor(sample, dtype=torch.float64).median(dim=0).values)
-        factor = ops[0].nominal_size(h, w)[0] / h
-        if factor > self.ENLARGE_WARNING:
+        new_h, new_w = ops[0].nominal_size(h, w)
+        if new_h / h > self.ENLARGE_WARNING:
             log.warning("the %s resize enlarges this data set's images %.1fx (median %dx%d px -> %dx%d): slower, and no "
-                        "detail is gained; keep them near their size with %s", role, factor, h, w,
-                        *ops[0].nominal_size(h, w), self.keep_size_hint(min(h, w)))  # fmt: skip
+                        "detail is gained; keep them near their size with %s", role, new_h / h, h, w, new_h, new_w,
+                        self.keep_size_hint(min(h, w)))  # fmt: skip
 
     def _dataset(self, role: str) -> Dataset:
         if role not in self.datasets:
