@@ -13,7 +13,7 @@ PEER_STAMP := $(VENV)/.peers
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: install train test test-all bench clean
+.PHONY: install train lint test test-all bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,8 +37,13 @@ train: $(STAMP)
 # test runs single-threaded (tests/conftest.py), so the 2 cores run two files side by side
 XDIST ?= -n 2 --dist loadfile
 
-# the CI suite (slow tests excluded)
-test: $(PEER_STAMP)
+# ruff's rules and format, configured in pyproject.toml
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# the CI suite (slow tests excluded), after the lint
+test: $(PEER_STAMP) lint
 	$(BIN)/python -m pytest -m "not slow" $(XDIST) --durations=25 $(PYTEST_ARGS)
 
 # everything, slow tests included

@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
                "loader_ms": run["loader_ms"], "step_ms": statistics.median(run["step_ms"]),
                "backward_ms": statistics.median(run["backward_ms"])}  # fmt: skip
         results.append(row)
-        print(f"| {row['name']} | {row['params_m']:.2f} | {row['loader_ms']:.1f} | {row['step_ms']:.0f} | {row['backward_ms']:.0f} |")
+        print(
+            f"| {row['name']} | {row['params_m']:.2f} | {row['loader_ms']:.1f} | {row['step_ms']:.0f} | {row['backward_ms']:.0f} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": machine, "results": results}, indent=2))
     print(f"wrote {args.out}")

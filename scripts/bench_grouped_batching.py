@@ -101,7 +101,9 @@ def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--annotations", type=Path, default=None, help="COCO JSON whose 'images' sizes to use")
-    parser.add_argument("--images", type=int, default=COCO_TRAIN_IMAGES, help="COCO-like images (without --annotations)")
+    parser.add_argument(
+        "--images", type=int, default=COCO_TRAIN_IMAGES, help="COCO-like images (without --annotations)"
+    )
     parser.add_argument("--batch-size", type=int, default=2, help="images per GPU")
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=2)

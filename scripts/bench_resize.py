@@ -112,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         reference = cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)  # mmcv.imresize
         tensor = torch.from_numpy(img).permute(2, 0, 1).contiguous()
         candidates: dict[str, Callable[[], np.ndarray]] = {
-            "cv2": lambda: resize_image(tensor, size, "cv2").permute(1, 2, 0).numpy(),
-            "torchvision": lambda: F.resize(tensor, list(size), antialias=True).permute(1, 2, 0).numpy(),
-            "torchvision-noaa": lambda: F.resize(tensor, list(size), antialias=False).permute(1, 2, 0).numpy(),
-            "port-scalar": lambda: port(img, size, vector=False),
-            "port-simd": lambda: port(img, size, vector=True),
+            "cv2": lambda t=tensor, s=size: resize_image(t, s, "cv2").permute(1, 2, 0).numpy(),
+            "torchvision": lambda t=tensor, s=size: F.resize(t, list(s), antialias=True).permute(1, 2, 0).numpy(),
+            "torchvision-noaa": lambda t=tensor, s=size: F.resize(t, list(s), antialias=False).permute(1, 2, 0).numpy(),
+            "port-scalar": lambda i=img, s=size: port(i, s, vector=False),
+            "port-simd": lambda i=img, s=size: port(i, s, vector=True),
         }
         for method, fn in candidates.items():
             out = fn()

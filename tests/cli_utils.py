@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -50,7 +50,7 @@ def compose_cfg(tmp_path: Path, overrides: list[str], config_name: str = "train"
     return cfg
 
 
-def run_cfg(cfg: DictConfig) -> Optional[float]:
+def run_cfg(cfg: DictConfig) -> float | None:
     """Runs the app on a composed config (what ``@hydra.main`` does, without the launcher)."""
     HydraConfig.instance().set_config(cfg)
     try:
@@ -59,7 +59,7 @@ def run_cfg(cfg: DictConfig) -> Optional[float]:
         GlobalHydra.instance().clear()
 
 
-def tiny_overrides(*extra: str, data_dir: Optional[Path] = None) -> list[str]:
+def tiny_overrides(*extra: str, data_dir: Path | None = None) -> list[str]:
     out = TINY_MODEL + TINY_DATA + ["trainer.max_epochs=1", "trainer.log_every_n_steps=1"]
     return out + list(extra)
 

@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
-
 from cli_utils import TINY_DATA, TINY_MODEL
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -37,8 +36,12 @@ class Probe(Callback):
 
     def _save(self, trainer: Trainer) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.record.update(world_size=trainer.world_size, global_rank=trainer.global_rank,
-                           num_nodes=trainer.num_nodes, global_step=trainer.global_step)
+        self.record.update(
+            world_size=trainer.world_size,
+            global_rank=trainer.global_rank,
+            num_nodes=trainer.num_nodes,
+            global_step=trainer.global_step,
+        )
         (self.out_dir / f"probe.rank{trainer.global_rank}.json").write_text(json.dumps(self.record, indent=1))
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -65,7 +68,9 @@ TESTS_DIR = Path(__file__).resolve().parent
 # DistributedSampler would repeat one), one image per evaluation batch, two training steps,
 # no progress bars, and post-processing thresholds at 0 so that an untrained model still
 # predicts segments and the metrics are not all zero
-CLI_TINY = [o for o in TINY_MODEL + TINY_DATA if not o.startswith(("data.num_val=", "data.val_batch_size=", "data.batch_size="))] + [
+CLI_TINY = [
+    o for o in TINY_MODEL + TINY_DATA if not o.startswith(("data.num_val=", "data.val_batch_size=", "data.batch_size="))
+] + [
     "data.num_val=5",
     "data.val_batch_size=1",
     "data.batch_size=2",
@@ -89,10 +94,19 @@ def free_port() -> int:
 def cli_env(root: Path, **extra: str) -> dict[str, str]:
     """Environment of a CLI subprocess: outputs and data under ``root``, ``tests/`` importable
     (for the probe callback), no DDP variables inherited from the test process."""
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE",
-                                                           "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")}
-    env.update(KNET_ROOT=str(root), PYTHONPATH=os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")]),
-               WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("LOCAL_RANK", "NODE_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED")
+    }
+    env.update(
+        KNET_ROOT=str(root),
+        PYTHONPATH=os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")]),
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        HYDRA_FULL_ERROR="1",
+        OMP_NUM_THREADS="1",
+    )
     env.update(extra)
     return env
 
@@ -101,16 +115,18 @@ def probe_overrides(out_dir: Path) -> list[str]:
     return ["+callbacks.probe._target_=distributed_utils.Probe", f"+callbacks.probe.out_dir={out_dir}"]
 
 
-def start_cli(args: list[str], root: Path, env: dict[str, str] | None = None,
-              prefix: list[str] | None = None) -> subprocess.Popen:
+def start_cli(
+    args: list[str], root: Path, env: dict[str, str] | None = None, prefix: list[str] | None = None
+) -> subprocess.Popen:
     """Starts ``python -m knet_lightning ARGS`` (or ``PREFIX ARGS``) in ``root``; its output goes
     to ``root/cli-<n>.log`` (a file, not a pipe: a full pipe would block a chatty run)."""
     root.mkdir(parents=True, exist_ok=True)
     command = (prefix or [sys.executable, "-m", "knet_lightning"]) + list(args)
     log_path = root / f"cli-{len(list(root.glob('cli-*.log')))}.log"
     with log_path.open("w") as log:
-        proc = subprocess.Popen(command, cwd=root, env=env or cli_env(root), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            command, cwd=root, env=env or cli_env(root), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     proc.log_path = log_path  # type: ignore[attr-defined]
     return proc
 
@@ -133,5 +149,7 @@ def run_cli(args: list[str], root: Path, timeout: float = 300, **env_extra: str)
 
 
 def read_probes(out_dir: Path) -> dict[int, dict[str, Any]]:
-    return {int(p.name.split("rank")[1].split(".")[0]): json.loads(p.read_text())
-            for p in sorted(out_dir.glob("probe.rank*.json"))}
+    return {
+        int(p.name.split("rank")[1].split(".")[0]): json.loads(p.read_text())
+        for p in sorted(out_dir.glob("probe.rank*.json"))
+    }

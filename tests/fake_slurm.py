@@ -114,7 +114,7 @@ def script_options(script: Path) -> dict[str, str]:
     words: list[str] = []
     for line in script.read_text().splitlines()[1:]:
         if line.startswith("#SBATCH"):
-            words += shlex.split(line[len("#SBATCH"):], comments=True)
+            words += shlex.split(line[len("#SBATCH") :], comments=True)
         elif line.strip() and not line.startswith("#"):
             break
     return parse_options(words)[0]

@@ -475,9 +475,7 @@ def save_mmseg_checkpoint(
     stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime())
     experiment_name = f"{Path(cfg.filename).stem}_{stamp}"
     palette = ade20k_palette(len(classes)) if palette is None else [list(map(int, rgb)) for rgb in palette]
-    dataset_meta = dict(
-        classes=tuple(classes), palette=palette, label_map=None, reduce_zero_label=reduce_zero_label
-    )
+    dataset_meta = dict(classes=tuple(classes), palette=palette, label_map=None, reduce_zero_label=reduce_zero_label)
     gen = torch.Generator().manual_seed(seed)
 
     # Runner.__init__ + RuntimeInfoHook.before_run / before_train
@@ -560,7 +558,10 @@ def save_mmseg_checkpoint(
 
 
 def init_mmseg_model(
-    name: str, checkpoint: str | Path, test_scale: Sequence[int] | None = None, test_cfg: Mapping[str, Any] | None = None
+    name: str,
+    checkpoint: str | Path,
+    test_scale: Sequence[int] | None = None,
+    test_cfg: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """MMSegmentation's own ``mmseg.apis.init_model`` of config ``name`` and ``checkpoint`` on the
     CPU, with the config's data preprocessor and test pipeline: ``inference_model`` on it is the

@@ -16,6 +16,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from knet_lightning.data.ade20k import ADE20K_CLASSES, ADE20KDataModule, ADE20KDataset, ade20k_class_info
+from knet_lightning.data.meta import DatasetError
 from knet_lightning.data.mmseg_pipeline import (
     PadToSize,
     PhotoMetricDistortion,
@@ -24,7 +25,6 @@ from knet_lightning.data.mmseg_pipeline import (
     build_ade20k_transforms,
     scale_saturation,
 )
-from knet_lightning.data.meta import DatasetError
 
 
 def _raw_label_a() -> np.ndarray:

@@ -22,8 +22,12 @@ BACKBONES = {
     # the smallest Swin of the paper, stochastic depth as the ADE20K configs
     "swin-t": {"backbone_type": "swin", "swin_arch": "tiny", "drop_path_rate": 0.3, "frozen_stages": -1},
     # mmdet's stage_with_dcn=(False, True, True, True) on a quarter-width ResNet-50
-    "r50-dcn": {"backbone_depth": 50, "backbone_base_channels": 16, "backbone_dcn_stages": (False, True, True, True),
-                "frozen_stages": -1},  # fmt: skip
+    "r50-dcn": {
+        "backbone_depth": 50,
+        "backbone_base_channels": 16,
+        "backbone_dcn_stages": (False, True, True, True),
+        "frozen_stages": -1,
+    },  # fmt: skip
 }
 
 

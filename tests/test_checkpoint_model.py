@@ -83,9 +83,9 @@ def test_older_checkpoints_with_a_task_argument_still_rebuild(task: str, tmp_pat
     """Configs stored before KNet and KNetCriterion stopped taking ``task`` (``net.task``,
     ``criterion.task``) upgrade to today's keys and build the same network and criterion."""
     import hydra
+    from cli_utils import compose_cfg, tiny_overrides
     from omegaconf import OmegaConf
 
-    from cli_utils import compose_cfg, tiny_overrides
     from knet_lightning.checkpoint_model import upgrade_model_config
 
     today = OmegaConf.to_container(compose_cfg(tmp_path, tiny_overrides(f"model=knet_{task}")).model, resolve=True)
@@ -95,7 +95,10 @@ def test_older_checkpoints_with_a_task_argument_still_rebuild(task: str, tmp_pat
     upgraded = upgrade_model_config(legacy)
     assert upgraded["net"] == today["net"] and "task" not in upgraded["criterion"]
     assert upgraded["criterion"]["stuff_kernels"] is (task == "panoptic")
-    assert model_config_for_checkpoint(today, legacy, "old.ckpt", "eval", [])["net"]["num_stuff"] == today["net"]["num_stuff"]
+    assert (
+        model_config_for_checkpoint(today, legacy, "old.ckpt", "eval", [])["net"]["num_stuff"]
+        == today["net"]["num_stuff"]
+    )
     criterion = hydra.utils.instantiate(upgraded["criterion"])
     assert criterion.num_stuff_kernels == (today["net"]["num_stuff"] if task == "panoptic" else 0)
     assert hydra.utils.instantiate(upgraded["net"]).num_stuff == today["net"]["num_stuff"]
@@ -112,6 +115,9 @@ def test_on_the_checkpoints_own_data_set_only_typed_free_keys_replace_its_own() 
     assert built["task"] == "panoptic" and built["channels_last"] == "auto"
     assert built["postprocess"] == {"object_mask_thr": 0.5, "overlap_thr": 0.7}
     # the same on another data set: task differences are refused, free keys come from this run
-    with pytest.raises(ValueError, match=r"model.task \(checkpoint 'panoptic', here 'semantic'\); .* model.task follow "
-                                         r"the data set: evaluate on one with the checkpoint's task and classes"):
+    with pytest.raises(
+        ValueError,
+        match=r"model.task \(checkpoint 'panoptic', here 'semantic'\); .* model.task follow "
+        r"the data set: evaluate on one with the checkpoint's task and classes",
+    ):
         model_config_for_checkpoint(given, stored, "x.ckpt", "eval", [])

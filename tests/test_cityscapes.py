@@ -276,7 +276,9 @@ def test_semantic_errors(cs_copy: tuple[Path, dict]) -> None:
         CityscapesSemanticDataset(root, "val")[0]
     # missing ground truth: found at construction, with the preparation hint
     _gt(root, SPLITS["val"][2], "labelTrainIds").unlink()
-    with pytest.raises(DatasetError, match=r"1 of 3 images .*/munster_000000_000019_gtFine_labelTrainIds.png.*createTrainIdLabelImgs"):
+    with pytest.raises(
+        DatasetError, match=r"1 of 3 images .*/munster_000000_000019_gtFine_labelTrainIds.png.*createTrainIdLabelImgs"
+    ):
         CityscapesSemanticDataset(root, "val")
 
 
@@ -383,9 +385,7 @@ def test_panoptic_reader_pixels(cs_root: tuple[Path, dict]) -> None:
         ids = arrays[stem]["ids"]
         assert torch.equal(image, torch.from_numpy(arrays[stem]["rgb"]).permute(2, 0, 1))
         # createPanopticImgs lists segments in ascending id order, ignoreInEval labels left out
-        values = [
-            int(v) for v in np.unique(ids) if not USED[int(v) // 1000 if v >= 1000 else int(v)][2]
-        ]
+        values = [int(v) for v in np.unique(ids) if not USED[int(v) // 1000 if v >= 1000 else int(v)][2]]
         lab = [int(v) // 1000 if v >= 1000 else int(v) for v in values]
         crowd = [v < 1000 and USED[v][1] for v in values]
         assert target["labels"].tolist() == [PANOPTIC_CONTIG[x] for x in lab]
@@ -415,7 +415,9 @@ def _edit_json(root: Path, fn: Any) -> None:
 def test_panoptic_errors(cs_copy: tuple[Path, dict]) -> None:
     root, _ = cs_copy
     json_path = root / "gtFine" / "cityscapes_panoptic_val.json"
-    with pytest.raises(DatasetError, match=r"Cityscapes root .*nope does not exist.*cityscapes_panoptic_val.json.*createPanopticImgs"):
+    with pytest.raises(
+        DatasetError, match=r"Cityscapes root .*nope does not exist.*cityscapes_panoptic_val.json.*createPanopticImgs"
+    ):
         CityscapesPanopticDataset(root / "nope", "val")
     with pytest.raises(DatasetError, match=r"missing panoptic JSON .*cityscapes_panoptic_val_trainId.json"):
         CityscapesPanopticDataset(root, "val", use_train_id=True)
@@ -432,7 +434,9 @@ def test_panoptic_errors(cs_copy: tuple[Path, dict]) -> None:
         CityscapesPanopticDataset(root, "val")
     json_path.write_text(original)
     _edit_json(root, lambda d: d["annotations"][0].update(image_id="frankfurt"))
-    with pytest.raises(DatasetError, match=r"annotations\[0\] refers to image_id 'frankfurt', which is not in 'images'"):
+    with pytest.raises(
+        DatasetError, match=r"annotations\[0\] refers to image_id 'frankfurt', which is not in 'images'"
+    ):
         CityscapesPanopticDataset(root, "val")
     json_path.write_text(original)
     _edit_json(root, lambda d: (d["annotations"][0].update(image_id="x"), d["images"][0].update(id="x")))
@@ -452,7 +456,9 @@ def test_panoptic_errors(cs_copy: tuple[Path, dict]) -> None:
     with pytest.raises(DatasetError, match=r"frankfurt_000000_000294_gtFine_panoptic.png: panoptic PNG not found"):
         CityscapesPanopticDataset(root, "val")[0]
     (root / "leftImg8bit" / "val" / "munster" / f"{SPLITS['val'][2]}_leftImg8bit.png").unlink()
-    with pytest.raises(DatasetError, match=r"leftImg8bit/val/munster/munster_000000_000019_leftImg8bit.png: image file not found"):
+    with pytest.raises(
+        DatasetError, match=r"leftImg8bit/val/munster/munster_000000_000019_leftImg8bit.png: image file not found"
+    ):
         CityscapesPanopticDataset(root, "val")[2]
 
 
@@ -461,9 +467,7 @@ def test_panoptic_errors(cs_copy: tuple[Path, dict]) -> None:
 
 def test_semantic_datamodule_batches(cs_root: tuple[Path, dict]) -> None:
     root, _ = cs_root
-    dm = CityscapesSemanticDataModule(
-        root, batch_size=2, crop_size=(16, 32), scale_range=(0.5, 1.0), num_workers=0
-    )
+    dm = CityscapesSemanticDataModule(root, batch_size=2, crop_size=(16, 32), scale_range=(0.5, 1.0), num_workers=0)
     assert dm.num_classes == 19 and dm.num_things == 0  # before setup, from the label table
     batch = next(iter(dm.train_dataloader()))
     assert batch["images"].shape == (2, 3, 32, 32) and batch["images"].dtype == torch.float32

@@ -16,16 +16,15 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
+from cli_utils import compose_cfg, metrics_csv, run_cfg, tiny_overrides
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import LightningDataModule, Trainer
 from omegaconf import OmegaConf
-
-from cli_utils import compose_cfg, metrics_csv, run_cfg, tiny_overrides
 from wandb_utils import read_offline_run
 
 from knet_lightning.cli import build_model, config_dir, print_results, resolve_ckpt_path
-from knet_lightning.run_data import DATA_META_KEYS
 from knet_lightning.data.meta import ClassInfo
+from knet_lightning.run_data import DATA_META_KEYS
 from knet_lightning.secrets import hide_secret_overrides, redact, redact_hydra_dump
 
 CONF = Path(config_dir())
@@ -56,8 +55,11 @@ def test_every_data_config_composes_and_its_datamodule_instantiates(tmp_path: Pa
 @pytest.mark.parametrize("option", _options("model"))
 def test_every_model_config_instantiates(tmp_path: Path, option: str) -> None:
     data = "ade20k" if option == "knet_semantic" else "synthetic"
-    cfg = compose_cfg(tmp_path, [f"model={option}", f"data={data}", "~experiment", "model.net.backbone_depth=18"]
-                      + (["model.net.decode_head=uper"] if option == "knet_semantic" else []))
+    cfg = compose_cfg(
+        tmp_path,
+        [f"model={option}", f"data={data}", "~experiment", "model.net.backbone_depth=18"]
+        + (["model.net.decode_head=uper"] if option == "knet_semantic" else []),
+    )
     n = cfg.data.num_classes
     info = ClassInfo(names=tuple(f"c{i}" for i in range(n)), isthing=tuple(i < cfg.data.num_things for i in range(n)),
                      colors=tuple((i, i, i) for i in range(n)), dataset_ids=tuple(range(1, n + 1)))  # fmt: skip
@@ -92,9 +94,7 @@ def test_every_logger_config_composes(tmp_path: Path, option: str) -> None:
             hydra.utils.instantiate(node)
 
 
-@pytest.mark.parametrize(
-    "group", ["callbacks", "debug", "experiment", "hparams_search", "paths", "hydra"]
-)
+@pytest.mark.parametrize("group", ["callbacks", "debug", "experiment", "hparams_search", "paths", "hydra"])
 def test_every_other_group_composes(tmp_path: Path, group: str) -> None:
     for option in _options(group):
         cfg = compose_cfg(tmp_path, [f"{group}={option}"])
@@ -132,8 +132,9 @@ def test_train_then_eval_then_predict_from_the_checkpoint(tmp_path: Path, caplog
     overlays = list((run_dir / "overlays").rglob("*.png"))
     assert overlays, "validation overlays were not written"
 
-    cfg = compose_cfg(tmp_path / "b", tiny_overrides(f"ckpt_path={last}", "export_predictions=true"),
-                      config_name="eval")
+    cfg = compose_cfg(
+        tmp_path / "b", tiny_overrides(f"ckpt_path={last}", "export_predictions=true"), config_name="eval"
+    )
     OmegaConf.update(cfg, "paths.data_dir", str(tmp_path / "a" / "data"), force_add=True)
     run_cfg(cfg)
     eval_metrics = json.loads((tmp_path / "b" / "run" / "metrics.json").read_text())
@@ -167,18 +168,29 @@ def test_train_then_eval_then_predict_from_the_checkpoint(tmp_path: Path, caplog
     assert "skipped 1" in caplog.text and "skipped zz_truncated.jpg: " in caplog.text
 
 
-def test_resume_from_last_checkpoint_continues_at_the_right_step(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_resume_from_last_checkpoint_continues_at_the_right_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # 2 batches per epoch: a 1-epoch run ends at step 2; resuming for 2 epochs ends at step 4
-    first = compose_cfg(tmp_path / "a", tiny_overrides("trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-                                                       "test_after_fit=false"))
+    first = compose_cfg(
+        tmp_path / "a",
+        tiny_overrides("trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test_after_fit=false"),
+    )
     run_cfg(first)
     last = tmp_path / "a" / "run" / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert state["global_step"] == 2
 
-    second = compose_cfg(tmp_path / "b", tiny_overrides("trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-                                                        "test_after_fit=false", "trainer.max_epochs=2",
-                                                        f"ckpt_path={last}"))
+    second = compose_cfg(
+        tmp_path / "b",
+        tiny_overrides(
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            "test_after_fit=false",
+            "trainer.max_epochs=2",
+            f"ckpt_path={last}",
+        ),
+    )
     OmegaConf.update(second, "paths.data_dir", str(tmp_path / "a" / "data"), force_add=True)
     # capture the optimizer state right after the checkpoint is restored
     from lightning.pytorch import Callback
@@ -222,8 +234,12 @@ def test_resume_from_last_checkpoint_continues_at_the_right_step(tmp_path: Path,
 def test_resume_in_its_folder_continues_the_csv_log(tmp_path: Path) -> None:
     """One run folder, one metrics.csv: the resumed run appends to version_0 (no version_1),
     keeps the interrupted run's rows and logs every step once."""
-    common = ("trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test_after_fit=false",
-              "trainer.check_val_every_n_epoch=1")
+    common = (
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "test_after_fit=false",
+        "trainer.check_val_every_n_epoch=1",
+    )
     run_cfg(compose_cfg(tmp_path, tiny_overrides(*common)))
     before = metrics_csv(tmp_path / "run")
     assert sorted(int(r["step"]) for r in before if r.get("train/loss")) == [0, 1]
@@ -265,8 +281,11 @@ def test_ckpt_path_last_finds_the_newest_run_of_the_same_experiment_and_task(tmp
 
 def test_class_count_mismatch_fails_before_training(tmp_path: Path) -> None:
     cfg = compose_cfg(tmp_path, tiny_overrides("data.num_things=5", "data.num_classes=8"))
-    with pytest.raises(ValueError, match=r"data.num_things=5 but the data set's categories give 4 \(4 things, 3 "
-                                         r"stuff\); drop data.num_things to take the count from the data set"):
+    with pytest.raises(
+        ValueError,
+        match=r"data.num_things=5 but the data set's categories give 4 \(4 things, 3 "
+        r"stuff\); drop data.num_things to take the count from the data set",
+    ):
         run_cfg(cfg)
 
 
@@ -282,8 +301,16 @@ def test_unwritable_output_dir_fails_early(tmp_path: Path) -> None:
 def test_wandb_offline_run_writes_its_folder_with_metrics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    cfg = compose_cfg(tmp_path, tiny_overrides("debug=limit", "logger=wandb", "trainer.check_val_every_n_epoch=1",
-                                               "logger.wandb.offline=true", "+logger.wandb.config.api_key=hunter2"))
+    cfg = compose_cfg(
+        tmp_path,
+        tiny_overrides(
+            "debug=limit",
+            "logger=wandb",
+            "trainer.check_val_every_n_epoch=1",
+            "logger.wandb.offline=true",
+            "+logger.wandb.config.api_key=hunter2",
+        ),
+    )
     run_cfg(cfg)
     import wandb
 
@@ -300,7 +327,11 @@ def test_wandb_offline_run_writes_its_folder_with_metrics(tmp_path: Path, monkey
 
 def test_redact_hides_secrets() -> None:
     cfg = {"logger": {"wandb": {"api_key": "abc", "project": "p"}}, "token": "t", "x": [{"password": "p"}]}
-    assert redact(cfg) == {"logger": {"wandb": {"api_key": "***", "project": "p"}}, "token": "***", "x": [{"password": "***"}]}
+    assert redact(cfg) == {
+        "logger": {"wandb": {"api_key": "***", "project": "p"}},
+        "token": "***",
+        "x": [{"password": "***"}],
+    }
 
 
 @pytest.mark.slow  # test_readme.py runs `python -m knet_lightning` as written in CI
@@ -308,7 +339,11 @@ def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     env = dict(os.environ, KNET_ROOT=str(tmp_path))
     out = subprocess.run(
         [sys.executable, "-m", "knet_lightning", "--cfg", "job", "model.num_stages=2"],
-        capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
     assert "num_stages: 2" in out.stdout
@@ -317,7 +352,9 @@ def test_python_dash_m_entry_point(tmp_path: Path) -> None:
 def test_hydra_dump_is_redacted(tmp_path: Path) -> None:
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "config.yaml").write_text("logger:\n  wandb:\n    api_key: hunter2\n    project: p\n")
-    (tmp_path / ".hydra" / "overrides.yaml").write_text("- +logger.wandb.config.api_key=hunter2\n- model.num_stages=2\n")
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(
+        "- +logger.wandb.config.api_key=hunter2\n- model.num_stages=2\n"
+    )
     redact_hydra_dump(tmp_path)
     config = (tmp_path / ".hydra" / "config.yaml").read_text()
     overrides = (tmp_path / ".hydra" / "overrides.yaml").read_text()
@@ -335,8 +372,14 @@ def test_secret_overrides_move_to_the_environment() -> None:
     env: dict[str, str] = {}
     argv = hide_secret_overrides(["prog", "+hf_token=hf_abc", "model.num_stages=2", "+logger.wandb.config.api_key=k1",
                                   "+my_password=${oc.env:PW}", "trainer=ddp"], env)  # fmt: skip
-    assert argv == ["prog", "+hf_token=${oc.env:KNET_SECRET_0}", "model.num_stages=2",
-                    "+logger.wandb.config.api_key=${oc.env:KNET_SECRET_1}", "+my_password=${oc.env:PW}", "trainer=ddp"]
+    assert argv == [
+        "prog",
+        "+hf_token=${oc.env:KNET_SECRET_0}",
+        "model.num_stages=2",
+        "+logger.wandb.config.api_key=${oc.env:KNET_SECRET_1}",
+        "+my_password=${oc.env:PW}",
+        "trainer=ddp",
+    ]
     assert env == {"KNET_SECRET_0": "hf_abc", "KNET_SECRET_1": "k1"}
 
 

@@ -184,7 +184,9 @@ def test_min_size_drops_small_images_as_mmdet(fixture: dict[str, Any], caplog: A
     with caplog.at_level(logging.INFO, logger="knet_lightning.data.coco"):
         ds = COCOInstanceDataset(root, split="val", filter_empty=True, min_size=17)
     assert names(ds) == ["a.png"]
-    assert "kept 1 of 3 images; dropped 1 without an annotation (filter_empty=True) and 1 with a side below" in caplog.text
+    assert (
+        "kept 1 of 3 images; dropped 1 without an annotation (filter_empty=True) and 1 with a side below" in caplog.text
+    )
     with pytest.raises(DatasetError, match=r"instances_val2017.json: no image left for training out of 3: 1 without an "
                                            r"annotation .* 2 with a side below min_size=25 px"):  # fmt: skip
         COCOInstanceDataset(root, split="val", filter_empty=True, min_size=25)
@@ -343,4 +345,3 @@ def test_datamodule_keeps_empty_when_asked(tmp_path: Path) -> None:
                                 num_workers=0)  # fmt: skip
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 3
-

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import json
-import re
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -58,13 +58,18 @@ def test_mapping_is_strict_and_inverts() -> None:
 
     missing = dict(published)
     del missing["decode_head.kernel_generate_head.conv_seg.weight"]
-    with pytest.raises(ConversionError, match=r"src\.pth .*1 network tensors are not in the checkpoint: decode_head\.conv_seg\.weight"):
+    with pytest.raises(
+        ConversionError, match=r"src\.pth .*1 network tensors are not in the checkpoint: decode_head\.conv_seg\.weight"
+    ):
         convert_state_dict(missing, ours, MMSEG_SEMANTIC, "src.pth")
     extra = {**published, "decode_head.kernel_generate_head.extra.weight": torch.zeros(1)}
     with pytest.raises(ConversionError, match=r"1 source tensors have no place .*kernel_generate_head\.extra\.weight"):
         convert_state_dict(extra, ours, MMSEG_SEMANTIC, "src.pth")
     wrong = {**published, "backbone.stem.0.weight": torch.zeros(16, 3, 3, 3)}
-    with pytest.raises(ConversionError, match=r"shapes differ: backbone\.stem\.0\.weight \(16, 3, 3, 3\) -> backbone\.stem\.0\.weight \(32, 3, 3, 3\)"):
+    with pytest.raises(
+        ConversionError,
+        match=r"shapes differ: backbone\.stem\.0\.weight \(16, 3, 3, 3\) -> backbone\.stem\.0\.weight \(32, 3, 3, 3\)",
+    ):
         convert_state_dict(wrong, ours, MMSEG_SEMANTIC, "src.pth")
 
 
@@ -101,9 +106,12 @@ def test_convert_refuses_another_model_or_other_classes_and_writes_nothing(tmp_p
     fcn = SemanticKNet(num_classes=150, decode_head="fcn", deep_stem=True, backbone_depth=50, num_stages=1,
                        channels=32, updator_channels=32, aux_channels=16, feedforward_channels=64, num_heads=2)  # fmt: skip
     torch.save(_published(fcn, {"dataset_meta": {"classes": list(ADE20K_CLASSES)}}), tmp_path / "fcn.pth")
-    with pytest.raises(ConversionError, match=r"fcn\.pth does not match this network .*no place in the network: "
-                       r"decode_head\.kernel_generate_head\.convs\.\* \(12\), decode_head\.kernel_generate_head\.conv_cat\.\* \(6\); "
-                       r"\d+ network tensors are not in the checkpoint: decode_head\.psp_modules\.\* \(24\)"):
+    with pytest.raises(
+        ConversionError,
+        match=r"fcn\.pth does not match this network .*no place in the network: "
+        r"decode_head\.kernel_generate_head\.convs\.\* \(12\), decode_head\.kernel_generate_head\.conv_cat\.\* \(6\); "
+        r"\d+ network tensors are not in the checkpoint: decode_head\.psp_modules\.\* \(24\)",
+    ):
         convert_checkpoint(tmp_path / "fcn.pth", out, module, ADE20K_CLASSES)
     # right layout, other classes
     names = list(ADE20K_CLASSES)
@@ -178,7 +186,9 @@ def test_converted_checkpoint_evaluates_and_fine_tunes(tmp_path: Path, caplog: p
                                                  f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}"]))  # fmt: skip
 
 
-def test_load_from_not_strict_loads_what_matches_and_names_the_rest(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_load_from_not_strict_loads_what_matches_and_names_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """load_from_strict=false, as for fine-tuning on other classes: tensors of equal name and shape
     come from the checkpoint, the classifier of another class count keeps its initialisation."""
     from types import SimpleNamespace
@@ -209,15 +219,19 @@ def test_load_from_not_strict_loads_what_matches_and_names_the_rest(tmp_path: Pa
     (record,) = [r for r in caplog.records if "not strict" in r.getMessage()]
     assert record.levelname == "WARNING"
     assert "2 of 4 network tensors loaded" in record.getMessage()
-    assert "left as initialised: 2 of another shape: 1.weight (133, 4) -> (19, 4), 1.bias (133,) -> (19,)" \
+    assert (
+        "left as initialised: 2 of another shape: 1.weight (133, 4) -> (19, 4), 1.bias (133,) -> (19,)"
         in record.getMessage()
+    )
 
     torch.save({"state_dict": {"net.head.weight": torch.zeros(2)}}, tmp_path / "other.ckpt")
     with pytest.raises(ConversionError, match=r"other\.ckpt: no tensor of its network has a name and shape"):
         load_network_weights(module, str(tmp_path / "other.ckpt"), strict=False)
 
 
-def test_coco_panoptic_weights_fine_tune_on_cityscapes_panoptic(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_coco_panoptic_weights_fine_tune_on_cityscapes_panoptic(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The README's cross-data-set fine-tuning: COCO panoptic weights (133 classes) into the
     Cityscapes panoptic experiment (19) with load_from_strict=false. Only the classifiers differ."""
     from cli_utils import TINY_MODEL

@@ -78,7 +78,9 @@ def test_official_layout_converts_strictly_and_round_trips(tmp_path: Path, name:
     # (a run takes them from the data set's JSON)
     stuff = 53 if "panoptic" in experiment else 0
     counts = ["data.num_things=80", f"data.num_stuff={stuff}", f"data.num_classes={80 + stuff}"]
-    net = instantiate(compose_cfg(tmp_path, [f"experiment={experiment}", "model.net.pretrained=false", *counts]).model.net)
+    net = instantiate(
+        compose_cfg(tmp_path, [f"experiment={experiment}", "model.net.pretrained=false", *counts]).model.net
+    )
     assert isinstance(net, KNet)
     saved = {k for k in keys if not k.endswith("relative_position_index")}
     assert sum(p.numel() for p in net.parameters()) == params and len(net.state_dict()) == len(saved)
@@ -86,11 +88,15 @@ def test_official_layout_converts_strictly_and_round_trips(tmp_path: Path, name:
     official = random_official(keys)
     source = backbone_from_published(official, net.backbone)
     net.load_state_dict(convert_state_dict(source, net.state_dict(), MMDET_KNET, f"{name}.pth"), strict=True)
-    back = backbone_to_published(convert_state_dict(net.state_dict(), source, MMDET_KNET.inverse(), "ours"), net.backbone)
+    back = backbone_to_published(
+        convert_state_dict(net.state_dict(), source, MMDET_KNET.inverse(), "ours"), net.backbone
+    )
     assert back.keys() == saved and all(torch.equal(back[k], official[k]) for k in saved)
 
     unused = {**official, "roi_head.mask_head.3.fc_cls.weight": torch.zeros(3)}
-    with pytest.raises(ConversionError, match=r"1 source tensors have no place in the network: roi_head\.mask_head\.3\.fc_cls\.weight"):
+    with pytest.raises(
+        ConversionError, match=r"1 source tensors have no place in the network: roi_head\.mask_head\.3\.fc_cls\.weight"
+    ):
         convert_state_dict(backbone_from_published(unused, net.backbone), net.state_dict(), MMDET_KNET, f"{name}.pth")
 
 
@@ -116,14 +122,21 @@ def test_panoptic_checkpoint_converts_and_instance_weights_are_refused(tmp_path:
     stored = load_checkpoint_file(out)
     assert stored[CONVERSION_KEY]["mapping"] == MMDET_KNET.name
     assert torch.equal(stored["state_dict"]["net.kernel_head.conv_seg.weight"], official["rpn_head.conv_seg.weight"])
-    assert torch.equal(stored["state_dict"]["net.fpn.lateral_convs.0.weight"], official["neck.lateral_convs.0.conv.weight"])
+    assert torch.equal(
+        stored["state_dict"]["net.fpn.lateral_convs.0.weight"], official["neck.lateral_convs.0.conv.weight"]
+    )
 
     # instance weights into the panoptic experiment: its 80 classes, or without a class list its shapes
     instance = random_official(official_keys("instance_r50"))
     torch.save({"meta": {"CLASSES": tuple(names[:80])}, "state_dict": instance}, tmp_path / "instance.pth")
-    with pytest.raises(ConversionError, match=r"instance\.pth was trained on other classes .*80 classes in the checkpoint, 133"):
+    with pytest.raises(
+        ConversionError, match=r"instance\.pth was trained on other classes .*80 classes in the checkpoint, 133"
+    ):
         convert_checkpoint(tmp_path / "instance.pth", tmp_path / "bad.ckpt", module, names)
     torch.save({"state_dict": instance}, tmp_path / "bare.pth")
-    with pytest.raises(ConversionError, match=r"bare\.pth does not match .*shapes differ: rpn_head\.conv_seg\.weight \(80, 256, 1, 1\) -> kernel_head\.conv_seg\.weight \(133, 256, 1, 1\)"):
+    with pytest.raises(
+        ConversionError,
+        match=r"bare\.pth does not match .*shapes differ: rpn_head\.conv_seg\.weight \(80, 256, 1, 1\) -> kernel_head\.conv_seg\.weight \(133, 256, 1, 1\)",
+    ):
         convert_checkpoint(tmp_path / "bare.pth", tmp_path / "bad.ckpt", module, names)
     assert not (tmp_path / "bad.ckpt").exists()

@@ -68,7 +68,9 @@ def test_mmsegmentation_checkpoint_converts_and_matches_logits_and_losses(tmp_pa
 
     # the same tensors and parameters as MMSegmentation's model (e.g. FCN 62.8 M, 475 tensors), but
     # for Swin's relative_position_index buffers, a function of the window size that we do not save
-    assert len(module.net.state_dict()) == len([k for k in ref.state_dict() if not k.endswith("relative_position_index")])
+    assert len(module.net.state_dict()) == len(
+        [k for k in ref.state_dict() if not k.endswith("relative_position_index")]
+    )
     assert sum(p.numel() for p in module.net.parameters()) == sum(p.numel() for p in ref.parameters())
     stored = load_checkpoint_file(output)
     assert stored[CONVERSION_KEY] == record
@@ -97,7 +99,9 @@ def test_mmsegmentation_checkpoint_converts_and_matches_logits_and_losses(tmp_pa
     expected_losses = peer.mmseg_losses(ref, images, labels)
     net.train()
     for m in net.modules():
-        if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.Dropout, torch.nn.Dropout2d, StochasticDepth)):
+        if isinstance(
+            m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.Dropout, torch.nn.Dropout2d, StochasticDepth)
+        ):
             m.eval()
     with torch.no_grad():
         losses = module.criterion(net(images), [{"sem_seg": lab} for lab in labels], pad_size=(64, 64))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import torch
@@ -27,7 +27,7 @@ BOTTOM = region(slice(8, IMG), slice(0, IMG))
 BOTTOM_LEFT = region(slice(8, IMG), slice(0, 8))  # 4 stride-4 pixels
 
 
-def target(segments: list[tuple[int, torch.Tensor]], crowd: Optional[list[bool]] = None) -> dict[str, Any]:
+def target(segments: list[tuple[int, torch.Tensor]], crowd: list[bool] | None = None) -> dict[str, Any]:
     size = segments[0][1].shape if segments else (IMG, IMG)
     masks = torch.stack([m for _, m in segments]) if segments else torch.zeros((0, *size), dtype=torch.bool)
     return {
@@ -46,9 +46,15 @@ def make_outputs(
     def leaf(*shape: int) -> torch.Tensor:
         return gen(*shape).requires_grad_()
 
-    outs = [StageOutput(leaf(batch, num_kernels, H4, H4), None, leaf(batch, num_kernels, 8), leaf(batch, num_classes, 2, 2))]
+    outs = [
+        StageOutput(leaf(batch, num_kernels, H4, H4), None, leaf(batch, num_kernels, 8), leaf(batch, num_classes, 2, 2))
+    ]
     for _ in range(num_stages):
-        outs.append(StageOutput(leaf(batch, num_kernels, H4, H4), leaf(batch, num_kernels, num_classes), leaf(batch, num_kernels, 8)))
+        outs.append(
+            StageOutput(
+                leaf(batch, num_kernels, H4, H4), leaf(batch, num_kernels, num_classes), leaf(batch, num_kernels, 8)
+            )
+        )
     return outs
 
 
@@ -71,9 +77,18 @@ def test_key_sets_for_two_stages() -> None:
     tgts = [target([(0, TOP), (2, BOTTOM)])]
     pan = crit_panoptic()(make_outputs(1, 5, 4, 2), tgts)
     assert set(pan) == {
-        "s0.mask", "s0.dice", "s0.seg", "s0.rank",
-        "s1.cls", "s1.mask", "s1.dice", "s1.rank",
-        "s2.cls", "s2.mask", "s2.dice", "s2.rank",
+        "s0.mask",
+        "s0.dice",
+        "s0.seg",
+        "s0.rank",
+        "s1.cls",
+        "s1.mask",
+        "s1.dice",
+        "s1.rank",
+        "s2.cls",
+        "s2.mask",
+        "s2.dice",
+        "s2.rank",
     }
     ins = crit_instance()(make_outputs(1, 2, 2, 2), [target([(0, TOP)])])
     assert set(ins) == {"s0.mask", "s0.dice", "s0.seg", "s1.cls", "s1.mask", "s1.dice", "s2.cls", "s2.mask", "s2.dice"}
@@ -149,7 +164,7 @@ def test_each_stage_is_matched_on_previous_stage_predictions() -> None:
 class RecordingMatcher(HungarianMatcher):
     def __init__(self) -> None:
         super().__init__()
-        self.calls: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []
+        self.calls: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
     def forward(self, mask_logits, cls_logits, gt_masks, gt_labels):  # type: ignore[no-untyped-def]
         self.calls.append((mask_logits, cls_logits))
@@ -320,7 +335,14 @@ def test_bad_inputs_give_clear_errors() -> None:
 
 def _sem_outputs(batch: int, classes: int, stages: int, size: int = 4, zeros: bool = False) -> list[StageOutput]:
     gen = torch.zeros if zeros else torch.randn
-    outs = [StageOutput(gen(batch, classes, size, size, requires_grad=True), None, gen(batch, classes, 8), gen(batch, classes, 2, 2, requires_grad=True))]
+    outs = [
+        StageOutput(
+            gen(batch, classes, size, size, requires_grad=True),
+            None,
+            gen(batch, classes, 8),
+            gen(batch, classes, 2, 2, requires_grad=True),
+        )
+    ]
     for _ in range(stages):
         outs.append(StageOutput(gen(batch, classes, size, size, requires_grad=True), None, gen(batch, classes, 8)))
     return outs
@@ -380,7 +402,9 @@ def test_accepts_tv_tensors_masks() -> None:
     assert all(type(v) is torch.Tensor for v in got.values())
     for k in plain:
         assert got[k].item() == pytest.approx(plain[k].item(), rel=1e-6)
-    sem = SemanticCriterion(num_classes=3)(_sem_outputs(1, 3, 1), [{"sem_seg": tv_tensors.Mask(torch.zeros(8, 8, dtype=torch.long))}])
+    sem = SemanticCriterion(num_classes=3)(
+        _sem_outputs(1, 3, 1), [{"sem_seg": tv_tensors.Mask(torch.zeros(8, 8, dtype=torch.long))}]
+    )
     assert all(type(v) is torch.Tensor for v in sem.values())
 
 

@@ -202,7 +202,7 @@ def test_bad_settings_and_paths_fail_clearly(tmp_path: Path, root: Path) -> None
         SyntheticPanopticDataModule(root, **GEN).setup("train")
     missing = tmp_path / "nowhere"
     with pytest.raises(DatasetError, match="nowhere"):
-        COCOPanopticDataModule(missing).class_info
+        _ = COCOPanopticDataModule(missing).class_info
     with pytest.raises(DatasetError, match="nowhere"):
         COCOPanopticDataModule(missing).setup("fit")
 

@@ -155,8 +155,11 @@ def test_dcn_layout_param_names_and_errors() -> None:
     # Kaiming (fan-out) main weights, zero offsets
     w = bb.layer3[5].conv2.weight
     assert abs(w.std().item() / math.sqrt(2 / (256 * 9)) - 1) < 0.05
-    assert all(not m.conv_offset.weight.any() and not m.conv_offset.bias.any()
-               for m in bb.modules() if isinstance(m, DeformConv2dPack))
+    assert all(
+        not m.conv_offset.weight.any() and not m.conv_offset.bias.any()
+        for m in bb.modules()
+        if isinstance(m, DeformConv2dPack)
+    )
     # dilation and the mmseg D8 body are kept
     d8 = ResNetBackbone(depth=50, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), dcn_stages=DCN_C3_C5)
     assert [(c.dilation, c.padding) for c in (d8.layer4[0].conv2, d8.layer4[1].conv2)] == [
@@ -195,8 +198,11 @@ def test_plain_weights_load_into_dcn_body(tmp_path: Path) -> None:
     dcn = quarter_r50(weights_path=str(path), dcn_stages=DCN_C3_C5)
     assert torch.equal(dcn.layer3[4].conv2.weight, plain.layer3[4].conv2.weight)
     assert torch.equal(dcn.layer1[0].conv2.weight, plain.layer1[0].conv2.weight)
-    assert all(not m.conv_offset.weight.any() and not m.conv_offset.bias.any()
-               for m in dcn.modules() if isinstance(m, DeformConv2dPack))
+    assert all(
+        not m.conv_offset.weight.any() and not m.conv_offset.bias.any()
+        for m in dcn.modules()
+        if isinstance(m, DeformConv2dPack)
+    )
 
     # every other mismatch is still an error
     extra = tmp_path / "extra.pth"

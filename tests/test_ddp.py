@@ -11,12 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from cli_utils import compose_cfg, run_cfg
+from distributed_utils import CLI_TINY, probe_overrides, read_probes, run_cli
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from omegaconf import OmegaConf
 
-from cli_utils import compose_cfg, run_cfg
-from distributed_utils import CLI_TINY, probe_overrides, read_probes, run_cli
 from knet_lightning import distributed
 from knet_lightning.data.datamodule import SyntheticPanopticDataModule
 from knet_lightning.distributed import child_command, end_of_job, eval_sampler, is_global_zero_from_env
@@ -35,8 +35,9 @@ def _same_metrics(a: dict[str, float], b: dict[str, float], prefix: str) -> None
 def test_ddp_cpu_trains_and_evaluates_like_one_process(tmp_path: Path) -> None:
     # 1. train with 2 processes: one run folder, one checkpoint, ranks in step
     run_dir = tmp_path / "ddp"
-    out = run_cli(["trainer=ddp_cpu", *CLI_TINY, f"hydra.run.dir={run_dir}", *probe_overrides(tmp_path / "probe_fit")],
-                  tmp_path)
+    out = run_cli(
+        ["trainer=ddp_cpu", *CLI_TINY, f"hydra.run.dir={run_dir}", *probe_overrides(tmp_path / "probe_fit")], tmp_path
+    )
     # the epoch metrics are global (torchmetrics sync them) and logged as such: no Lightning advice
     assert "sync_dist=True" not in out
     assert (run_dir / "config_resolved.yaml").is_file()
@@ -48,8 +49,9 @@ def test_ddp_cpu_trains_and_evaluates_like_one_process(tmp_path: Path) -> None:
     # rank 1 ran in the same folder: no second run folder anywhere
     assert not (tmp_path / "logs").exists(), list((tmp_path / "logs").rglob("*"))
     fit_metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert {"val/pq", "val/pq_s1", "test/pq", "test/miou", "model/params_m", "model/gflops",
-            "train/throughput"} <= set(fit_metrics)
+    assert {"val/pq", "val/pq_s1", "test/pq", "test/miou", "model/params_m", "model/gflops", "train/throughput"} <= set(
+        fit_metrics
+    )
 
     probes = read_probes(tmp_path / "probe_fit")
     assert sorted(probes) == [0, 1]
@@ -63,8 +65,9 @@ def test_ddp_cpu_trains_and_evaluates_like_one_process(tmp_path: Path) -> None:
     # 2. evaluate the checkpoint over 2 processes and over 1: the same numbers
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     eval2 = tmp_path / "eval2"
-    run_cli(["--config-name", "eval", "trainer=ddp_cpu", *CLI_TINY, f"ckpt_path={ckpt}", f"hydra.run.dir={eval2}"],
-            tmp_path)
+    run_cli(
+        ["--config-name", "eval", "trainer=ddp_cpu", *CLI_TINY, f"ckpt_path={ckpt}", f"hydra.run.dir={eval2}"], tmp_path
+    )
     two = json.loads((eval2 / "metrics.json").read_text())
 
     cfg = compose_cfg(tmp_path, [*CLI_TINY, f"ckpt_path={ckpt}"], config_name="eval")
@@ -92,8 +95,9 @@ def test_eval_sampler_splits_without_repeats(tmp_path: Path) -> None:
 
 
 def test_datamodule_eval_loaders_do_not_repeat_images_under_ddp(tmp_path: Path) -> None:
-    dm = SyntheticPanopticDataModule(tmp_path / "synthetic", num_train=4, num_val=5, image_size=64, batch_size=2,
-                                     val_batch_size=2)
+    dm = SyntheticPanopticDataModule(
+        tmp_path / "synthetic", num_train=4, num_val=5, image_size=64, batch_size=2, val_batch_size=2
+    )
     dm.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": 1})
     names = [t["file_name"] for batch in dm.val_dataloader() for t in batch["targets"]]
     assert len(names) == 2  # rank 1's share of 5: images 1 and 3
@@ -104,8 +108,14 @@ def test_datamodule_eval_loaders_do_not_repeat_images_under_ddp(tmp_path: Path) 
 
 @pytest.mark.parametrize(
     "env,expected",
-    [({}, True), ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, True), ({"LOCAL_RANK": "1"}, False),
-     ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False), ({"RANK": "3"}, False), ({"SLURM_PROCID": "2"}, False)],
+    [
+        ({}, True),
+        ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, True),
+        ({"LOCAL_RANK": "1"}, False),
+        ({"NODE_RANK": "1", "LOCAL_RANK": "0"}, False),
+        ({"RANK": "3"}, False),
+        ({"SLURM_PROCID": "2"}, False),
+    ],
 )
 def test_global_zero_from_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: bool) -> None:
     for key in distributed.RANK_ENV_KEYS:
@@ -139,7 +149,6 @@ def test_end_of_job_restores_the_environment(monkeypatch: pytest.MonkeyPatch) ->
     assert "LOCAL_RANK" not in os.environ
 
 
-
 def _reduce_mean_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -156,7 +165,6 @@ def _reduce_mean_worker(rank: int, port: int, out: str) -> None:
 
 def test_loss_normaliser_is_averaged_across_processes(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
-
     from distributed_utils import free_port
 
     mp.spawn(_reduce_mean_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)

@@ -16,23 +16,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_utils import TINY_DATA, TINY_MODEL, compose_cfg, run_cfg
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 from pycocotools import mask as mask_utils
-from torchvision import tv_tensors
-
-from cli_utils import TINY_DATA, TINY_MODEL, compose_cfg, run_cfg
-from knet_lightning.cli import build_datamodule, config_dir
-from knet_lightning.data.io import rgb2id
-from knet_lightning.data.transforms import ResizeShortestEdge
 from test_ade20k import _write_fixture as write_ade20k
-from test_cityscapes import H as CS_H
 from test_cityscapes import SPLITS as CS_SPLITS
+from test_cityscapes import H as CS_H
 from test_cityscapes import W as CS_W
 from test_cityscapes import _write_fixture as write_cityscapes
 from test_coco_instance import _write_fixture as write_coco_instance
 from test_coco_panoptic import _write_fixture as write_coco_panoptic
+from torchvision import tv_tensors
+
+from knet_lightning.cli import build_datamodule, config_dir
+from knet_lightning.data.io import rgb2id
+from knet_lightning.data.transforms import ResizeShortestEdge
 
 CONF = Path(config_dir())
 
@@ -78,8 +78,13 @@ TINY_SEMANTIC = [
 # iteration-based schedules (ADE20K, Cityscapes): 2 steps over 2 one-batch epochs, validation (and the
 # checkpoint) at global step 2. One full batch of 2 per epoch: UPerNet's pool-scale-1 branch needs more
 # than one image per BatchNorm in training, and the fixtures' 3 images would leave a batch of 1.
-TWO_ITERATIONS = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.max_epochs=2",
-                  "trainer.limit_train_batches=1", "data.batch_size=2"]
+TWO_ITERATIONS = [
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=1",
+    "data.batch_size=2",
+]
 
 
 OWN_DATA = ("own_panoptic", "own_instance", "own_semantic")
@@ -106,9 +111,10 @@ def test_experiment_composes_with_the_paper_settings(tmp_path: Path, name: str) 
     assert cfg.optimized_metric == metric
     assert cfg.callbacks.model_checkpoint.monitor == metric
     assert cfg.model.task == task
-    assert OmegaConf.to_container(cfg.data)["_target_"] == OmegaConf.to_container(
-        compose_cfg(tmp_path, [f"data={data}", "~experiment"]).data
-    )["_target_"]
+    assert (
+        OmegaConf.to_container(cfg.data)["_target_"]
+        == OmegaConf.to_container(compose_cfg(tmp_path, [f"data={data}", "~experiment"]).data)["_target_"]
+    )
     net, opt, sch = cfg.model.net, cfg.model.optimizer, cfg.model.scheduler
     swin = "swin" in name
     assert net.backbone_type == ("swin" if swin else "resnet") and net.pretrained is True
@@ -136,7 +142,9 @@ def test_experiment_composes_with_the_paper_settings(tmp_path: Path, name: str) 
         assert net.decode_head == head and net.deep_stem is not swin
         assert net.channels == (256 if head == "uper" and not name.endswith("_mmseg") else 512)
         # the Swin configs' paramwise_cfg: no decay on the bias tables and norms
-        assert list(opt.no_decay_keys) == (["absolute_pos_embed", "relative_position_bias_table", "norm"] if swin else [])
+        assert list(opt.no_decay_keys) == (
+            ["absolute_pos_embed", "relative_position_bias_table", "norm"] if swin else []
+        )
         if data == "ade20k":
             crop = 640 if "_640" in name else 512
             assert (list(cfg.data.img_scale), cfg.data.crop_size) == ([2048, crop], crop)

@@ -11,9 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from cli_utils import compose_cfg
+from PIL import Image
+from test_cityscapes import H as CS_H
+from test_cityscapes import W as CS_W
+from test_cityscapes import _write_fixture as write_cityscapes
+from test_coco_instance import _write_fixture as write_coco_instance
+from test_coco_panoptic import _photo_turned_by_exif
+from test_coco_panoptic import _write_fixture as write_coco_panoptic
+
 from knet_lightning.cli import build_datamodule
 from knet_lightning.data.cityscapes import CityscapesSemanticDataset
 from knet_lightning.data.coco import COCOPanopticDataset
@@ -26,12 +32,6 @@ from knet_lightning.data.sampling import (
     aspect_ratio_flags,
     grouped_order,
 )
-from test_cityscapes import H as CS_H
-from test_cityscapes import W as CS_W
-from test_cityscapes import _write_fixture as write_cityscapes
-from test_coco_instance import _write_fixture as write_coco_instance
-from test_coco_panoptic import _photo_turned_by_exif
-from test_coco_panoptic import _write_fixture as write_coco_panoptic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,8 +174,15 @@ def _write_mixed_coco(root: Path) -> None:
 
 def test_the_training_loader_pads_each_batch_to_its_own_orientation(tmp_path: Path) -> None:
     _write_mixed_coco(tmp_path / "coco")
-    kwargs = {"train_split": "train", "val_split": "train", "batch_size": 2, "train_short_edge": None, "size_divisor": 8, "flip_prob": 0.0,
-              "filter_min_size_train": 0}  # the fixture's images are under mmdet's 32 px
+    kwargs = {
+        "train_split": "train",
+        "val_split": "train",
+        "batch_size": 2,
+        "train_short_edge": None,
+        "size_divisor": 8,
+        "flip_prob": 0.0,
+        "filter_min_size_train": 0,
+    }  # the fixture's images are under mmdet's 32 px
     dm = COCOPanopticDataModule(tmp_path / "coco", group_by_aspect_ratio=True, sampler_seed=0, **kwargs)
     loader = dm.train_dataloader()
     assert isinstance(loader.sampler, GroupedResumableSampler)
@@ -191,7 +198,6 @@ def test_a_run_resumed_mid_epoch_trains_the_grouped_batches_it_would_have(tmp_pa
     """Through Lightning: killed after 2 of 6 steps and resumed from that checkpoint, the run trains
     the uninterrupted run's batches in its order, each of one orientation."""
     from lightning.pytorch import Callback, Trainer
-
     from test_datamodule import _RecordSamples
 
     _write_mixed_coco(tmp_path / "coco")

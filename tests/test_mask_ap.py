@@ -430,7 +430,6 @@ def test_bad_inputs_raise_clear_errors() -> None:
     assert metric.images == []
 
 
-
 # Run by two gloo processes in test_two_process_gloo_sync and, for the reference, in-process.
 _DDP_SCRIPT = r"""
 import json

@@ -30,8 +30,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::Deprecat
 def models() -> dict[str, torch.nn.Module]:
     """The four peers, num_classes=5, randomized (seed 0), built once for the module."""
     return {
-        name: peer.randomize_(peer.build_mmseg_knet(name, NUM_CLASSES, init="empty"), seed=0)
-        for name in R50_CONFIGS
+        name: peer.randomize_(peer.build_mmseg_knet(name, NUM_CLASSES, init="empty"), seed=0) for name in R50_CONFIGS
     }
 
 
@@ -62,7 +61,11 @@ def test_config_adaptations() -> None:
     cfg = peer.load_knet_config("upernet", num_classes=7)
     text = cfg.pretty_text
     assert "SyncBN" not in text and "data_preprocessor" not in cfg.model and cfg.model.pretrained is None
-    heads = [cfg.model.decode_head.kernel_generate_head, cfg.model.auxiliary_head, *cfg.model.decode_head.kernel_update_head]
+    heads = [
+        cfg.model.decode_head.kernel_generate_head,
+        cfg.model.auxiliary_head,
+        *cfg.model.decode_head.kernel_update_head,
+    ]
     assert [head.num_classes for head in heads] == [7] * 5
 
 

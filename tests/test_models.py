@@ -114,7 +114,6 @@ def test_instance_config_ignores_stuff_on_a_panoptic_data_set(tmp_path: Path) ->
     """model=knet_instance on a data set with stuff classes: a network without stuff kernels and
     a criterion that keeps stuff labels valid but learns none of them."""
     import hydra
-
     from cli_utils import compose_cfg, tiny_overrides
 
     cfg = compose_cfg(tmp_path, tiny_overrides("model=knet_instance"))
@@ -139,7 +138,9 @@ def test_instance_config_ignores_stuff_on_a_panoptic_data_set(tmp_path: Path) ->
         ({"num_groups": 5}, None, "num_groups"),
     ],
 )
-def test_knet_bad_input_raises_clear_error(kwargs: dict[str, object], shape: tuple[int, ...] | None, match: str) -> None:
+def test_knet_bad_input_raises_clear_error(
+    kwargs: dict[str, object], shape: tuple[int, ...] | None, match: str
+) -> None:
     with pytest.raises(ValueError, match=match):
         model = tiny_knet(**kwargs)
         assert shape is not None
@@ -367,9 +368,7 @@ def test_frozen_stages_and_norm_eval() -> None:
     assert [f.shape[-2:] for f in feats] == [(16, 24), (8, 12), (4, 6), (2, 3)]
 
 
-@pytest.mark.parametrize(
-    ("builder", "dilated"), [(resnet18, False), (resnet50, False), (resnet50, True)]
-)
+@pytest.mark.parametrize(("builder", "dilated"), [(resnet18, False), (resnet50, False), (resnet50, True)])
 def test_plain_body_equals_torchvision_resnet(builder: object, dilated: bool) -> None:
     # torchvision's state dict (ImageNet weights' layout) loads strictly and gives the same C2..C5;
     # torchvision's replace_stride_with_dilation is mmseg's D8 with contract_dilation.
@@ -513,11 +512,15 @@ def test_frozen_modules_note_replaces_lightnings_warning_only_for_the_backbones_
             warnings.simplefilter("always")
             with caplog.at_level("INFO", logger="knet_lightning.callbacks"):
                 FrozenModulesNote().on_fit_start(None, module)
-            warnings.warn(f"Found {count} module(s) in eval mode at the start of training. This may lead to ...")
+            warnings.warn(
+                f"Found {count} module(s) in eval mode at the start of training. This may lead to ...", stacklevel=1
+            )
         return seen
 
     assert lightning_warns(n) == []
-    assert f"{n} backbone modules stay in eval mode while training, by design: frozen_stages=1 and norm_eval" \
+    assert (
+        f"{n} backbone modules stay in eval mode while training, by design: frozen_stages=1 and norm_eval"
         in caplog.text
+    )
     module.net.head.eval()  # not the backbone's: Lightning's warning stays
     assert len(lightning_warns(n + 1)) == 1

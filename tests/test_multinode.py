@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from distributed_utils import CLI_TINY, cli_env, free_port, probe_overrides, read_probes, start_cli, wait_cli
 
 # trainer=multinode is the GPU config; on this machine each node is one CPU process over gloo
@@ -49,8 +48,11 @@ def test_two_nodes_over_loopback_train_as_one_job(tmp_path: Path) -> None:
     port = str(free_port())
     args = [*CPU_NODES, *CLI_TINY, f"hydra.run.dir={run_dir}", *probe_overrides(tmp_path / "probe")]
     procs = [
-        start_cli(args, tmp_path / f"node{rank}",
-                  cli_env(tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(rank)))
+        start_cli(
+            args,
+            tmp_path / f"node{rank}",
+            cli_env(tmp_path, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(rank)),
+        )
         for rank in (0, 1)
     ]
     for proc in procs:
@@ -67,9 +69,18 @@ def test_two_nodes_under_torchrun_train_as_one_job(tmp_path: Path) -> None:
             args,
             tmp_path / f"node{rank}",
             cli_env(tmp_path),
-            prefix=[sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-                    f"--node-rank={rank}", "--master-addr=127.0.0.1", f"--master-port={port}",
-                    "-m", "knet_lightning"],
+            prefix=[
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                f"--node-rank={rank}",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+                "-m",
+                "knet_lightning",
+            ],
         )
         for rank in (0, 1)
     ]

@@ -22,6 +22,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from cli_utils import compose_cfg  # noqa: E402
+
 from knet_lightning import SegmentationResult, Segmenter  # noqa: E402
 from knet_lightning.checkpoint_io import atomic_torch_save, load_checkpoint_file  # noqa: E402
 from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY  # noqa: E402
@@ -68,8 +69,14 @@ def write_checkpoint(tmp: Path, task: str) -> Path:
         "state_dict": module.state_dict(),
         "hyper_parameters": dict(module.hparams),
         MODEL_CONFIG_KEY: module.model_config,
-        INFERENCE_KEY: {"short_edge": None, "max_size": None, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                        "size_divisor": 32, "dataset_ids": [1, 2, 3, 4, 101, 102, 103]},  # fmt: skip
+        INFERENCE_KEY: {
+            "short_edge": None,
+            "max_size": None,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "size_divisor": 32,
+            "dataset_ids": [1, 2, 3, 4, 101, 102, 103],
+        },  # fmt: skip
     }
     path = tmp / f"{task}.ckpt"
     atomic_torch_save(checkpoint, path)

@@ -55,7 +55,12 @@ def test_every_implementation_takes_the_same_steps() -> None:
 
 @pytest.mark.parametrize(
     ("precision", "clip", "expected"),
-    [("32-true", 1.0, "fused"), ("bf16-mixed", None, "fused"), ("bf16-mixed", 1.0, "foreach"), ("16-mixed", 0.5, "foreach")],
+    [
+        ("32-true", 1.0, "fused"),
+        ("bf16-mixed", None, "fused"),
+        ("bf16-mixed", 1.0, "foreach"),
+        ("16-mixed", 0.5, "foreach"),
+    ],
 )
 def test_the_module_reads_precision_and_clipping_from_its_trainer(precision: str, clip: object, expected: str) -> None:
     from types import SimpleNamespace
@@ -72,7 +77,7 @@ def test_the_module_reads_precision_and_clipping_from_its_trainer(precision: str
 
 
 # ------------------------------------------------------------------ memory format
-def _tiny_module(channels_last: object = "auto") -> "KNetModule":  # noqa: F821
+def _tiny_module(channels_last: object = "auto") -> KNetModule:  # noqa: F821
     from knet_lightning.criterion import KNetCriterion
     from knet_lightning.models.knet import KNet
     from knet_lightning.module import KNetModule

@@ -25,8 +25,13 @@ def _pq(model: KNet, batch: dict, gts: list, num_things: int, num_classes: int) 
     padded = tuple(batch["images"].shape[-2:])
     for b, (gt_seg, gt_segments) in enumerate(gts):
         seg, segments = panoptic_inference(
-            last.mask_logits[b], last.cls_logits[b], num_things=num_things, num_proposals=model.num_proposals,
-            image_size=batch["image_sizes"][b], padded_size=padded, output_size=tuple(gt_seg.shape),
+            last.mask_logits[b],
+            last.cls_logits[b],
+            num_things=num_things,
+            num_proposals=model.num_proposals,
+            image_size=batch["image_sizes"][b],
+            padded_size=padded,
+            output_size=tuple(gt_seg.shape),
         )
         metric.update(seg, segments, gt_seg, gt_segments)
     model.train()
@@ -44,17 +49,28 @@ def test_overfits_two_synthetic_images_to_pq_90(tmp_path: Path) -> None:
         gts.append(
             (
                 t["panoptic"],
-                [{"id": k + 1, "category_id": int(c), "iscrowd": bool(cr)}
-                 for k, (c, cr) in enumerate(zip(t["labels"], t["iscrowd"]))],
+                [
+                    {"id": k + 1, "category_id": int(c), "iscrowd": bool(cr)}
+                    for k, (c, cr) in enumerate(zip(t["labels"], t["iscrowd"]))
+                ],
             )
         )
     assert any(int(c) < info.num_things for t in batch["targets"] for c in t["labels"]), "fixture has no thing"
 
-    model = KNet(num_things=info.num_things, num_stuff=info.num_stuff, num_proposals=10, num_stages=2,
-                 backbone_depth=18, frozen_stages=-1, norm_eval=True, channels=32, num_groups=8,
-                 feedforward_channels=64, num_heads=4)
-    criterion = KNetCriterion(info.num_things, info.num_stuff, num_proposals=10,
-                              matcher=HungarianMatcher())
+    model = KNet(
+        num_things=info.num_things,
+        num_stuff=info.num_stuff,
+        num_proposals=10,
+        num_stages=2,
+        backbone_depth=18,
+        frozen_stages=-1,
+        norm_eval=True,
+        channels=32,
+        num_groups=8,
+        feedforward_channels=64,
+        num_heads=4,
+    )
+    criterion = KNetCriterion(info.num_things, info.num_stuff, num_proposals=10, matcher=HungarianMatcher())
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
     start = time.perf_counter()
     best = 0.0

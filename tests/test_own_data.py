@@ -36,7 +36,10 @@ PANOPTIC_CATEGORIES = [
     {"id": 50, "name": "sky", "isthing": 0, "color": [70, 130, 180], "supercategory": "background"},
     {"id": 60, "name": "lawn", "isthing": 0, "color": [107, 142, 35], "supercategory": "background"},
 ]
-INSTANCE_CATEGORIES = [{"id": 3, "name": "bolt", "supercategory": "part"}, {"id": 8, "name": "nut", "supercategory": "part"}]
+INSTANCE_CATEGORIES = [
+    {"id": 3, "name": "bolt", "supercategory": "part"},
+    {"id": 8, "name": "nut", "supercategory": "part"},
+]
 SEMANTIC_CLASSES = ["sky", "road", "car"]
 
 
@@ -144,7 +147,11 @@ def _reductions(experiment: str) -> list[str]:
 def test_readme_own_data_commands_train_evaluate_and_predict(tmp_path: Path, experiment: str,
                                                              reduce_zero_label: bool | None) -> None:  # fmt: skip
     commands = readme_commands()[experiment]
-    assert [c.split("mode=")[1].split()[0] if "mode=" in c else "train" for c in commands] == ["train", "eval", "predict"]
+    assert [c.split("mode=")[1].split()[0] if "mode=" in c else "train" for c in commands] == [
+        "train",
+        "eval",
+        "predict",
+    ]
     root = tmp_path / "mine"
     if experiment == "own_panoptic":
         write_own_panoptic(root)
@@ -156,7 +163,7 @@ def test_readme_own_data_commands_train_evaluate_and_predict(tmp_path: Path, exp
     cwd.mkdir()
     extra = _reductions(experiment) + (["data.reduce_zero_label=true"] if reduce_zero_label else [])
     for command in commands:
-        args = shlex.split(command.replace("/data/mine", str(root)))[len(COMMAND.split()):]
+        args = shlex.split(command.replace("/data/mine", str(root)))[len(COMMAND.split()) :]
         assert not any(a.startswith(("data.num_", "+data.num_")) for a in args)  # no class count is typed
         if "mode=predict" in args:  # the predict command reads the checkpoint, not the data set
             extra = [a for a in extra if not a.startswith(("data.", "model.", "trainer."))]
@@ -173,7 +180,9 @@ def test_readme_own_data_commands_train_evaluate_and_predict(tmp_path: Path, exp
         assert "num_classes: 4" in resolved and "num_things: 2" in resolved
         assert {"test/pq", "test/pq_th", "test/pq_st"} <= set(metrics)
         exported = json.loads((predicted / "panoptic.json").read_text())
-        assert [(c["id"], c["name"]) for c in exported["categories"]] == [(c["id"], c["name"]) for c in PANOPTIC_CATEGORIES]
+        assert [(c["id"], c["name"]) for c in exported["categories"]] == [
+            (c["id"], c["name"]) for c in PANOPTIC_CATEGORIES
+        ]
         assert sorted(p.name for p in predicted.glob("panoptic/*.png")) == ["val2017_0.png", "val2017_1.png"]
     elif experiment == "own_instance":
         assert "num_classes: 2" in resolved
@@ -188,8 +197,10 @@ def test_readme_own_data_commands_train_evaluate_and_predict(tmp_path: Path, exp
         assert labels and labels <= ({1, 2, 3} if reduce_zero_label else {0, 1, 2})
     summary = json.loads(next(logs.glob("predict/runs/*/predictions/summary.json")).read_text())
     assert summary["done"] == 2
-    print(f"{experiment} (reduce_zero_label={reduce_zero_label}): " + ", ".join(
-        f"{k} {v:.2f}" for k, v in sorted(metrics.items()) if k in ("test/pq", "test/miou", "test/map")))
+    print(
+        f"{experiment} (reduce_zero_label={reduce_zero_label}): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items()) if k in ("test/pq", "test/miou", "test/map"))
+    )
     # the Python API names the data set's classes (its results, the overlay's legend)
     from knet_lightning import Segmenter
 
@@ -205,7 +216,7 @@ def test_readme_own_data_commands_train_evaluate_and_predict(tmp_path: Path, exp
     command = readme_checkpoint_eval_command()
     checkpoint = train / "checkpoints" / "last.ckpt"
     args = shlex.split(command.replace("<checkpoint>", str(checkpoint)).replace("/data/mine", str(root)))
-    proc = _run(args[len(COMMAND.split()):], cwd)
+    proc = _run(args[len(COMMAND.split()) :], cwd)
     assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert "the data set the checkpoint was trained on" in proc.stdout + proc.stderr
     again = json.loads(max(logs.glob("eval/runs/*/metrics.json"), key=lambda p: p.stat().st_mtime).read_text())
@@ -244,19 +255,24 @@ def test_semantic_reader_errors_name_the_file_and_what_was_expected(tmp_path: Pa
     root = tmp_path / "a"
     write_own_semantic(root, reduce_zero_label=False)
     with pytest.raises(DatasetError, match=r"no class file.*data.classes=\[sky,road,car\]"):
-        SemanticFolderDataModule(root, classes=str(tmp_path / "none.txt")).class_info
+        SemanticFolderDataModule(root, classes=str(tmp_path / "none.txt")).class_info  # noqa: B018
     with pytest.raises(DatasetError, match=r"class names must be unique, \['sky'\] repeat"):
-        SemanticFolderDataModule(root, classes=["sky", "sky"]).class_info
+        SemanticFolderDataModule(root, classes=["sky", "sky"]).class_info  # noqa: B018
     with pytest.raises(DatasetError, match=r"one \[r, g, b\] \(0..255\) per class"):
-        SemanticFolderDataModule(root, palette=[[0, 0, 0]]).class_info
+        SemanticFolderDataModule(root, palette=[[0, 0, 0]]).class_info  # noqa: B018
     # two classes named, labels 0..2 on disk: the value out of range, the file and the rule are named
     dm = SemanticFolderDataModule(root, classes=["sky", "road"], num_workers=0)
     dm.setup("validate")
-    with pytest.raises(DatasetError, match=r"0000.png: label values \[2\] out of range; expected 0..1 or 255 for 2 "
-                                           r"classes \(reduce_zero_label=False\)"):
+    with pytest.raises(
+        DatasetError,
+        match=r"0000.png: label values \[2\] out of range; expected 0..1 or 255 for 2 "
+        r"classes \(reduce_zero_label=False\)",
+    ):
         dm.datasets["val"][0]
     (root / "ann_dir" / "val" / "0001.png").unlink()
-    with pytest.raises(DatasetError, match=r"missing label file for 1 image\(s\).*0001.jpg \(expected <image stem>.png\)"):
+    with pytest.raises(
+        DatasetError, match=r"missing label file for 1 image\(s\).*0001.jpg \(expected <image stem>.png\)"
+    ):
         SemanticFolderDataModule(root, num_workers=0).setup("validate")
 
 
@@ -266,11 +282,15 @@ def test_a_typed_class_count_is_checked_against_the_class_file(tmp_path: Path) -
     write_own_semantic(tmp_path / "mine", reduce_zero_label=False)
     cfg = compose_cfg(tmp_path, ["experiment=own_semantic", f"data.root={tmp_path / 'mine'}", "data.num_classes=150",
                                  *TINY_SEMANTIC, *LOADER])  # fmt: skip
-    with pytest.raises(ValueError, match=r"data.num_classes=150 but the data set's categories give 3 \(0 things, 3 stuff\)"):
+    with pytest.raises(
+        ValueError, match=r"data.num_classes=150 but the data set's categories give 3 \(0 things, 3 stuff\)"
+    ):
         run_cfg(cfg)
 
 
-def test_published_coco_weights_fine_tune_onto_your_own_classes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_published_coco_weights_fine_tune_onto_your_own_classes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """README: ``load_from=<converted COCO checkpoint> load_from_strict=false`` on the own 4-class
     panoptic set loads every network tensor but the classifiers (133 classes -> 2 + 2), and says which."""
     import torch
@@ -293,8 +313,10 @@ def test_published_coco_weights_fine_tune_onto_your_own_classes(tmp_path: Path, 
         run_cfg(compose_cfg(tmp_path / "own", ["experiment=own_panoptic", f"data.root={tmp_path / 'mine'}", *one_step,
                                                f"load_from={converted}", "load_from_strict=false"]))  # fmt: skip
     (message,) = [r.getMessage() for r in caplog.records if "(not strict)" in r.getMessage()]
-    assert ("494 of 502 network tensors loaded; optimizer and schedule start afresh; left as initialised: 8 of another "
-            "shape: kernel_head.conv_seg.* (2), update_heads.0.* (2), update_heads.1.* (2), update_heads.2.* (2)") in message
+    assert (
+        "494 of 502 network tensors loaded; optimizer and schedule start afresh; left as initialised: 8 of another "
+        "shape: kernel_head.conv_seg.* (2), update_heads.0.* (2), update_heads.1.* (2), update_heads.2.* (2)"
+    ) in message
     # those 8 are the classifiers: the initial kernels' classes and each stage's fc_cls
     from knet_lightning.checkpoint_io import load_checkpoint_file
 
@@ -305,7 +327,9 @@ def test_published_coco_weights_fine_tune_onto_your_own_classes(tmp_path: Path, 
                                                                         for p in ("bias", "weight"))]  # fmt: skip
 
 
-def test_a_resize_that_enlarges_small_images_says_so_with_the_fix(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_resize_that_enlarges_small_images_says_so_with_the_fix(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from cli_utils import compose_cfg
 
     from knet_lightning.cli import build_datamodule
@@ -338,7 +362,7 @@ def readme_check_data_command() -> str:
 def _check(root: Path, cwd: Path, experiment: str) -> tuple[Any, dict]:
     command = readme_check_data_command().replace("own_panoptic", experiment).replace("/data/mine", str(root))
     cwd.mkdir(parents=True, exist_ok=True)
-    proc = _run(shlex.split(command)[len(COMMAND.split()):], cwd)
+    proc = _run(shlex.split(command)[len(COMMAND.split()) :], cwd)
     (report,) = cwd.glob("logs/check_data/runs/*/data_check/data_check.json")
     assert report.with_name("class_histogram.png").is_file()
     return proc, json.loads(report.read_text())
@@ -365,7 +389,9 @@ def test_data_check_reports_classes_and_counts_and_names_each_defect(tmp_path: P
     data["annotations"][1]["segments_info"][0]["category_id"] = 99
     train_json.write_text(json.dumps(data))
     (root / "annotations" / "panoptic_val2017" / "val2017_0.png").unlink()
-    Image.fromarray(to_rgb(np.ones((SIZE, SIZE + 8), np.uint32))).save(root / "annotations" / "panoptic_val2017" / "val2017_1.png")
+    Image.fromarray(to_rgb(np.ones((SIZE, SIZE + 8), np.uint32))).save(
+        root / "annotations" / "panoptic_val2017" / "val2017_1.png"
+    )
     proc, report = _check(root, tmp_path / "planted", "own_panoptic")
     assert proc.returncode != 0
     problems = [p for split in report["splits"] for p in split["problems"]]

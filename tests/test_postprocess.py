@@ -53,8 +53,9 @@ def _panoptic_case(small_thing_score: float) -> tuple[torch.Tensor, torch.Tensor
 
 def test_panoptic_merge_overlap_threshold_and_void():
     masks, cls = _panoptic_case(small_thing_score=0.29)
-    pan, segs = panoptic_inference(masks, cls, num_things=2, num_proposals=3, image_size=(8, 8),
-                                   padded_size=(8, 8), output_size=(8, 8))
+    pan, segs = panoptic_inference(
+        masks, cls, num_things=2, num_proposals=3, image_size=(8, 8), padded_size=(8, 8), output_size=(8, 8)
+    )
     assert pan.dtype == torch.int32 and pan.shape == (8, 8)
     expected = torch.zeros(8, 8, dtype=torch.int32)
     expected[0:4, 0:4] = 1  # k0
@@ -72,7 +73,10 @@ def test_panoptic_thing_threshold_keeps_0_31():
     pan, segs = panoptic_inference(masks, cls, 2, 3, (8, 8), (8, 8), (8, 8))
     # Ids follow descending score: k0 0.9, k4 0.5, k2 0.31, k3 0.01.
     assert [(s["id"], s["category_id"], s["isthing"]) for s in segs] == [
-        (1, 1, True), (2, 3, False), (3, 0, True), (4, 2, False)
+        (1, 1, True),
+        (2, 3, False),
+        (3, 0, True),
+        (4, 2, False),
     ]
     assert (pan[6:8, 0:2] == 3).all()
     assert int((pan == 4).sum()) == 28
@@ -83,8 +87,7 @@ def test_panoptic_crop_and_resize_to_output_size():
     masks, cls = _panoptic_case(small_thing_score=0.31)
     # The stride-4 grid covers a 32x32 padded input; the image is the top 16 rows, so the
     # stuff kernel k3 and thing k2 (grid rows 4-7) lie in the padding and must vanish.
-    pan, segs = panoptic_inference(masks, cls, 2, 3, image_size=(16, 32), padded_size=(32, 32),
-                                   output_size=(8, 16))
+    pan, segs = panoptic_inference(masks, cls, 2, 3, image_size=(16, 32), padded_size=(32, 32), output_size=(8, 16))
     assert pan.shape == (8, 16)
     assert [(s["id"], s["category_id"]) for s in segs] == [(1, 1), (2, 3)]
     # Output pixel (y, x) covers grid cell (y // 2, x // 2); check cell interiors.
@@ -102,8 +105,9 @@ def test_panoptic_crop_and_resize_to_output_size():
 
 def test_panoptic_without_stuff_kernels_official_argmax_ownership():
     masks, cls = _panoptic_case(small_thing_score=0.31)
-    pan, segs = panoptic_inference(masks[:3], cls[:3, :2], num_things=2, num_proposals=3,
-                                   image_size=(8, 8), padded_size=(8, 8), output_size=(8, 8))
+    pan, segs = panoptic_inference(
+        masks[:3], cls[:3, :2], num_things=2, num_proposals=3, image_size=(8, 8), padded_size=(8, 8), output_size=(8, 8)
+    )
     # Every pixel has an argmax owner: where no mask is on, the highest score (k0) wins, so
     # k0 keeps more than its own mask and stays; k2 keeps its 4 px.
     assert [(s["id"], s["category_id"], s["isthing"]) for s in segs] == [(1, 1, True), (2, 0, True)]
@@ -131,9 +135,10 @@ def test_instance_topk_order_labels_and_masks():
         ]
     )
     cls = torch.log(probs / (1 - probs))
-    masks = torch.stack([_box(slice(0, 4), slice(0, 4)), _box(slice(4, 8), slice(0, 8)), _box(slice(0, 4), slice(4, 8))])
-    out = instance_inference(masks, cls, image_size=(32, 32), padded_size=(32, 32), output_size=(16, 16),
-                             max_per_img=4)
+    masks = torch.stack(
+        [_box(slice(0, 4), slice(0, 4)), _box(slice(4, 8), slice(0, 8)), _box(slice(0, 4), slice(4, 8))]
+    )
+    out = instance_inference(masks, cls, image_size=(32, 32), padded_size=(32, 32), output_size=(16, 16), max_per_img=4)
     torch.testing.assert_close(out["scores"], torch.tensor([0.9, 0.8, 0.7, 0.6]))
     assert out["labels"].dtype == torch.int64
     assert out["labels"].tolist() == [0, 1, 2, 3]
@@ -200,14 +205,19 @@ def _random_outputs(gen: torch.Generator, trial: int, num_kernels: int = 30) -> 
         mask_logits = torch.full((num_kernels, 16, 24), -6.0)
         for n in range(num_kernels):
             cy, cx = int(torch.randint(0, 16, (1,), generator=gen)), int(torch.randint(0, 24, (1,), generator=gen))
-            blob = ((yy - cy) ** 2 + (xx - cx) ** 2 < int(torch.randint(2, 8, (1,), generator=gen)) ** 2)
+            blob = (yy - cy) ** 2 + (xx - cx) ** 2 < int(torch.randint(2, 8, (1,), generator=gen)) ** 2
             mask_logits[n] = -6 + 12 * blob.float() + torch.randn(16, 24, generator=gen)
     return mask_logits, torch.randn(num_kernels, 12, generator=gen) * 3
 
 
 def _official_scores(
-    mask_logits: torch.Tensor, cls_logits: torch.Tensor, num_things: int, num_proposals: int,
-    image_size: tuple[int, int], padded_size: tuple[int, int], output_size: tuple[int, int],
+    mask_logits: torch.Tensor,
+    cls_logits: torch.Tensor,
+    num_things: int,
+    num_proposals: int,
+    image_size: tuple[int, int],
+    padded_size: tuple[int, int],
+    output_size: tuple[int, int],
 ) -> torch.Tensor:
     """score * prob of every kernel at every output pixel, by the official rescale chain."""
     probs = F.interpolate(mask_logits[None].sigmoid(), size=padded_size, mode="bilinear", align_corners=False)
@@ -215,8 +225,12 @@ def _official_scores(
     probs = F.interpolate(probs, size=output_size, mode="bilinear", align_corners=False)[0]
     cls = cls_logits.sigmoid()
     num_stuff = cls.shape[0] - num_proposals
-    scores = torch.cat([cls[:num_proposals, :num_things].max(1).values,
-                        cls[num_proposals:, num_things : num_things + num_stuff].diagonal()])
+    scores = torch.cat(
+        [
+            cls[:num_proposals, :num_things].max(1).values,
+            cls[num_proposals:, num_things : num_things + num_stuff].diagonal(),
+        ]
+    )
     return scores[:, None, None] * probs
 
 
@@ -299,8 +313,9 @@ def test_ties_go_to_the_first_kernel(method: str) -> None:
     assert (pan == 1).all()
     assert [(s["category_id"], s["isthing"]) for s in segs] == [(0, True)]  # kernel 0
     # A single kernel owns everything.
-    pan, segs = panoptic_inference(mask_logits[:1], cls_logits[:1, :1], 1, 1, (32, 32), (32, 32), (16, 16),
-                                   method=method)
+    pan, segs = panoptic_inference(
+        mask_logits[:1], cls_logits[:1, :1], 1, 1, (32, 32), (32, 32), (16, 16), method=method
+    )
     assert (pan == 1).all() and len(segs) == 1
 
 

@@ -42,7 +42,9 @@ def _origins(ref: torch.nn.Module, net: torch.nn.Module) -> dict[str, str]:
     then names its source (a layout change of the backbone moves values, not their number)."""
     names = list(ref.state_dict())
     state = {k: torch.full_like(v, i + 1) for i, (k, v) in enumerate(ref.state_dict().items())}
-    converted = convert_state_dict(backbone_from_published(state, net.backbone), net.state_dict(), MMSEG_SEMANTIC, "peer")
+    converted = convert_state_dict(
+        backbone_from_published(state, net.backbone), net.state_dict(), MMSEG_SEMANTIC, "peer"
+    )
     origins = {}
     for ours, tensor in converted.items():
         number = int(tensor.flatten()[0])
@@ -104,7 +106,9 @@ def test_mmengine_schedule_equals_mmsegmentation_1x_schedulers() -> None:
     from mmengine.registry import PARAM_SCHEDULERS
 
     cfg = peer.load_knet_config("upernet")
-    wrapper = build_optim_wrapper(torch.nn.Linear(1, 1), dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1.0)))
+    wrapper = build_optim_wrapper(
+        torch.nn.Linear(1, 1), dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1.0))
+    )
     schedulers = [PARAM_SCHEDULERS.build(dict(s), default_args=dict(optimizer=wrapper)) for s in cfg.param_scheduler]
     (warmup, steps) = cfg.param_scheduler
     ours = warmup_step_lambda(warmup["end"], warmup["start_factor"], steps["milestones"], steps.get("gamma", 0.1),
@@ -173,7 +177,10 @@ def test_apply_global_batch_to_a_trainer_and_module(tmp_path: Path, caplog: pyte
         apply_global_batch(trainer, module, 2, 16, "accumulate")
     assert trainer.accumulate_grad_batches == 8 and trainer.val_check_interval == 64
     assert module.optimizer_settings.lr == lr
-    assert "global batch 2 (1 process(es) x data.batch_size=2), but the published numbers were trained with 16" in caplog.text
+    assert (
+        "global batch 2 (1 process(es) x data.batch_size=2), but the published numbers were trained with 16"
+        in caplog.text
+    )
 
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     apply_global_batch(trainer, module, 2, 16, "scale_lr")
@@ -193,7 +200,9 @@ def test_a_training_run_reports_and_remedies_its_global_batch(tmp_path: Path, ca
                                                "test_after_fit=false"))  # fmt: skip
     with caplog.at_level(logging.INFO, logger="knet_lightning"):
         run_cfg(cfg)
-    assert ("global batch 4 (1 process(es) x data.batch_size=4), but the published numbers were trained with 8; "
-            "batch_remedy=accumulate: 2 batches per optimizer step (global batch 8)") in caplog.text
+    assert (
+        "global batch 4 (1 process(es) x data.batch_size=4), but the published numbers were trained with 8; "
+        "batch_remedy=accumulate: 2 batches per optimizer step (global batch 8)"
+    ) in caplog.text
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 1

@@ -103,7 +103,7 @@ def test_every_quick_start_command_runs_as_written(tmp_path: Path) -> None:
             command = command.replace("<run>", first_run.name)
         command = command.replace("/data/coco", str(coco_root))
         assert "<" not in command, f"unknown placeholder in {command}"
-        args = shlex.split(command)[len(COMMAND.split()):]
+        args = shlex.split(command)[len(COMMAND.split()) :]
         before = set(train_runs.glob("*")) if train_runs.is_dir() else set()
         proc = _run(args + _reductions(args), cwd)
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -112,8 +112,12 @@ def test_every_quick_start_command_runs_as_written(tmp_path: Path) -> None:
             (first_run,) = set(train_runs.glob("*")) - before
             assert (first_run / "checkpoints" / "last.ckpt").is_file() and (first_run / "metrics.json").is_file()
         if "export_predictions=true" in args or "mode=predict" in args:
-            (run,) = [p for p in (cwd / "logs").glob("*/runs/*") if (p / "predictions").is_dir()
-                      and p.stat().st_mtime >= max(q.stat().st_mtime for q in (cwd / "logs").glob("*/runs/*")) - 1e-3]
+            (run,) = [
+                p
+                for p in (cwd / "logs").glob("*/runs/*")
+                if (p / "predictions").is_dir()
+                and p.stat().st_mtime >= max(q.stat().st_mtime for q in (cwd / "logs").glob("*/runs/*")) - 1e-3
+            ]
             assert (run / "predictions" / "panoptic.json").is_file()
         if "mode=predict" in args:
             pngs = sorted(p.name for p in (cwd / "logs").glob("predict/runs/*/predictions/panoptic/*.png"))
@@ -166,7 +170,7 @@ def test_published_weights_commands_run_as_written(tmp_path: Path) -> None:
     torch.save({"meta": meta, "state_dict": random_official(official_keys("panoptic_r50"))}, cwd / source)
     data = [a for a in TINY_COCO if not a.startswith("model.")]
     for command in commands:
-        args = shlex.split(command.replace("/data/coco", str(coco_root)))[len(COMMAND.split()):]
+        args = shlex.split(command.replace("/data/coco", str(coco_root)))[len(COMMAND.split()) :]
         proc = _run(args + data + ONE_EPOCH, cwd)
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         assert "Downloading" not in proc.stderr + proc.stdout  # the weights come from the file, never a download

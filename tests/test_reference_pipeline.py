@@ -252,7 +252,7 @@ def test_readme_multi_scale_flip_command_evaluates_a_converted_checkpoint(
     from test_ade20k import _write_fixture
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("## Results: paper vs this implementation"):text.index("### Reproducing the paper")]
+    section = text[text.index("## Results: paper vs this implementation") : text.index("### Reproducing the paper")]
     (command,) = [line for line in re.findall(r"```bash\n(.*?)```", section, re.S)[0].splitlines() if line.strip()]
     args = shlex.split(command)
     assert args[:3] == ["python", "-m", "knet_lightning"] and "model.test_time.tta=true" in args

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+from cli_utils import TINY_MODEL, compose_cfg, metrics_csv, run_cfg, tiny_overrides
 from hydra.errors import InstantiationException
 from lightning.pytorch import Callback
 from omegaconf import OmegaConf
 
 import knet_lightning.cli as cli
-from cli_utils import TINY_MODEL, compose_cfg, metrics_csv, run_cfg, tiny_overrides
 from knet_lightning.checkpoint_io import CheckpointError, SafeCheckpointIO, atomic_torch_save, load_checkpoint_file
 from knet_lightning.data.meta import DatasetError
 from knet_lightning.data.sampling import ResumableSampler, SeededSamples
@@ -57,7 +57,10 @@ def test_an_interrupted_write_leaves_the_previous_checkpoint_intact(tmp_path: Pa
 
 @pytest.mark.parametrize(
     "failure",
-    [OSError(28, "No space left on device"), RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos")],
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos"),
+    ],
     ids=["enospc", "torch-writer-on-a-full-disk"],
 )
 def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(
@@ -76,7 +79,9 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(torch, "save", full_disk_save)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
-    with pytest.raises(OSError, match=rf"^\[Errno 28\] No space left on device: writing checkpoint {path} failed \(1 MB free") as err:
+    with pytest.raises(
+        OSError, match=rf"^\[Errno 28\] No space left on device: writing checkpoint {path} failed \(1 MB free"
+    ) as err:
         atomic_torch_save({"step": 2}, path)
     assert err.value.errno == 28
     monkeypatch.undo()
@@ -113,9 +118,16 @@ def test_unsafe_objects_need_trusted_checkpoint(tmp_path: Path) -> None:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder with checkpoints/last.ckpt after one training step."""
     tmp = tmp_path_factory.mktemp("trained")
-    cfg = compose_cfg(tmp, tiny_overrides("trainer.max_steps=1", "trainer.limit_train_batches=1",
-                                          "trainer.limit_val_batches=0", "test_after_fit=false",
-                                          "callbacks.step_checkpoint.every_n_train_steps=1"))
+    cfg = compose_cfg(
+        tmp,
+        tiny_overrides(
+            "trainer.max_steps=1",
+            "trainer.limit_train_batches=1",
+            "trainer.limit_val_batches=0",
+            "test_after_fit=false",
+            "callbacks.step_checkpoint.every_n_train_steps=1",
+        ),
+    )
     run_cfg(cfg)
     return tmp
 
@@ -165,8 +177,7 @@ def test_eval_rebuilds_the_network_the_checkpoint_was_trained_with(
 
 @pytest.mark.parametrize(
     ("override", "keys"),
-    [("model.num_proposals=8", ["model.num_proposals"]),
-     ("model.net.channels=16", ["model.net.channels"])],
+    [("model.num_proposals=8", ["model.num_proposals"]), ("model.net.channels=16", ["model.net.channels"])],
 )
 def test_eval_with_a_model_override_the_checkpoint_contradicts_names_the_keys(
     tmp_path: Path, trained: Path, override: str, keys: list[str]
@@ -267,8 +278,12 @@ class InjectNaN(Callback):
 def test_a_nan_loss_skips_its_step_and_logs_the_images(tmp_path: Path, monkeypatch, caplog) -> None:
     probe = InjectNaN({2})
     _with_callbacks(monkeypatch, probe)
-    cfg = compose_cfg(tmp_path, tiny_overrides("data.batch_size=2", "trainer.limit_train_batches=3",
-                                               "trainer.limit_val_batches=0", "test_after_fit=false"))
+    cfg = compose_cfg(
+        tmp_path,
+        tiny_overrides(
+            "data.batch_size=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=0", "test_after_fit=false"
+        ),
+    )
     with caplog.at_level(logging.WARNING):
         run_cfg(cfg)
     same = [torch.equal(a, b) for a, b in zip(probe.params_before[1], probe.params_after[1])]
@@ -282,9 +297,19 @@ def test_a_nan_loss_skips_its_step_and_logs_the_images(tmp_path: Path, monkeypat
 
 def test_a_stream_of_nan_losses_stops_the_run(tmp_path: Path, monkeypatch) -> None:
     _with_callbacks(monkeypatch, InjectNaN(None))
-    cfg = compose_cfg(tmp_path, tiny_overrides("data.batch_size=1", "max_bad_steps=2", "trainer.limit_train_batches=5",
-                                               "trainer.limit_val_batches=0", "test_after_fit=false"))
-    with pytest.raises(NonFiniteLossError, match=r"3 consecutive training steps had a NaN/Inf loss \(max_bad_steps=2\)"):
+    cfg = compose_cfg(
+        tmp_path,
+        tiny_overrides(
+            "data.batch_size=1",
+            "max_bad_steps=2",
+            "trainer.limit_train_batches=5",
+            "trainer.limit_val_batches=0",
+            "test_after_fit=false",
+        ),
+    )
+    with pytest.raises(
+        NonFiniteLossError, match=r"3 consecutive training steps had a NaN/Inf loss \(max_bad_steps=2\)"
+    ):
         run_cfg(cfg)
 
 
@@ -301,8 +326,9 @@ def _corrupt_first_training_image(data_dir: Path) -> Path:
 
 def test_on_bad_sample_skip_finishes_the_epoch_and_reports(tmp_path: Path, caplog) -> None:
     victim = _corrupt_first_training_image(tmp_path / "data")
-    cfg = compose_cfg(tmp_path, tiny_overrides("data.on_bad_sample=skip", "trainer.limit_val_batches=0",
-                                               "test_after_fit=false"))
+    cfg = compose_cfg(
+        tmp_path, tiny_overrides("data.on_bad_sample=skip", "trainer.limit_val_batches=0", "test_after_fit=false")
+    )
     with caplog.at_level(logging.WARNING):
         run_cfg(cfg)
     report = [r.getMessage() for r in caplog.records if "bad training sample(s)" in r.getMessage()]
@@ -328,8 +354,10 @@ def test_on_bad_sample_error_names_the_file(tmp_path: Path, caplog: pytest.LogCa
 def test_on_bad_sample_rejects_an_unknown_policy(tmp_path: Path) -> None:
     cfg = compose_cfg(tmp_path, tiny_overrides("data.on_bad_sample=ignore"))
     # Hydra wraps the data module's ValueError in its InstantiationException
-    with pytest.raises((ValueError, InstantiationException),
-                       match=r"data.on_bad_sample must be one of \('error', 'skip'\), got 'ignore'"):
+    with pytest.raises(
+        (ValueError, InstantiationException),
+        match=r"data.on_bad_sample must be one of \('error', 'skip'\), got 'ignore'",
+    ):
         run_cfg(cfg)
 
 
@@ -353,8 +381,9 @@ def test_sampler_resumes_mid_epoch_and_reshards(tmp_path: Path) -> None:
     assert sorted(list(one)) == sorted(full[0][2:] + full[1][2:])
     # an epoch-end state starts the next epoch from its beginning
     nxt = ResumableSampler(data, batch_size=2, seed=3)
-    nxt.load_state_dict({"epoch": 0, "consumed": 10, "epoch_done": True, "dataset_size": 10, "seed": 3,
-                         "shuffle": True})
+    nxt.load_state_dict(
+        {"epoch": 0, "consumed": 10, "epoch_done": True, "dataset_size": 10, "seed": 3, "shuffle": True}
+    )
     assert nxt.epoch == 1 and len(list(nxt)) == 10
 
 
@@ -400,8 +429,18 @@ def test_missing_data_root_fails_before_the_trainer(tmp_path: Path, monkeypatch)
 def test_wrong_data_layout_fails_before_the_trainer(tmp_path: Path, monkeypatch) -> None:
     _stop_before_trainer(monkeypatch)
     root = generate_synthetic_panoptic(tmp_path / "shapes", **TINY_GEN)
-    cfg = compose_cfg(tmp_path, [*TINY_MODEL, "data=coco_panoptic", f"data.root={root}", "data.layout=root",
-                                  "data.num_things=4", "data.num_stuff=3", "data.num_classes=7"])
+    cfg = compose_cfg(
+        tmp_path,
+        [
+            *TINY_MODEL,
+            "data=coco_panoptic",
+            f"data.root={root}",
+            "data.layout=root",
+            "data.num_things=4",
+            "data.num_stuff=3",
+            "data.num_classes=7",
+        ],
+    )
     with pytest.raises(DatasetError, match=r"missing PNG folder .* did you mean layout='annotations'"):
         run_cfg(cfg)
 
@@ -411,8 +450,17 @@ def test_missing_training_split_fails_before_the_trainer(tmp_path: Path, monkeyp
     _stop_before_trainer(monkeypatch)
     root = generate_synthetic_panoptic(tmp_path / "shapes", **TINY_GEN)
     (root / "annotations" / "panoptic_train2017.json").unlink()
-    cfg = compose_cfg(tmp_path, [*TINY_MODEL, "data=coco_panoptic", f"data.root={root}",
-                                  "data.num_things=4", "data.num_stuff=3", "data.num_classes=7"])
+    cfg = compose_cfg(
+        tmp_path,
+        [
+            *TINY_MODEL,
+            "data=coco_panoptic",
+            f"data.root={root}",
+            "data.num_things=4",
+            "data.num_stuff=3",
+            "data.num_classes=7",
+        ],
+    )
     with pytest.raises(DatasetError, match=r"missing panoptic JSON .*panoptic_train2017.json"):
         run_cfg(cfg)
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_utils import compose_cfg, run_cfg, tiny_overrides
 from omegaconf import OmegaConf
 
-from cli_utils import compose_cfg, run_cfg, tiny_overrides
 from knet_lightning.reproduction import apply_strict_reproduction
 
 

@@ -52,9 +52,10 @@ def child_main(workdir: str, action: str, at_step: int, resume: bool, extra: lis
     the test's SIGTERM lands between two steps)."""
     sys.path.insert(0, str(HERE))
     torch.set_num_threads(1)
-    import knet_lightning.cli as cli
     from cli_utils import compose_cfg, run_cfg
     from lightning.pytorch import Callback
+
+    import knet_lightning.cli as cli
 
     class Interrupt(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
@@ -75,8 +76,9 @@ def child_main(workdir: str, action: str, at_step: int, resume: bool, extra: lis
     run_cfg(cfg)
 
 
-def _spawn(workdir: Path, action: str = "none", at_step: int = 0, resume: bool = False,
-           extra: tuple[str, ...] = ()) -> subprocess.Popen:
+def _spawn(
+    workdir: Path, action: str = "none", at_step: int = 0, resume: bool = False, extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
     env = dict(os.environ, KNET_TEST_THREADS="1", OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
     cmd = [sys.executable, str(Path(__file__).resolve()), str(workdir), action, str(at_step), str(int(resume)), *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir)
@@ -91,8 +93,12 @@ def _run_here(workdir: Path, resume: bool = False, extra: tuple[str, ...] = ()) 
     """One run in this process; the settings ``deterministic=True`` changes are restored."""
     from cli_utils import compose_cfg, run_cfg
 
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-             torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
     threads = torch.get_num_threads()
     # the children compute with 1 thread; another thread count sums in another order, and other
     # tests of the suite leave their own count behind

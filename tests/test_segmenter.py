@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_utils import compose_cfg, run_cfg, tiny_overrides
 from PIL import Image
 
-from cli_utils import compose_cfg, run_cfg, tiny_overrides
 from knet_lightning import SegmentationResult, Segmenter, SkippedInput
 from knet_lightning.checkpoint_io import load_checkpoint_file
 from knet_lightning.checkpoint_model import INFERENCE_KEY
@@ -25,8 +25,13 @@ from knet_lightning.data.io import rgb2id
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 # low thresholds, stored in the checkpoint, so that a model of a few steps predicts segments to compare
-TRAIN = tiny_overrides("model.num_vis_images=0", "test_after_fit=false", "trainer.max_epochs=6",
-                       "model.postprocess.object_mask_thr=0.05", "model.postprocess.mask_thr=0.3")
+TRAIN = tiny_overrides(
+    "model.num_vis_images=0",
+    "test_after_fit=false",
+    "trainer.max_epochs=6",
+    "model.postprocess.object_mask_thr=0.05",
+    "model.postprocess.mask_thr=0.3",
+)
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +221,10 @@ def test_instance_and_semantic_results_describe_and_export() -> None:
     result = SegmentationResult(task="instance", image=image, class_names=names, isthing=[True] * 3, colors=colors,
                                 dataset_ids=ids, prediction=pred, task_object=task, **fields)  # fmt: skip
     entries = result.to_coco(image_id=7)
-    assert [(e["image_id"], e["category_id"], e["bbox"]) for e in entries] == [(7, 30, [0, 0, 8, 3]), (7, 10, [0, 3, 4, 3])]
+    assert [(e["image_id"], e["category_id"], e["bbox"]) for e in entries] == [
+        (7, 30, [0, 0, 8, 3]),
+        (7, 10, [0, 3, 4, 3]),
+    ]
     assert result.overlay().width > 8  # the legend column
 
     task = build_task("semantic", num_classes=3, num_things=0, num_proposals=3, num_stages=1)
@@ -330,8 +338,8 @@ def test_readme_use_a_trained_model_commands_run_as_written(trained: tuple[Path,
     """Every ``python -m knet_lightning`` line of the README's "Use a trained model" section, in a
     fresh process, in a folder holding the run and the photos it names."""
     import re
-    import shutil
     import shlex
+    import shutil
 
     from test_readme import COMMAND, _run
 
@@ -349,7 +357,7 @@ def test_readme_use_a_trained_model_commands_run_as_written(trained: tuple[Path,
         shutil.copy(path, cwd / "photos" / ("trip" if k else "") / path.name)
     outputs = []
     for command in commands:
-        args = shlex.split(command.replace("<run>", "r1"))[len(COMMAND.split()):]
+        args = shlex.split(command.replace("<run>", "r1"))[len(COMMAND.split()) :]
         proc = _run(args, cwd)
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         if "mode=predict" in args:

@@ -113,9 +113,11 @@ def test_decode_head_parameter_counts_r50() -> None:
     assert _n_params(psp) == 4 * (2048 * 512 + 1024) + (4096 * 512 * 9 + 1024) + (512 * 150 + 150) == 23_150_742
     # ASPPHead: image pool 1x1, one 1x1 and three dilated 3x3 branches, bottleneck over 5 x 512.
     aspp = ASPPHead(in_channels=2048, channels=512, num_classes=150)
-    assert _n_params(aspp) == (
-        2 * (2048 * 512 + 1024) + 3 * (2048 * 512 * 9 + 1024) + (5 * 512 * 512 * 9 + 1024) + (512 * 150 + 150)
-    ) == 42_288_278
+    assert (
+        _n_params(aspp)
+        == (2 * (2048 * 512 + 1024) + 3 * (2048 * 512 * 9 + 1024) + (5 * 512 * 512 * 9 + 1024) + (512 * 150 + 150))
+        == 42_288_278
+    )
     assert [m.dilation for m in (b[0] for b in aspp.aspp_modules)] == [(1, 1), (12, 12), (24, 24), (36, 36)]
     assert [m.padding for m in (b[0] for b in aspp.aspp_modules)] == [(0, 0), (12, 12), (24, 24), (36, 36)]
 
@@ -257,9 +259,7 @@ def test_update_head_parameter_counts() -> None:
 
 
 def test_update_head_xavier_init() -> None:
-    head = SemanticKernelUpdateHead(
-        in_channels=64, updator_channels=32, num_heads=4, feedforward_channels=128
-    )
+    head = SemanticKernelUpdateHead(in_channels=64, updator_channels=32, num_heads=4, feedforward_channels=128)
     w = head.fc_mask.weight  # (64, 64): xavier bound sqrt(6 / 128)
     assert w.abs().max() <= math.sqrt(6 / 128) + 1e-6
     assert head.feat_transform.bias.abs().sum() == 0

@@ -15,11 +15,11 @@ from typing import Any
 
 import hydra
 import pytest
-from omegaconf import OmegaConf
-
 from cli_utils import assert_same_run, compose_cfg
 from distributed_utils import CLI_TINY, cli_env, free_port, probe_overrides, read_probes, run_cli, start_cli, wait_cli
+from omegaconf import OmegaConf
 from slurm_utils import fake_scontrol, slurm_env, start_steps
+
 from knet_lightning.slurm import auto_resume_path, check_requeue_signal, slurm_environment
 
 # trainer=slurm is the GPU config; here every task is one CPU process over gloo
@@ -31,9 +31,23 @@ CPU_SLURM = [
     "trainer.benchmark=false",
     "trainer.strategy.process_group_backend=gloo",
 ]
-SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE", "SLURM_NNODES",
-              "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_JOB_NODELIST", "SLURM_NODELIST",
-              "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "MASTER_ADDR", "MASTER_PORT")
+SLURM_KEYS = (
+    "SLURM_JOB_ID",
+    "SLURM_JOB_NAME",
+    "SLURM_NTASKS",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_NNODES",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_NODEID",
+    "SLURM_JOB_NODELIST",
+    "SLURM_NODELIST",
+    "SLURM_ARRAY_JOB_ID",
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_RESTART_COUNT",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 def _simulate(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
@@ -59,10 +73,19 @@ def test_submitit_slurm_launcher_writes_the_sbatch_script(tmp_path: Path, monkey
     (bin_dir / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
-    cfg = compose_cfg(tmp_path, ["hydra/launcher=submitit_slurm", "trainer=slurm", "hydra.launcher.partition=gpu",
-                                 "hydra.launcher.account=proj42", "hydra.launcher.nodes=2",
-                                 "hydra.launcher.gpus_per_node=4", "hydra.launcher.timeout_min=600",
-                                 "hydra.launcher.mem_gb=256"])
+    cfg = compose_cfg(
+        tmp_path,
+        [
+            "hydra/launcher=submitit_slurm",
+            "trainer=slurm",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.account=proj42",
+            "hydra.launcher.nodes=2",
+            "hydra.launcher.gpus_per_node=4",
+            "hydra.launcher.timeout_min=600",
+            "hydra.launcher.mem_gb=256",
+        ],
+    )
     launcher = hydra.utils.instantiate(cfg.hydra.launcher)
     assert type(launcher).__name__ == "SlurmLauncher"
     launcher.setup(hydra_context=None, task_function=None, config=cfg)
@@ -83,10 +106,20 @@ def test_submitit_slurm_launcher_writes_the_sbatch_script(tmp_path: Path, monkey
         launcher.launch([["model.num_stages=1"], ["model.num_stages=2"]], initial_job_idx=0)
     single, array = scripts
     sweep_dir = Path(str(cfg.hydra.sweep.dir))
-    for line in ("--partition=gpu", "--account=proj42", "--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4",
-                 "--cpus-per-task=6", "--time=600", "--mem=256GB", "--job-name=knet-train",
-                 # Lightning's requeue signal, not submitit's USR2, and a job scontrol may requeue
-                 "--signal=USR1@120", "--requeue"):
+    for line in (
+        "--partition=gpu",
+        "--account=proj42",
+        "--nodes=2",
+        "--gpus-per-node=4",
+        "--ntasks-per-node=4",
+        "--cpus-per-task=6",
+        "--time=600",
+        "--mem=256GB",
+        "--job-name=knet-train",
+        # Lightning's requeue signal, not submitit's USR2, and a job scontrol may requeue
+        "--signal=USR1@120",
+        "--requeue",
+    ):
         assert f"#SBATCH {line}\n" in single, (line, single)
     assert "USR2" not in single
     assert f"#SBATCH --output={sweep_dir}/.submitit/%j/%j_0_log.out" in single
@@ -98,7 +131,7 @@ def test_submitit_slurm_launcher_writes_the_sbatch_script(tmp_path: Path, monkey
 def test_the_launcher_config_prints_with_cfg_hydra(tmp_path: Path) -> None:
     out = run_cli(["hydra/launcher=submitit_slurm", "trainer=slurm", "hydra.launcher.partition=gpu",
                    "hydra.launcher.nodes=2", "--cfg", "hydra"], tmp_path)  # fmt: skip
-    launcher = OmegaConf.create(out[out.index("hydra:"):]).hydra.launcher
+    launcher = OmegaConf.create(out[out.index("hydra:") :]).hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.nodes, launcher.gpus_per_node, launcher.max_num_timeout) == ("gpu", 2, 8, 0)
     # resolved on reading: Lightning's requeue signal, signal_delay_s before the limit
@@ -117,8 +150,12 @@ def test_trainer_slurm_reads_ranks_and_world_size_from_the_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, procid: int, local: int, node: int
 ) -> None:
     # 2 nodes x 4 tasks; task `procid` of job 4242
-    _simulate(monkeypatch, slurm_env("4242", ntasks=8, procid=procid, nnodes=2,
-                                     SLURM_NODELIST="node[7-8]", SLURM_JOB_NODELIST="node[7-8]"))
+    _simulate(
+        monkeypatch,
+        slurm_env(
+            "4242", ntasks=8, procid=procid, nnodes=2, SLURM_NODELIST="node[7-8]", SLURM_JOB_NODELIST="node[7-8]"
+        ),
+    )
     cfg = compose_cfg(tmp_path, CPU_SLURM)
     assert cfg.hydra.run.dir == f"{tmp_path}/logs/train/runs/slurm-4242"
     assert cfg.auto_resume is True
@@ -165,8 +202,15 @@ def test_the_requeued_id_of_an_array_task_is_array_id_and_index(monkeypatch: pyt
 def test_auto_resume_takes_the_newest_of_last_and_hpc(tmp_path: Path) -> None:
     from lightning.pytorch import Trainer
 
-    trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_checkpointing=False, accelerator="cpu",
-                      devices=1, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     ckpt_dir = tmp_path / "checkpoints"
     assert auto_resume_path(trainer, ckpt_dir) is None  # a new run
     ckpt_dir.mkdir()
@@ -273,8 +317,12 @@ def test_time_limit_requeues_twice_and_every_instance_resumes_where_the_last_sto
             "+callbacks.start._target_=slurm_utils.StartStep", f"+callbacks.start.out_dir={starts}"]  # fmt: skip
 
     def instance(restart: int, *pause: str) -> Any:
-        env = cli_env(tmp_path, **slurm_env("4242", SLURM_RESTART_COUNT=str(restart)), MASTER_PORT=str(free_port()),
-                      PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+        env = cli_env(
+            tmp_path,
+            **slurm_env("4242", SLURM_RESTART_COUNT=str(restart)),
+            MASTER_PORT=str(free_port()),
+            PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        )
         return start_cli([*args, *pause], tmp_path, env)
 
     # 1. the time limit: SIGUSR1 during step 2 (the run paused after step 1 goes on when it is
@@ -314,8 +362,10 @@ def test_time_limit_requeues_twice_and_every_instance_resumes_where_the_last_sto
     # 3. requeued again: continues from Lightning's hpc_ckpt_2.ckpt (written after last.ckpt) and finishes
     proc = instance(2, "+callbacks.pause.at_steps=[]")
     out = wait_cli(proc)
-    assert f"auto_resume: continuing from {run_dir / 'hpc_ckpt_2.ckpt'} (the newest checkpoint of this run folder; " \
-           "SLURM restart 2)" in out
+    assert (
+        f"auto_resume: continuing from {run_dir / 'hpc_ckpt_2.ckpt'} (the newest checkpoint of this run folder; "
+        "SLURM restart 2)" in out
+    )
     assert start_steps(starts) == [0, 2, 3]
     assert _ckpt(run_dir / "checkpoints" / "last.ckpt")["global_step"] == STEPS
     assert "val/pq" in json.loads((run_dir / "metrics.json").read_text())
@@ -332,8 +382,17 @@ def _local_sweep(tmp_path: Path, grid: list[str]) -> tuple[Path, str, list[dict[
     from test_sweep import SWEEP_TINY, _summary
 
     sweep_dir = tmp_path / "multirun"
-    out = run_cli(["-m", "hydra/launcher=submitit_local", *grid, *SWEEP_TINY, "trainer.limit_train_batches=1",
-                   f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    out = run_cli(
+        [
+            "-m",
+            "hydra/launcher=submitit_local",
+            *grid,
+            *SWEEP_TINY,
+            "trainer.limit_train_batches=1",
+            f"hydra.sweep.dir={sweep_dir}",
+        ],
+        tmp_path,
+    )
     rows = _summary(sweep_dir)
     # the columns of the basic launcher's sweep (test_sweep.py)
     assert list(rows[0])[:8] == ["job", "N", "S", "task", "params_m", "gflops", "throughput", "status"]
@@ -364,10 +423,17 @@ def test_grid_sweep_2x2_through_submitit_local_writes_the_summary(tmp_path: Path
 
 # 2 CPU processes, 1 image each per step: 4 steps per epoch over 8 images, 2 epochs; dropout and
 # flips (the RNG states matter), a step checkpoint every 3 steps, validation at the end
-DDP_RESUME = ["trainer=ddp_cpu", *[o for o in RUN_TINY if not o.startswith(("data.batch_size=", "trainer.max_epochs="))],
-              "data.batch_size=1", "data.flip_prob=0.5", "model.net.dropout=0.1", "trainer.max_epochs=2",
-              "trainer.deterministic=true", "trainer.check_val_every_n_epoch=2",
-              "callbacks.step_checkpoint.every_n_train_steps=3"]
+DDP_RESUME = [
+    "trainer=ddp_cpu",
+    *[o for o in RUN_TINY if not o.startswith(("data.batch_size=", "trainer.max_epochs="))],
+    "data.batch_size=1",
+    "data.flip_prob=0.5",
+    "model.net.dropout=0.1",
+    "trainer.max_epochs=2",
+    "trainer.deterministic=true",
+    "trainer.check_val_every_n_epoch=2",
+    "callbacks.step_checkpoint.every_n_train_steps=3",
+]
 DDP_STEPS = 8
 
 
@@ -384,24 +450,48 @@ def ddp_baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_ddp_killed_job_resumes_exactly(tmp_path: Path, ddp_baseline: Path) -> None:
     run_dir = tmp_path / "run"
     # both ranks die after step 5 without warning; last.ckpt is the step-3 checkpoint (mid-epoch 0)
-    proc = start_cli([*DDP_RESUME, f"hydra.run.dir={run_dir}", "+callbacks.kill._target_=slurm_utils.KillAtStep",
-                      "+callbacks.kill.at_step=5"], tmp_path)
+    proc = start_cli(
+        [
+            *DDP_RESUME,
+            f"hydra.run.dir={run_dir}",
+            "+callbacks.kill._target_=slurm_utils.KillAtStep",
+            "+callbacks.kill.at_step=5",
+        ],
+        tmp_path,
+    )
     proc.wait(timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.log_path.read_text()[-4000:]
     assert _ckpt(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 3
 
-    run_cli([*DDP_RESUME, f"hydra.run.dir={run_dir}", "ckpt_path=last",
-             "+callbacks.start._target_=slurm_utils.StartStep", f"+callbacks.start.out_dir={tmp_path / 'start'}"],
-            tmp_path)
+    run_cli(
+        [
+            *DDP_RESUME,
+            f"hydra.run.dir={run_dir}",
+            "ckpt_path=last",
+            "+callbacks.start._target_=slurm_utils.StartStep",
+            f"+callbacks.start.out_dir={tmp_path / 'start'}",
+        ],
+        tmp_path,
+    )
     assert start_steps(tmp_path / "start", 0) == start_steps(tmp_path / "start", 1) == [3]
     assert_same_run(run_dir, ddp_baseline, DDP_STEPS)
 
 
 @pytest.mark.slow  # 2 two-process runs after the shared baseline: about 45 s
-def test_ddp_sigterm_stops_every_rank_at_one_step_and_the_run_resumes_exactly(tmp_path: Path, ddp_baseline: Path) -> None:
+def test_ddp_sigterm_stops_every_rank_at_one_step_and_the_run_resumes_exactly(
+    tmp_path: Path, ddp_baseline: Path
+) -> None:
     run_dir = tmp_path / "run"
-    proc = start_cli([*DDP_RESUME, f"hydra.run.dir={run_dir}", "+callbacks.pause._target_=slurm_utils.PauseAtStep",
-                      "+callbacks.pause.at_steps=[2]", f"+callbacks.pause.flag_dir={tmp_path / 'flags'}"], tmp_path)
+    proc = start_cli(
+        [
+            *DDP_RESUME,
+            f"hydra.run.dir={run_dir}",
+            "+callbacks.pause._target_=slurm_utils.PauseAtStep",
+            "+callbacks.pause.at_steps=[2]",
+            f"+callbacks.pause.flag_dir={tmp_path / 'flags'}",
+        ],
+        tmp_path,
+    )
     for rank in (0, 1):
         _wait_for(tmp_path / "flags" / f"paused2.rank{rank}", proc)
     # to rank 0 only, as a scheduler signals the process it started; Lightning's launcher passes
@@ -429,18 +519,32 @@ def test_a_two_task_slurm_job_requeues_once_and_both_tasks_resume(tmp_path: Path
     record = tmp_path / "scontrol.args"
     fake_scontrol(tmp_path / "bin", record)
     run_dir = tmp_path / "logs" / "train" / "runs" / "slurm-5151"
-    args = [*CPU_SLURM, *[o for o in DDP_RESUME if not o.startswith("trainer=")],
-            "+callbacks.pause._target_=slurm_utils.PauseAtStep", "+callbacks.pause.at_steps=[2]",
-            f"+callbacks.pause.flag_dir={tmp_path / 'flags'}",
-            "+callbacks.start._target_=slurm_utils.StartStep", f"+callbacks.start.out_dir={tmp_path / 'start'}",
-            *probe_overrides(tmp_path / "probe")]
+    args = [
+        *CPU_SLURM,
+        *[o for o in DDP_RESUME if not o.startswith("trainer=")],
+        "+callbacks.pause._target_=slurm_utils.PauseAtStep",
+        "+callbacks.pause.at_steps=[2]",
+        f"+callbacks.pause.flag_dir={tmp_path / 'flags'}",
+        "+callbacks.start._target_=slurm_utils.StartStep",
+        f"+callbacks.start.out_dir={tmp_path / 'start'}",
+        *probe_overrides(tmp_path / "probe"),
+    ]
 
     def tasks(restart: int) -> list[Any]:
         port = str(free_port())
-        return [start_cli(args, tmp_path / f"task{rank}",
-                          cli_env(tmp_path, **slurm_env("5151", ntasks=2, procid=rank, SLURM_RESTART_COUNT=str(restart)),
-                                  MASTER_PORT=port, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"))
-                for rank in (0, 1)]
+        return [
+            start_cli(
+                args,
+                tmp_path / f"task{rank}",
+                cli_env(
+                    tmp_path,
+                    **slurm_env("5151", ntasks=2, procid=rank, SLURM_RESTART_COUNT=str(restart)),
+                    MASTER_PORT=port,
+                    PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+                ),
+            )
+            for rank in (0, 1)
+        ]
 
     procs = tasks(0)
     for rank in (0, 1):

@@ -20,11 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+import fake_slurm
 import pytest
 import torch
 from omegaconf import OmegaConf
-
-import fake_slurm
 from test_readme import ONE_EPOCH, TINY_COCO, TINY_KERNELS, TINY_NET, _write_coco_panoptic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +42,9 @@ def readme_slurm_commands() -> list[str]:
     block = re.search(r"```bash\n(.*?)```", _section(), re.S)
     assert block, f"README.md's '{SECTION}' has no bash block"
     joined = block.group(1).replace("\\\n", " ")
-    return [" ".join(line.split()) for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        " ".join(line.split()) for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def test_the_readme_shows_the_sbatch_example_as_it_is_in_the_repository() -> None:
@@ -61,7 +62,11 @@ class Cluster:
         _write_coco_panoptic(self.coco)
         self.state = tmp_path / "slurm"
         bin_dir = fake_slurm.install(tmp_path / "bin", self.state)
-        env = {k: v for k, v in os.environ.items() if k not in ("KNET_ROOT", "KNET_CONFIG_DIR") and not k.startswith("SLURM_")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("KNET_ROOT", "KNET_CONFIG_DIR") and not k.startswith("SLURM_")
+        }
         # `python` in the batch script is this interpreter, as in an activated environment
         path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env["PATH"]])
         self.env = dict(env, PATH=path, WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="1",

@@ -85,7 +85,12 @@ def original_release_keys(arch: str, window: int = 7, image: int = 224) -> dict[
             }
     last = embed * 2 ** (len(depths) - 1)
     classes = 1000 if arch in ("tiny", "small") else 21841
-    return keys | {"norm.weight": (last,), "norm.bias": (last,), "head.weight": (classes, last), "head.bias": (classes,)}
+    return keys | {
+        "norm.weight": (last,),
+        "norm.bias": (last,),
+        "head.weight": (classes, last),
+        "head.bias": (classes,),
+    }
 
 
 def random_tensors(keys: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -194,7 +199,9 @@ def test_original_release_file_loads_and_equals_the_mmsegmentation_conversion(tm
     sd = ours.state_dict()
     assert torch.equal(sd["stages.1.blocks.0.mlp.0.weight"], release["layers.1.blocks.0.mlp.fc1.weight"])
     # merging weights permuted into the Unfold order (as swin2mmseg.py does; the reference below checks it)
-    assert torch.equal(sd["stages.2.downsample.reduction.weight"], unfold_order(release["layers.2.downsample.reduction.weight"]))
+    assert torch.equal(
+        sd["stages.2.downsample.reduction.weight"], unfold_order(release["layers.2.downsample.reduction.weight"])
+    )
     # the release has no per-stage output norms: they keep their init
     assert torch.equal(sd["norm3.weight"], torch.ones(768))
 
@@ -224,7 +231,9 @@ def test_original_release_tables_are_resized_to_another_window(tmp_path: Path) -
     # a mismatch other than the table's size is an error that names the file
     del release["layers.0.blocks.0.norm1.weight"]
     torch.save({"model": release}, path)
-    with pytest.raises(RuntimeError, match=r"swin_tiny_patch4_window7_224\.pth.*missing keys \['stages\.0\.blocks\.0\.norm1\.weight'\]"):
+    with pytest.raises(
+        RuntimeError, match=r"swin_tiny_patch4_window7_224\.pth.*missing keys \['stages\.0\.blocks\.0\.norm1\.weight'\]"
+    ):
         SwinBackbone("tiny", window_size=12, weights_path=str(path))
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_utils import compose_cfg
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from cli_utils import compose_cfg
 from knet_lightning.criterion import KNetCriterion
 from knet_lightning.models.knet import KNet
 from knet_lightning.module import KNetModule
@@ -109,8 +109,11 @@ def test_the_config_gives_num_proposals_to_the_network_only(tmp_path: Path) -> N
 
 
 def test_compile_keeps_the_backbone_learning_rate_multiplier() -> None:
-    module = _module(compile=True, optimizer={"lr": 1e-3, "backbone_lr_mult": 0.25},
-                     scheduler={"milestones": [100], "milestone_unit": "step"})
+    module = _module(
+        compile=True,
+        optimizer={"lr": 1e-3, "backbone_lr_mult": 0.25},
+        scheduler={"milestones": [100], "milestone_unit": "step"},
+    )
     names = [n for n, _ in module.named_parameters()]
     assert not any("_orig_mod" in n for n in names)
     groups = {g["name"]: g for g in module.configure_optimizers()["optimizer"].param_groups}
@@ -121,7 +124,9 @@ def test_compile_keeps_the_backbone_learning_rate_multiplier() -> None:
 def test_param_groups_read_through_a_torch_compile_wrapper() -> None:
     net = _net()
     plain = {g["name"]: len(g["params"]) for g in build_optimizer(net, OptimizerSettings()).param_groups}
-    compiled = {g["name"]: len(g["params"]) for g in build_optimizer(torch.compile(net), OptimizerSettings()).param_groups}
+    compiled = {
+        g["name"]: len(g["params"]) for g in build_optimizer(torch.compile(net), OptimizerSettings()).param_groups
+    }
     assert plain == compiled and plain["backbone"] > 0
 
 

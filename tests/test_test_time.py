@@ -256,7 +256,10 @@ def _write_ade(root: Path, rgb: np.ndarray, seed: int = 0) -> tuple[Path, Path]:
     base = root / "ADEChallengeData2016"
     for kind in ("images", "annotations"):
         (base / kind / "validation").mkdir(parents=True, exist_ok=True)
-    image, label = base / "images" / "validation" / "ADE_val_1.png", base / "annotations" / "validation" / "ADE_val_1.png"
+    image, label = (
+        base / "images" / "validation" / "ADE_val_1.png",
+        base / "annotations" / "validation" / "ADE_val_1.png",
+    )
     Image.fromarray(rgb).save(image)
     labels = np.random.default_rng(seed).integers(0, 151, rgb.shape[:2], dtype=np.uint8)
     Image.fromarray(labels, mode="L").save(label)

@@ -92,14 +92,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path("bench_results/bench.json"), help="JSON output file")
     parser.add_argument(
-        "--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        metavar="SECTION",
         help=f"sections to run, in this order: {' '.join(SECTIONS)} (default: all)",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--amp", choices=("none", "bf16"), default="none",
-                        help="bf16 autocast of forward and losses (trainer.precision=bf16-mixed); default fp32")
-    parser.add_argument("--sizes", nargs="+", default=None, metavar="HxW",
-                        help="input sizes of the knet section (multiples of 32), instead of the mode's")
+    parser.add_argument(
+        "--amp",
+        choices=("none", "bf16"),
+        default="none",
+        help="bf16 autocast of forward and losses (trainer.precision=bf16-mixed); default fp32",
+    )
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        default=None,
+        metavar="HxW",
+        help="input sizes of the knet section (multiples of 32), instead of the mode's",
+    )
     parser.add_argument(
         "--memory-format",
         choices=("auto", "channels-last", "nchw"),
@@ -169,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# knet-lightning benchmark ({profile.name})\n")
     print(
         f"CPU {m['cpu_model']} ({m['cpu_affinity']} usable cores), torch {m['versions']['torch']} with "
-        f"{m['torch_threads']} threads, device {device}" + (f" ({m['gpu']})" if device.type == "cuda" else "")
+        f"{m['torch_threads']} threads, device {device}"
+        + (f" ({m['gpu']})" if device.type == "cuda" else "")
         + f"; CPU capability {torch.backends.cpu.get_cpu_capability()}; K-Net "
         f"{layouts[args.memory_format]}, AdamW {args.optimizer}\n",
         flush=True,

@@ -85,7 +85,7 @@ def postprocess_rows(
         cls_logits = cls_logits.to(images.device)
         for method in ("dense", "sparse"):
 
-            def merge(method: str = method) -> None:
+            def merge(method: str = method, mask_logits: Tensor = mask_logits, cls_logits: Tensor = cls_logits) -> None:
                 panoptic_inference(
                     mask_logits, cls_logits, net.num_things, net.num_proposals, size, size, size, method=method
                 )
@@ -169,5 +169,3 @@ def _knet_row(
         "parts_ms": breakdown(res, order),
         **mem,
     }
-
-

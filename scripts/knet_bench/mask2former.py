@@ -102,8 +102,7 @@ def section_mask2former(ctx: Context) -> dict[str, Any]:
     processor = Mask2FormerImageProcessor()
     params, _ = count_params(model)
     knet_rows = {
-        (r["size"], r["batch"], r["mode"]): r
-        for r in ctx.results.get("sections", {}).get("knet", {}).get("rows", [])
+        (r["size"], r["batch"], r["mode"]): r for r in ctx.results.get("sections", {}).get("knet", {}).get("rows", [])
     }
     rows: list[dict[str, Any]] = []
     for size in p.sizes:

@@ -71,8 +71,12 @@ def render_section(name: str, data: dict[str, Any]) -> str:
             out.append(markdown_table(sub, cols))
         if data.get("postprocess"):
             out += ["", "Panoptic post-processing of one image by merge method (ms):", ""]
-            out.append(markdown_table(data["postprocess"], [("size", "size"), ("outputs", "outputs"),
-                                                            ("method", "method"), ("ms", "median ms")]))
+            out.append(
+                markdown_table(
+                    data["postprocess"],
+                    [("size", "size"), ("outputs", "outputs"), ("method", "method"), ("ms", "median ms")],
+                )
+            )
     elif name == "scaling":
         out.append(f"Input {data['size']}, batch 1\n")
         out.append(

@@ -211,4 +211,3 @@ class PeakMemory:
         peak = hwm / 1024
         kind = "rss_peak" if self.scope == "config" else "rss_peak_process_lifetime"
         return {"peak_mb": peak, "delta_mb": peak - self.start_mb, "mem_kind": kind}
-

@@ -35,14 +35,23 @@ def zoo_models(profile: Profile) -> dict[str, dict[str, Any]]:
     """Model name -> KNet backbone arguments for this profile."""
     if profile.name == "tiny":
         return {
-            "R50-DCN (1/4 width)": {"backbone_depth": 50, "backbone_base_channels": 16, "backbone_dcn_stages": DCN_C3_C5},
+            "R50-DCN (1/4 width)": {
+                "backbone_depth": 50,
+                "backbone_base_channels": 16,
+                "backbone_dcn_stages": DCN_C3_C5,
+            },
             "Swin-T": {"backbone_type": "swin", "swin_arch": "tiny", "frozen_stages": -1},
         }
     return {
         "R50": {"backbone_depth": 50},
         "R101-DCN": {"backbone_depth": 101, "backbone_dcn_stages": DCN_C3_C5},
-        "Swin-L": {"backbone_type": "swin", "swin_arch": "large", "swin_window_size": 7, "drop_path_rate": 0.2,
-                   "frozen_stages": -1},  # fmt: skip
+        "Swin-L": {
+            "backbone_type": "swin",
+            "swin_arch": "large",
+            "swin_window_size": 7,
+            "drop_path_rate": 0.2,
+            "frozen_stages": -1,
+        },  # fmt: skip
     }
 
 

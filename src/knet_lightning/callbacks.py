@@ -18,7 +18,7 @@ import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,15 +130,19 @@ class PredictionExport(BasePredictionWriter):
             self.writer = None
 
 
-
 def _rng_states() -> dict[str, Any]:
     # plain types only (lists, ints, tensors), so the checkpoint loads with weights_only=True
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
         "python": {"version": int(version), "internal": list(internal), "gauss_next": gauss_next},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -176,7 +180,10 @@ class RunCheckpoint(ModelCheckpoint):
         if self.save_top_k != 0 and self.monitor:
             log.info(
                 "resumed into a new folder: the best checkpoint by %s is tracked anew in %s (the earlier run's "
-                "stays in %s)", self.monitor, self.dirpath, before,
+                "stays in %s)",
+                self.monitor,
+                self.dirpath,
+                before,
             )
 
 
@@ -190,7 +197,7 @@ class RNGStateCheckpoint(Callback):
     """
 
     def __init__(self) -> None:
-        self._pending: Optional[dict[str, Any]] = None
+        self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": _rng_states()}
@@ -224,7 +231,7 @@ class PreemptionCheckpoint(Callback):
     def __init__(self, dirpath: str | Path, filename: str = "last.ckpt") -> None:
         self.dirpath = Path(dirpath)
         self.filename = filename
-        self.saved_path: Optional[Path] = None
+        self.saved_path: Path | None = None
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -240,7 +247,11 @@ class PreemptionCheckpoint(Callback):
             log.warning(
                 "SIGTERM: saved %s at step %d (epoch %d); resume with ckpt_path=%s (or ckpt_path=last "
                 "hydra.run.dir=%s)",
-                path, trainer.global_step, trainer.current_epoch, path, trainer.default_root_dir,
+                path,
+                trainer.global_step,
+                trainer.current_epoch,
+                path,
+                trainer.default_root_dir,
             )
 
 
@@ -272,7 +283,10 @@ class BadSampleReport(Callback):
             more = len(self.epoch_skipped) - self.max_listed
             log.warning(
                 "epoch %d: skipped %d bad training sample(s) (data.on_bad_sample=skip):\n  %s%s",
-                trainer.current_epoch, count, listed, f"\n  ... and {more} more" if more > 0 else "",
+                trainer.current_epoch,
+                count,
+                listed,
+                f"\n  ... and {more} more" if more > 0 else "",
             )
 
 
@@ -295,6 +309,9 @@ class FrozenModulesNote(Callback):
             "ignore", message=re.escape(f"Found {len(in_eval)} module(s) in eval mode at the start of training")
         )
         norm_eval = getattr(backbone, "norm_eval", False)
-        log.info("%d backbone modules stay in eval mode while training, by design: frozen_stages=%d%s",
-                 len(in_eval), backbone.frozen_stages,  # fmt: skip
-                 " and norm_eval (every BatchNorm keeps its pretrained statistics)" if norm_eval else "")
+        log.info(
+            "%d backbone modules stay in eval mode while training, by design: frozen_stages=%d%s",
+            len(in_eval),
+            backbone.frozen_stages,  # fmt: skip
+            " and norm_eval (every BatchNorm keeps its pretrained statistics)" if norm_eval else "",
+        )

@@ -19,7 +19,7 @@ import pickle
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -193,14 +193,14 @@ class SafeCheckpointIO(TorchCheckpointIO):
         super().__init__()
         self.trusted = bool(trusted)
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
         if not _is_local(path):  # object stores: Lightning's fsspec transaction
             return super().save_checkpoint(checkpoint, path)
         atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Optional[bool] = None) -> Any:
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
         if not _is_local(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         trusted = self.trusted if weights_only is None else not weights_only

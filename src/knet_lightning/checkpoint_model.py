@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any, Optional
+from typing import Any
 
 from knet_lightning.configs import override_key
 
@@ -92,7 +92,11 @@ def _overridden(key: str, overrides: Iterable[str]) -> bool:
 
 
 def model_config_for_checkpoint(
-    given: dict[str, Any], stored: Optional[Mapping[str, Any]], ckpt_path: str, mode: str, overrides: Iterable[str],
+    given: dict[str, Any],
+    stored: Mapping[str, Any] | None,
+    ckpt_path: str,
+    mode: str,
+    overrides: Iterable[str],
     data_bound: Iterable[str] = DATA_BOUND_KEYS,
 ) -> dict[str, Any]:
     """The model config to build for evaluating or predicting with ``ckpt_path``.
@@ -122,6 +126,7 @@ def model_config_for_checkpoint(
     typed = [k for k in differing if _overridden(k, overrides)]
     bound = [k for k in differing if k in data_bound and k not in typed]
     if typed or bound:
+
         def listed(keys: list[str]) -> str:
             return ", ".join(f"model.{k} (checkpoint {theirs.get(k)!r}, here {mine.get(k)!r})" for k in keys)
 
@@ -137,7 +142,8 @@ def model_config_for_checkpoint(
     if differing:
         log.info(
             "mode=%s: the network is built as the checkpoint was trained: %s",
-            mode, ", ".join(f"model.{k}={theirs.get(k)!r} (the config says {mine.get(k)!r})" for k in differing),
+            mode,
+            ", ".join(f"model.{k}={theirs.get(k)!r} (the config says {mine.get(k)!r})" for k in differing),
         )
     merged = {k: v for k, v in stored.items() if k not in FREE_KEYS}
     if data_bound:
@@ -191,7 +197,7 @@ def load_network_weights(module: Any, path: str, trusted: bool = False, strict: 
     list), and a warning lists what was left out; a checkpoint that shares no tensor is an error.
     """
     from knet_lightning.checkpoint_io import load_checkpoint_file
-    from knet_lightning.convert.mapping import ConversionError, KeyMapping, key_listing, convert_state_dict
+    from knet_lightning.convert.mapping import ConversionError, KeyMapping, convert_state_dict, key_listing
 
     checkpoint = load_checkpoint_file(path, trusted=trusted)
     state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None

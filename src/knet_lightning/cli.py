@@ -15,7 +15,7 @@ import signal
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import hydra
 import torch
@@ -30,6 +30,9 @@ from knet_lightning.checkpoint_model import (
     without_initial_weights,
 )
 from knet_lightning.configs import command_line_overrides, override_key, register_configs
+from knet_lightning.distributed import end_of_job, is_global_zero_from_env
+from knet_lightning.errors import summary as error_summary
+from knet_lightning.reproduction import apply_strict_reproduction, strict_runtime
 from knet_lightning.run_data import (
     build_datamodule,
     check_class_counts,
@@ -40,9 +43,6 @@ from knet_lightning.run_data import (
     run_data_check,
     stored_data_config,
 )
-from knet_lightning.distributed import end_of_job, is_global_zero_from_env
-from knet_lightning.errors import summary as error_summary
-from knet_lightning.reproduction import apply_strict_reproduction, strict_runtime
 from knet_lightning.secrets import hide_secret_overrides, redact, redact_hydra_dump
 from knet_lightning.slurm import auto_resume_path, check_requeue_signal
 
@@ -81,7 +81,7 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return redact(container)
 
 
-def _experiment_choice() -> Optional[str]:
+def _experiment_choice() -> str | None:
     """This run's ``experiment`` option (``None`` when it has none, or outside a Hydra app)."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -91,7 +91,7 @@ def _experiment_choice() -> Optional[str]:
     return None if choice in (None, "null") else str(choice)
 
 
-def run_identity(run_dir: Path) -> Optional[tuple[Optional[str], Optional[str]]]:
+def run_identity(run_dir: Path) -> tuple[str | None, str | None] | None:
     """``(experiment, model.task)`` of an earlier run folder, from the ``.hydra/hydra.yaml`` and
     ``config_resolved.yaml`` it wrote; ``None`` for a folder our CLI did not write."""
     hydra_file, config_file = run_dir / ".hydra" / "hydra.yaml", run_dir / "config_resolved.yaml"
@@ -106,7 +106,7 @@ def run_identity(run_dir: Path) -> Optional[tuple[Optional[str], Optional[str]]]
     return (None if experiment in (None, "null") else str(experiment), task)
 
 
-def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     """``ckpt_path`` as a file. ``last`` means this run folder's ``checkpoints/last.ckpt`` if it
     exists (resuming with ``hydra.run.dir=<old run>``), else the newest ``last.ckpt`` of an
     earlier training run (``<log_dir>/train/runs/*``) of the same experiment and task; runs of
@@ -158,7 +158,7 @@ def _seed(cfg: DictConfig) -> int:
     return value
 
 
-def build_model(cfg: DictConfig, class_info: Any, ckpt_path: Optional[str] = None) -> Any:
+def build_model(cfg: DictConfig, class_info: Any, ckpt_path: str | None = None) -> Any:
     """The ``KNetModule`` of ``cfg.model`` with the data set's class metadata.
 
     For ``mode=eval``/``predict`` the network is the one ``ckpt_path`` was trained with
@@ -197,11 +197,7 @@ def build_model(cfg: DictConfig, class_info: Any, ckpt_path: Optional[str] = Non
 
 def build_callbacks(cfg: DictConfig) -> list[Any]:
     callbacks_cfg = cfg.get("callbacks") or {}
-    return [
-        hydra.utils.instantiate(c)
-        for c in callbacks_cfg.values()
-        if isinstance(c, DictConfig) and "_target_" in c
-    ]
+    return [hydra.utils.instantiate(c) for c in callbacks_cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
@@ -259,7 +255,7 @@ def finish_loggers(loggers: list[Any]) -> None:
             logger.experiment.finish()
 
 
-def run(cfg: DictConfig) -> Optional[float]:
+def run(cfg: DictConfig) -> float | None:
     """Run one job described by a composed config; returns ``optimized_metric`` if measured."""
     loggers: list[Any] = []
     # first and last lines of every run, failed ones included: where to look
@@ -391,7 +387,7 @@ def _predict(cfg: DictConfig) -> None:
     log.info("predictions: %s", cfg.predict_output_dir)
 
 
-def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
+def _run(cfg: DictConfig, loggers: list[Any]) -> float | None:
     import lightning as L
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -454,8 +450,12 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
         if cfg.get("load_from"):
             if ckpt_path is not None:
                 raise ValueError("give either load_from= (start from its weights) or ckpt_path= (resume), not both")
-            load_network_weights(model, cfg.load_from, trusted=bool(cfg.get("trusted_checkpoint", False)),
-                                 strict=bool(cfg.get("load_from_strict", True)))
+            load_network_weights(
+                model,
+                cfg.load_from,
+                trusted=bool(cfg.get("trusted_checkpoint", False)),
+                strict=bool(cfg.get("load_from_strict", True)),
+            )
 
     loggers.extend(build_loggers(cfg))
     for logger in loggers:
@@ -484,8 +484,11 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
         except SIGTERMException:
             # PreemptionCheckpoint has written last.ckpt at the step boundary; no test, no
             # metrics.json (the run is not finished), and the code a SIGTERM-ed process exits with
-            how = ("a run in this folder continues from it (auto_resume)" if cfg.get("auto_resume")
-                   else f"resume with ckpt_path=last hydra.run.dir={output_dir}")
+            how = (
+                "a run in this folder continues from it (auto_resume)"
+                if cfg.get("auto_resume")
+                else f"resume with ckpt_path=last hydra.run.dir={output_dir}"
+            )
             log.warning("stopped by SIGTERM at step %d; %s", trainer.global_step, how)
             raise SystemExit(128 + signal.SIGTERM) from None
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})
@@ -521,11 +524,11 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> Optional[float]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def _hydra_main(cfg: DictConfig) -> Optional[float]:
+def _hydra_main(cfg: DictConfig) -> float | None:
     return run(cfg)
 
 
-def main() -> Optional[float]:
+def main() -> float | None:
     """``python -m knet_lightning`` / ``knet-lightning``: the Hydra app, with secret-looking
     overrides moved off the command line first (see :mod:`knet_lightning.secrets`)."""
     sys.argv = hide_secret_overrides(sys.argv, os.environ)

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -80,7 +81,8 @@ def register_configs() -> None:
     store.store(group="model/scheduler", name="warmup_step", node=SchedulerSettings)
     store.store(group="model/test_time", name="default", node=TestTimeSettings)
     warnings.filterwarnings(
-        "ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore schema",
+        "ignore",
+        message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore schema",
         category=UserWarning,
     )
     # Lightning 2.6's own use of torch 2.14's pytree API (lightning/pytorch/utilities/_pytree.py),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Any, Optional
+from typing import Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
@@ -20,7 +20,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 class _ContinuedWriter(ExperimentWriter):
     def __init__(self, log_dir: str) -> None:
-        self._earlier: Optional[list[dict[str, Any]]] = None
+        self._earlier: list[dict[str, Any]] | None = None
         path = os.path.join(log_dir, self.NAME_METRICS_FILE)
         keys: list[str] = []
         if os.path.isfile(path):
@@ -52,7 +52,9 @@ class ContinuedCSVLogger(CSVLogger):
     """``CSVLogger`` whose version is fixed (0 by default) and whose ``metrics.csv`` a resumed
     run continues (see the module docstring)."""
 
-    def __init__(self, save_dir: str, name: str = "csv", version: int | str = 0, prefix: str = "", **kwargs: Any) -> None:
+    def __init__(
+        self, save_dir: str, name: str = "csv", version: int | str = 0, prefix: str = "", **kwargs: Any
+    ) -> None:
         super().__init__(save_dir, name=name, version=version, prefix=prefix, **kwargs)
 
     @property

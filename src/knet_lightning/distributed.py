@@ -22,7 +22,7 @@ import logging
 import os
 import subprocess
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
@@ -38,8 +38,8 @@ DDP_ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_
 # and SLURM (SLURM_PROCID): a process is global rank zero only if all that are set are 0
 RANK_ENV_KEYS = ("RANK", "SLURM_PROCID", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK")
 
-_launchers: list["HydraSubprocessLauncher"] = []
-_env_before: Optional[dict[str, Optional[str]]] = None
+_launchers: list[HydraSubprocessLauncher] = []
+_env_before: dict[str, str | None] | None = None
 
 
 def log_file_suffix() -> str:
@@ -69,7 +69,7 @@ def is_global_zero_from_env() -> bool:
     return True
 
 
-def eval_sampler(dataset: Dataset, trainer: Any) -> Optional[UnrepeatedDistributedSampler]:
+def eval_sampler(dataset: Dataset, trainer: Any) -> UnrepeatedDistributedSampler | None:
     """A sampler that gives each rank a disjoint share of ``dataset`` and repeats nothing, or
     ``None`` when the trainer is not distributed (the loader then reads in order)."""
     kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
@@ -88,7 +88,7 @@ def _hydra_override_value(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def child_command(local_rank: int) -> tuple[list[str], Optional[str]]:
+def child_command(local_rank: int) -> tuple[list[str], str | None]:
     """The command line that starts rank ``local_rank`` of this Hydra job, and its cwd.
 
     The child gets this job's overrides (in a multirun: the sweep point, not the comma lists),
@@ -205,4 +205,3 @@ def end_of_job(timeout: float = 600.0, ok_codes: tuple[int, ...] = (0,)) -> None
             _env_before = None
     if failed:
         raise RuntimeError("DDP ranks of this job failed: " + "; ".join(failed))
-

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import shutil
-from typing import Optional
 
 __all__ = ["NonFiniteLossError", "is_enospc", "summary"]
 
@@ -15,7 +14,7 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive training steps had a NaN or infinite loss."""
 
 
-def summary(err: BaseException, output_dir: Optional[str] = None) -> str:
+def summary(err: BaseException, output_dir: str | None = None) -> str:
     """``Type: message`` of the error that stopped a run, for the line printed before the traceback.
 
     An error raised in a DataLoader worker reaches the main process wrapped: same type, but a
@@ -41,7 +40,7 @@ def summary(err: BaseException, output_dir: Optional[str] = None) -> str:
 
 def is_enospc(err: BaseException) -> bool:
     """Whether ``err``, or an error it was raised from, is ENOSPC (no space left on device)."""
-    seen: Optional[BaseException] = err
+    seen: BaseException | None = err
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
             return True

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +38,14 @@ class BatchPlan:
     """
 
     global_batch: int
-    base_batch: Optional[int]
+    base_batch: int | None
     lr_factor: float = 1.0
     accumulate: int = 1
     message: str = ""
 
 
 def plan_global_batch(
-    per_device: int, world_size: int, accumulate: int, base_batch: Optional[int], remedy: str = "none"
+    per_device: int, world_size: int, accumulate: int, base_batch: int | None, remedy: str = "none"
 ) -> BatchPlan:
     """The :class:`BatchPlan` of a run with ``per_device`` images on each of ``world_size``
     processes and ``accumulate`` batches per optimizer step, for an experiment published with
@@ -88,7 +88,7 @@ def plan_global_batch(
         f"{numbers}; batch_remedy=accumulate: {steps} batches per optimizer step (global batch {base})"))  # fmt: skip
 
 
-def apply_global_batch(trainer: Any, module: Any, per_device: int, base_batch: Optional[int], remedy: str) -> BatchPlan:
+def apply_global_batch(trainer: Any, module: Any, per_device: int, base_batch: int | None, remedy: str) -> BatchPlan:
     """Checks a training run's global batch against ``base_batch`` and applies ``remedy`` to the
     ``trainer`` (accumulation, validation interval) and the ``module`` (its optimizer's lr), before
     ``fit``. Returns the plan; its message is logged at warning level."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from knet_lightning.checkpoint_model import DATA_CONFIG_KEY, INFERENCE_KEY, MODEL_CONFIG_KEY
 from knet_lightning.errors import NonFiniteLossError
-from knet_lightning.models.outputs import StageOutput
 from knet_lightning.memory_format import choose_memory_format
+from knet_lightning.models.outputs import StageOutput
 from knet_lightning.optim import OptimizerSettings, SchedulerSettings, build_optimizer, build_scheduler, clips_under_amp
 from knet_lightning.settings import settings_from
 from knet_lightning.tasks import SegmentationTask, build_task
@@ -57,18 +57,18 @@ class KNetModule(LightningModule):
         net: nn.Module,
         criterion: nn.Module,
         task: str = "panoptic",
-        optimizer: Optional[Mapping[str, Any]] = None,
-        scheduler: Optional[Mapping[str, Any]] = None,
-        postprocess: Optional[Mapping[str, Any]] = None,
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        postprocess: Mapping[str, Any] | None = None,
         eval_all_stages: bool = True,
         num_vis_images: int = 4,
-        class_names: Optional[list[str]] = None,
-        isthing: Optional[list[bool]] = None,
-        colors: Optional[list[list[int]]] = None,
+        class_names: list[str] | None = None,
+        isthing: list[bool] | None = None,
+        colors: list[list[int]] | None = None,
         max_bad_steps: int = 20,
         channels_last: bool | str = "auto",
         compile: bool = False,
-        test_time: Optional[Mapping[str, Any] | TestTimeSettings] = None,
+        test_time: Mapping[str, Any] | TestTimeSettings | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "criterion", "test_time"], logger=False)  # test_time: model_config
@@ -86,7 +86,7 @@ class KNetModule(LightningModule):
         if channels_last not in (True, False, "auto"):
             raise ValueError(f"model.channels_last={channels_last!r}: expected true, false or auto")
         # None until "auto" meets a device (setup() for a Trainer, else the first forward)
-        self.channels_last: Optional[bool] = None if channels_last == "auto" else bool(channels_last)
+        self.channels_last: bool | None = None if channels_last == "auto" else bool(channels_last)
         if self.channels_last:
             # loading a checkpoint copies into these parameters and keeps their layout
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -117,9 +117,9 @@ class KNetModule(LightningModule):
         self.test_time = settings_for_task(test_time, self.task)  # whole, slide, multi-scale + flip
         self.vis_samples: list[dict[str, Any]] = []
         # set by the CLI, stored in checkpoints, for eval/predict and Segmenter to rebuild from (checkpoint_model.py)
-        self.model_config: Optional[dict[str, Any]] = None
-        self.inference_config: Optional[dict[str, Any]] = None
-        self.data_config: Optional[dict[str, Any]] = None
+        self.model_config: dict[str, Any] | None = None
+        self.inference_config: dict[str, Any] | None = None
+        self.data_config: dict[str, Any] | None = None
 
     @property
     def num_stages(self) -> int:
@@ -154,7 +154,7 @@ class KNetModule(LightningModule):
         losses = self.criterion(self(images), targets)
         return torch.stack(list(losses.values())).sum(), losses
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Optional[Tensor]:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         images, targets = batch["images"], batch["targets"]
         loss, losses = self.training_loss(images, targets)
         batch_size = images.shape[0]
@@ -176,7 +176,7 @@ class KNetModule(LightningModule):
         log.warning(
             "non-finite training loss at step %d (batch %d, %d consecutive): terms %s; images %s; "
             "the optimizer step is skipped",
-            self.global_step, batch_idx, self.bad_steps, terms or "(on this rank all finite)", images,
+            *(self.global_step, batch_idx, self.bad_steps, terms or "(on this rank all finite)", images),
         )
         self.log("train/skipped_steps", float(self.bad_steps), batch_size=1)
         if self.bad_steps > self.max_bad_steps:

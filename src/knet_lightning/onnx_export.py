@@ -29,7 +29,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -75,7 +75,7 @@ def _relative_diff(ref: Tensor, got: Tensor) -> float:
 
 
 def export_onnx(
-    checkpoint: str | Path, out_path: str | Path, stage: int = -1, opset: Optional[int] = None,
+    checkpoint: str | Path, out_path: str | Path, stage: int = -1, opset: int | None = None,
     trusted: bool = False,
 ) -> Path:  # fmt: skip
     """Export the network of ``checkpoint`` (a training run's or ``mode=convert``'s) to ONNX.
@@ -244,7 +244,7 @@ class OnnxRuntimeNetwork:
 
     backend = "onnxruntime"
 
-    def __init__(self, path: str | Path, threads: Optional[int] = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError as err:

@@ -120,9 +120,7 @@ def clips_under_amp(trainer: Any) -> bool:
     return str(trainer.precision).endswith("-mixed") and bool(trainer.gradient_clip_val)
 
 
-def build_optimizer(
-    net: nn.Module, settings: OptimizerSettings, clips_under_amp: bool = False
-) -> torch.optim.AdamW:
+def build_optimizer(net: nn.Module, settings: OptimizerSettings, clips_under_amp: bool = False) -> torch.optim.AdamW:
     """The package's AdamW over :func:`param_groups`.
 
     ``clips_under_amp``: the run clips gradients under Lightning's mixed-precision plugin,

@@ -388,9 +388,7 @@ def semantic_inference(
 
 
 @torch.no_grad()
-def panoptic_to_semantic(
-    pan_seg: Tensor, segments_info: Sequence[dict[str, Any]], ignore_index: int = 255
-) -> Tensor:
+def panoptic_to_semantic(pan_seg: Tensor, segments_info: Sequence[dict[str, Any]], ignore_index: int = 255) -> Tensor:
     """Semantic map from a panoptic one: each pixel gets its segment's class.
 
     Args:
@@ -410,7 +408,9 @@ def panoptic_to_semantic(
         ids = torch.tensor([int(s["id"]) for s in segments_info], dtype=torch.long, device=flat.device)
         cats = torch.tensor([int(s["category_id"]) for s in segments_info], dtype=torch.long, device=flat.device)
     except KeyError as err:
-        raise ValueError(f"postprocess: every segments_info entry needs `id` and `category_id` (missing {err})") from err
+        raise ValueError(
+            f"postprocess: every segments_info entry needs `id` and `category_id` (missing {err})"
+        ) from err
     sorted_ids, perm = ids.sort()
     pos = torch.searchsorted(sorted_ids, flat).clamp(max=sorted_ids.numel() - 1)
     found = sorted_ids[pos] == flat

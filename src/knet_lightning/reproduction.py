@@ -75,7 +75,8 @@ def apply_strict_reproduction(cfg: DictConfig, overrides: Iterable[str] = ()) ->
         changed.append(f"{key}={value}")
     if conflicts:
         raise ValueError(
-            "strict_reproduction=true contradicts the command line's " + "; ".join(conflicts)
+            "strict_reproduction=true contradicts the command line's "
+            + "; ".join(conflicts)
             + ": drop these overrides or strict_reproduction"
         )
     log.info("strict_reproduction: %s", ", ".join(changed) if changed else "the config already matches")

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
-
 
 __all__ = ["Segment", "SegmentationResult", "SkippedInput"]
 
@@ -38,7 +37,7 @@ class Segment:
     id: int
     label: int
     class_name: str
-    score: Optional[float]
+    score: float | None
     area: int
     is_thing: bool
 
@@ -77,10 +76,10 @@ class SegmentationResult:
     isthing: list[bool]
     colors: list[tuple[int, int, int]]
     dataset_ids: list[int]
-    panoptic: Optional[Tensor] = None
-    semantic: Optional[Tensor] = None
-    instances: Optional[dict[str, Tensor]] = None
-    source: Optional[str] = None
+    panoptic: Tensor | None = None
+    semantic: Tensor | None = None
+    instances: dict[str, Tensor] | None = None
+    source: str | None = None
     prediction: Any = field(default=None, repr=False)
     task_object: Any = field(default=None, repr=False)
 
@@ -111,7 +110,7 @@ class SegmentationResult:
             draw.text((x + 16, y), self.class_names[c], fill=(0, 0, 0))
         return out
 
-    def to_coco(self, image_id: int | str = 0, file_name: Optional[str] = None) -> Any:
+    def to_coco(self, image_id: int | str = 0, file_name: str | None = None) -> Any:
         """The official formats, with the data set's category ids.
 
         - panoptic: ``{"file_name": "<stem>.png", "segments_info": [...], "png": PIL image}``

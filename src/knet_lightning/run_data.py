@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -73,7 +73,7 @@ def stored_data_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg.data, resolve=True)  # type: ignore[return-value]
 
 
-def eval_checkpoint_file(cfg: DictConfig) -> Optional[str]:
+def eval_checkpoint_file(cfg: DictConfig) -> str | None:
     """The checkpoint file ``mode=eval`` names explicitly (None: another mode, no checkpoint,
     ``ckpt_path=last``, which is a training run's, or a missing file, reported where it is loaded)."""
     ckpt = cfg.get("ckpt_path")
@@ -82,7 +82,7 @@ def eval_checkpoint_file(cfg: DictConfig) -> Optional[str]:
     return str(ckpt)
 
 
-def checkpoint_data_config(cfg: DictConfig) -> Optional[dict[str, Any]]:
+def checkpoint_data_config(cfg: DictConfig) -> dict[str, Any] | None:
     """The stored data config (:data:`DATA_CONFIG_KEY`) that ``mode=eval ckpt_path=<file>`` reads its
     data set with: where the command line chooses no data set (no ``data=``, no ``experiment=``).
     None elsewhere, and for checkpoints written before the data config was stored."""
@@ -123,7 +123,9 @@ def run_data_check(cfg: DictConfig, datamodule: Any, output_dir: Path) -> None:
     check_class_counts(cfg, class_info)
     splits = datamodule.splits
     roles = ["train"] + (["val"] if splits["val"] != splits["train"] else [])
-    reports = [check_split(role, partial(datamodule.make_dataset, role, None), class_info.num_classes) for role in roles]
+    reports = [
+        check_split(role, partial(datamodule.make_dataset, role, None), class_info.num_classes) for role in roles
+    ]
     out_dir = output_dir / "data_check"
     record = write_report(class_info, reports, out_dir)
     for line in summary_lines(class_info, reports):

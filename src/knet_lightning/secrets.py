@@ -27,9 +27,7 @@ MASK = "***"
 # key=value of a Hydra override, with its +, ++ or ~ prefix
 _OVERRIDE = re.compile(r"^(?P<prefix>[+~]*)(?P<key>[\w.\-/@]+)=(?P<value>.*)$", re.S)
 # a `key: value` line of a YAML dump (or `- key=value` list item) whose key looks secret
-_YAML_LINE = re.compile(
-    rf"(?im)^(\s*-?\s*[+~]*[\w.]*(?:{SECRET_KEY.pattern})[\w.]*\s*[:=]\s*)(?!'\*\*\*')(\S.*)$"
-)
+_YAML_LINE = re.compile(rf"(?im)^(\s*-?\s*[+~]*[\w.]*(?:{SECRET_KEY.pattern})[\w.]*\s*[:=]\s*)(?!'\*\*\*')(\S.*)$")
 
 
 def is_secret_key(key: str) -> bool:

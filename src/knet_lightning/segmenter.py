@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +32,13 @@ from torch import Tensor
 from torchvision import tv_tensors
 
 from knet_lightning.checkpoint_io import load_checkpoint_file
-from knet_lightning.checkpoint_model import CONVERSION_KEY, INFERENCE_KEY, MODEL_CONFIG_KEY, upgrade_model_config, without_initial_weights
+from knet_lightning.checkpoint_model import (
+    CONVERSION_KEY,
+    INFERENCE_KEY,
+    MODEL_CONFIG_KEY,
+    upgrade_model_config,
+    without_initial_weights,
+)
 from knet_lightning.data.io import read_rgb_image, to_rgb_array, upright
 from knet_lightning.data.meta import DatasetError, default_palette
 from knet_lightning.data.resize import LEGACY_BACKEND
@@ -45,7 +51,7 @@ __all__ = ["BACKENDS", "PRECISIONS", "Segmenter", "bf16_supported"]
 
 log = logging.getLogger(__name__)
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray, Tensor]
+ImageInput = str | Path | Image.Image | np.ndarray | Tensor
 PRECISIONS = ("fp32", "bf16", "auto")
 # torch: the KNetModule; onnxruntime: an exported fp32 graph (knet_lightning.onnx_export)
 BACKENDS = ("torch", "onnxruntime")
@@ -87,7 +93,7 @@ def _array_to_rgb(array: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(array[:, :, :3])
 
 
-def read_input(item: ImageInput, index: int) -> tuple[np.ndarray, Optional[str]]:
+def read_input(item: ImageInput, index: int) -> tuple[np.ndarray, str | None]:
     """uint8 ``(H, W, 3)`` RGB of one input and its file name (None for in-memory inputs)."""
     if isinstance(item, (str, Path)):
         path = Path(item)
@@ -135,14 +141,16 @@ class Segmenter:
 
     def __init__(self, module: Any, inference: dict[str, Any], device: str | torch.device = "cpu",
                  stage: int = -1, precision: str = "auto",
-                 test_time: Optional[Mapping[str, Any] | TestTimeSettings] = None) -> None:  # fmt: skip
+                 test_time: Mapping[str, Any] | TestTimeSettings | None = None) -> None:  # fmt: skip
         self.backend: str = getattr(module, "backend", "torch")
         self.module = module.eval().to(device)
         self.device = torch.device(device)
         self.settings = dict(inference)
         num_outputs = module.num_stages + 1
         if not -num_outputs <= stage < num_outputs:
-            raise ValueError(f"Segmenter: stage={stage} is outside the model's {num_outputs} outputs (0..{num_outputs - 1})")
+            raise ValueError(
+                f"Segmenter: stage={stage} is outside the model's {num_outputs} outputs (0..{num_outputs - 1})"
+            )
         if self.backend != "torch" and stage % num_outputs != module.stage:
             raise ValueError(f"Segmenter: stage={stage}, but the exported network holds stage {module.stage} only")
         self.stage = stage
@@ -179,9 +187,14 @@ class Segmenter:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, device: str | torch.device = "cpu", stage: int = -1, trusted: bool = False,
-        precision: str = "auto", backend: str = "torch",
-        test_time: Optional[Mapping[str, Any] | TestTimeSettings] = None,
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        stage: int = -1,
+        trusted: bool = False,
+        precision: str = "auto",
+        backend: str = "torch",
+        test_time: Mapping[str, Any] | TestTimeSettings | None = None,
     ) -> Segmenter:
         """A Segmenter from a checkpoint of a training run or of ``mode=convert``, or (backend
         ``onnxruntime``) from an ``.onnx`` file of :func:`~knet_lightning.onnx_export.export_onnx`.
@@ -244,7 +257,7 @@ class Segmenter:
 
     # ------------------------------------------------------------------ running
     def __call__(
-        self, inputs: ImageInput | Sequence[ImageInput], batch_size: int = 1, progress: Optional[bool] = None
+        self, inputs: ImageInput | Sequence[ImageInput], batch_size: int = 1, progress: bool | None = None
     ) -> Any:
         """Segment one image or a list of them (in batches of ``batch_size``).
 
@@ -307,7 +320,7 @@ class Segmenter:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             return self.module(images)[self.stage]
 
-    def _result(self, pred: Any, rgb: np.ndarray, file_name: Optional[str]) -> SegmentationResult:
+    def _result(self, pred: Any, rgb: np.ndarray, file_name: str | None) -> SegmentationResult:
         task = self.module.task
         pred = _to_cpu(pred)
         return SegmentationResult(

@@ -47,7 +47,7 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
@@ -84,7 +84,7 @@ def slurm_environment(auto_requeue: bool = True, requeue_signal: str = "SIGUSR1"
     return SLURMEnvironment(auto_requeue=auto_requeue, requeue_signal=signal.Signals[requeue_signal])
 
 
-def auto_resume_path(trainer: Any, checkpoint_dir: str | Path) -> Optional[str]:
+def auto_resume_path(trainer: Any, checkpoint_dir: str | Path) -> str | None:
     """The checkpoint a training run without ``ckpt_path`` continues from, or ``None`` (a new run).
 
     The candidates are this run's ``<checkpoint_dir>/last.ckpt`` (step checkpoints, the SIGTERM
@@ -108,8 +108,11 @@ def auto_resume_path(trainer: Any, checkpoint_dir: str | Path) -> Optional[str]:
     # this package, or of Lightning's own handler, may be mid-step)
     choice = max(candidates, key=lambda key: (candidates[key], key != "hpc"))
     restart = os.environ.get("SLURM_RESTART_COUNT")
-    log.info("auto_resume: continuing from %s (the newest checkpoint of this run folder%s)",
-             hpc if choice == "hpc" else choice, f"; SLURM restart {restart}" if restart else "")
+    log.info(
+        "auto_resume: continuing from %s (the newest checkpoint of this run folder%s)",
+        hpc if choice == "hpc" else choice,
+        f"; SLURM restart {restart}" if restart else "",
+    )
     return choice
 
 
@@ -131,6 +134,7 @@ def check_requeue_signal(trainer: Any) -> bool:
     log.warning(
         "%s already has a handler (%r): Lightning will not install its SLURM requeue handler, so the job will "
         "neither write hpc_ckpt_<n>.ckpt nor requeue itself before the time limit",
-        env.requeue_signal.name, handler,
+        env.requeue_signal.name,
+        handler,
     )
     return False

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+
 def exact_count_dtype(num_pixels: int) -> torch.dtype:
     """Float dtype whose sums of up to ``num_pixels`` ones are exact integers."""
     return torch.float32 if num_pixels <= 2**24 else torch.float64

@@ -24,7 +24,7 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback as LightningCallback
@@ -48,7 +48,7 @@ STAT_KEYS = {"params_m": "model/params_m", "gflops": "model/gflops", "throughput
 # ---------------------------------------------------------------------- resolvers
 
 
-def _multirun_dir() -> Optional[str]:
+def _multirun_dir() -> str | None:
     """The multirun folder when this process runs a job of a multirun, else ``None``."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -75,7 +75,6 @@ def sweep_tags(tags: Any, num_proposals: Any, num_stages: Any) -> list[str]:
     if _multirun_dir():
         out += [f"N{num_proposals}", f"S{num_stages}"]
     return out
-
 
 
 # ---------------------------------------------------------------------- per-job figures
@@ -127,10 +126,10 @@ class JobStats(LightningCallback):
     processes) at the end of every training epoch."""
 
     def __init__(self) -> None:
-        self.complexity: Optional[dict[str, float]] = None
+        self.complexity: dict[str, float] | None = None
         self._images = 0
         self._seconds = 0.0
-        self._start: Optional[float] = None
+        self._start: float | None = None
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._images, self._seconds = 0, 0.0
@@ -173,7 +172,7 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name))
 
 
-def _read_job(job_dir: Path) -> Optional[dict[str, Any]]:
+def _read_job(job_dir: Path) -> dict[str, Any] | None:
     """One row of the table, or ``None`` for a folder that holds no job's config yet."""
     cfg_path = job_dir / "config_resolved.yaml"
     if not cfg_path.is_file():
@@ -236,7 +235,7 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_summary(sweep_dir: str | Path, name: str = SUMMARY_NAME) -> Optional[Path]:
+def write_summary(sweep_dir: str | Path, name: str = SUMMARY_NAME) -> Path | None:
     """Writes ``<sweep_dir>/<name>.csv`` and ``.md`` from the job folders; returns the CSV path
     (``None`` when no job has started)."""
     sweep_dir = Path(sweep_dir)

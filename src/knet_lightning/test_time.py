@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,7 @@ ADE20K_IMG_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 Network = Callable[[Tensor], Sequence[StageOutput]]
 
 
-def _pair(value: Any, name: str) -> Optional[tuple[int, int]]:
+def _pair(value: Any, name: str) -> tuple[int, int] | None:
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
@@ -90,8 +90,8 @@ class TestTimeSettings:
     __test__: ClassVar[bool] = False
 
     mode: str = "whole"
-    crop_size: Optional[list[int]] = None
-    stride: Optional[list[int]] = None
+    crop_size: list[int] | None = None
+    stride: list[int] | None = None
     tta: bool = False
     scales: list[float] = field(default_factory=lambda: list(ADE20K_IMG_RATIOS))
     flip: bool = True
@@ -215,7 +215,7 @@ def slide_inference(network: Network, images: Tensor, crop_size: Sequence[int], 
         bilinearly to the window, summed, divided by the windows covering the pixel.
     """
     batch, _, height, width = images.shape
-    canvases: list[Optional[Tensor]] = [None] * len(stages)
+    canvases: list[Tensor | None] = [None] * len(stages)
     count = images.new_zeros((1, 1, height, width), dtype=torch.float32)
     for y1, y2, x1, x2 in slide_windows(height, width, crop_size, stride):
         outputs = network(images[:, :, y1:y2, x1:x2])
@@ -229,7 +229,9 @@ def slide_inference(network: Network, images: Tensor, crop_size: Sequence[int], 
     return [canvas / count for canvas in canvases]  # type: ignore[operator]
 
 
-def _logits_at_input(network: Network, images: Tensor, settings: TestTimeSettings, stages: Sequence[int]) -> list[Tensor]:
+def _logits_at_input(
+    network: Network, images: Tensor, settings: TestTimeSettings, stages: Sequence[int]
+) -> list[Tensor]:
     """Float32 ``(B, C, H, W)`` logits at the size of ``images`` (B, 3, H, W), per stage in
     ``stages``: the whole image (resized to the input, as the decode head's ``predict_by_feat``
     does) or the sliding-window canvas."""
@@ -282,7 +284,7 @@ def multi_scale_flip(network: Network, image: Tensor, settings: TestTimeSettings
     # the evaluation pipeline without its resize, on each view: uint8 -> [0, 1] float32 -> normalised
     normalize = build_transforms(False, short_edge=None, mean=mean, std=std)
     image = image.cpu()  # OpenCV resizes on the CPU
-    sums: list[Optional[Tensor]] = [None] * len(stages)
+    sums: list[Tensor | None] = [None] * len(stages)
     views = 0
     # scales outer, flips inner: the order of mmcv's TestTimeAug (it decides the float sums)
     for factor in settings.scales:
@@ -309,11 +311,13 @@ def multi_scale_flip(network: Network, image: Tensor, settings: TestTimeSettings
 def _merged(mask_logits: Tensor) -> StageOutput:
     """A stage output holding merged logits (or probabilities): the kernels of several windows
     or views have no single value, so ``kernels`` is empty ``(B, N, 0)``."""
-    return StageOutput(mask_logits=mask_logits, cls_logits=None, kernels=mask_logits.new_zeros((*mask_logits.shape[:2], 0)))
+    return StageOutput(
+        mask_logits=mask_logits, cls_logits=None, kernels=mask_logits.new_zeros((*mask_logits.shape[:2], 0))
+    )
 
 
 def run_test_time(network: Network, batch: Mapping[str, Any], settings: TestTimeSettings, stages: Sequence[int],
-                  inference: Optional[Mapping[str, Any]] = None) -> list[Optional[StageOutput]]:  # fmt: skip
+                  inference: Mapping[str, Any] | None = None) -> list[StageOutput | None]:  # fmt: skip
     """The stage outputs of ``batch`` under ``settings``, for the task's post-processing.
 
     Args:
@@ -367,10 +371,10 @@ def _counting(network: Network) -> tuple[Network, list[int]]:
     return counted, counts
 
 
-def _placed(stages: Sequence[int], outputs: list[StageOutput], num_outputs: int) -> list[Optional[StageOutput]]:
+def _placed(stages: Sequence[int], outputs: list[StageOutput], num_outputs: int) -> list[StageOutput | None]:
     """``outputs`` (one per entry of ``stages``) at their stage indices of a list of the
     network's length, ``None`` between."""
-    placed: list[Optional[StageOutput]] = [None] * num_outputs
+    placed: list[StageOutput | None] = [None] * num_outputs
     for s, out in zip(stages, outputs):
         placed[s % num_outputs] = out
     return placed

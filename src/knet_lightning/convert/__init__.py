@@ -26,7 +26,14 @@ from knet_lightning.convert.mmdet import MMDET_KNET
 from knet_lightning.convert.mmseg import MMSEG_SEMANTIC
 from knet_lightning.convert.reading import PublishedCheckpoint, read_published_checkpoint
 
-__all__ = ["CONVERSION_KEY", "MAPPINGS", "ConversionError", "conversion_record", "convert_checkpoint", "mapping_for_task"]
+__all__ = [
+    "CONVERSION_KEY",
+    "MAPPINGS",
+    "ConversionError",
+    "conversion_record",
+    "convert_checkpoint",
+    "mapping_for_task",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +63,11 @@ def check_classes(published: PublishedCheckpoint, class_names: Sequence[str]) ->
     """The checkpoint's class list (where it has one) must be the data set's, in order."""
     classes = published.classes
     if classes is None:
-        log.warning("%s records no class list (meta.dataset_meta.classes / meta.CLASSES); only the "
-                    "class count is checked, by the classifier shapes", published.path)
+        log.warning(
+            "%s records no class list (meta.dataset_meta.classes / meta.CLASSES); only the "
+            "class count is checked, by the classifier shapes",
+            published.path,
+        )
         return
     if len(classes) != len(class_names) or not all(map(_same_name, classes, class_names)):
         diff = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(classes, class_names)) if not _same_name(a, b)]
@@ -68,7 +78,9 @@ def check_classes(published: PublishedCheckpoint, class_names: Sequence[str]) ->
         )
 
 
-def convert_checkpoint(source: str | Path, output: str | Path, module: Any, class_names: Sequence[str]) -> dict[str, Any]:
+def convert_checkpoint(
+    source: str | Path, output: str | Path, module: Any, class_names: Sequence[str]
+) -> dict[str, Any]:
     """Convert ``source`` for ``module`` (a :class:`~knet_lightning.module.KNetModule`) into ``output``.
 
     Returns the record stored under :data:`CONVERSION_KEY`. Raises :class:`ConversionError`

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
+from functools import cache
 
 from torch import Tensor
 
@@ -25,7 +25,7 @@ class ConversionError(ValueError):
     """A published checkpoint that does not map onto the network (names the file and keys)."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def _compile(template: str) -> re.Pattern[str]:
     pattern = ""
     for literal, name in re.findall(r"([^{]*)(?:\{(\w+)\})?", template):

@@ -23,7 +23,10 @@ MMDET_KNET = KeyMapping(
         ("neck.lateral_convs.{i}.conv.{rest}", "fpn.lateral_convs.{i}.{rest}"),
         ("neck.fpn_convs.{i}.conv.{rest}", "fpn.fpn_convs.{i}.{rest}"),
         *(
-            (f"{_LOC}.convs_all_levels.{{lvl}}.conv{j}.{part}.{{rest}}", f"neck.convs_all_levels.{{lvl}}.{2 * j}.{k}.{{rest}}")
+            (
+                f"{_LOC}.convs_all_levels.{{lvl}}.conv{j}.{part}.{{rest}}",
+                f"neck.convs_all_levels.{{lvl}}.{2 * j}.{k}.{{rest}}",
+            )
             for j in range(3)
             for k, part in enumerate(("conv", "gn"))
         ),

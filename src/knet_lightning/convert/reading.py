@@ -108,16 +108,19 @@ def read_published_checkpoint(path: str | Path) -> PublishedCheckpoint:
     try:
         unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
     except (RuntimeError, zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError) as err:
-        raise ConversionError(f"published checkpoint {path} is not a readable torch checkpoint "
-                              f"(truncated or another format): {err}") from err
+        raise ConversionError(
+            f"published checkpoint {path} is not a readable torch checkpoint (truncated or another format): {err}"
+        ) from err
     unknown = sorted(unsafe - set(_INERT_GLOBALS))
     if unknown:
         raise ConversionError(
             f"published checkpoint {path} needs Python objects that a weights-only load refuses: "
             f"{', '.join(unknown)}; expected an MMSegmentation/MMDetection checkpoint (state_dict + meta)"
         )
-    inert = [(_Placeholder if name.endswith(("HistoryBuffer", "ndarray", "dtype", "DType")) else _placeholder, name)
-             for name in sorted(unsafe)]
+    inert = [
+        (_Placeholder if name.endswith(("HistoryBuffer", "ndarray", "dtype", "DType")) else _placeholder, name)
+        for name in sorted(unsafe)
+    ]
     try:
         with torch.serialization.safe_globals(inert):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -127,12 +130,13 @@ def read_published_checkpoint(path: str | Path) -> PublishedCheckpoint:
         state, meta = obj["state_dict"], obj.get("meta") or {}
     else:  # a bare state dict, as some releases are
         state, meta = obj, {}
-    if not isinstance(state, Mapping) or not state or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()
+    if (
+        not isinstance(state, Mapping)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())
     ):
         raise ConversionError(
-            f"published checkpoint {path}: 'state_dict' must map parameter names to tensors, "
-            f"got {type(state).__name__}"
+            f"published checkpoint {path}: 'state_dict' must map parameter names to tensors, got {type(state).__name__}"
         )
     if not isinstance(meta, Mapping) or _contains_placeholder(meta):
         raise ConversionError(f"published checkpoint {path}: 'meta' must be a dict of plain values")

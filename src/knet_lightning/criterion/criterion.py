@@ -17,8 +17,9 @@ Per stage, following the official code:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -127,14 +128,14 @@ class KNetCriterion(nn.Module):
         self,
         num_things: int,
         num_stuff: int,
-        num_proposals: Optional[int] = None,
-        matcher: Optional[HungarianMatcher] = None,
+        num_proposals: int | None = None,
+        matcher: HungarianMatcher | None = None,
         cls_weight: float = 2.0,
         mask_weight: float = 1.0,
         dice_weight: float = 4.0,
         rank_weight: float = 0.1,
         seg_weight: float = 1.0,
-        stage_weights: Optional[Sequence[float]] = None,
+        stage_weights: Sequence[float] | None = None,
         alpha: float = 0.25,
         gamma: float = 2.0,
         stuff_kernels: bool = True,
@@ -224,7 +225,9 @@ class KNetCriterion(nn.Module):
 
     # ------------------------------------------------------------------ targets
 
-    def _prepare_targets(self, targets: Sequence[dict[str, Any]], size: tuple[int, int], device: torch.device) -> _Targets:
+    def _prepare_targets(
+        self, targets: Sequence[dict[str, Any]], size: tuple[int, int], device: torch.device
+    ) -> _Targets:
         """Drop crowd segments and empty stuff ones, split things/stuff, pad to ``4 * size``,
         downsample ×4."""
         h, w = size

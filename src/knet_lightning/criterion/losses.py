@@ -8,8 +8,6 @@ are not always the "obvious" ones (see ``rank_loss`` and ``semantic_ce_loss``).
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -26,10 +24,10 @@ __all__ = [
 def sigmoid_focal_loss(
     logits: Tensor,
     targets: Tensor,
-    weight: Optional[Tensor] = None,
+    weight: Tensor | None = None,
     alpha: float = 0.25,
     gamma: float = 2.0,
-    avg_factor: Optional[Union[Tensor, float]] = None,
+    avg_factor: Tensor | float | None = None,
 ) -> Tensor:
     """Sigmoid focal loss (Lin et al.), as mmdet's ``py_sigmoid_focal_loss``.
 
@@ -72,7 +70,7 @@ def sigmoid_focal_loss_dense(
     target: Tensor,
     alpha: float = 0.25,
     gamma: float = 2.0,
-    avg_factor: Optional[Union[Tensor, float]] = None,
+    avg_factor: Tensor | float | None = None,
 ) -> Tensor:
     """:func:`sigmoid_focal_loss` of per-pixel class logits against a class-index map.
 
@@ -128,8 +126,7 @@ def dice_loss(logits: Tensor, targets: Tensor, eps: float = 1e-3) -> Tensor:
     """
     if logits.shape != targets.shape:
         raise ValueError(
-            f"dice_loss: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} "
-            "must have the same shape"
+            f"dice_loss: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must have the same shape"
         )
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
@@ -153,8 +150,7 @@ def mask_bce_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """
     if logits.shape != targets.shape:
         raise ValueError(
-            f"mask_bce_loss: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} "
-            "must have the same shape"
+            f"mask_bce_loss: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} must have the same shape"
         )
     if logits.numel() == 0:
         return logits.sum() * 0.0
@@ -185,9 +181,7 @@ def rank_loss(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor
     return loss.mean()
 
 
-def semantic_ce_loss(
-    logits: Tensor, target: Tensor, ignore_index: int = 255, avg_non_ignore: bool = False
-) -> Tensor:
+def semantic_ce_loss(logits: Tensor, target: Tensor, ignore_index: int = 255, avg_non_ignore: bool = False) -> Tensor:
     """Per-pixel softmax cross-entropy over classes, with an ignore label.
 
     Args:

@@ -9,7 +9,7 @@ itself runs per image, in scipy on the CPU.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ class HungarianMatcher(nn.Module):
     def cost_matrices(
         self,
         mask_logits: Tensor,
-        cls_logits: Optional[Tensor],
+        cls_logits: Tensor | None,
         gt_masks: Sequence[Tensor],
         gt_labels: Sequence[Tensor],
     ) -> list[Tensor]:
@@ -118,7 +118,7 @@ class HungarianMatcher(nn.Module):
     def forward(
         self,
         mask_logits: Tensor,
-        cls_logits: Optional[Tensor],
+        cls_logits: Tensor | None,
         gt_masks: Sequence[Tensor],
         gt_labels: Sequence[Tensor],
     ) -> list[tuple[Tensor, Tensor]]:
@@ -157,34 +157,26 @@ class HungarianMatcher(nn.Module):
     @staticmethod
     def _check_inputs(
         mask_logits: Tensor,
-        cls_logits: Optional[Tensor],
+        cls_logits: Tensor | None,
         gt_masks: Sequence[Tensor],
         gt_labels: Sequence[Tensor],
     ) -> None:
         if mask_logits.dim() != 4:
-            raise ValueError(
-                f"HungarianMatcher: mask_logits must be (B, N, h, w), got {tuple(mask_logits.shape)}"
-            )
+            raise ValueError(f"HungarianMatcher: mask_logits must be (B, N, h, w), got {tuple(mask_logits.shape)}")
         B, N, h, w = mask_logits.shape
         if len(gt_masks) != B or len(gt_labels) != B:
             raise ValueError(
-                f"HungarianMatcher: got {len(gt_masks)} gt_masks and {len(gt_labels)} gt_labels "
-                f"for a batch of {B}"
+                f"HungarianMatcher: got {len(gt_masks)} gt_masks and {len(gt_labels)} gt_labels for a batch of {B}"
             )
         if cls_logits is not None and (cls_logits.dim() != 3 or cls_logits.shape[:2] != (B, N)):
-            raise ValueError(
-                f"HungarianMatcher: cls_logits must be (B={B}, N={N}, C), got {tuple(cls_logits.shape)}"
-            )
+            raise ValueError(f"HungarianMatcher: cls_logits must be (B={B}, N={N}, C), got {tuple(cls_logits.shape)}")
         for b, (m, lab) in enumerate(zip(gt_masks, gt_labels)):
             if m.dim() != 3 or m.shape[1:] != (h, w):
                 raise ValueError(
-                    f"HungarianMatcher: gt_masks[{b}] must be (G, {h}, {w}) like mask_logits, "
-                    f"got {tuple(m.shape)}"
+                    f"HungarianMatcher: gt_masks[{b}] must be (G, {h}, {w}) like mask_logits, got {tuple(m.shape)}"
                 )
             if lab.dim() != 1 or lab.shape[0] != m.shape[0]:
-                raise ValueError(
-                    f"HungarianMatcher: gt_labels[{b}] must be ({m.shape[0]},), got {tuple(lab.shape)}"
-                )
+                raise ValueError(f"HungarianMatcher: gt_labels[{b}] must be ({m.shape[0]},), got {tuple(lab.shape)}")
             if cls_logits is not None and lab.numel() > 0:
                 lo, hi = int(lab.min()), int(lab.max())
                 if lo < 0 or hi >= cls_logits.shape[-1]:

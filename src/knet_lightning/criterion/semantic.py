@@ -8,7 +8,8 @@ class ``n`` and every stage's mask logits are segmentation logits.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ class SemanticCriterion(nn.Module):
         self,
         num_classes: int,
         ignore_index: int = 255,
-        stage_weights: Optional[Sequence[float]] = None,
+        stage_weights: Sequence[float] | None = None,
         aux_weight: float = 0.4,
         avg_non_ignore: bool = False,
         size_divisor: int = 32,
@@ -61,7 +62,7 @@ class SemanticCriterion(nn.Module):
         self,
         outputs: Sequence[StageOutput],
         targets: Sequence[dict[str, Any]],
-        pad_size: Optional[tuple[int, int]] = None,
+        pad_size: tuple[int, int] | None = None,
     ) -> dict[str, Tensor]:
         """Weighted CE terms.
 
@@ -111,7 +112,7 @@ class SemanticCriterion(nn.Module):
         self,
         targets: Sequence[dict[str, Any]],
         batch: int,
-        pad_size: Optional[tuple[int, int]],
+        pad_size: tuple[int, int] | None,
         device: torch.device,
     ) -> Tensor:
         """Stack ``sem_seg`` maps into ``(B, Hp, Wp)`` int64, padded bottom/right with void."""
@@ -139,7 +140,10 @@ class SemanticCriterion(nn.Module):
             segs.append(seg)
         if pad_size is None:
             d = self.size_divisor
-            pad_size = (d * math.ceil(max(s.shape[0] for s in segs) / d), d * math.ceil(max(s.shape[1] for s in segs) / d))
+            pad_size = (
+                d * math.ceil(max(s.shape[0] for s in segs) / d),
+                d * math.ceil(max(s.shape[1] for s in segs) / d),
+            )
         hp, wp = pad_size
         label = torch.full((batch, hp, wp), self.ignore_index, dtype=torch.long, device=device)
         for b, seg in enumerate(segs):

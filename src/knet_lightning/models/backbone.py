@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 from torchvision import models as tvm
-from torchvision.ops import deform_conv2d
 from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops import deform_conv2d
 
 from knet_lightning.models.swin import SwinBackbone
 from knet_lightning.models.weights import read_weights_file
@@ -240,9 +240,14 @@ class ResNetBackbone(nn.Module):
         if deep_stem:
             half = stem_channels // 2
             self.stem = nn.Sequential(
-                nn.Conv2d(3, half, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
-                nn.Conv2d(half, half, 3, padding=1, bias=False), nn.BatchNorm2d(half), nn.ReLU(inplace=True),
-                nn.Conv2d(half, stem_channels, 3, padding=1, bias=False), nn.BatchNorm2d(stem_channels),
+                nn.Conv2d(3, half, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(half),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(half, half, 3, padding=1, bias=False),
+                nn.BatchNorm2d(half),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(half, stem_channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(stem_channels),
                 nn.ReLU(inplace=True),
             )
         else:
@@ -295,9 +300,7 @@ class ResNetBackbone(nn.Module):
 
     def _download_imagenet(self) -> dict[str, Tensor]:
         if self.deep_stem:
-            state = torch.hub.load_state_dict_from_url(
-                _IMAGENET_V1C[self.depth], map_location="cpu", weights_only=True
-            )
+            state = torch.hub.load_state_dict_from_url(_IMAGENET_V1C[self.depth], map_location="cpu", weights_only=True)
             return state.get("state_dict", state)
         return _IMAGENET[self.depth].get_state_dict(progress=True)
 
@@ -419,9 +422,7 @@ class FPN(nn.Module):
         self.in_channels = list(in_channels)
         self.out_channels = out_channels
         self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in self.in_channels)
-        self.fpn_convs = nn.ModuleList(
-            nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in self.in_channels
-        )
+        self.fpn_convs = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in self.in_channels)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from collections.abc import Sequence
 
 from knet_lightning.models.backbone import FPN, build_backbone
 from knet_lightning.models.kernel_head import KernelHead
 from knet_lightning.models.kernel_update import KernelUpdateHead
 from knet_lightning.models.neck import SemanticFPNNeck
 from knet_lightning.models.outputs import StageOutput, check_images, run_update_stages
+
 
 def _upsample2x(x: Tensor) -> Tensor:
     return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)

@@ -66,9 +66,7 @@ def conv_gn_relu(
 ) -> nn.Sequential:
     """mmcv ``ConvModule(norm_cfg=GN)``: conv without bias (the norm has one) -> GroupNorm -> ReLU."""
     if out_channels % num_groups != 0:
-        raise ValueError(
-            f"GroupNorm num_groups={num_groups} must divide the channel count {out_channels}"
-        )
+        raise ValueError(f"GroupNorm num_groups={num_groups} must divide the channel count {out_channels}")
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=False),
         nn.GroupNorm(num_groups, out_channels),
@@ -96,9 +94,7 @@ class SemanticFPNNeck(nn.Module):
         num_levels: number of FPN levels, starting at stride 4 (official: 4, P2..P5).
     """
 
-    def __init__(
-        self, in_channels: int = 256, channels: int = 256, num_groups: int = 32, num_levels: int = 4
-    ) -> None:
+    def __init__(self, in_channels: int = 256, channels: int = 256, num_groups: int = 32, num_levels: int = 4) -> None:
         super().__init__()
         if num_levels < 2:
             raise ValueError(f"SemanticFPNNeck needs at least 2 levels (P2, P3), got {num_levels}")
@@ -123,9 +119,7 @@ class SemanticFPNNeck(nn.Module):
     def forward(self, feats: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """``[P2..P5]`` -> ``(localization (B, C, H/8, W/8), semantic (B, C, H/8, W/8))``."""
         if len(feats) != len(self.convs_all_levels):
-            raise ValueError(
-                f"SemanticFPNNeck expects {len(self.convs_all_levels)} FPN levels, got {len(feats)}"
-            )
+            raise ValueError(f"SemanticFPNNeck expects {len(self.convs_all_levels)} FPN levels, got {len(feats)}")
         last = len(feats) - 1
         fused: Tensor | None = None
         for i, (convs, p) in enumerate(zip(self.convs_all_levels, feats)):

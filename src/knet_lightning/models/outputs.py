@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 from torch import Tensor, nn
 
@@ -28,9 +28,9 @@ class StageOutput(NamedTuple):
     """
 
     mask_logits: Tensor
-    cls_logits: Optional[Tensor]
+    cls_logits: Tensor | None
     kernels: Tensor
-    sem_logits: Optional[Tensor] = None
+    sem_logits: Tensor | None = None
 
 
 class KernelUpdateOutput(NamedTuple):
@@ -45,7 +45,7 @@ class KernelUpdateOutput(NamedTuple):
 
     kernels: Tensor
     mask_logits: Tensor
-    cls_logits: Optional[Tensor]
+    cls_logits: Tensor | None
 
 
 def run_update_stages(

@@ -16,7 +16,8 @@ BN defaults to ``nn.BatchNorm2d``; SyncBN is the trainer's ``sync_batchnorm`` bu
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -138,14 +139,11 @@ class _ClassifierMixin(nn.Module):
 
 def _check_features(features: Sequence[Tensor], index: int, in_channels: int, head: str) -> Tensor:
     if not 0 <= index < len(features) and not -len(features) <= index < 0:
-        raise ValueError(
-            f"{head}: in_index={index} is out of range for {len(features)} backbone features"
-        )
+        raise ValueError(f"{head}: in_index={index} is out of range for {len(features)} backbone features")
     x = features[index]
     if x.dim() != 4 or x.shape[1] != in_channels:
         raise ValueError(
-            f"{head}: expected backbone feature {index} of shape (B, {in_channels}, h, w), "
-            f"got {tuple(x.shape)}"
+            f"{head}: expected backbone feature {index} of shape (B, {in_channels}, h, w), got {tuple(x.shape)}"
         )
     return x
 
@@ -184,9 +182,7 @@ class FCNHead(_ClassifierMixin):
         if num_convs < 0:
             raise ValueError(f"FCNHead: num_convs must be >= 0, got {num_convs}")
         if num_convs == 0 and in_channels != channels:
-            raise ValueError(
-                f"FCNHead: num_convs=0 needs in_channels == channels, got {in_channels} != {channels}"
-            )
+            raise ValueError(f"FCNHead: num_convs=0 needs in_channels == channels, got {in_channels} != {channels}")
         self.in_channels = in_channels
         self.in_index = in_index
         self.concat_input = concat_input
@@ -204,9 +200,7 @@ class FCNHead(_ClassifierMixin):
         ]
         self.convs = nn.Sequential(*convs) if convs else nn.Identity()
         self.conv_cat = (
-            ConvBNReLU(in_channels + channels, channels, 3, padding=1, norm_layer=norm_layer)
-            if concat_input
-            else None
+            ConvBNReLU(in_channels + channels, channels, 3, padding=1, norm_layer=norm_layer) if concat_input else None
         )
         self._build_classifier(channels, num_classes, dropout)
 
@@ -258,10 +252,7 @@ class PPM(nn.ModuleList):
                         "batch of 1 image (one value per channel); use batch size >= 2, "
                         "SyncBN across devices, or drop scale 1 from pool_scales"
                     )
-        return [
-            F.interpolate(branch(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
-            for branch in self
-        ]
+        return [F.interpolate(branch(x), size=x.shape[-2:], mode="bilinear", align_corners=False) for branch in self]
 
 
 class UPerHead(_ClassifierMixin):
@@ -299,16 +290,11 @@ class UPerHead(_ClassifierMixin):
         self.bottleneck = ConvBNReLU(
             in_channels[-1] + len(pool_scales) * channels, channels, 3, padding=1, norm_layer=norm_layer
         )
-        self.lateral_convs = nn.ModuleList(
-            ConvBNReLU(c, channels, 1, norm_layer=norm_layer) for c in in_channels[:-1]
-        )
+        self.lateral_convs = nn.ModuleList(ConvBNReLU(c, channels, 1, norm_layer=norm_layer) for c in in_channels[:-1])
         self.fpn_convs = nn.ModuleList(
-            ConvBNReLU(channels, channels, 3, padding=1, norm_layer=norm_layer)
-            for _ in in_channels[:-1]
+            ConvBNReLU(channels, channels, 3, padding=1, norm_layer=norm_layer) for _ in in_channels[:-1]
         )
-        self.fpn_bottleneck = ConvBNReLU(
-            len(in_channels) * channels, channels, 3, padding=1, norm_layer=norm_layer
-        )
+        self.fpn_bottleneck = ConvBNReLU(len(in_channels) * channels, channels, 3, padding=1, norm_layer=norm_layer)
         self._build_classifier(channels, num_classes, dropout)
 
     def forward(self, features: Sequence[Tensor]) -> DecodeHeadOutput:
@@ -320,9 +306,7 @@ class UPerHead(_ClassifierMixin):
             ``(num_classes, channels)`` at the resolution of the first level (stride 4).
         """
         if len(features) != len(self.in_channels):
-            raise ValueError(
-                f"UPerHead: expected {len(self.in_channels)} backbone features, got {len(features)}"
-            )
+            raise ValueError(f"UPerHead: expected {len(self.in_channels)} backbone features, got {len(features)}")
         inputs = [_check_features(features, i, c, "UPerHead") for i, c in enumerate(self.in_channels)]
         top = inputs[-1]
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, inputs[:-1])]
@@ -335,9 +319,7 @@ class UPerHead(_ClassifierMixin):
         outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals[:-1])]
         outs.append(laterals[-1])
         size = outs[0].shape[-2:]
-        outs = [outs[0]] + [
-            F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]
-        ]
+        outs = [outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]]
         feature = self.fpn_bottleneck(torch.cat(outs, dim=1))
         return self._classify(feature)
 
@@ -429,9 +411,7 @@ class ASPPHead(_ClassifierMixin):
             )
             for d in dilations
         )
-        self.bottleneck = ConvBNReLU(
-            (len(dilations) + 1) * channels, channels, 3, padding=1, norm_layer=norm_layer
-        )
+        self.bottleneck = ConvBNReLU((len(dilations) + 1) * channels, channels, 3, padding=1, norm_layer=norm_layer)
         self._build_classifier(channels, num_classes, dropout)
 
     def forward(self, features: Sequence[Tensor]) -> DecodeHeadOutput:

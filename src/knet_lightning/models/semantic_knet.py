@@ -10,7 +10,6 @@ kernel n is class n.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,13 +80,10 @@ class SemanticKernelUpdateHead(nn.Module):
         super().__init__()
         if in_channels % updator_channels != 0:
             raise ValueError(
-                f"SemanticKernelUpdateHead: updator_channels={updator_channels} must divide "
-                f"in_channels={in_channels}"
+                f"SemanticKernelUpdateHead: updator_channels={updator_channels} must divide in_channels={in_channels}"
             )
         if in_channels % num_heads != 0:
-            raise ValueError(
-                f"SemanticKernelUpdateHead: num_heads={num_heads} must divide in_channels={in_channels}"
-            )
+            raise ValueError(f"SemanticKernelUpdateHead: num_heads={num_heads} must divide in_channels={in_channels}")
         if num_ffn_fcs < 2:
             raise ValueError(f"SemanticKernelUpdateHead: num_ffn_fcs must be >= 2, got {num_ffn_fcs}")
         self.in_channels = in_channels
@@ -164,14 +160,12 @@ class SemanticKernelUpdateHead(nn.Module):
         """
         if feature.dim() != 4 or feature.shape[1] != self.in_channels:
             raise ValueError(
-                f"SemanticKernelUpdateHead: feature must be (B, {self.in_channels}, h, w), "
-                f"got {tuple(feature.shape)}"
+                f"SemanticKernelUpdateHead: feature must be (B, {self.in_channels}, h, w), got {tuple(feature.shape)}"
             )
         b = feature.shape[0]
         if kernels.dim() != 3 or kernels.shape[0] != b or kernels.shape[2] != self.in_channels:
             raise ValueError(
-                f"SemanticKernelUpdateHead: kernels must be ({b}, N, {self.in_channels}), "
-                f"got {tuple(kernels.shape)}"
+                f"SemanticKernelUpdateHead: kernels must be ({b}, N, {self.in_channels}), got {tuple(kernels.shape)}"
             )
         if mask_logits.dim() != 4 or mask_logits.shape[:2] != kernels.shape[:2]:
             raise ValueError(
@@ -257,14 +251,14 @@ class SemanticKNet(nn.Module):
         frozen_stages: int = -1,
         norm_eval: bool = False,
         pretrained: bool = False,
-        weights_path: Optional[str] = None,
+        weights_path: str | None = None,
         deep_stem: bool = False,
         backbone_type: str = "resnet",
         backbone_dcn_stages: Sequence[bool] = (False, False, False, False),
         swin_arch: str = "tiny",
         swin_window_size: int = 7,
         drop_path_rate: float = 0.3,
-        channels: Optional[int] = None,
+        channels: int | None = None,
         aux_channels: int = 256,
         aux_head: bool = True,
         feedforward_channels: int = 2048,
@@ -384,11 +378,7 @@ class SemanticKNet(nn.Module):
 
         features = self.backbone(images)
         decoded: DecodeHeadOutput = self.decode_head(features)
-        aux_logits = (
-            self.auxiliary_head(features).logits
-            if self.auxiliary_head is not None and self.training
-            else None
-        )
+        aux_logits = self.auxiliary_head(features).logits if self.auxiliary_head is not None and self.training else None
         logits = decoded.logits
         kernels = decoded.kernels.unsqueeze(0).expand(images.shape[0], -1, -1)
         # Every stage reads the same decode-head feature F, as in IterativeDecodeHead.

@@ -487,4 +487,3 @@ def swin_from_original(state: Mapping[str, Tensor], target: Mapping[str, Tensor]
                 value = resize_relative_position_table(value, (math.isqrt(want) + 1) // 2)
         out[new] = _unfold_order(value) if _MERGING.fullmatch(new) else value
     return out
-

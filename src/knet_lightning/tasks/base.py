@@ -98,7 +98,9 @@ class SegmentationTask(nn.Module, ABC):
                 "model.num_proposals=%d is below the largest number of thing segments in one training image "
                 "(%d): some instances of such images can never be matched to a kernel; consider "
                 "model.num_proposals>=%d",
-                self.num_proposals, most, most,
+                self.num_proposals,
+                most,
+                most,
             )
 
     # ------------------------------------------------------------------ prediction
@@ -129,7 +131,9 @@ class SegmentationTask(nn.Module, ABC):
         """Every image's prediction from one stage's outputs, at its original size."""
         padded = tuple(batch["images"].shape[-2:])
         return [
-            self.postprocess(stage, b, tuple(batch["image_sizes"][b]), padded, tuple(int(s) for s in target["orig_size"]))
+            self.postprocess(
+                stage, b, tuple(batch["image_sizes"][b]), padded, tuple(int(s) for s in target["orig_size"])
+            )
             for b, target in enumerate(batch["targets"])
         ]
 
@@ -139,7 +143,9 @@ class SegmentationTask(nn.Module, ABC):
         """The target's ground truth at original size, in the form :meth:`update` compares."""
 
     @abstractmethod
-    def update(self, split: str, stage: int, preds: list[Any], gts: list[Any], targets: Sequence[Mapping[str, Any]]) -> None:
+    def update(
+        self, split: str, stage: int, preds: list[Any], gts: list[Any], targets: Sequence[Mapping[str, Any]]
+    ) -> None:
         """Adds one stage's predictions of a batch to ``split``'s metrics."""
 
     @abstractmethod

@@ -105,14 +105,18 @@ class InstanceTask(SegmentationTask):
         first = masks.to(torch.uint8).argmax(0)
         return torch.where(masks.any(0), labels[first] + 1, torch.zeros_like(first))
 
-    def open_writer(self, out_dir: Path, class_info: Any, suffix: str = "", keep_folders: bool = False) -> COCOResultsWriter:
+    def open_writer(
+        self, out_dir: Path, class_info: Any, suffix: str = "", keep_folders: bool = False
+    ) -> COCOResultsWriter:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         return COCOResultsWriter(Path(out_dir) / f"instances{suffix}.json", class_info)
 
     def write(self, writer: COCOResultsWriter, image_id: Any, file_name: str, prediction: Mapping[str, Tensor]) -> None:
         writer.add(image_id, prediction["masks"], prediction["scores"], prediction["labels"])
 
-    def describe(self, prediction: Mapping[str, Tensor], class_names: Sequence[str], isthing: Sequence[bool]) -> dict[str, Any]:
+    def describe(
+        self, prediction: Mapping[str, Tensor], class_names: Sequence[str], isthing: Sequence[bool]
+    ) -> dict[str, Any]:
         inst = {k: v.cpu() for k, v in prediction.items()}
         segments = [
             Segment(k + 1, int(c), class_names[int(c)], float(s), int(m.sum()), True)
@@ -128,7 +132,12 @@ class InstanceTask(SegmentationTask):
         rles = encode_masks(inst["masks"].numpy())
         boxes = mask_utils.toBbox(rles).tolist() if rles else []
         return [
-            {"image_id": image_id, "category_id": result.dataset_ids[int(c)], "segmentation": rle, "bbox": box,
-             "score": float(s)}  # fmt: skip
+            {
+                "image_id": image_id,
+                "category_id": result.dataset_ids[int(c)],
+                "segmentation": rle,
+                "bbox": box,
+                "score": float(s),
+            }  # fmt: skip
             for rle, box, c, s in zip(rles, boxes, inst["labels"], inst["scores"])
         ]

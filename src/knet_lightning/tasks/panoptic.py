@@ -128,21 +128,33 @@ class PanopticTask(SegmentationTask):
         sem = panoptic_to_semantic(seg, segments, ignore_index=-1)
         return sem + 1
 
-    def open_writer(self, out_dir: Path, class_info: Any, suffix: str = "", keep_folders: bool = False) -> COCOPanopticWriter:
+    def open_writer(
+        self, out_dir: Path, class_info: Any, suffix: str = "", keep_folders: bool = False
+    ) -> COCOPanopticWriter:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        return COCOPanopticWriter(Path(out_dir), class_info, json_name=f"panoptic{suffix}.json", keep_folders=keep_folders)
+        return COCOPanopticWriter(
+            Path(out_dir), class_info, json_name=f"panoptic{suffix}.json", keep_folders=keep_folders
+        )
 
     def write(self, writer: COCOPanopticWriter, image_id: Any, file_name: str, prediction: PanopticPrediction) -> None:
         seg, segments = prediction
         writer.add(image_id, file_name, seg, segments)
 
-    def describe(self, prediction: PanopticPrediction, class_names: Sequence[str], isthing: Sequence[bool]) -> dict[str, Any]:
+    def describe(
+        self, prediction: PanopticPrediction, class_names: Sequence[str], isthing: Sequence[bool]
+    ) -> dict[str, Any]:
         seg, infos = prediction
         seg = seg.cpu()
         areas = torch.bincount(seg.flatten().long(), minlength=max((int(s["id"]) for s in infos), default=0) + 1)
         segments = [
-            Segment(int(s["id"]), int(s["category_id"]), class_names[int(s["category_id"])], float(s["score"]),
-                    int(areas[int(s["id"])]), bool(isthing[int(s["category_id"])]))  # fmt: skip
+            Segment(
+                int(s["id"]),
+                int(s["category_id"]),
+                class_names[int(s["category_id"])],
+                float(s["score"]),
+                int(areas[int(s["id"])]),
+                bool(isthing[int(s["category_id"])]),
+            )  # fmt: skip
             for s in infos
         ]
         semantic = panoptic_to_semantic(seg, infos, ignore_index=IGNORE_INDEX).to(torch.int64)
@@ -155,8 +167,15 @@ class PanopticTask(SegmentationTask):
         seg = result.panoptic.numpy()
         areas, boxes = segment_areas_and_boxes(seg, [s.id for s in result.segments])
         info = [
-            {"id": s.id, "category_id": result.dataset_ids[s.label], "area": int(a), "bbox": [int(v) for v in b],
-             "iscrowd": 0, "isthing": int(s.is_thing), "score": s.score}  # fmt: skip
+            {
+                "id": s.id,
+                "category_id": result.dataset_ids[s.label],
+                "area": int(a),
+                "bbox": [int(v) for v in b],
+                "iscrowd": 0,
+                "isthing": int(s.is_thing),
+                "score": s.score,
+            }  # fmt: skip
             for s, a, b in zip(result.segments, areas, boxes)
             if a > 0
         ]

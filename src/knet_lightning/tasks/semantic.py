@@ -81,7 +81,9 @@ class SemanticTask(SegmentationTask):
         pred = prediction.to(torch.int64)
         return torch.where(pred == IGNORE_INDEX, 0, pred + 1)
 
-    def open_writer(self, out_dir: Path, class_info: Any, suffix: str = "", keep_folders: bool = False) -> SemanticPNGWriter:
+    def open_writer(
+        self, out_dir: Path, class_info: Any, suffix: str = "", keep_folders: bool = False
+    ) -> SemanticPNGWriter:
         # the data set's own ids (Cityscapes labelIds, ADE20K 1..150): what the official
         # evaluation scripts read
         id_map = [class_info.dataset_id(c) for c in range(class_info.num_classes)]
