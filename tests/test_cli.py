@@ -383,22 +383,47 @@ def test_secret_overrides_move_to_the_environment() -> None:
     assert env == {"KNET_SECRET_0": "hf_abc", "KNET_SECRET_1": "k1"}
 
 
-SECRETS = ("hf_SEKRIT_token_0123456789", "wandbSEKRITkey_abcdef0123456789")
+SECRETS = (
+    "hf_SEKRIT_token_0123456789",  # a secret key's override
+    "wandbSEKRITkey_abcdef0123456789",  # a secret key's override, nested
+    "ghp_SEKRIT0123456789abcdefghijklmnopqrst",  # a token shape under a key no pattern names
+    "SEKRITpw_hunter2",  # password=... inside a string
+    "hf_SEKRITenv0123456789abcdefghijklmn",  # $HF_TOKEN, read by the config
+    "SEKRITservice_pw",  # $MY_SERVICE_PASSWORD, read under a key that does not look secret
+    "SEKRITcustom_value",  # a key that secret_keys= names
+)
 
 
 def test_no_secret_reaches_a_file_of_the_run_or_of_wandb(tmp_path: Path) -> None:
-    args = ["logger=wandb", "debug=limit", f"+hf_token={SECRETS[0]}", f"+logger.wandb.config.api_key={SECRETS[1]}",
-            *tiny_overrides()]  # fmt: skip
+    args = [
+        "logger=wandb",
+        "debug=limit",
+        f"+hf_token={SECRETS[0]}",
+        f"+logger.wandb.config.api_key={SECRETS[1]}",
+        f"+github_pat={SECRETS[2]}",
+        f'+notes="password={SECRETS[3]} and more"',  # what a shell passes for '+notes="password=..."'
+        "+hub_token=${oc.env:HF_TOKEN}",
+        "+service=${oc.env:MY_SERVICE_PASSWORD}",
+        "secret_keys=[my_field]",
+        f"+my_field={SECRETS[6]}",
+        *tiny_overrides(),
+    ]
     env = {k: v for k, v in os.environ.items() if k != "KNET_ROOT"}
+    env.update(WANDB_MODE="offline", HF_TOKEN=SECRETS[4], MY_SERVICE_PASSWORD=SECRETS[5])
     out = subprocess.run([sys.executable, "-m", "knet_lightning", *args], capture_output=True, text=True,
-                         env={**env, "WANDB_MODE": "offline"}, timeout=300, cwd=tmp_path)  # fmt: skip
+                         env=env, timeout=300, cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert any(p.parent.name == ".hydra" for p in files) and any("offline-run" in str(p) for p in files)
-    leaked = [str(p) for p in files for secret in SECRETS if secret.encode() in p.read_bytes()]
+    assert any(p.parent.name == ".hydra" for p in files) and any(p.suffix == ".wandb" for p in files)
+    leaked = [f"{p}: {secret}" for p in files for secret in SECRETS if secret.encode() in p.read_bytes()]
     assert leaked == []
     (run,) = tmp_path.glob("logs/train/runs/*")
-    assert OmegaConf.load(run / "config_resolved.yaml").hf_token == "***"
+    resolved = OmegaConf.load(run / "config_resolved.yaml")
+    for key in ("hf_token", "github_pat", "hub_token", "service", "my_field"):
+        assert resolved[key] == "***", key
+    assert resolved.notes == "password=*** and more" and list(resolved.secret_keys) == ["my_field"]
+    # Hydra recorded where each value went, not the value
+    assert "+github_pat=${oc.env:KNET_SECRET_" in (run / ".hydra" / "overrides.yaml").read_text()
 
 
 @pytest.mark.parametrize("seed", ["abc", "1.5", "true"])
@@ -407,6 +432,26 @@ def test_a_bad_seed_names_the_key_before_any_work(tmp_path: Path, seed: str) -> 
     with pytest.raises(ValueError, match=r"seed=.*expected an integer"):
         run_cfg(cfg)
     assert not (tmp_path / "run" / "config_resolved.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.num_stages=0"], r"model.num_stages=0: expected an integer >= 1 .*panoptic task.*paper uses 3"),
+        (["model=knet_instance", "model.num_stages=0"], r"model.num_stages=0: .* the instance task predicts"),
+        (["model.num_proposals=0"], r"model.num_proposals=0: expected an integer >= 1"),
+        (["model.num_stages=two"], r"model.num_stages='two': expected an integer >= 1"),
+    ],
+)
+def test_a_stage_or_kernel_count_the_task_cannot_evaluate_fails_before_any_work(
+    tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    """Issue 27: ``model.num_stages=0`` trained, then the test step failed on stage 0's missing
+    classifier (and ``debug=fast_dev_run`` reported ``val/acc nan``); now no data is read."""
+    cfg = compose_cfg(tmp_path, [*tiny_overrides("debug=fast_dev_run"), *overrides])
+    with pytest.raises(ValueError, match=message):
+        run_cfg(cfg)
+    assert not (tmp_path / "run" / "config_resolved.yaml").exists() and not (tmp_path / "data").exists()
 
 
 def test_the_fatal_error_of_a_failed_run_is_in_its_log_file(tmp_path: Path) -> None:

@@ -223,6 +223,22 @@ def test_every_task_draws_its_overlay_and_class_map(name: str) -> None:
 # ------------------------------------------------------------------ layout
 
 
+def test_a_stage_count_without_a_prediction_is_refused_by_the_module_naming_the_key() -> None:
+    """Issue 27: a K-Net whose network has no kernel update stage used to train and then fail at the
+    test step (stage 0 has no classifier); the module refuses it, as it does no kernels. The
+    semantic task's stage 0 is the decode head's prediction: 0 stages is a model, -1 is not."""
+    with pytest.raises(ValueError, match=r"model.num_stages=0: expected an integer >= 1 \(stage 0 has no classifier"):
+        KNetModule(_net(num_stages=0), KNetCriterion(3, 2))
+    for name in ("panoptic", "instance"):
+        with pytest.raises(ValueError, match=rf"model.num_stages=0: .*the {name} task predicts from the kernel upd"):
+            build_task(name, num_classes=3, num_things=2, num_proposals=4, num_stages=0)
+    with pytest.raises(ValueError, match=r"model.num_proposals=0: expected an integer >= 1"):
+        build_task("panoptic", num_classes=3, num_things=2, num_proposals=0, num_stages=1)
+    assert build_task("semantic", num_classes=3, num_things=0, num_proposals=3, num_stages=0).eval_stages == [0]
+    with pytest.raises(ValueError, match=r"model.num_stages=-1: expected an integer >= 0 \(0 is the decode head"):
+        build_task("semantic", num_classes=3, num_things=0, num_proposals=3, num_stages=-1)
+
+
 def test_no_task_branch_outside_tasks_and_short_modules() -> None:
     pattern = re.compile(r"""task\s*(==|!=|in)\s*[("']""")
     offenders = []

@@ -78,7 +78,7 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     ``hydra`` node, which is Hydra's own and records raw command-line overrides)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("hydra", None)
-    return redact(container)
+    return redact(container, container.get("secret_keys"))
 
 
 def _experiment_choice() -> str | None:
@@ -158,6 +158,18 @@ def _seed(cfg: DictConfig) -> int:
     return value
 
 
+def check_model_handles(cfg: DictConfig) -> None:
+    """``model.num_stages`` and ``model.num_proposals`` checked against the task before any data is
+    read (a count the task cannot evaluate would otherwise fail only at the first evaluation)."""
+    from knet_lightning.tasks import TASKS
+
+    task = TASKS.get(str(OmegaConf.select(cfg, "model.task", default=None)))
+    if task is not None:  # an unknown task is build_task's error
+        select = OmegaConf.select
+        task.check_model_counts(select(cfg, "model.num_stages", default=None),
+                                select(cfg, "model.num_proposals", default=None))  # fmt: skip
+
+
 def build_model(cfg: DictConfig, class_info: Any, ckpt_path: str | None = None) -> Any:
     """The ``KNetModule`` of ``cfg.model`` with the data set's class metadata.
 
@@ -211,7 +223,9 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return [
         # plain, redacted containers: W&B cannot serialise an OmegaConf node passed as its run
         # config, and a secret in a logger's settings must not reach the run's config
-        hydra.utils.instantiate(redact(OmegaConf.to_container(c, resolve=True)), _convert_="all")
+        hydra.utils.instantiate(
+            redact(OmegaConf.to_container(c, resolve=True), cfg.get("secret_keys")), _convert_="all"
+        )
         for c in logger_cfg.values()
         if isinstance(c, DictConfig) and "_target_" in c
     ]
@@ -400,6 +414,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> float | None:
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
     L.seed_everything(_seed(cfg), workers=True)
+    check_model_handles(cfg)
 
     output_dir = Path(cfg.paths.output_dir)
     check_output_dir(output_dir)
@@ -408,7 +423,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> float | None:
     resolved = resolved_config(cfg)
     # not Lightning's rank_zero_only yet: before the strategy sets up, it says 0 on node 1 too
     if is_global_zero_from_env():
-        redact_hydra_dump(output_dir)
+        redact_hydra_dump(output_dir, cfg.get("secret_keys"))
         write_resolved_config(resolved, output_dir)
 
     if cfg.mode in ("predict", "export"):

@@ -73,6 +73,7 @@ class SegmentationTask(nn.Module, ABC):
         settings: TaskSettings | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.check_model_counts(num_stages, num_proposals)
         self.num_classes = int(num_classes)
         self.num_things = int(num_things)
         self.num_proposals = int(num_proposals)
@@ -85,6 +86,31 @@ class SegmentationTask(nn.Module, ABC):
             self.settings = self.settings_cls.from_config(settings)
         last = self.num_stages
         self.eval_stages = list(range(self.first_eval_stage, last + 1)) if eval_all_stages else [last]
+
+    @classmethod
+    def check_model_counts(cls, num_stages: Any, num_proposals: Any = None) -> None:
+        """Refuses a stage or kernel count this task cannot evaluate, naming the key: with
+        ``model.num_stages`` below :attr:`first_eval_stage` training would run and then the first
+        evaluation would fail, or find no stage to score. The CLI calls this before it reads any
+        data; every network built for the task is checked again here. ``num_proposals=None``: not
+        known yet (the semantic model's count is the data set's class count)."""
+        if isinstance(num_stages, bool) or not isinstance(num_stages, int) or num_stages < cls.first_eval_stage:
+            why = (
+                "0 is the decode head alone, without kernel updates"
+                if cls.first_eval_stage == 0
+                else f"stage 0 has no classifier, so the {cls.name} task predicts from the kernel update stages"
+            )
+            raise ValueError(
+                f"model.num_stages={num_stages!r}: expected an integer >= {cls.first_eval_stage} ({why}); "
+                "K-Net's paper uses 3"
+            )
+        if num_proposals is not None and (
+            isinstance(num_proposals, bool) or not isinstance(num_proposals, int) or num_proposals < 1
+        ):
+            raise ValueError(
+                f"model.num_proposals={num_proposals!r}: expected an integer >= 1 (the number of kernels, each "
+                "one predicted segment); K-Net's paper uses 100"
+            )
 
     def check_training_set(self, dataset: Any) -> None:
         """Warns when ``num_proposals`` is below the most thing segments in one training image:
