@@ -334,6 +334,25 @@ def test_predict_cli_reads_globs_and_lists_and_takes_postprocess_overrides(
     assert [s for s in ann["segments_info"] if s["isthing"]] == []
 
 
+def test_predict_refuses_model_overrides_that_contradict_the_checkpoint_as_eval_does(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Issue 27: ``mode=predict`` dropped ``model.num_stages=3 model.num_proposals=50`` silently where
+    ``mode=eval`` refused them; both refuse now, with the same message, before any image is written."""
+    ckpt, root = trained
+    for mode in ("eval", "predict"):
+        cfg = compose_cfg(tmp_path / mode, [f"ckpt_path={ckpt}", f"inputs={root / 'val2017'}", "model.num_stages=3",
+                                            "model.num_proposals=50"], config_name=mode)  # fmt: skip
+        with pytest.raises(
+            ValueError,
+            match=rf"mode={mode} ckpt_path={ckpt}: the checkpoint's network differs in model.num_proposals "
+            r"\(checkpoint 6, here 50\), model.num_stages \(checkpoint 1, here 3\).*drop the overrides "
+            r"model.num_proposals, model.num_stages",
+        ):
+            run_cfg(cfg)
+    assert not (tmp_path / "predict" / "run" / "predictions").exists()
+
+
 def test_readme_use_a_trained_model_commands_run_as_written(trained: tuple[Path, Path], tmp_path: Path) -> None:
     """Every ``python -m knet_lightning`` line of the README's "Use a trained model" section, in a
     fresh process, in a folder holding the run and the photos it names."""

@@ -384,6 +384,11 @@ def _predict(cfg: DictConfig) -> None:
                                           trusted=bool(cfg.get("trusted_checkpoint", False)),
                                           precision=str(opts.precision),
                                           backend=backend, test_time=test_time)  # fmt: skip
+    # a typed model.* key that contradicts the checkpoint's network is refused as mode=eval refuses it
+    # (no data set is read: the classes are the checkpoint's); post-processing and test time stay free
+    model_config_for_checkpoint(OmegaConf.to_container(cfg.model, resolve=True),
+                                getattr(segmenter.module, "model_config", None), ckpt_path, "predict",
+                                command_line_overrides(), data_bound=())  # fmt: skip
     given = _typed_model_fields(cfg)
     if given:
         # the command line may change the checkpoint's post-processing (as mode=eval's FREE_KEYS)
