@@ -7,7 +7,8 @@ the SIGTERM comes from outside as a scheduler's would. The uninterrupted and the
 in this process (no second torch import: the suite stays fast), with the process-wide settings
 that ``trainer.deterministic`` changes put back afterwards. The run: tiny K-Net with dropout
 (so the RNG restore matters), 8 synthetic 64 px images, batch 2, flip augmentation, 2 epochs = 8
-steps, a step checkpoint every 3 steps, validation at the end.
+steps, a step checkpoint every 3 steps and one at every epoch end (steps 3, 4, 6, 8), validation
+at the end.
 """
 
 from __future__ import annotations
@@ -135,15 +136,38 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_sigkill_then_resume_from_last_matches_the_uninterrupted_run(tmp_path: Path, baseline: Path) -> None:
-    # killed after step 5 (epoch 1): last.ckpt is the step-3 checkpoint, mid-epoch 0, so the
-    # resumed run must take up the epoch at its 4th batch and cross into epoch 1 identically
-    code, out = _finish(_spawn(tmp_path, "kill", at_step=5))
+    # killed after step 7 (epoch 1): last.ckpt is the step-6 checkpoint, mid-epoch 1, so the
+    # resumed run must take up the epoch at its 3rd batch
+    code, out = _finish(_spawn(tmp_path, "kill", at_step=7))
     assert code == -signal.SIGKILL, out[-4000:]
     state = _final_state(tmp_path)
-    assert state["global_step"] == EVERY
+    assert state["global_step"] == 2 * EVERY
     assert not (tmp_path / "run" / "metrics.json").exists()
 
     _run_here(tmp_path, resume=True)
+    _assert_same_run(tmp_path, baseline)
+
+
+def test_a_run_killed_between_validations_loses_at_most_the_epoch_it_was_in(tmp_path: Path, baseline: Path) -> None:
+    """last.ckpt is rewritten at every training epoch end, also where no validation ran (here
+    every 2nd epoch, the default experiment's every 5th) and no step checkpoint fell: a run
+    killed during epoch 1 resumes from epoch 0's end, and the README's resume command, run as a
+    user types it, finishes the same run."""
+    code, out = _finish(_spawn(tmp_path, "kill", at_step=5))  # the 1st step of epoch 1
+    assert code == -signal.SIGKILL, out[-4000:]
+    state = _final_state(tmp_path)
+    # epoch 0 ended at step 4 (steps 3 and 4 were saved): one step of work lost, not an epoch
+    assert (state["epoch"], state["global_step"]) == (0, 4)
+    assert not any(k.startswith("val/") for k in state["callbacks"].get("metrics", {}))  # no validation yet
+    assert not list((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))
+
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, KNET_ROOT=str(tmp_path), OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    command = [sys.executable, "-m", "knet_lightning", *child_overrides(), "ckpt_path=last", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert f"ckpt_path=last: {run_dir / 'checkpoints' / 'last.ckpt'} (this run folder)" in proc.stdout + proc.stderr
+    assert _final_state(tmp_path)["epoch"] == _final_state(baseline)["epoch"] == 1
     _assert_same_run(tmp_path, baseline)
 
 

@@ -422,7 +422,8 @@ def test_grid_sweep_2x2_through_submitit_local_writes_the_summary(tmp_path: Path
 # ---------------------------------------------------------------------- exact resume under DDP
 
 # 2 CPU processes, 1 image each per step: 4 steps per epoch over 8 images, 2 epochs; dropout and
-# flips (the RNG states matter), a step checkpoint every 3 steps, validation at the end
+# flips (the RNG states matter), a step checkpoint every 3 steps and one at every epoch end (steps
+# 3, 4, 6, 8), validation at the end
 DDP_RESUME = [
     "trainer=ddp_cpu",
     *[o for o in RUN_TINY if not o.startswith(("data.batch_size=", "trainer.max_epochs="))],
@@ -449,7 +450,8 @@ def ddp_baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow  # 3 two-process runs (baseline, killed, resumed): about 70 s
 def test_ddp_killed_job_resumes_exactly(tmp_path: Path, ddp_baseline: Path) -> None:
     run_dir = tmp_path / "run"
-    # both ranks die after step 5 without warning; last.ckpt is the step-3 checkpoint (mid-epoch 0)
+    # both ranks die after step 5 without warning, in epoch 1, which no validation preceded;
+    # last.ckpt is epoch 0's end (step 4), so at most the epoch the run was in is lost
     proc = start_cli(
         [
             *DDP_RESUME,
@@ -461,7 +463,8 @@ def test_ddp_killed_job_resumes_exactly(tmp_path: Path, ddp_baseline: Path) -> N
     )
     proc.wait(timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.log_path.read_text()[-4000:]
-    assert _ckpt(run_dir / "checkpoints" / "last.ckpt")["global_step"] == 3
+    state = _ckpt(run_dir / "checkpoints" / "last.ckpt")
+    assert (state["epoch"], state["global_step"]) == (0, 4)
 
     run_cli(
         [
@@ -473,7 +476,7 @@ def test_ddp_killed_job_resumes_exactly(tmp_path: Path, ddp_baseline: Path) -> N
         ],
         tmp_path,
     )
-    assert start_steps(tmp_path / "start", 0) == start_steps(tmp_path / "start", 1) == [3]
+    assert start_steps(tmp_path / "start", 0) == start_steps(tmp_path / "start", 1) == [4]
     assert_same_run(run_dir, ddp_baseline, DDP_STEPS)
 
 

@@ -2,6 +2,8 @@
 
 * :class:`PredictionOverlays`: the task's overlays of a few validation images (PNG, W&B).
 * :class:`PredictionExport`: predictions streamed to the task's official format.
+* :class:`RunCheckpoint`: ``ModelCheckpoint`` confined to its run folder; ``last.ckpt`` at every
+  training epoch end too.
 * :class:`RNGStateCheckpoint`: the global torch / numpy / python RNG states (dropout) go into
   the checkpoint and are put back right before the first resumed training step.
 * :class:`PreemptionCheckpoint`: on SIGTERM Lightning stops at the next step boundary; this
@@ -163,14 +165,35 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that tracks the best checkpoint of its own run folder only.
+    """``ModelCheckpoint`` that tracks the best checkpoint of its own run folder only, and can
+    rewrite ``last.ckpt`` at every training epoch end.
 
     A run resumed into a new folder (``ckpt_path=`` of another run) gets a checkpoint whose
     callback state names files of the old folder. Lightning then warns "The dirpath has
     changed" once per checkpoint callback and still restores ``best_model_path``, which points
     into the old folder (and a later, better checkpoint would delete that file). Here the old
     state is left with the old run: tracking starts anew in this folder, said in one line.
+
+    Args:
+        save_last_on_train_epoch_end: also write ``last.ckpt`` at the end of every training
+            epoch. Lightning's own epoch-end save of ``last`` follows a top-k save only, and a
+            monitored checkpoint saves when validation runs (every ``check_val_every_n_epoch``
+            epochs), so without it a crash between two validations and two step checkpoints
+            would lose every epoch since. The write runs after the epoch's validation (a
+            monitoring callback's epoch-end hook comes last), so the file holds its result.
     """
+
+    def __init__(self, *args: Any, save_last_on_train_epoch_end: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.save_last_on_train_epoch_end = bool(save_last_on_train_epoch_end)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        # skipped when this callback already saved at this step (a step checkpoint on the
+        # epoch's last step), in fast_dev_run, and outside fit; every rank calls it (DDP: the
+        # save is collective, rank 0 writes, atomically through SafeCheckpointIO)
+        if self.save_last_on_train_epoch_end and self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         before = state_dict.get("dirpath", self.dirpath)
