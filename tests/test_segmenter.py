@@ -334,6 +334,49 @@ def test_predict_cli_reads_globs_and_lists_and_takes_postprocess_overrides(
     assert [s for s in ann["segments_info"] if s["isthing"]] == []
 
 
+def test_predict_skips_odd_names_folders_and_empty_files_and_predicts_the_rest(
+    trained: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 27: a file named ``..jpg`` stopped the whole batch with ``ValueError: unknown file
+    extension:`` (its outputs would be ``..png``), naming no file. Such names, a file named only a
+    suffix, an empty file and a folder named like an image are skipped with a warning naming them
+    and the reason; the rest is predicted and the summary counts the skips."""
+    import shutil
+
+    from knet_lightning.predict import collect_inputs, predict_to_folder
+
+    ckpt, root = trained
+    good = sorted((root / "val2017").glob("*.jpg"))[0]
+    folder = tmp_path / "odd"
+    (folder / "x.png").mkdir(parents=True)  # a folder named like an image: searched, not read
+    for name in ("..jpg", ".jpg", "a.JPG", "good.jpg"):
+        shutil.copy(good, folder / name)
+    (folder / "empty.png").write_bytes(b"")
+    cfg = compose_cfg(tmp_path / "p", [*TRAIN, f"ckpt_path={ckpt}", f"inputs={folder}", "predict.batch_size=2"],
+                      config_name="predict")  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        run_cfg(cfg)
+    out = tmp_path / "p" / "run" / "predictions"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["done"] == 2 and [i["file_name"] for i in summary["images"]] == ["a.JPG", "good.jpg"]
+    reasons = dict(summary["skipped"])
+    assert sorted(reasons) == ["..jpg", ".jpg", "empty.png"]
+    assert "its name without its suffix is only dots ('.'): no output file can be named" in reasons["..jpg"]
+    assert "its name is only a suffix" in reasons[".jpg"] and "cannot decode" in reasons["empty.png"]
+    assert "skipped 3" in caplog.text and f"skipped {folder / '..jpg'}: its name" in caplog.text
+    assert sorted(p.name for p in (out / "panoptic").glob("*")) == ["a.png", "good.png"]
+    assert sorted(p.name for p in (out / "overlays").glob("*")) == ["a.png", "good.png"]
+    # a list that names the folder x.png and a glob that matches it: the folder is skipped, or not an input
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{folder / 'x.png'}\n{folder / 'good.jpg'}\n")
+    seg = Segmenter.from_checkpoint(ckpt, precision="fp32")
+    listed = predict_to_folder(seg, collect_inputs(listing), tmp_path / "listed")
+    assert listed.done == 1 and listed.skipped == [
+        ("x.png", f"{folder / 'x.png'}: expected image file, found a folder")
+    ]
+    assert [i.name for i in collect_inputs(folder / "*.png")] == ["empty.png"]
+
+
 def test_predict_refuses_model_overrides_that_contradict_the_checkpoint_as_eval_does(
     trained: tuple[Path, Path], tmp_path: Path
 ) -> None:

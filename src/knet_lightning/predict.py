@@ -7,7 +7,8 @@ output (COCO panoptic PNG + ``panoptic.json``, COCO results ``instances.json``, 
 under ``semantic/``, exactly what ``mode=eval export_predictions=true`` writes) and an overlay
 with a legend under ``overlays/``. Outputs mirror the inputs' folders (``a/b/x.jpg`` gives
 ``panoptic/a/b/x.png``), so two inputs differing only in suffix are an error before
-anything is written. An unreadable image is reported and skipped; the run goes on. The
+anything is written. An unreadable image, or one whose name leaves no output name (``.jpg``,
+``..jpg``), is reported by name and skipped; the run goes on. The
 summary (images done, skipped with reasons, seconds per image) is logged and written to
 ``summary.json``, with the ``images`` table (``id``, ``file_name``, ``height``, ``width``)
 that maps the image ids of ``instances.json`` back to files.
@@ -66,7 +67,22 @@ class PredictSummary:
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    """A file with an image suffix; a file named only a suffix (``.jpg``, which Python reads as a
+    hidden file without one) too, so that it is reported as skipped rather than passed over."""
+    return path.is_file() and (path.suffix.lower() in IMAGE_SUFFIXES or path.name.lower() in IMAGE_SUFFIXES)
+
+
+def output_problem(name: str) -> str | None:
+    """Why no output file can be named after the input ``name`` (None: one can). Outputs are named
+    by the input's path without its suffix plus ``.png``; a name that is only a suffix (``.jpg``) or
+    whose stem is only dots (``..jpg``) would give ``..png`` and the like, which the image writers
+    cannot tell a format from (and ``.``/``..`` are not file names), so such an input is skipped."""
+    path = Path(name)
+    stem = path.stem if path.suffix else ""
+    if stem.strip("."):
+        return None
+    what = "is only a suffix" if not stem else f"without its suffix is only dots ({stem!r})"
+    return f"its name {what}: no output file can be named after it (outputs are <path without suffix>.png); rename it"
 
 
 def _relative_to_common(paths: list[Path]) -> list[PredictInput]:
@@ -116,6 +132,8 @@ def collect_inputs(inputs: str | Path) -> list[PredictInput]:
         raise DatasetError(f"inputs={inputs}: no such image file, folder, glob match or .txt list")
     by_output: dict[str, list[str]] = {}
     for item in items:
+        if output_problem(item.name):  # skipped when predicting: it writes nothing
+            continue
         by_output.setdefault(str(Path(item.name).with_suffix("")), []).append(item.name)
     clashes = [names for names in by_output.values() if len(names) > 1]
     if clashes:
@@ -151,7 +169,7 @@ def predict_to_folder(
     try:
         for first in range(0, len(inputs), batch_size):
             chunk = inputs[first : first + batch_size]
-            results = segmenter([item.path for item in chunk], batch_size=batch_size, progress=False)
+            results = _segment(segmenter, chunk, batch_size)
             for offset, (item, result) in enumerate(zip(chunk, results)):
                 if isinstance(result, SkippedInput):
                     summary.skipped.append((item.name, result.reason))
@@ -169,6 +187,20 @@ def predict_to_folder(
     record = asdict(summary) | {"seconds_per_image": summary.seconds_per_image}
     (out_dir / "summary.json").write_text(json.dumps(record, indent=2))
     return summary
+
+
+def _segment(segmenter: Any, chunk: list[PredictInput], batch_size: int) -> list[Any]:
+    """The Segmenter's results for ``chunk`` in its order; an input no output can be named after
+    (:func:`output_problem`) is a :class:`SkippedInput` with a warning naming it, and is not read."""
+    problems = [output_problem(item.name) for item in chunk]
+    for item, problem in zip(chunk, problems):
+        if problem:
+            log.warning("skipped %s: %s", item.path, problem)
+    ready = [item.path for item, problem in zip(chunk, problems) if not problem]
+    results = iter(segmenter(ready, batch_size=batch_size, progress=False) if ready else [])
+    return [
+        SkippedInput(str(item.path), problem) if problem else next(results) for item, problem in zip(chunk, problems)
+    ]
 
 
 def _write_one(task: Any, writer: Any, image_id: int, item: PredictInput, result: SegmentationResult,

@@ -39,6 +39,8 @@ def id2rgb(ids: np.ndarray) -> np.ndarray:
 
 def decode_image(path: Path, what: str) -> Image.Image:
     """Open and fully decode an image file, turning every failure into a DatasetError."""
+    if path.is_dir():
+        raise DatasetError(f"{path}: expected {what}, found a folder")
     if not path.is_file():
         raise DatasetError(f"{path}: {what} not found")
     try:
