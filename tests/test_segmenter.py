@@ -160,6 +160,47 @@ def test_an_unreadable_file_is_reported_by_name_and_the_batch_completes(
     assert "broken.jpg" in caplog.text and "missing.png" in caplog.text
 
 
+def test_empty_non_finite_and_malformed_arrays_are_skipped_by_name_and_the_batch_completes(
+    trained: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 27: a 0x5x3 array took its whole list down inside the network, and a NaN float image
+    was segmented with only a numpy warning. Each bad array or tensor is a ``SkippedInput`` naming
+    the input and the reason, as for an unreadable file, alone or in a list; the good ones run."""
+    import warnings
+
+    ckpt, root = trained
+    seg = Segmenter.from_checkpoint(ckpt, precision="fp32")
+    good = _photo(root)[:, :50]
+    nan = good.astype(np.float32) / 255
+    nan[3, 4, 1] = np.nan
+    bad = {
+        "an empty image (0x5 HxW); expected at least 1x1": np.zeros((0, 5, 3), np.uint8),
+        "an empty image (4x0 HxW)": torch.zeros(3, 4, 0),
+        "finite values in [0, 1], got 1 NaN value(s)": nan,
+        "finite values in [0, 1], got 64 Inf value(s)": torch.full((1, 8, 8), float("inf")),
+        "image with C in 1..4, got shape (8, 8, 5)": np.zeros((8, 8, 5), np.uint8),
+        "image with C in 1..4, got shape (5, 8, 8)": torch.zeros(5, 8, 8),
+        "expected uint8, uint16 or float pixels, got int64": np.zeros((8, 8, 3), np.int64),
+        "expected uint8, uint16 or float pixels, got bool": torch.zeros(3, 8, 8, dtype=torch.bool),
+    }
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's "All-NaN slice" warning is no answer
+        results = seg([good, *bad.values(), good], batch_size=4)
+    assert isinstance(results[0], SegmentationResult) and isinstance(results[-1], SegmentationResult)
+    assert torch.equal(results[0].panoptic, results[-1].panoptic)
+    for k, (reason, result) in enumerate(zip(bad, results[1:-1]), start=1):
+        kind = "tensor" if isinstance(bad[reason], torch.Tensor) else "numpy array"
+        assert isinstance(result, SkippedInput) and result.source == f"input {k}", reason
+        assert result.reason.startswith(f"input {k} ({kind}): ") and reason in result.reason, result.reason
+        assert f"skipped input {k}: input {k} ({kind})" in caplog.text
+    # alone: the same SkippedInput (as for an unreadable file), not an exception from the network
+    alone = seg(np.zeros((0, 5, 3), np.uint8))
+    assert isinstance(alone, SkippedInput) and "input 0 (numpy array): an empty image (0x5 HxW)" in alone.reason
+    # a bfloat16 tensor in [0, 1] (no numpy dtype) reads as its float32 values
+    as_bf16 = seg(torch.from_numpy(good).permute(2, 0, 1).to(torch.bfloat16) / 255)
+    assert isinstance(as_bf16, SegmentationResult) and as_bf16.size == good.shape[:2]
+
+
 def test_overlay_has_a_legend_and_the_image_size(trained: tuple[Path, Path]) -> None:
     ckpt, root = trained
     result = Segmenter.from_checkpoint(ckpt)(sorted((root / "val2017").glob("*.jpg"))[0])

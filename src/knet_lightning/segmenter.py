@@ -12,10 +12,11 @@ training run and by ``mode=convert``. The preprocessing and post-processing are 
 in ONNX Runtime on the CPU; reading, transforms, post-processing and results are the same code.
 
 Inputs: a path, a PIL image, a numpy ``(H, W)`` / ``(H, W, C)`` array (uint8, uint16 or
-float in [0, 1]), a ``(3, H, W)`` / ``(H, W)`` tensor (uint8 or float in [0, 1]), or a list
+finite float in [0, 1]), a ``(3, H, W)`` / ``(H, W)`` tensor (uint8 or float in [0, 1]), or a list
 of them. Files and PIL images get their EXIF orientation applied; grayscale, palette, RGBA
-and 16-bit images become 8-bit RGB. An input that cannot be read becomes a
-:class:`~knet_lightning.results.SkippedInput` naming it, and the rest of the batch goes on.
+and 16-bit images become 8-bit RGB. An input that cannot be read (an unreadable file; an empty,
+non-finite or malformed array or tensor) becomes a :class:`~knet_lightning.results.SkippedInput`
+naming it and the reason, and the rest of the batch goes on.
 """
 
 from __future__ import annotations
@@ -72,19 +73,34 @@ def _default_inference(num_classes: int) -> dict[str, Any]:
             "size_divisor": 32, "dataset_ids": list(range(1, num_classes + 1))}  # fmt: skip
 
 
+def _check_size(rgb: np.ndarray, what: str) -> np.ndarray:
+    """``rgb`` if it has pixels: an empty image (0 rows or columns) has nothing to segment, and
+    would fail inside the network or its post-processing, taking the rest of its batch along."""
+    if rgb.shape[0] < 1 or rgb.shape[1] < 1:
+        raise DatasetError(f"{what}: an empty image ({rgb.shape[0]}x{rgb.shape[1]} HxW); expected at least 1x1 pixels")
+    return rgb
+
+
 def _array_to_rgb(array: np.ndarray, what: str) -> np.ndarray:
     """uint8 ``(H, W, 3)`` from a numpy image: gray, gray + alpha, RGB or RGBA; uint8, uint16 or
-    float in [0, 1]."""
+    finite float in [0, 1] (a NaN or Inf pixel is refused, not quietly made 0: it is no colour)."""
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
         raise DatasetError(f"{what}: expected an (H, W) or (H, W, C) image with C in 1..4, got shape {array.shape}")
+    _check_size(array, what)
     if array.dtype == np.uint16:
         array = (array.astype(np.uint32) // 257).astype(np.uint8)
     elif np.issubdtype(array.dtype, np.floating):
-        if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1):
+        finite = np.isfinite(array)
+        if not finite.all():
+            nan = int(np.isnan(array).sum())
+            counts = {"NaN": nan, "Inf": array.size - int(finite.sum()) - nan}
+            listed = " and ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+            raise DatasetError(f"{what}: a float image must hold finite values in [0, 1], got {listed} value(s)")
+        if array.min() < 0 or array.max() > 1:
             raise DatasetError(f"{what}: a float image must hold values in [0, 1], got [{array.min()}, {array.max()}]")
-        array = np.round(np.nan_to_num(array) * 255).astype(np.uint8)
+        array = np.round(array * 255).astype(np.uint8)
     elif array.dtype != np.uint8:
         raise DatasetError(f"{what}: expected uint8, uint16 or float pixels, got {array.dtype}")
     channels = array.shape[2]
@@ -99,14 +115,23 @@ def read_input(item: ImageInput, index: int) -> tuple[np.ndarray, str | None]:
         path = Path(item)
         return read_rgb_image(path), path.name
     if isinstance(item, Image.Image):
-        return to_rgb_array(upright(item)), getattr(item, "filename", None) or None
+        rgb = _check_size(to_rgb_array(upright(item)), f"input {index} (PIL image)")
+        return rgb, getattr(item, "filename", None) or None
     if isinstance(item, np.ndarray):
         return _array_to_rgb(item, f"input {index} (numpy array)"), None
     if isinstance(item, Tensor):
         t = item.detach().cpu()
         if t.dim() == 3 and t.shape[0] in (1, 3, 4):
             t = t.permute(1, 2, 0)
-        return _array_to_rgb(t.numpy(), f"input {index} (tensor)"), None
+        if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+            t = t.float()  # bfloat16 and float8 have no numpy dtype; their values fit float32
+        try:
+            array = t.numpy()
+        except (TypeError, RuntimeError) as err:  # a dtype numpy has no counterpart of (quantized, ...)
+            raise DatasetError(
+                f"input {index} (tensor): expected uint8, uint16 or float pixels, got {t.dtype}"
+            ) from err
+        return _array_to_rgb(array, f"input {index} (tensor)"), None
     raise DatasetError(
         f"input {index}: expected a path, a PIL image, a numpy array or a tensor, got {type(item).__name__}"
     )
