@@ -71,6 +71,26 @@ def test_contradicting_overrides_and_other_classes_are_one_line_errors(
     assert named in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_model_group_choice_types_no_key_but_the_task_it_names() -> None:
+    """Issue 27: ``model=knet_panoptic`` on the command line made every key in which the option's
+    defaults differ from the checkpoint count as typed (``model.net.frozen_stages`` of a run trained
+    with ``-1`` was refused as an override nobody typed). The option's values give way to the
+    checkpoint's; only the task it chooses is compared, and named as typed."""
+    overrides = ["model=knet_panoptic", "data=coco_panoptic", "data.eval_short_edge=64"]
+    built = model_config_for_checkpoint(_given(net__channels=256), STORED, "x.ckpt", "eval", overrides)
+    assert built["net"]["channels"] == 64
+    with pytest.raises(
+        ValueError, match=r"differs in model.task \(checkpoint 'panoptic', here 'instance'\);.*drop the overrides "
+        r"model=knet_instance\. "
+    ):  # fmt: skip
+        model_config_for_checkpoint(_given(task="instance"), STORED, "x.ckpt", "eval", ["model=knet_instance"],
+                                    data_bound=())  # fmt: skip
+    # a typed key is compared whatever group choice comes with it
+    with pytest.raises(ValueError, match=r"drop the overrides model.net.channels\. "):
+        model_config_for_checkpoint(_given(net__channels=256), STORED, "x.ckpt", "eval",
+                                    ["model=knet_panoptic", "model.net.channels=256"])  # fmt: skip
+
+
 def test_free_and_weight_source_keys_may_differ_even_when_overridden() -> None:
     given = _given(channels_last=False, net__pretrained=False, net__weights_path=None)
     overrides = ["model.channels_last=false", "model.postprocess.object_mask_thr=0.6", "model.net.pretrained=false"]

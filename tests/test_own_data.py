@@ -276,6 +276,32 @@ def test_semantic_reader_errors_name_the_file_and_what_was_expected(tmp_path: Pa
         SemanticFolderDataModule(root, num_workers=0).setup("validate")
 
 
+def test_eval_compares_only_the_model_keys_typed_on_its_command_line(tmp_path: Path) -> None:
+    """Issue 27: a COCO-format run trained with ``model.net.frozen_stages=-1 model.net.norm_eval=false``
+    and size overrides, evaluated with the same size overrides and without those two, was refused
+    for them (the option's defaults, 1 and true, counted as typed once ``model=`` was on the command
+    line). Keys not typed come from the checkpoint, however the data set is chosen; a typed
+    contradicting key is still refused by name."""
+    import json
+
+    from cli_utils import compose_cfg, run_cfg
+
+    write_own_panoptic(tmp_path / "mine")
+    size = [f"data.root={tmp_path / 'mine'}", *TINY_NET, *TINY_KERNELS, *ONE_EPOCH, *KEEP_SIZE, *LOADER]
+    run_cfg(compose_cfg(tmp_path / "train", ["experiment=own_panoptic", *size, "model.net.frozen_stages=-1",
+                                             "model.net.norm_eval=false"]))  # fmt: skip
+    ckpt = tmp_path / "train" / "run" / "checkpoints" / "last.ckpt"
+    chosen = {"experiment": ["experiment=own_panoptic"], "model and data": ["data=coco_panoptic", "model=knet_panoptic"],
+              "experiment and model": ["experiment=own_panoptic", "model=knet_panoptic"]}  # fmt: skip
+    for name, choice in chosen.items():
+        run_cfg(compose_cfg(tmp_path / name, [*choice, *size, f"ckpt_path={ckpt}"], config_name="eval"))
+        assert "test/pq" in json.loads((tmp_path / name / "run" / "metrics.json").read_text()), name
+    with pytest.raises(ValueError, match=r"differs in model.net.frozen_stages \(checkpoint -1, here 1\);.*drop the "
+                                         r"overrides model.net.frozen_stages\. "):  # fmt: skip
+        run_cfg(compose_cfg(tmp_path / "typed", [*chosen["model and data"], *size, f"ckpt_path={ckpt}",
+                                                 "model.net.frozen_stages=1"], config_name="eval"))  # fmt: skip
+
+
 def test_a_typed_class_count_is_checked_against_the_class_file(tmp_path: Path) -> None:
     from cli_utils import compose_cfg, run_cfg
 

@@ -82,13 +82,23 @@ def _structural(flat: Mapping[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _overridden(key: str, overrides: Iterable[str]) -> bool:
-    """Whether a command-line override (``model.x=..``, ``+model.x=..``, ``~model.x``) sets ``model.<key>``."""
+def _typed_as(key: str, overrides: Iterable[str]) -> str | None:
+    """The command-line override that sets ``model.<key>`` (``model.x=..``, ``+model.x=..``,
+    ``~model.x``, or one of a parent such as ``model.net=..``), as the error should name it; None
+    where none does. The group choice ``model=<option>`` types no key: its values are the option's
+    defaults, which the checkpoint's replace (a COCO run trained with ``model.net.frozen_stages=-1``
+    evaluates with ``model=knet_panoptic`` typed); it types the task it names, which it is there to
+    choose."""
     full = f"model.{key}"
-    for name in map(override_key, overrides):
+    for item in overrides:
+        name = override_key(item)
+        if name == "model":
+            if key == "task":
+                return item.lstrip("+~")
+            continue
         if full == name or full.startswith(name + "."):
-            return True
-    return False
+            return full
+    return None
 
 
 def model_config_for_checkpoint(
@@ -123,14 +133,15 @@ def model_config_for_checkpoint(
     mine, theirs = _structural(flatten(given)), _structural(flatten(stored))
     differing = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
     overrides, data_bound = list(overrides), set(data_bound)
-    typed = [k for k in differing if _overridden(k, overrides)]
+    typed_as = {k: name for k in differing if (name := _typed_as(k, overrides))}
+    typed = list(typed_as)
     bound = [k for k in differing if k in data_bound and k not in typed]
     if typed or bound:
 
         def listed(keys: list[str]) -> str:
             return ", ".join(f"model.{k} (checkpoint {theirs.get(k)!r}, here {mine.get(k)!r})" for k in keys)
 
-        reasons = [f"drop the overrides {', '.join(f'model.{k}' for k in typed)}"] if typed else []
+        reasons = [f"drop the overrides {', '.join(typed_as.values())}"] if typed else []
         if bound:
             reasons.append(f"{', '.join(f'model.{k}' for k in bound)} follow the data set: evaluate on one with the "
                            "checkpoint's task and classes (without data= or experiment=, the checkpoint's own)")  # fmt: skip
