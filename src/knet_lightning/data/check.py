@@ -79,7 +79,9 @@ def check_split(split: str, make_dataset: Any, num_classes: int) -> SplitReport:
         if "sem_seg" in target:
             report.unlabeled_pixels += int((torch.as_tensor(target["sem_seg"]) == IGNORE_INDEX).sum())
         else:
-            report.unlabeled_pixels += int(height * width - int(masks.any(dim=0).sum())) if len(masks) else height * width
+            report.unlabeled_pixels += (
+                int(height * width - int(masks.any(dim=0).sum())) if len(masks) else height * width
+            )
         if len(labels) == 0:
             report.empty.append(name)
         areas = masks.flatten(1).sum(dim=1).tolist() if len(masks) else []
@@ -107,7 +109,9 @@ def _histogram(class_info: ClassInfo, reports: Sequence[SplitReport], path: Path
             total = max(1, sum(report.pixels))
             share = report.pixels[c] / total
             colour = tuple(class_info.colors[c]) if k == 0 else tuple(v // 2 + 64 for v in class_info.colors[c])
-            draw.rectangle([label_w, y, label_w + max(1, int(share * width)), y + bar - 2], fill=colour, outline="black")
+            draw.rectangle(
+                [label_w, y, label_w + max(1, int(share * width)), y + bar - 2], fill=colour, outline="black"
+            )
             draw.text((label_w + int(share * width) + 4, y), f"{100 * share:.1f}% {report.split}", fill="black")
             y += bar
         y += gap
@@ -119,8 +123,10 @@ def write_report(class_info: ClassInfo, reports: Sequence[SplitReport], out_dir:
     """``data_check.json`` and ``class_histogram.png`` under ``out_dir``; returns the JSON's content."""
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
-        "classes": [{"id": int(class_info.dataset_ids[c]), "name": name, "isthing": bool(class_info.isthing[c])}
-                    for c, name in enumerate(class_info.names)],  # fmt: skip
+        "classes": [
+            {"id": int(class_info.dataset_ids[c]), "name": name, "isthing": bool(class_info.isthing[c])}
+            for c, name in enumerate(class_info.names)
+        ],  # fmt: skip
         "splits": [asdict(r) for r in reports],
         "problems": sum(len(r.problems) for r in reports),
     }
@@ -143,7 +149,9 @@ def summary_lines(class_info: ClassInfo, reports: Sequence[SplitReport]) -> list
                                                        for r in reports))  # fmt: skip
     for c, name in enumerate(class_info.names):
         lines.append(f"{name:<{width}}  " + "  ".join(f"{r.pixels[c]:>14} {r.segments[c]:>14}" for r in reports))
-    missing = [n for c, n in enumerate(class_info.names) if all(r.segments[c] == 0 for r in reports if r.split == "train")]
+    missing = [
+        n for c, n in enumerate(class_info.names) if all(r.segments[c] == 0 for r in reports if r.split == "train")
+    ]
     if missing:
         lines.append(f"classes with no training segment: {', '.join(missing)}")
     return lines

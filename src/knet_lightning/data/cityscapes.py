@@ -43,9 +43,6 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from knet_lightning.constants import IGNORE_INDEX
-from knet_lightning.data.coco import COCOPanopticDataset
-from knet_lightning.data.datamodule import SegmentationDataModule, role_splits
-from knet_lightning.data.io import decode_image, read_image_size, read_rgb_image
 from knet_lightning.data.cityscapes_labels import (
     _INSTANCE_OFFSET,
     _LABEL_BY_ID,
@@ -58,6 +55,9 @@ from knet_lightning.data.cityscapes_labels import (
     cityscapes_panoptic_categories,
     cityscapes_semantic_class_info,
 )
+from knet_lightning.data.coco import COCOPanopticDataset
+from knet_lightning.data.datamodule import SegmentationDataModule, role_splits
+from knet_lightning.data.io import decode_image, read_image_size, read_rgb_image
 from knet_lightning.data.meta import ClassInfo, DatasetError
 
 __all__ = [
@@ -85,9 +85,7 @@ _LAYOUT_HELP = (
 
 def _check_root(root: Path, what: str, extra: str = "") -> None:
     if not root.is_dir():
-        raise DatasetError(
-            f"Cityscapes root {root} does not exist or is not a folder ({what}: {_LAYOUT_HELP}{extra})"
-        )
+        raise DatasetError(f"Cityscapes root {root} does not exist or is not a folder ({what}: {_LAYOUT_HELP}{extra})")
 
 
 def _read_label_png(path: Path, what: str, modes: Sequence[str]) -> np.ndarray:
@@ -130,8 +128,7 @@ class _CityscapesFolderDataset(Dataset):
         images = sorted(self.image_dir.glob("*/*_leftImg8bit.png"))
         if not images:
             raise DatasetError(
-                f"Cityscapes {self.kind}: no images matching {self.image_dir}/<city>/*_leftImg8bit.png "
-                f"({_LAYOUT_HELP})"
+                f"Cityscapes {self.kind}: no images matching {self.image_dir}/<city>/*_leftImg8bit.png ({_LAYOUT_HELP})"
             )
         self._items: list[dict[str, Any]] = []
         missing: list[Path] = []

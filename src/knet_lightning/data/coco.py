@@ -172,11 +172,7 @@ class COCOPanopticDataset(Dataset):
                 f"COCO panoptic root {self.root} does not exist or is not a folder "
                 f"(layout={self.layout!r} looks for {listing})"
             )
-        missing = [
-            f"{k} {v}"
-            for k, v in wanted.items()
-            if not (v.is_file() if k == "panoptic JSON" else v.is_dir())
-        ]
+        missing = [f"{k} {v}" for k, v in wanted.items() if not (v.is_file() if k == "panoptic JSON" else v.is_dir())]
         if missing:
             hint = ""
             other = "root" if self.layout == "annotations" else "annotations"
@@ -209,9 +205,7 @@ class COCOPanopticDataset(Dataset):
             require_keys(ann, ("image_id", "file_name", "segments_info"), f"annotations[{i}]", src)
             image_id = self._image_key(ann["image_id"])
             if image_id not in images:
-                raise DatasetError(
-                    f"{src}: annotations[{i}] refers to image_id {image_id!r}, which is not in 'images'"
-                )
+                raise DatasetError(f"{src}: annotations[{i}] refers to image_id {image_id!r}, which is not in 'images'")
             self._check_image_id(image_id, f"{src}: annotations[{i}]")
             if not isinstance(ann["segments_info"], list):
                 raise DatasetError(f"{src}: annotations[{i}]['segments_info'] must be a list")
@@ -222,15 +216,12 @@ class COCOPanopticDataset(Dataset):
                     labels.append(self.class_info.contiguous_id(seg["category_id"]))
                 except UnknownCategoryError as e:
                     raise DatasetError(
-                        f"{src}: annotations[{i}] (image {image_id}, {ann['file_name']}) segment "
-                        f"{seg['id']}: {e}"
+                        f"{src}: annotations[{i}] (image {image_id}, {ann['file_name']}) segment {seg['id']}: {e}"
                     ) from None
                 seg_ids.append(int(seg["id"]))
                 crowd.append(bool(seg.get("iscrowd", 0)))
             if len(set(seg_ids)) != len(seg_ids):
-                raise DatasetError(
-                    f"{src}: annotations[{i}] ({ann['file_name']}) lists a segment id twice: {seg_ids}"
-                )
+                raise DatasetError(f"{src}: annotations[{i}] ({ann['file_name']}) lists a segment id twice: {seg_ids}")
             img = images[image_id]
             try:
                 height, width = int(img["height"]), int(img["width"])
@@ -290,9 +281,7 @@ class COCOPanopticDataset(Dataset):
         """The most non-crowd thing segments in one image, from the JSON alone (no decoding):
         the criterion matches each to its own proposal kernel."""
         num_things = self.class_info.num_things
-        return max(
-            (int(((it["labels"] < num_things) & ~it["iscrowd"]).sum()) for it in self._items), default=0
-        )
+        return max((int(((it["labels"] < num_things) & ~it["iscrowd"]).sum()) for it in self._items), default=0)
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
         item = self._items[index]

@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from knet_lightning.data.coco import COCOPanopticDataset
-from knet_lightning.data.resize import check_backend
 from knet_lightning.data.meta import ClassInfo, DatasetError
+from knet_lightning.data.resize import check_backend
 from knet_lightning.data.sampling import (
     BAD_SAMPLE_POLICIES,
     GroupedResumableSampler,
@@ -180,7 +180,9 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             if isinstance(op, ResizeShortestEdge):
                 low, high = op.short_edge
                 if low != high:
-                    raise ValueError(f"{type(self).__name__}: the evaluation resize must be single-scale, got {op.short_edge}")
+                    raise ValueError(
+                        f"{type(self).__name__}: the evaluation resize must be single-scale, got {op.short_edge}"
+                    )
                 short_edge, max_size = int(low), None if op.max_size is None else int(op.max_size)
             elif isinstance(op, v2.Normalize):
                 mean, std = [float(m) for m in op.mean], [float(v) for v in op.std]
@@ -431,14 +433,20 @@ def _continue_by_sample_count(trainer: Any, sampler: ResumableSampler, state: di
     epoch, consumed = position
     done = sampler.batches_done_after(consumed)
     total = trainer.fit_loop.epoch_loop.batch_progress.total
-    at_batch_end = total.started == total.ready and total.processed == total.started and total.completed == total.processed - 1
+    at_batch_end = (
+        total.started == total.ready and total.processed == total.started and total.completed == total.processed - 1
+    )
     current = trainer.fit_loop.epoch_loop.batch_progress.current
     current.ready = current.started = current.processed = done
     current.completed = done - 1 if at_batch_end else done
     log.warning(
         "resuming mid-epoch %d with %d samples per step instead of the checkpoint's %d (batch size x processes): "
         "the epoch goes on by sample count after the %d of %d samples already trained, none skipped or repeated",
-        epoch, now, int(before), consumed, len(sampler.dataset),
+        epoch,
+        now,
+        int(before),
+        consumed,
+        len(sampler.dataset),
     )
 
 

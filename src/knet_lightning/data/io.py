@@ -92,9 +92,7 @@ def read_image_size(path: Path) -> tuple[int, int]:
     return (width, height) if turned else (height, width)
 
 
-def read_rgb_image(
-    path: Path, expected_size: tuple[int, int] | None = None, source: Path | None = None
-) -> np.ndarray:
+def read_rgb_image(path: Path, expected_size: tuple[int, int] | None = None, source: Path | None = None) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB array of an image file (a writable copy, as torch.from_numpy
     wants). With ``expected_size`` ``(H, W)``, a different size is an error naming ``source``
     (the annotation file that gave the size).
@@ -106,9 +104,7 @@ def read_rgb_image(
     rgb = to_rgb_array(upright(decode_image(path, "image file")))
     h, w = rgb.shape[:2]
     if expected_size is not None and (h, w) != tuple(expected_size):
-        raise DatasetError(
-            f"{path}: image is {w}x{h} (WxH) but {source} says {expected_size[1]}x{expected_size[0]}"
-        )
+        raise DatasetError(f"{path}: image is {w}x{h} (WxH) but {source} says {expected_size[1]}x{expected_size[0]}")
     return rgb
 
 
@@ -121,9 +117,7 @@ def load_panoptic_png(path: str | Path) -> np.ndarray:
     path = Path(path)
     im = decode_image(path, "panoptic PNG")
     if im.mode not in ("RGB", "RGBA"):
-        raise DatasetError(
-            f"{path}: panoptic PNG must be RGB (id = R + 256 G + 256^2 B), got PIL mode {im.mode!r}"
-        )
+        raise DatasetError(f"{path}: panoptic PNG must be RGB (id = R + 256 G + 256^2 B), got PIL mode {im.mode!r}")
     return rgb2id(np.asarray(im.convert("RGB")))
 
 

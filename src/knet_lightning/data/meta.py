@@ -71,16 +71,14 @@ class ClassInfo:
         for name in ("isthing", "colors", "dataset_ids"):
             if len(getattr(self, name)) != n:
                 raise ValueError(
-                    f"ClassInfo.{name} has {len(getattr(self, name))} entries, expected {n} "
-                    f"(one per name)"
+                    f"ClassInfo.{name} has {len(getattr(self, name))} entries, expected {n} (one per name)"
                 )
         if n == 0:
             raise ValueError("ClassInfo needs at least one class")
         num_things = sum(self.isthing)
         if any(self.isthing[num_things:]):
             raise ValueError(
-                "ClassInfo.isthing must list all thing classes before the stuff classes, "
-                f"got {self.isthing}"
+                f"ClassInfo.isthing must list all thing classes before the stuff classes, got {self.isthing}"
             )
         for i, c in enumerate(self.colors):
             if len(c) != 3 or not all(0 <= v <= 255 for v in c):
@@ -128,9 +126,7 @@ class ClassInfo:
     def dataset_id(self, contiguous_id: int) -> int:
         """Data-set category id of a contiguous class index (for exporters)."""
         if not 0 <= int(contiguous_id) < self.num_classes:
-            raise IndexError(
-                f"contiguous class id {contiguous_id} out of range [0, {self.num_classes})"
-            )
+            raise IndexError(f"contiguous class id {contiguous_id} out of range [0, {self.num_classes})")
         return self.dataset_ids[int(contiguous_id)]
 
     @classmethod
@@ -175,9 +171,7 @@ class ClassInfo:
             try:
                 cid = int(cat["id"])
             except (TypeError, ValueError):
-                raise DatasetError(
-                    f"{source}: categories[{i}]['id'] must be an integer, got {cat['id']!r}"
-                ) from None
+                raise DatasetError(f"{source}: categories[{i}]['id'] must be an integer, got {cat['id']!r}") from None
             if cid in seen:
                 raise DatasetError(f"{source}: duplicate category id {cid} in 'categories'")
             seen.add(cid)
@@ -189,9 +183,7 @@ class ClassInfo:
                     or len(c) != 3
                     or not all(isinstance(v, int) and 0 <= v <= 255 for v in c)
                 ):
-                    raise DatasetError(
-                        f"{source}: categories[{i}]['color'] must be 3 integers in 0..255, got {c!r}"
-                    )
+                    raise DatasetError(f"{source}: categories[{i}]['color'] must be 3 integers in 0..255, got {c!r}")
                 color = (int(c[0]), int(c[1]), int(c[2]))
             parsed.append((cid, str(cat["name"]), isthing, color))
         ordered = [p for p in parsed if p[2]] + [p for p in parsed if not p[2]]

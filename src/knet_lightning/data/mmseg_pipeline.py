@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from knet_lightning.constants import IGNORE_INDEX
+from knet_lightning.data.resize import check_backend
 from knet_lightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -29,7 +30,6 @@ from knet_lightning.data.transforms import (
     keep_ratio_size,
     resize_sample_part,
 )
-from knet_lightning.data.resize import check_backend
 
 __all__ = ["PadToSize", "PhotoMetricDistortion", "RandomCropCatMax", "RatioRangeResize", "build_ade20k_transforms"]
 

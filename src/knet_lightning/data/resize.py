@@ -123,7 +123,9 @@ def resize_label_map(labels: Tensor, size: Sequence[int], backend: str = "cv2") 
     if dtype == torch.bool:
         work = labels.to(torch.uint8)
     elif dtype == torch.int64:
-        if labels.numel() and (int(labels.min()) < torch.iinfo(torch.int32).min or int(labels.max()) > torch.iinfo(torch.int32).max):
+        if labels.numel() and (
+            int(labels.min()) < torch.iinfo(torch.int32).min or int(labels.max()) > torch.iinfo(torch.int32).max
+        ):
             raise ValueError("resize_label_map: OpenCV resizes int32 label maps at most; got values beyond int32")
         work = labels.to(torch.int32)
     return _resize_planes(work, size, _cv2().INTER_NEAREST, chunk=_CV2_CHANNELS).to(dtype)

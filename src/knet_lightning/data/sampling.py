@@ -15,7 +15,7 @@ import logging
 import math
 import random
 from collections.abc import Iterator, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -136,8 +136,8 @@ class ResumableSampler(DistributedSampler):
         batch_size: int,
         shuffle: bool = True,
         seed: int = 0,
-        num_replicas: Optional[int] = None,
-        rank: Optional[int] = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
     ) -> None:
         dist = torch.distributed
         initialized = dist.is_available() and dist.is_initialized()
@@ -150,7 +150,7 @@ class ResumableSampler(DistributedSampler):
         # batches of this size that the consumed positions of the epoch account for
         self.consumed_batches = 0
         self._iter_epoch = 0
-        self._skip: Optional[tuple[int, int]] = None  # (epoch, global positions to skip)
+        self._skip: tuple[int, int] | None = None  # (epoch, global positions to skip)
         # the epoch's positions skipped at its start and the batches they account for
         self._start = (0, 0)
 
@@ -194,7 +194,7 @@ class ResumableSampler(DistributedSampler):
         remaining = max(0, len(self.dataset) - consumed)  # type: ignore[arg-type]
         return self.batches_per_epoch() - math.ceil(math.ceil(remaining / self.num_replicas) / self.batch_size)
 
-    def resumed_position(self) -> Optional[tuple[int, int]]:
+    def resumed_position(self) -> tuple[int, int] | None:
         """``(epoch, consumed positions)`` that the next iteration resumes from, if any."""
         return self._skip
 
@@ -231,7 +231,10 @@ class ResumableSampler(DistributedSampler):
         changed = [
             f"{key} {saved.get(key)} -> {now}"
             for key, now in (
-                ("dataset_size", size), ("seed", self.seed), ("shuffle", self.shuffle), ("order", self.order_kind)
+                ("dataset_size", size),
+                ("seed", self.seed),
+                ("shuffle", self.shuffle),
+                ("order", self.order_kind),
             )
             if saved.get(key) != now
         ]
@@ -239,7 +242,8 @@ class ResumableSampler(DistributedSampler):
             log.warning(
                 "resuming mid-epoch %d, but the training order changed since the checkpoint (%s): this epoch "
                 "restarts from its first batch, so the resumed run is not identical to an uninterrupted one",
-                epoch, ", ".join(changed),
+                epoch,
+                ", ".join(changed),
             )
             self._skip = None
             return
@@ -269,7 +273,7 @@ def aspect_ratio_flags(sizes: Sequence[tuple[int, int]]) -> np.ndarray:
 
 
 def grouped_order(
-    order: Sequence[int], flags: np.ndarray, chunk: int, generator: Optional[torch.Generator] = None
+    order: Sequence[int], flags: np.ndarray, chunk: int, generator: torch.Generator | None = None
 ) -> list[int]:
     """``order`` rearranged so that each run of ``chunk`` positions holds one group's indices.
 
@@ -341,8 +345,8 @@ class GroupedResumableSampler(ResumableSampler):
         flags: Sequence[int] | np.ndarray,
         shuffle: bool = True,
         seed: int = 0,
-        num_replicas: Optional[int] = None,
-        rank: Optional[int] = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
     ) -> None:
         super().__init__(dataset, batch_size, shuffle=shuffle, seed=seed, num_replicas=num_replicas, rank=rank)
         self.flags = np.asarray(flags).reshape(-1)
@@ -351,7 +355,7 @@ class GroupedResumableSampler(ResumableSampler):
             raise ValueError(f"GroupedResumableSampler: {len(self.flags)} flags for {n} samples")
         # the run length the current epoch's order is built with, and that of a resumed epoch
         self.chunk = self.batch_size * self.num_replicas
-        self._resumed_chunk: Optional[tuple[int, int]] = None  # (epoch, run length)
+        self._resumed_chunk: tuple[int, int] | None = None  # (epoch, run length)
 
     def _epoch_order(self, n: int) -> list[int]:
         chunk = self.batch_size * self.num_replicas
@@ -380,7 +384,9 @@ class GroupedResumableSampler(ResumableSampler):
             log.warning(
                 "resuming mid-epoch %d in the checkpoint's aspect-ratio groups of %d samples per step (now %d): "
                 "the rest of this epoch may mix orientations in a batch; the next epoch is grouped anew",
-                self._skip[0], chunk, self.batch_size * self.num_replicas,
+                self._skip[0],
+                chunk,
+                self.batch_size * self.num_replicas,
             )
 
 

@@ -155,7 +155,9 @@ class SemanticFolderDataset(Dataset):
         suffixes = tuple(s.lower() for s in _suffixes(img_suffix))
         images = sorted(p for p in self.image_dir.iterdir() if p.is_file() and p.name.lower().endswith(suffixes))
         if not images:
-            raise DatasetError(f"{self.image_dir}: no images ({', '.join(suffixes)}) in the {self.image_dir.name!r} split")
+            raise DatasetError(
+                f"{self.image_dir}: no images ({', '.join(suffixes)}) in the {self.image_dir.name!r} split"
+            )
         items = [(p, self.label_dir / f"{p.name[: len(p.name) - len(_suffix_of(p, suffixes))]}{seg_map_suffix}")
                  for p in images]  # fmt: skip
         missing = [image.name for image, label in items if not label.is_file()]
@@ -246,7 +248,14 @@ def _suffix_of(path: Path, suffixes: tuple[str, ...]) -> str:
 
 
 # the SegmentationDataModule resize settings that MMSegmentation's pipeline replaces
-_REPLACED_KWARGS = ("train_kind", "train_short_edge", "train_max_size", "scale_range", "eval_short_edge", "eval_max_size")
+_REPLACED_KWARGS = (
+    "train_kind",
+    "train_short_edge",
+    "train_max_size",
+    "scale_range",
+    "eval_short_edge",
+    "eval_max_size",
+)
 
 
 class SemanticFolderDataModule(SegmentationDataModule):

@@ -71,9 +71,7 @@ _STUFF = [c for c in SYNTHETIC_CATEGORIES if not c["isthing"]]
 _STUFF_BASE = np.array([[135.0, 190.0, 235.0], [60.0, 150.0, 50.0], [30.0, 90.0, 160.0]])
 
 
-def _stamp_params(
-    num_train: int, num_val: int, image_size: int, seed: int, max_objects: int
-) -> dict[str, int]:
+def _stamp_params(num_train: int, num_val: int, image_size: int, seed: int, max_objects: int) -> dict[str, int]:
     return {
         "format_version": _FORMAT_VERSION,
         "num_train": num_train,
@@ -165,8 +163,7 @@ def _shape_mask(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
         # Circumradius r: corners touch the extent circle at every rotation.
         theta = rng.uniform(0.0, math.pi / 2)
         pts = [
-            (cx + r * math.cos(theta + k * math.pi / 2), cy + r * math.sin(theta + k * math.pi / 2))
-            for k in range(4)
+            (cx + r * math.cos(theta + k * math.pi / 2), cy + r * math.sin(theta + k * math.pi / 2)) for k in range(4)
         ]
         draw.polygon(pts, fill=255)
     elif kind == "triangle":
@@ -220,10 +217,7 @@ def _render_image(
             if area < min_area:
                 continue
             # The new shape is on top; every earlier one loses the overlap.
-            if all(
-                int((v & ~m).sum()) >= _MIN_VISIBLE_FRACTION * int(f.sum())
-                for v, f in zip(visible, full)
-            ):
+            if all(int((v & ~m).sum()) >= _MIN_VISIBLE_FRACTION * int(f.sum()) for v, f in zip(visible, full)):
                 break
         else:
             continue  # no room: drop this instance rather than leave a sliver
@@ -256,9 +250,7 @@ def _bbox_xywh(mask: np.ndarray) -> list[int]:
 # --------------------------------------------------------------------------- writing
 
 
-def _write_split(
-    root: Path, split: str, split_code: int, count: int, size: int, seed: int, max_objects: int
-) -> None:
+def _write_split(root: Path, split: str, split_code: int, count: int, size: int, seed: int, max_objects: int) -> None:
     from pycocotools import mask as mask_util
 
     image_dir = root / f"{split}2017"
@@ -330,9 +322,7 @@ def _write_split(
         "licenses": [],
         "images": images,
         "annotations": inst_anns,
-        "categories": [
-            {"id": c["id"], "name": c["name"], "supercategory": c["supercategory"]} for c in _THINGS
-        ],
+        "categories": [{"id": c["id"], "name": c["name"], "supercategory": c["supercategory"]} for c in _THINGS],
     }
     ann_dir = root / "annotations"
     (ann_dir / f"panoptic_{split}2017.json").write_text(json.dumps(panoptic))
