@@ -121,8 +121,12 @@ def test_fast_dev_run_trains_and_writes_no_checkpoint(tmp_path: Path, caplog: py
 
 def test_train_then_eval_then_predict_from_the_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = compose_cfg(tmp_path / "a", tiny_overrides("debug=limit", "trainer.check_val_every_n_epoch=1"))
-    value = run_cfg(cfg)
+    with caplog.at_level(logging.INFO, logger="knet_lightning"):
+        value = run_cfg(cfg)
     run_dir = tmp_path / "a" / "run"
+    # each validation's results, in one line (the output stage's metrics; the per-stage ones in the files)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation, epoch 0 (step ")]
+    assert "val/pq " in line and "val/miou " in line and "val/pq_s1" not in line
     assert (run_dir / "config_resolved.yaml").is_file()
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_file()
@@ -136,7 +140,11 @@ def test_train_then_eval_then_predict_from_the_checkpoint(tmp_path: Path, caplog
         tmp_path / "b", tiny_overrides(f"ckpt_path={last}", "export_predictions=true"), config_name="eval"
     )
     OmegaConf.update(cfg, "paths.data_dir", str(tmp_path / "a" / "data"), force_add=True)
-    run_cfg(cfg)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="knet_lightning"):
+        run_cfg(cfg)
+    # an evaluation restores the checkpoint callbacks' state but tracks no best checkpoint: it writes none
+    assert "tracked anew" not in caplog.text and not (tmp_path / "b" / "run" / "checkpoints").exists()
     eval_metrics = json.loads((tmp_path / "b" / "run" / "metrics.json").read_text())
     assert eval_metrics["test/pq"] == pytest.approx(metrics["test/pq"], abs=1e-6)
     exported = tmp_path / "b" / "run" / "predictions"

@@ -34,6 +34,35 @@ TINY_SYNTHETIC = ["data.num_train=8", "data.num_val=4", "data.image_size=64", "d
 TINY_COCO = ["data.train_short_edge=64", "data.train_max_size=96", "data.eval_short_edge=64",
              "data.eval_max_size=96", "data.val_batch_size=2", "model.net.pretrained=false"]  # fmt: skip
 
+# What a run prints (issue 27): the run folder at the start and at the end, the progress bar, the
+# validation results, the final table. A warning line (a Python warning, a logging WARNING) outside
+# this list fails the default run's test; each entry says why it may appear under the test's
+# size reductions, which a full default run does not print
+ALLOWED_WARNINGS = {
+    r"\[WARNING\] - no best checkpoint was saved; testing the last weights": (
+        "one epoch ends before the default experiment's first validation (every 5th epoch), so "
+        "no best checkpoint exists; the full run validates 12 times"
+    ),
+    r"fit_loop\.py:\d+: The number of training batches \(\d+\) is smaller than the logging interval": (
+        "trainer.limit_train_batches=2 against log_every_n_steps=10; the default run's epochs have 38 batches"
+    ),
+}
+# lines every run printed before and no user could act on: Lightning's LitLogger tip, its note on
+# our model summary callback, the summary's FLOPs (0), W&B on the `anonymous` Lightning passed,
+# the bar's logger version, Lightning's seed line, its step-count and TPU lines
+NOISE = ("💡 Tip", "litlogger", "Trainer already configured", "Total FLOPs", "┃ FLOPs", "anonymous setting", "v_num",
+         "Seed set to", "to estimate number of stepping batches", "TPU available")  # fmt: skip
+WARNING_LINE = re.compile(r"\bWARNING\b|Warning\b|^\S.*\.py:\d+: ")
+
+
+def unexpected_output(output: str, allowed: dict[str, str] | None = None) -> list[str]:
+    """The lines of a run's ``output`` that it should not print: warning lines that ``allowed``
+    (patterns) does not explain, and the known noise of :data:`NOISE`."""
+    lines = output.splitlines()
+    warned = [line for line in lines if WARNING_LINE.search(line)]
+    bad = [line for line in warned if not any(re.search(p, line) for p in (allowed or {}))]
+    return bad + [line for line in lines if any(n in line for n in NOISE)]
+
 
 def quick_start_commands() -> list[str]:
     """The ``python -m knet_lightning`` lines of the README's Quick start block, comments dropped."""
@@ -107,10 +136,22 @@ def test_every_quick_start_command_runs_as_written(tmp_path: Path) -> None:
         before = set(train_runs.glob("*")) if train_runs.is_dir() else set()
         proc = _run(args + _reductions(args), cwd)
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        output = proc.stdout + proc.stderr
         if args == []:  # the default run: data generated here, a checkpoint and a result
             assert (cwd / "data" / "synthetic").is_dir()
             (first_run,) = set(train_runs.glob("*")) - before
             assert (first_run / "checkpoints" / "last.ckpt").is_file() and (first_run / "metrics.json").is_file()
+            # what a user needs and nothing else: the run folder first and last, the bar, the table
+            assert not unexpected_output(output, ALLOWED_WARNINGS), unexpected_output(output, ALLOWED_WARNINGS)
+            assert output.count(f"run folder: {first_run}") == 2
+            assert "Epoch 0/0" in proc.stdout and "K-Net panoptic (train)" in proc.stdout
+            assert "Test metric" not in output  # Lightning's own table of the same test metrics
+        else:  # the others without the noise every run printed, whatever else their setting warns of
+            noise = [line for line in output.splitlines() if any(n in line for n in NOISE)]
+            assert not noise, f"{command}: {noise}"
+        if "mode=eval" in args:
+            # no best checkpoint is tracked by an evaluation: it writes none
+            assert "tracked anew" not in output and not list((cwd / "logs" / "eval").glob("runs/*/checkpoints"))
         if "export_predictions=true" in args or "mode=predict" in args:
             (run,) = [
                 p
@@ -174,6 +215,11 @@ def test_published_weights_commands_run_as_written(tmp_path: Path) -> None:
         proc = _run(args + data + ONE_EPOCH, cwd)
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         assert "Downloading" not in proc.stderr + proc.stdout  # the weights come from the file, never a download
+        if "mode=convert" in args:
+            # the run folder, the conversion and where the file is: no warning, no seed line, and
+            # no empty data/ in the working folder (data.root is elsewhere)
+            assert not unexpected_output(proc.stdout + proc.stderr), proc.stdout + proc.stderr
+            assert not (cwd / "data").exists()
     assert (cwd / "knet_panoptic.ckpt").is_file()
     assert sorted(p.name for p in cwd.glob("logs/predict/runs/*/predictions/panoptic/*.png")) == ["a.png"]
     assert list(cwd.glob("logs/eval/runs/*/metrics.json")) and list(cwd.glob("logs/train/runs/*/metrics.json"))

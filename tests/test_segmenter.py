@@ -444,7 +444,7 @@ def test_readme_use_a_trained_model_commands_run_as_written(trained: tuple[Path,
     import shlex
     import shutil
 
-    from test_readme import COMMAND, _run
+    from test_readme import COMMAND, _run, unexpected_output
 
     ckpt, root = trained
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -470,6 +470,9 @@ def test_readme_use_a_trained_model_commands_run_as_written(trained: tuple[Path,
             outputs.append(json.loads((out / "panoptic.json").read_text())["annotations"])
         if "mode=export" in args:
             assert (cwd / "model.onnx").is_file()
+            # the run folder, the check and the file: not the ~100 INFO lines of the exporter's passes
+            out = proc.stdout + proc.stderr
+            assert not unexpected_output(out) and "onnxscript" not in out and "onnx_ir" not in out, out[-3000:]
     assert len(outputs) == 2, commands  # a PyTorch predict and an ONNX Runtime one
     # the same segments from the checkpoint and from its ONNX file
     assert [[s["category_id"] for s in a["segments_info"]] for a in outputs[0]] == [

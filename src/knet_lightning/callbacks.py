@@ -11,6 +11,9 @@
 * :class:`BadSampleReport`: with ``on_bad_sample=skip`` it counts and reports the skipped files.
 * :class:`FrozenModulesNote`: says which backbone modules stay in eval mode while training, in
   place of Lightning's warning about them.
+* :class:`ValidationResults`: each validation's results, in one line.
+* :class:`ProgressBar`, :class:`ModelSummary`: Lightning's rich ones without what reads as
+  noise here (the logger version ``v_num``, FLOPs counted as 0).
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, RichModelSummary, RichProgressBar
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from knet_lightning.data.meta import default_palette
 from knet_lightning.visualize import save_png
@@ -172,7 +175,8 @@ class RunCheckpoint(ModelCheckpoint):
     callback state names files of the old folder. Lightning then warns "The dirpath has
     changed" once per checkpoint callback and still restores ``best_model_path``, which points
     into the old folder (and a later, better checkpoint would delete that file). Here the old
-    state is left with the old run: tracking starts anew in this folder, said in one line.
+    state is left with the old run: tracking starts anew in this folder, said in one line (in a
+    fit only: ``mode=eval`` restores the callbacks too, but writes no checkpoint).
 
     Args:
         save_last_on_train_epoch_end: also write ``last.ckpt`` at the end of every training
@@ -186,6 +190,33 @@ class RunCheckpoint(ModelCheckpoint):
     def __init__(self, *args: Any, save_last_on_train_epoch_end: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.save_last_on_train_epoch_end = bool(save_last_on_train_epoch_end)
+        self._fitting = False
+        self._found_files = False
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Lightning warns here of a non-empty checkpoint folder, which is what a run resumed in
+        # its own folder (the README's resume command) finds; which checkpoint the fit resumes
+        # from is known only after setup, so the warning waits for on_train_start
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+        folder = Path(self.dirpath) if self.dirpath else None
+        self._found_files = stage == "fit" and folder is not None and folder.is_dir() and any(folder.iterdir())
+        # setup runs before a checkpoint's callback states are restored (load_state_dict)
+        self._fitting = stage == "fit"
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # resumed from a checkpoint of this run folder (checkpoints/last.ckpt, SLURM's hpc_ckpt_<n>.ckpt)
+        run_folder = Path(self.dirpath).resolve().parent if self.dirpath else None
+        resumed_here = (
+            trainer.ckpt_path is not None
+            and run_folder is not None
+            and Path(trainer.ckpt_path).resolve().is_relative_to(run_folder)
+        )
+        if self.save_top_k != 0 and self._found_files and not resumed_here:
+            # a new fit among another run's checkpoints may overwrite them: Lightning's warning
+            rank_zero_warn(f"Checkpoint directory {self.dirpath} exists and is not empty.")
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -200,7 +231,7 @@ class RunCheckpoint(ModelCheckpoint):
         if before == self.dirpath:
             super().load_state_dict(state_dict)
             return
-        if self.save_top_k != 0 and self.monitor:
+        if self.save_top_k != 0 and self.monitor and self._fitting:
             log.info(
                 "resumed into a new folder: the best checkpoint by %s is tracked anew in %s (the earlier run's "
                 "stays in %s)",
@@ -338,3 +369,94 @@ class FrozenModulesNote(Callback):
             backbone.frozen_stages,  # fmt: skip
             " and norm_eval (every BatchNorm keeps its pretrained statistics)" if norm_eval else "",
         )
+
+
+class ValidationResults(Callback):
+    """Prints each validation's results in one line (global rank zero), the task's metrics of
+    its output stage (``val/pq``, ``val/miou`` ...; the per-stage ``val/*_s<k>`` are in the
+    metrics files). The progress bar shows the training loss only, and a validation (every 5th
+    epoch in the default run) showed nothing until the final table."""
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        values = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("val/") and not re.search(r"_s\d+$", k)
+        }
+        if values:
+            log.info(
+                "validation, epoch %d (step %d): %s",
+                trainer.current_epoch,
+                trainer.global_step,
+                ", ".join(f"{k} {v:.2f}" for k, v in sorted(values.items())),
+            )
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar without ``v_num``, the logger's version (always 0: every run
+    has its own folder, printed at the start and at the end of the run). ``get_metrics`` is the
+    hook Lightning documents for choosing the bar's items."""
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, int | str | float | dict]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+
+class ModelSummary(RichModelSummary):
+    """Lightning's rich model summary without its FLOPs column and "Total FLOPs" line. Lightning
+    counts FLOPs only by running the module's ``example_input_array``, which K-Net has none of
+    (the input size is the data's), so it printed 0 for every module. The FLOPs of one forward
+    pass of a training image are ``model/gflops`` in the results table and the metrics
+    (:class:`~knet_lightning.sweep.JobStats`, measured at the first training step)."""
+
+    def _summary(self, trainer: Trainer, pl_module: LightningModule) -> Any:
+        with warnings.catch_warnings():
+            if str(trainer.precision).endswith("-mixed"):
+                # mixed precision keeps the parameters in fp32, the 32 bits Lightning then counts:
+                # its "not supported ... will not be accurate" is wrong for these
+                warnings.filterwarnings("ignore", message=r"Precision \S+-mixed is not supported by the model summary")
+            return super()._summary(trainer, pl_module)
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        from lightning.pytorch.utilities.model_summary.model_summary import (
+            get_formatted_model_size,
+            get_human_readable_count,
+        )
+        from rich import get_console
+        from rich.table import Table
+
+        # the columns and lines of RichModelSummary.summarize (Lightning 2.6), less the FLOPs
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name, _ in columns:
+            right = name in ("Params", "Params per Device", "In sizes", "Out sizes")
+            table.add_column(name, justify="right" if right else "left", style="dim" if name == " " else None)
+        for row in zip(*(values for _, values in columns)):
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+        grid = Table.grid(expand=True)
+        grid.add_column()
+        for label, value in (
+            ("Trainable params", get_human_readable_count(int(trainable_parameters))),
+            ("Non-trainable params", get_human_readable_count(int(total_parameters - trainable_parameters))),
+            ("Total params", get_human_readable_count(int(total_parameters))),
+            ("Total estimated model params size (MB)", get_formatted_model_size(model_size)),
+            ("Modules in train mode", total_training_modes["train"]),
+            ("Modules in eval mode", total_training_modes["eval"]),
+        ):
+            grid.add_row(f"[bold]{label}[/]: {value}")
+        console.print(grid)

@@ -213,6 +213,9 @@ def build_callbacks(cfg: DictConfig) -> list[Any]:
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
+    from knet_lightning.loggers import drop_lightning_noise
+
+    drop_lightning_noise()  # before the Trainer built next: its advertisement, among others
     logger_cfg = cfg.get("logger") or {}
     wandb_cfg = logger_cfg.get("wandb") if isinstance(logger_cfg, DictConfig) else None
     if isinstance(wandb_cfg, DictConfig) and "api_key" in wandb_cfg:
@@ -418,7 +421,8 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> float | None:
         strict_runtime()
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
-    L.seed_everything(_seed(cfg), workers=True)
+    # quietly: the seed is in config_resolved.yaml, and "Seed set to" told no user anything
+    L.seed_everything(_seed(cfg), workers=True, verbose=False)
     check_model_handles(cfg)
 
     output_dir = Path(cfg.paths.output_dir)
@@ -498,6 +502,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> float | None:
     # checkpoints load with torch.load(weights_only=True) unless trusted (checkpoint_io.py)
     weights_only = not bool(cfg.get("trusted_checkpoint", False))
     metrics: dict[str, Any] = {}
+    # trainer.test(verbose=False): the results table at the end prints the test metrics, once
     if mode == "train":
         try:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
@@ -516,15 +521,15 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> float | None:
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             if not best:
                 log.warning("no best checkpoint was saved; testing the last weights")
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=weights_only)
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=weights_only, verbose=False)
             metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
         elif cfg.get("test_after_fit", True):
-            trainer.test(model, datamodule=datamodule)
+            trainer.test(model, datamodule=datamodule, verbose=False)
             metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     elif mode == "eval":
         if ckpt_path is None:
             raise ValueError("mode=eval needs ckpt_path=<checkpoint> (or ckpt_path=last)")
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only, verbose=False)
         metrics.update({k: v for k, v in trainer.callback_metrics.items()})
         if cfg.get("export_predictions"):
             # a second, streamed pass writes the test split in the official formats

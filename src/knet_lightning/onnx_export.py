@@ -25,9 +25,11 @@ baked in by tracing (the TorchScript exporter, deprecated since PyTorch 2.9).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,25 @@ class _StageNetwork(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         out = self.net(images)[self.stage]
         return (out.mask_logits,) if out.cls_logits is None else (out.mask_logits, out.cls_logits)
+
+
+# the exporter's optimizer passes log every rewrite, folding and deduplication at INFO (about
+# 100 lines for one K-Net, through the root logger a Hydra app sets to INFO): nothing a user acts
+# on. Their warnings and errors still show.
+_EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
+
+
+@contextlib.contextmanager
+def _exporter_logs_at_warning() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _relative_diff(ref: Tensor, got: Tensor) -> float:
@@ -123,7 +144,7 @@ def export_onnx(
         dims = {0: torch.export.Dim("batch"), 2: divisor * torch.export.Dim("height_blocks", min=1, max=1024),
                 3: divisor * torch.export.Dim("width_blocks", min=1, max=1024)}  # fmt: skip
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _exporter_logs_at_warning():
             program = torch.onnx.export(
                 wrapper, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=names,
                 dynamic_shapes={INPUT_NAME: dims}, opset_version=opset, verbose=False,

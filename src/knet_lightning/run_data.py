@@ -22,9 +22,13 @@ DATA_META_KEYS = ("num_things", "num_stuff", "num_classes")
 
 
 def build_datamodule(cfg: DictConfig) -> Any:
-    # the project's data folder (data/ by default) is created on first use; a data.root outside
-    # it must already exist
-    Path(cfg.paths.data_dir).mkdir(parents=True, exist_ok=True)
+    # the project's data folder (data/ by default) is created on first use by a data set that
+    # lives in it (the synthetic one is generated there); a data.root outside it must already
+    # exist, and a run that reads one (mode=convert data.root=/data/coco) leaves no empty data/
+    data_dir = Path(cfg.paths.data_dir)
+    root = OmegaConf.select(cfg, "data.root", default=None)
+    if root is None or Path(str(root)).resolve().is_relative_to(data_dir.resolve()):
+        data_dir.mkdir(parents=True, exist_ok=True)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     for key in DATA_META_KEYS:
         data_cfg.pop(key, None)
