@@ -1,4 +1,5 @@
-"""COCO panoptic reader (PNG segment maps + JSON), also used for the synthetic default.
+"""COCO panoptic reader (PNG segment maps + JSON), also used for the synthetic default, and the
+base that the COCO-format readers share (:class:`COCOImages`).
 
 Two on-disk layouts are common for the panoptic PNG folder:
 
@@ -47,7 +48,7 @@ from torchvision import tv_tensors
 from knet_lightning.data.io import load_coco_json, load_panoptic_png, read_rgb_image, require_keys
 from knet_lightning.data.meta import ClassInfo, DatasetError, UnknownCategoryError
 
-__all__ = ["COCOPanopticDataset"]
+__all__ = ["COCOImages", "COCOPanopticDataset", "filter_training_images"]
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,62 @@ def filter_training_images(
     return kept
 
 
-class COCOPanopticDataset(Dataset):
+class COCOImages(Dataset):
+    """What the COCO-format readers (panoptic: :class:`COCOPanopticDataset`, instance:
+    :class:`knet_lightning.data.coco_instance.COCOInstanceDataset`) share: the settings every
+    one takes, and access to the images a JSON lists without decoding any.
+
+    A subclass parses its JSON into ``self._items``, one dict per kept image in JSON order
+    with at least ``image_id``, ``file_name`` (under ``image_dir``), ``height`` and ``width``
+    (the JSON's), and sets ``json_path`` and ``image_dir``.
+
+    Args:
+        root: data set folder (``data.root``).
+        split: the split name (``X`` of the ``X2017`` folders).
+        transforms: ``transforms.v2``-style callable ``(image, target) -> (image, target)``.
+        filter_empty: drop images without ground truth (each reader says which); for training.
+        min_size: drop images whose JSON width or height is below it; 0 keeps all.
+
+    Raises:
+        DatasetError: ``min_size`` is negative.
+    """
+
+    kind: str  # for messages: "COCO panoptic", "COCO instance"
+    json_path: Path
+    image_dir: Path
+    _items: list[dict[str, Any]]
+
+    def __init__(
+        self, root: str | Path, split: str, transforms: Transforms | None, filter_empty: bool, min_size: int
+    ) -> None:
+        super().__init__()
+        if min_size < 0:
+            raise DatasetError(f"{self.kind}: min_size must be >= 0, got {min_size}")
+        self.root = Path(root)
+        self.split = split
+        self.transforms = transforms
+        self.filter_empty = bool(filter_empty)
+        self.min_size = int(min_size)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def image_info(self, index: int) -> dict[str, Any]:
+        """``image_id``, ``file_name``, ``height``, ``width`` of a sample without decoding it."""
+        item = self._items[index]
+        return {k: item[k] for k in ("image_id", "file_name", "height", "width")}
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """``(height, width)`` of every sample from the JSON, before any transform (no decoding):
+        the training sampler's aspect-ratio groups."""
+        return [(item["height"], item["width"]) for item in self._items]
+
+    def _read_image(self, item: dict[str, Any]) -> np.ndarray:
+        """The item's image, ``(H, W, 3)`` uint8 RGB, checked against the JSON's size."""
+        return read_rgb_image(self.image_dir / item["file_name"], (item["height"], item["width"]), self.json_path)
+
+
+class COCOPanopticDataset(COCOImages):
     """COCO panoptic segmentation samples as ``(image, target)`` pairs.
 
     Args:
@@ -130,6 +186,8 @@ class COCOPanopticDataset(Dataset):
             ``__getitem__`` for missing/corrupt/mismatched image and PNG files.
     """
 
+    kind = "COCO panoptic"
+
     def __init__(
         self,
         root: str | Path,
@@ -142,17 +200,10 @@ class COCOPanopticDataset(Dataset):
         filter_empty: bool = False,
         min_size: int = 0,
     ) -> None:
-        super().__init__()
-        if min_size < 0:
-            raise DatasetError(f"COCO panoptic: min_size must be >= 0, got {min_size}")
-        self.filter_empty = bool(filter_empty)
-        self.min_size = int(min_size)
+        super().__init__(root, split, transforms, filter_empty, min_size)
         if layout not in _LAYOUTS:
             raise DatasetError(f"COCO panoptic: layout must be one of {_LAYOUTS}, got {layout!r}")
-        self.root = Path(root)
-        self.split = split
         self.layout = layout
-        self.transforms = transforms
         self.json_path = self.root / (json_file or Path("annotations") / f"panoptic_{split}2017.json")
         self.image_dir = self.root / (image_dir or f"{split}2017")
         default_png = (
@@ -200,7 +251,7 @@ class COCOPanopticDataset(Dataset):
             require_keys(img, ("id", "file_name", "width", "height"), f"images[{i}]", src)
             images[self._image_key(img["id"])] = img
 
-        self._items: list[dict[str, Any]] = []
+        self._items = []
         for i, ann in enumerate(data["annotations"]):
             require_keys(ann, ("image_id", "file_name", "segments_info"), f"annotations[{i}]", src)
             image_id = self._image_key(ann["image_id"])
@@ -264,19 +315,6 @@ class COCOPanopticDataset(Dataset):
 
     # ------------------------------------------------------------------ access
 
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def image_info(self, index: int) -> dict[str, Any]:
-        """``image_id``, ``file_name``, ``height``, ``width`` of a sample without decoding it."""
-        item = self._items[index]
-        return {k: item[k] for k in ("image_id", "file_name", "height", "width")}
-
-    def image_sizes(self) -> list[tuple[int, int]]:
-        """``(height, width)`` of every sample from the JSON, before any transform (no decoding):
-        the training sampler's aspect-ratio groups."""
-        return [(item["height"], item["width"]) for item in self._items]
-
     def max_things_per_image(self) -> int:
         """The most non-crowd thing segments in one image, from the JSON alone (no decoding):
         the criterion matches each to its own proposal kernel."""
@@ -288,7 +326,7 @@ class COCOPanopticDataset(Dataset):
         image_path = self.image_dir / item["file_name"]
         png_path = self.png_dir / item["png_name"]
 
-        rgb = read_rgb_image(image_path, (item["height"], item["width"]), self.json_path)
+        rgb = self._read_image(item)
         h, w = rgb.shape[:2]
         ids = load_panoptic_png(png_path)
         if ids.shape != (h, w):

@@ -44,9 +44,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from knet_lightning.constants import IGNORE_INDEX
-from knet_lightning.data.coco import filter_training_images
+from knet_lightning.data.coco import COCOImages, filter_training_images
 from knet_lightning.data.datamodule import SegmentationDataModule, role_splits
-from knet_lightning.data.io import load_coco_json, read_rgb_image, require_keys
+from knet_lightning.data.io import load_coco_json, require_keys
 from knet_lightning.data.meta import ClassInfo, DatasetError, UnknownCategoryError
 
 __all__ = ["COCOInstanceDataModule", "COCOInstanceDataset", "rle_string_counts"]
@@ -86,7 +86,7 @@ def rle_string_counts(counts: str) -> list[int]:
     return out
 
 
-class COCOInstanceDataset(Dataset):
+class COCOInstanceDataset(COCOImages):
     """COCO instance segmentation samples as ``(image, target)`` pairs.
 
     Args:
@@ -121,6 +121,8 @@ class COCOInstanceDataset(Dataset):
             polygon coordinates that are not numbers.
     """
 
+    kind = "COCO instance"
+
     def __init__(
         self,
         root: str | Path,
@@ -131,14 +133,7 @@ class COCOInstanceDataset(Dataset):
         filter_empty: bool = False,
         min_size: int = 0,
     ) -> None:
-        super().__init__()
-        if min_size < 0:
-            raise DatasetError(f"COCO instance: min_size must be >= 0, got {min_size}")
-        self.root = Path(root)
-        self.split = split
-        self.transforms = transforms
-        self.filter_empty = bool(filter_empty)
-        self.min_size = int(min_size)
+        super().__init__(root, split, transforms, filter_empty, min_size)
         self.json_path = self.root / (json_file or Path("annotations") / f"instances_{split}2017.json")
         self.image_dir = self.root / (image_dir or f"{split}2017")
         self._check_paths()
@@ -277,19 +272,6 @@ class COCOInstanceDataset(Dataset):
 
     # ------------------------------------------------------------------ access
 
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def image_info(self, index: int) -> dict[str, Any]:
-        """``image_id``, ``file_name``, ``height``, ``width`` of a sample without decoding it."""
-        item = self._items[index]
-        return {k: item[k] for k in ("image_id", "file_name", "height", "width")}
-
-    def image_sizes(self) -> list[tuple[int, int]]:
-        """``(height, width)`` of every sample from the JSON, before any transform (no decoding):
-        the training sampler's aspect-ratio groups."""
-        return [(item["height"], item["width"]) for item in self._items]
-
     def _to_rle(self, ann: Mapping[str, Any], h: int, w: int, file_name: str) -> dict[str, Any]:
         """One compressed RLE (``counts`` bytes) for an annotation, as ``COCO.annToRLE``."""
         segm = ann["segmentation"]
@@ -308,8 +290,7 @@ class COCOInstanceDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
         item = self._items[index]
-        image_path = self.image_dir / item["file_name"]
-        rgb = read_rgb_image(image_path, (item["height"], item["width"]), self.json_path)
+        rgb = self._read_image(item)
         h, w = rgb.shape[:2]
 
         anns = item["anns"]
