@@ -17,8 +17,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from knet_lightning.data.coco import COCOPanopticDataset
-from knet_lightning.data.datamodule import COCOPanopticDataModule
+from knet_lightning.data.coco import COCOPanopticDataModule, COCOPanopticDataset
 from knet_lightning.data.io import id2rgb, load_panoptic_png, rgb2id
 from knet_lightning.data.meta import ClassInfo, DatasetError, UnknownCategoryError, default_palette
 from knet_lightning.tasks import build_task

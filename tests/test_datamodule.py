@@ -12,10 +12,9 @@ from omegaconf import OmegaConf
 from torch import Tensor
 from torch.utils.data import DistributedSampler
 
-from knet_lightning.data.coco import COCOPanopticDataset
-from knet_lightning.data.datamodule import COCOPanopticDataModule, SyntheticPanopticDataModule
+from knet_lightning.data.coco import COCOPanopticDataModule, COCOPanopticDataset
 from knet_lightning.data.meta import DatasetError
-from knet_lightning.data.synthetic import generate_synthetic_panoptic
+from knet_lightning.data.synthetic import SyntheticPanopticDataModule, generate_synthetic_panoptic
 from knet_lightning.data.transforms import ResizeShortestEdge
 
 GEN = {"num_train": 6, "num_val": 3, "image_size": 64, "seed": 0, "max_objects": 3}
@@ -167,7 +166,7 @@ def test_training_loader_shards_itself_under_ddp(root: Path) -> None:
 def test_hydra_instantiation_with_plain_args(root: Path) -> None:
     cfg = OmegaConf.create(
         {
-            "_target_": "knet_lightning.data.datamodule.SyntheticPanopticDataModule",
+            "_target_": "knet_lightning.data.synthetic.SyntheticPanopticDataModule",
             "root": str(root),
             **GEN,
             "batch_size": 2,
@@ -184,6 +183,17 @@ def test_hydra_instantiation_with_plain_args(root: Path) -> None:
     assert resize.short_edge == (64, 80)
     batch = next(iter(dm.train_dataloader()))
     check_batch(batch, 2)
+
+
+def test_moved_data_modules_keep_their_old_target() -> None:
+    """Checkpoints store the data config with the ``_target_`` of their day (mode=eval reads it):
+    the data modules that moved beside their readers still resolve by their old path."""
+    from hydra.utils import get_class
+
+    assert get_class("knet_lightning.data.datamodule.COCOPanopticDataModule") is COCOPanopticDataModule
+    assert get_class("knet_lightning.data.datamodule.SyntheticPanopticDataModule") is SyntheticPanopticDataModule
+    with pytest.raises(ImportError):
+        get_class("knet_lightning.data.datamodule.NoSuchDataModule")
 
 
 def test_coco_module_reads_the_same_files(root: Path) -> None:

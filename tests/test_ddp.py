@@ -17,9 +17,9 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from omegaconf import OmegaConf
 
-from knet_lightning import distributed
-from knet_lightning.data.datamodule import SyntheticPanopticDataModule
-from knet_lightning.distributed import child_command, end_of_job, eval_sampler, is_global_zero_from_env
+from knet_lightning.data.synthetic import SyntheticPanopticDataModule
+from knet_lightning.runtime import distributed
+from knet_lightning.runtime.distributed import child_command, end_of_job, eval_sampler, is_global_zero_from_env
 
 
 def _same_metrics(a: dict[str, float], b: dict[str, float], prefix: str) -> None:
@@ -172,7 +172,7 @@ def test_loss_normaliser_is_averaged_across_processes(tmp_path: Path) -> None:
 
 
 def test_each_process_logs_to_its_own_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    from knet_lightning.distributed import RANK_ENV_KEYS, log_file_suffix
+    from knet_lightning.runtime.distributed import RANK_ENV_KEYS, log_file_suffix
 
     for key in RANK_ENV_KEYS:
         monkeypatch.delenv(key, raising=False)

@@ -22,9 +22,8 @@ from test_coco_panoptic import _write_fixture as write_coco_panoptic
 
 from knet_lightning.cli import build_datamodule
 from knet_lightning.data.cityscapes import CityscapesSemanticDataset
-from knet_lightning.data.coco import COCOPanopticDataset
+from knet_lightning.data.coco import COCOPanopticDataModule, COCOPanopticDataset
 from knet_lightning.data.coco_instance import COCOInstanceDataset
-from knet_lightning.data.datamodule import COCOPanopticDataModule
 from knet_lightning.data.io import id2rgb, read_image_size
 from knet_lightning.data.sampling import (
     GroupedResumableSampler,

@@ -1,5 +1,5 @@
-"""COCO panoptic reader (PNG segment maps + JSON), also used for the synthetic default, and the
-base that the COCO-format readers share (:class:`COCOImages`).
+"""COCO panoptic reader (PNG segment maps + JSON) and its data module, also used for the synthetic
+default; the base that the COCO-format readers share (:class:`COCOImages`).
 
 Two on-disk layouts are common for the panoptic PNG folder:
 
@@ -45,10 +45,11 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from knet_lightning.data.datamodule import SegmentationDataModule, role_splits
 from knet_lightning.data.io import load_coco_json, load_panoptic_png, read_rgb_image, require_keys
 from knet_lightning.data.meta import ClassInfo, DatasetError, UnknownCategoryError
 
-__all__ = ["COCOImages", "COCOPanopticDataset", "filter_training_images"]
+__all__ = ["COCOImages", "COCOPanopticDataModule", "COCOPanopticDataset", "filter_training_images"]
 
 log = logging.getLogger(__name__)
 
@@ -369,3 +370,47 @@ class COCOPanopticDataset(COCOImages):
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
+
+
+class COCOPanopticDataModule(SegmentationDataModule):
+    """COCO panoptic (PNG + JSON) read with :class:`COCOPanopticDataset`.
+
+    Args:
+        root: folder with ``annotations/panoptic_{split}2017.json`` and ``{split}2017/``.
+        layout: ``"annotations"`` (PNG folders under ``annotations/``) or ``"root"``.
+        train_split, val_split, test_split: split names (``test`` also serves predict).
+        filter_empty_train: drop training images without a thing segment (mmdet's
+            ``filter_empty_gt=True``, which the official K-Net training used).
+        filter_min_size_train: drop training images with a side below it (mmdet's
+            ``_filter_imgs(min_size=32)``); 0 keeps all. Evaluation splits keep every image.
+        **kwargs: :class:`SegmentationDataModule` settings.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        layout: str = "annotations",
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "val",
+        filter_empty_train: bool = True,
+        filter_min_size_train: int = 32,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        self.layout = layout
+        self.splits = role_splits(train_split, val_split, test_split)
+        self.filter_empty_train = bool(filter_empty_train)
+        self.filter_min_size_train = int(filter_min_size_train)
+
+    def make_dataset(self, role: str, transforms: Transforms) -> Dataset:
+        train = role == "train"
+        return COCOPanopticDataset(
+            self.root,
+            split=self.splits[role],
+            layout=self.layout,
+            transforms=transforms,
+            filter_empty=self.filter_empty_train and train,
+            min_size=self.filter_min_size_train if train else 0,
+        )

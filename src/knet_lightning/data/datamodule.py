@@ -1,4 +1,7 @@
-"""Lightning data modules: data sets per split, transforms and loaders with the batch collate.
+"""The base of the Lightning data modules: data sets per split, transforms and loaders with the
+batch collate. Each data set's own data module sits beside its reader (``coco.py``,
+``coco_instance.py``, ``cityscapes/``, ``ade20k.py``, ``semantic_folder.py``, ``synthetic.py``)
+and implements :meth:`SegmentationDataModule.make_dataset`.
 
 A batch is ``{"images": (B, 3, Hp, Wp) float, "image_sizes": [(h, w)], "targets": [dict]}``
 (see :func:`knet_lightning.data.transforms.collate_batch`). The training loader's sampler
@@ -12,7 +15,6 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,7 +22,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from knet_lightning.data.coco import COCOPanopticDataset
 from knet_lightning.data.meta import ClassInfo, DatasetError
 from knet_lightning.data.resize import check_backend
 from knet_lightning.data.sampling import (
@@ -31,7 +32,6 @@ from knet_lightning.data.sampling import (
     SeededSamples,
     aspect_ratio_flags,
 )
-from knet_lightning.data.synthetic import SYNTHETIC_CATEGORIES, generate_synthetic_panoptic
 from knet_lightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -39,11 +39,27 @@ from knet_lightning.data.transforms import (
     build_transforms,
     collate_batch,
 )
-from knet_lightning.distributed import eval_sampler
+from knet_lightning.runtime.distributed import eval_sampler
 
 log = logging.getLogger(__name__)
 
-__all__ = ["COCOPanopticDataModule", "SegmentationDataModule", "SyntheticPanopticDataModule", "role_splits"]
+__all__ = ["SegmentationDataModule", "role_splits"]
+
+# Data modules that lived here once, and where they are now: the data config a checkpoint stores
+# (``knet_data_config``, which mode=eval reads) names its class by this module's path in ``_target_``.
+_MOVED = {
+    "COCOPanopticDataModule": "knet_lightning.data.coco",
+    "SyntheticPanopticDataModule": "knet_lightning.data.synthetic",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 Transforms = Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]]
 
@@ -473,99 +489,3 @@ def _class_info_of(dataset: Dataset, role: str) -> ClassInfo:
     if not isinstance(info, ClassInfo):
         raise TypeError(f"the {role} data set {type(dataset).__name__} has no 'class_info' ClassInfo attribute")
     return info
-
-
-class COCOPanopticDataModule(SegmentationDataModule):
-    """COCO panoptic (PNG + JSON) read with :class:`COCOPanopticDataset`.
-
-    Args:
-        root: folder with ``annotations/panoptic_{split}2017.json`` and ``{split}2017/``.
-        layout: ``"annotations"`` (PNG folders under ``annotations/``) or ``"root"``.
-        train_split, val_split, test_split: split names (``test`` also serves predict).
-        filter_empty_train: drop training images without a thing segment (mmdet's
-            ``filter_empty_gt=True``, which the official K-Net training used).
-        filter_min_size_train: drop training images with a side below it (mmdet's
-            ``_filter_imgs(min_size=32)``); 0 keeps all. Evaluation splits keep every image.
-        **kwargs: :class:`SegmentationDataModule` settings.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        layout: str = "annotations",
-        train_split: str = "train",
-        val_split: str = "val",
-        test_split: str = "val",
-        filter_empty_train: bool = True,
-        filter_min_size_train: int = 32,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.root = Path(root)
-        self.layout = layout
-        self.splits = role_splits(train_split, val_split, test_split)
-        self.filter_empty_train = bool(filter_empty_train)
-        self.filter_min_size_train = int(filter_min_size_train)
-
-    def make_dataset(self, role: str, transforms: Transforms) -> Dataset:
-        train = role == "train"
-        return COCOPanopticDataset(
-            self.root,
-            split=self.splits[role],
-            layout=self.layout,
-            transforms=transforms,
-            filter_empty=self.filter_empty_train and train,
-            min_size=self.filter_min_size_train if train else 0,
-        )
-
-
-class SyntheticPanopticDataModule(COCOPanopticDataModule):
-    """The embedded shapes data set: generated once under ``root``, then read as COCO panoptic.
-
-    Its images are ``image_size`` squares, so by default nothing is resized
-    (``train_short_edge = eval_short_edge = None``) and LSJ crops to ``image_size``.
-
-    Args:
-        root: output folder of :func:`generate_synthetic_panoptic`.
-        num_train, num_val, image_size, seed, max_objects: generator settings.
-        **kwargs: :class:`COCOPanopticDataModule` settings (``filter_empty_train`` defaults to
-            False here); the test split is ``val``.
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        num_train: int = 300,
-        num_val: int = 50,
-        image_size: int = 96,
-        seed: int = 0,
-        max_objects: int = 4,
-        **kwargs: Any,
-    ) -> None:
-        kwargs.setdefault("train_short_edge", None)
-        kwargs.setdefault("eval_short_edge", None)
-        # the generated split is trained on whole: about one image in ten has no shape
-        kwargs.setdefault("filter_empty_train", False)
-        kwargs.setdefault("crop_size", image_size)
-        super().__init__(root, layout="annotations", train_split="train", val_split="val", test_split="val", **kwargs)
-        self.generator_args = {
-            "num_train": int(num_train),
-            "num_val": int(num_val),
-            "image_size": int(image_size),
-            "seed": int(seed),
-            "max_objects": int(max_objects),
-        }
-
-    def prepare_data(self) -> None:
-        # Lightning calls this on one process per node; the generator is idempotent.
-        generate_synthetic_panoptic(self.root, **self.generator_args)
-
-    def setup(self, stage: str | None = None) -> None:
-        # Also here: a run that skips prepare_data (e.g. plain loaders in a script) still
-        # finds the data; a finished data set makes this a stamp check.
-        generate_synthetic_panoptic(self.root, **self.generator_args)
-        super().setup(stage)
-
-    def read_class_info(self) -> ClassInfo:
-        # Known without writing any file: the generator's fixed categories.
-        return ClassInfo.from_coco_categories(SYNTHETIC_CATEGORIES, source="synthetic data set categories")

@@ -17,6 +17,7 @@ same reader as real COCO (:class:`knet_lightning.data.coco.COCOPanopticDataset`)
 Images are JPEG (quality 95, no chroma subsampling) like COCO's ``.jpg`` files, so the
 synthetic default goes through exactly the decoding path real COCO does; at this quality
 the artefacts are a few grey levels and do not move any boundary the PNG defines.
+:class:`SyntheticPanopticDataModule` generates the data set and reads it as COCO panoptic.
 
 Classes (data-set ids are deliberately non-contiguous to exercise the id mapping):
 things ``circle`` (1), ``square`` (2), ``triangle`` (3), ``ring`` (4); stuff ``sky`` (101,
@@ -42,12 +43,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from knet_lightning.data.coco import COCOPanopticDataModule
 from knet_lightning.data.io import id2rgb
-from knet_lightning.data.meta import DatasetError
+from knet_lightning.data.meta import ClassInfo, DatasetError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SYNTHETIC_CATEGORIES", "generate_synthetic_panoptic"]
+__all__ = ["SYNTHETIC_CATEGORIES", "SyntheticPanopticDataModule", "generate_synthetic_panoptic"]
 
 # Bump when the generator's output changes so that old folders are regenerated.
 _FORMAT_VERSION = 1
@@ -411,3 +413,55 @@ def generate_synthetic_panoptic(
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return root
+
+
+class SyntheticPanopticDataModule(COCOPanopticDataModule):
+    """The embedded shapes data set: generated once under ``root``, then read as COCO panoptic.
+
+    Its images are ``image_size`` squares, so by default nothing is resized
+    (``train_short_edge = eval_short_edge = None``) and LSJ crops to ``image_size``.
+
+    Args:
+        root: output folder of :func:`generate_synthetic_panoptic`.
+        num_train, num_val, image_size, seed, max_objects: generator settings.
+        **kwargs: :class:`COCOPanopticDataModule` settings (``filter_empty_train`` defaults to
+            False here); the test split is ``val``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        num_train: int = 300,
+        num_val: int = 50,
+        image_size: int = 96,
+        seed: int = 0,
+        max_objects: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("train_short_edge", None)
+        kwargs.setdefault("eval_short_edge", None)
+        # the generated split is trained on whole: about one image in ten has no shape
+        kwargs.setdefault("filter_empty_train", False)
+        kwargs.setdefault("crop_size", image_size)
+        super().__init__(root, layout="annotations", train_split="train", val_split="val", test_split="val", **kwargs)
+        self.generator_args = {
+            "num_train": int(num_train),
+            "num_val": int(num_val),
+            "image_size": int(image_size),
+            "seed": int(seed),
+            "max_objects": int(max_objects),
+        }
+
+    def prepare_data(self) -> None:
+        # Lightning calls this on one process per node; the generator is idempotent.
+        generate_synthetic_panoptic(self.root, **self.generator_args)
+
+    def setup(self, stage: str | None = None) -> None:
+        # Also here: a run that skips prepare_data (e.g. plain loaders in a script) still
+        # finds the data; a finished data set makes this a stamp check.
+        generate_synthetic_panoptic(self.root, **self.generator_args)
+        super().setup(stage)
+
+    def read_class_info(self) -> ClassInfo:
+        # Known without writing any file: the generator's fixed categories.
+        return ClassInfo.from_coco_categories(SYNTHETIC_CATEGORIES, source="synthetic data set categories")
