@@ -7,7 +7,7 @@ then times one forward pass of the network alone (no reading, transforms or post
 ``(batch, 3, size, size)`` input, in rounds: each round runs every backend in turn (warm-up, then
 timed runs), so that a machine's drift spreads over all; the median of all timed runs is
 reported. Backends: PyTorch NCHW, PyTorch channels-last (what ``KNetModule`` picks for CPU
-inference, :mod:`knet_lightning.memory_format`) and ONNX Runtime (CPUExecutionProvider), all with
+inference, :mod:`knet_lightning.runtime.memory_format`) and ONNX Runtime (CPUExecutionProvider), all with
 the same number of threads. Prints a Markdown table and writes JSON. ::
 
     python scripts/bench_onnx.py                                   # the default run's model, 512x512

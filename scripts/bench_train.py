@@ -9,7 +9,7 @@ exactly the README's command ::
 
 with size-reducing overrides (steps, images, no test; random weights: nothing is downloaded), reads the run's ``metrics.json``
 (``train/throughput``: images/s of all processes, forward + backward + step, from
-:class:`knet_lightning.sweep.JobStats`) and the peak GPU memory, and prints a table and writes
+:class:`knet_lightning.runtime.sweep.JobStats`) and the peak GPU memory, and prints a table and writes
 JSON. On a GPU machine ``trainer=ddp`` is NCCL over all GPUs with bf16 autocast.
 
     python scripts/bench_train.py --images 64 --size 800x1216 --steps 60 --out bench_results/train.json

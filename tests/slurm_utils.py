@@ -44,7 +44,7 @@ class PauseAtStep(Callback):
             time.sleep(0.05)
 
     def _released(self, trainer: Trainer) -> bool:
-        from knet_lightning.signals import StepBoundarySignals
+        from knet_lightning.runtime.signals import StepBoundarySignals
 
         if trainer.received_sigterm:
             return True

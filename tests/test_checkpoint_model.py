@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from knet_lightning.checkpoint_model import flatten, model_config_for_checkpoint
-from knet_lightning.configs import override_key
+from knet_lightning.settings import override_key
 
 STORED = {
     "task": "panoptic",

@@ -25,7 +25,7 @@ from wandb_utils import read_offline_run
 from knet_lightning.cli import build_model, config_dir, print_results, resolve_ckpt_path
 from knet_lightning.data.meta import ClassInfo
 from knet_lightning.run_data import DATA_META_KEYS
-from knet_lightning.secrets import hide_secret_overrides, redact, redact_hydra_dump
+from knet_lightning.runtime.secrets import hide_secret_overrides, redact, redact_hydra_dump
 
 CONF = Path(config_dir())
 

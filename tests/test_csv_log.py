@@ -1,11 +1,11 @@
-"""The CSV metrics log that a resumed run continues (knet_lightning.csv_log)."""
+"""The CSV metrics log that a resumed run continues (knet_lightning.runtime.csv_log)."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
-from knet_lightning.csv_log import ContinuedCSVLogger
+from knet_lightning.runtime.csv_log import ContinuedCSVLogger
 
 
 def _rows(path: Path) -> list[dict[str, str]]:

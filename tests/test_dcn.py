@@ -297,7 +297,7 @@ def test_r101_dcn_c3_c5_parameter_count() -> None:
 def test_flop_count_includes_the_deformable_convs() -> None:
     """``model_complexity`` (the logged ``model/gflops`` and the bench) counts a deformable conv as
     its offset conv, its convolution and 4 multiply-adds per bilinear sample."""
-    from knet_lightning.sweep import model_complexity
+    from knet_lightning.runtime.sweep import model_complexity
 
     conv = DeformConv2dPack(8, 16, 3, stride=2, padding=1)
     out_positions = 5 * 6  # a 10x12 input at stride 2

@@ -91,7 +91,7 @@ def _tiny_module(channels_last: object = "auto") -> KNetModule:  # noqa: F821
 def test_auto_memory_format_trains_nchw_on_avx2_cpus_and_channels_last_elsewhere(
     monkeypatch: pytest.MonkeyPatch, capability: str, expected: bool
 ) -> None:
-    from knet_lightning.memory_format import prefers_channels_last
+    from knet_lightning.runtime.memory_format import prefers_channels_last
 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert prefers_channels_last(torch.device("cpu"), training=True) is expected

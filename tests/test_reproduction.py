@@ -1,4 +1,4 @@
-"""``strict_reproduction=true`` (knet_lightning.reproduction): the official runs' numerics."""
+"""``strict_reproduction=true`` (knet_lightning.runtime.reproduction): the official runs' numerics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import yaml
 from cli_utils import compose_cfg, run_cfg, tiny_overrides
 from omegaconf import OmegaConf
 
-from knet_lightning.reproduction import apply_strict_reproduction
+from knet_lightning.runtime.reproduction import apply_strict_reproduction
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Redaction by key and by value (knet_lightning/secrets.py): environment values, token shapes,
+"""Redaction by key and by value (knet_lightning/runtime/secrets.py): environment values, token shapes,
 ``key=value`` inside strings, ``secret_keys=``; and what must stay readable (git commit hashes,
 every key of the project's configs). The end-to-end check that no file of a run holds a secret is
 ``test_no_secret_reaches_a_file_of_the_run_or_of_wandb`` in test_cli.py."""
@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from knet_lightning.cli import config_dir
-from knet_lightning.secrets import (
+from knet_lightning.runtime.secrets import (
     hide_secret_overrides,
     is_secret_key,
     redact,

@@ -20,7 +20,7 @@ from distributed_utils import CLI_TINY, cli_env, free_port, probe_overrides, rea
 from omegaconf import OmegaConf
 from slurm_utils import fake_scontrol, slurm_env, start_steps
 
-from knet_lightning.slurm import auto_resume_path, check_requeue_signal, slurm_environment
+from knet_lightning.runtime.slurm import auto_resume_path, check_requeue_signal, slurm_environment
 
 # trainer=slurm is the GPU config; here every task is one CPU process over gloo
 CPU_SLURM = [
@@ -190,7 +190,7 @@ def test_trainer_slurm_outside_a_job_says_so(tmp_path: Path, monkeypatch: pytest
 
 
 def test_the_requeued_id_of_an_array_task_is_array_id_and_index(monkeypatch: pytest.MonkeyPatch) -> None:
-    from knet_lightning.signals import requeue_job_id
+    from knet_lightning.runtime.signals import requeue_job_id
 
     _simulate(monkeypatch, slurm_env("4343"))
     assert requeue_job_id() == "4343"
@@ -247,7 +247,7 @@ def test_ranks_stopped_by_sigterm_do_not_fail_the_job(monkeypatch: pytest.Monkey
     import subprocess
     from types import SimpleNamespace
 
-    from knet_lightning import distributed
+    from knet_lightning.runtime import distributed
 
     # a rank started by this process that stopped on the SIGTERM passed on to it: exit 143
     for ok_codes, fails in (((0,), True), ((0, 143), False)):

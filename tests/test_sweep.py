@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from wandb_utils import _records, read_offline_run
 
-from knet_lightning.sweep import sweep_group, sweep_tags, write_summary
+from knet_lightning.runtime.sweep import sweep_group, sweep_tags, write_summary
 
 # the tiny model and data without N and S (the sweep sets them), two steps, one validation
 # batch, no test pass and no progress bars: a job takes a few seconds

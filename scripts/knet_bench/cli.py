@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from knet_lightning.memory_format import prefers_channels_last
+from knet_lightning.runtime.memory_format import prefers_channels_last
 
 from .common import PROFILES, Context
 from .data import section_data

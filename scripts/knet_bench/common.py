@@ -151,7 +151,7 @@ class Context:
     the knet section's rows for its ratios).
 
     ``memory_format`` is K-Net's (``--memory-format``): ``auto`` picks per mode what the
-    package's ``channels_last=auto`` picks (:func:`knet_lightning.memory_format.prefers_channels_last`),
+    package's ``channels_last=auto`` picks (:func:`knet_lightning.runtime.memory_format.prefers_channels_last`),
     ``channels-last`` or ``nchw`` fix it; ``amp_dtype`` is
     the autocast dtype of K-Net's forward and losses (``--amp``), None for fp32.
     """

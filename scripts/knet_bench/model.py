@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from knet_lightning.criterion.criterion import KNetCriterion
-from knet_lightning.memory_format import prefers_channels_last
 from knet_lightning.models.knet import KNet
 from knet_lightning.module import KNetModule
 from knet_lightning.optim import OptimizerSettings, build_optimizer
+from knet_lightning.runtime.memory_format import prefers_channels_last
 
 from .common import NUM_STUFF, NUM_THINGS, Context
 from .timing import PartTimer

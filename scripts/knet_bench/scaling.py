@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-from knet_lightning.sweep import model_complexity
+from knet_lightning.runtime.sweep import model_complexity
 
 from .common import Context, make_batch
 from .model import build_knet, in_layout, knet_infer_step, knet_train_step, make_optimizer

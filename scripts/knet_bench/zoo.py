@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from knet_lightning.sweep import model_complexity
+from knet_lightning.runtime.sweep import model_complexity
 
 from .common import NUM_CLASSES, Context, Profile, count_params, make_batch
 from .mask2former import m2f_steps

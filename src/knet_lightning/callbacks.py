@@ -272,9 +272,9 @@ class PreemptionCheckpoint(Callback):
 
     SIGTERM is ours, SIGUSR1 the requeue's: under ``trainer=slurm`` it writes ``hpc_ckpt_<n>.ckpt``
     in the run folder and requeues the job, and the SIGTERM with which SLURM then ends the
-    instance comes here (:mod:`knet_lightning.slurm` has the whole sequence). One process stops
+    instance comes here (:mod:`knet_lightning.runtime.slurm` has the whole sequence). One process stops
     on Lightning's own ``trainer.received_sigterm``; in a distributed fit
-    :class:`~knet_lightning.signals.StepBoundarySignals` sets it on every rank after the same
+    :class:`~knet_lightning.runtime.signals.StepBoundarySignals` sets it on every rank after the same
     step, so that the collective save below meets every rank there.
 
     Args:
@@ -411,7 +411,7 @@ class ModelSummary(RichModelSummary):
     counts FLOPs only by running the module's ``example_input_array``, which K-Net has none of
     (the input size is the data's), so it printed 0 for every module. The FLOPs of one forward
     pass of a training image are ``model/gflops`` in the results table and the metrics
-    (:class:`~knet_lightning.sweep.JobStats`, measured at the first training step)."""
+    (:class:`~knet_lightning.runtime.sweep.JobStats`, measured at the first training step)."""
 
     def _summary(self, trainer: Trainer, pl_module: LightningModule) -> Any:
         with warnings.catch_warnings():

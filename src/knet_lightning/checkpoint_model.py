@@ -15,7 +15,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from knet_lightning.configs import override_key
+from knet_lightning.settings import override_key
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,8 @@ from knet_lightning.checkpoint_model import (
     model_config_for_checkpoint,
     without_initial_weights,
 )
-from knet_lightning.configs import command_line_overrides, override_key, register_configs
-from knet_lightning.distributed import end_of_job, is_global_zero_from_env
+from knet_lightning.configs import register_configs
 from knet_lightning.errors import summary as error_summary
-from knet_lightning.reproduction import apply_strict_reproduction, strict_runtime
 from knet_lightning.run_data import (
     build_datamodule,
     check_class_counts,
@@ -43,8 +41,11 @@ from knet_lightning.run_data import (
     run_data_check,
     stored_data_config,
 )
-from knet_lightning.secrets import hide_secret_overrides, redact, redact_hydra_dump
-from knet_lightning.slurm import auto_resume_path, check_requeue_signal
+from knet_lightning.runtime.distributed import end_of_job, is_global_zero_from_env
+from knet_lightning.runtime.reproduction import apply_strict_reproduction, strict_runtime
+from knet_lightning.runtime.secrets import hide_secret_overrides, redact, redact_hydra_dump
+from knet_lightning.runtime.slurm import auto_resume_path, check_requeue_signal
+from knet_lightning.settings import command_line_overrides, override_key
 
 log = logging.getLogger("knet_lightning")
 # the knet.* resolvers and structured configs of conf/, before @hydra.main composes any config
@@ -213,7 +214,7 @@ def build_callbacks(cfg: DictConfig) -> list[Any]:
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
-    from knet_lightning.loggers import drop_lightning_noise
+    from knet_lightning.runtime.loggers import drop_lightning_noise
 
     drop_lightning_noise()  # before the Trainer built next: its advertisement, among others
     logger_cfg = cfg.get("logger") or {}
@@ -495,7 +496,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> float | None:
     mode = cfg.mode
     if mode == "train":
         # a requeued SLURM job (trainer=slurm) comes back to its folder with no ckpt_path: it
-        # continues from the folder's newest checkpoint (knet_lightning/slurm.py)
+        # continues from the folder's newest checkpoint (knet_lightning/runtime/slurm.py)
         if ckpt_path is None and cfg.get("auto_resume"):
             ckpt_path = auto_resume_path(trainer, output_dir / "checkpoints")
         check_requeue_signal(trainer)
@@ -555,7 +556,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> float | None:
     """``python -m knet_lightning`` / ``knet-lightning``: the Hydra app, with secret-looking
-    overrides moved off the command line first (see :mod:`knet_lightning.secrets`)."""
+    overrides moved off the command line first (see :mod:`knet_lightning.runtime.secrets`)."""
     sys.argv = hide_secret_overrides(sys.argv, os.environ)
     return _hydra_main()
 

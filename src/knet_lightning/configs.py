@@ -37,22 +37,15 @@ from typing import Any
 from omegaconf import OmegaConf
 
 
-def override_key(item: str) -> str:
-    """The config key (or group) a Hydra command-line override names: ``model.x`` for
-    ``model.x=1``, ``+model.x=1``, ``++model.x=1`` and ``~model.x``; ``trainer`` for ``trainer=ddp``.
-    Readers of ``overrides.task`` decide what a parent key or a group choice means to them."""
-    return item.split("=", 1)[0].lstrip("+~")
-
-
 def root_dir() -> str:
     """The project root that data and logs live under: ``$KNET_ROOT`` or the working directory."""
     return os.environ.get("KNET_ROOT") or os.getcwd()
 
 
 def _resolvers() -> dict[str, Callable[..., Any]]:
-    from knet_lightning.distributed import log_file_suffix
-    from knet_lightning.slurm import slurm_job_id
-    from knet_lightning.sweep import sweep_group, sweep_tags
+    from knet_lightning.runtime.distributed import log_file_suffix
+    from knet_lightning.runtime.slurm import slurm_job_id
+    from knet_lightning.runtime.sweep import sweep_group, sweep_tags
 
     return {
         "knet.root_dir": root_dir,
@@ -88,10 +81,3 @@ def register_configs() -> None:
     # Lightning 2.6's own use of torch 2.14's pytree API (lightning/pytorch/utilities/_pytree.py),
     # printed at every fit and nothing a user can act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
-
-
-def command_line_overrides() -> list[str]:
-    """This run's command-line overrides (Hydra's ``overrides.task``; none outside a Hydra app)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []

@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 from knet_lightning.checkpoint_model import DATA_CONFIG_KEY, INFERENCE_KEY, MODEL_CONFIG_KEY
 from knet_lightning.errors import NonFiniteLossError
-from knet_lightning.memory_format import choose_memory_format
 from knet_lightning.models.outputs import StageOutput
 from knet_lightning.optim import OptimizerSettings, SchedulerSettings, build_optimizer, build_scheduler, clips_under_amp
+from knet_lightning.runtime.memory_format import choose_memory_format
 from knet_lightning.settings import settings_from
 from knet_lightning.tasks import SegmentationTask, build_task
 from knet_lightning.test_time import TestTimeSettings, run_test_time, settings_for_task
@@ -47,7 +47,7 @@ class KNetModule(LightningModule):
         max_bad_steps: a NaN/Inf loss skips its optimizer step; more than this many consecutive
             such steps stop the run with :class:`NonFiniteLossError`.
         channels_last: run the network in the channels-last memory format; ``"auto"``: where it
-            is the faster layout (:mod:`knet_lightning.memory_format`), decided once the device is known.
+            is the faster layout (:mod:`knet_lightning.runtime.memory_format`), decided once the device is known.
         compile: ``torch.compile`` the network in place (parameter names stay as they are).
         test_time: :class:`~knet_lightning.test_time.TestTimeSettings` or its fields: how evaluation runs the network.
     """

@@ -1,4 +1,5 @@
-"""Typed settings read from a config mapping: an unknown key is an error that names it."""
+"""Typed settings read from a config mapping (an unknown key is an error that names it), and the
+config keys a command line's overrides name."""
 
 from __future__ import annotations
 
@@ -18,3 +19,17 @@ def settings_from(cls: type[_T], values: Mapping[str, Any] | None, key: str) -> 
     if unknown:
         raise ValueError(f"{key}: unknown key(s) {unknown}; valid keys: {valid or 'none'}")
     return cls(**values)
+
+
+def override_key(item: str) -> str:
+    """The config key (or group) a Hydra command-line override names: ``model.x`` for
+    ``model.x=1``, ``+model.x=1``, ``++model.x=1`` and ``~model.x``; ``trainer`` for ``trainer=ddp``.
+    Readers of ``overrides.task`` decide what a parent key or a group choice means to them."""
+    return item.split("=", 1)[0].lstrip("+~")
+
+
+def command_line_overrides() -> list[str]:
+    """This run's command-line overrides (Hydra's ``overrides.task``; none outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from knet_lightning.configs import override_key
+from knet_lightning.settings import override_key
 
 __all__ = ["STRICT_SETTINGS", "apply_strict_reproduction", "strict_runtime"]
 

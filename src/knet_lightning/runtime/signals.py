@@ -92,7 +92,7 @@ class StepBoundarySignals(Callback):
             signal.signal(signal.SIGTERM, functools.partial(self._note_sigterm, trainer))
         env = trainer._accelerator_connector.cluster_environment
         if isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal is not None:
-            # only where Lightning installed its requeue handler (knet_lightning.slurm.check_requeue_signal
+            # only where Lightning installed its requeue handler (knet_lightning.runtime.slurm.check_requeue_signal
             # has warned otherwise): a handler of someone else's stays
             if isinstance(signal.getsignal(env.requeue_signal), _HandlersCompose):
                 signal.signal(env.requeue_signal, self._note_requeue)

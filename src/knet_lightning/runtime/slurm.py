@@ -14,14 +14,14 @@ wires them together for ``trainer=slurm``:
   whose folder already holds a checkpoint continues from the newest one, without ``ckpt_path``.
 
 Who owns which signal (Lightning 2.x ``trainer/connectors/signal_connector.py``, registered at the
-start of every ``fit``/``test``; :mod:`knet_lightning.signals` over them in a fit):
+start of every ``fit``/``test``; :mod:`knet_lightning.runtime.signals` over them in a fit):
 
 * **SIGUSR1: the requeue.** SLURM sends it ``signal_delay_s`` before the time limit
   (``#SBATCH --signal=USR1@120``). It writes ``<run folder>/hpc_ckpt_<n>.ckpt``
   (``trainer.save_checkpoint``, so through our atomic ``SafeCheckpointIO``) and, on global rank 0,
   runs ``scontrol requeue <job id>``, as Lightning's handler would
   (``_SignalConnector._slurm_sigusr_handler_fn``), but at the end of the step in progress, on
-  every rank together: :class:`~knet_lightning.signals.StepBoundarySignals` takes over Lightning's
+  every rank together: :class:`~knet_lightning.runtime.signals.StepBoundarySignals` takes over Lightning's
   handler, which would checkpoint wherever the signal landed (mid-step too). Lightning installs
   its handler only if nothing else handles SIGUSR1 (``_has_already_handler``):
   :func:`check_requeue_signal` warns when something does, and then neither takes it.
