@@ -266,7 +266,7 @@ def test_resume_with_another_batch_size_trains_every_sample_once(
 
     first = fit(before, resume=False)
     assert len(first.seen) == before * steps
-    with caplog.at_level("WARNING", logger="knet_lightning.data.datamodule"):
+    with caplog.at_level("WARNING", logger="knet_lightning.data.sampling"):
         second = fit(after, resume=True)
     assert sorted(first.seen + second.seen) == list(range(1, 7))
     assert f"{after} samples per step instead of the checkpoint's {before}" in caplog.text

@@ -31,13 +31,14 @@ from knet_lightning.data.sampling import (
     ResumableSampler,
     SeededSamples,
     aspect_ratio_flags,
+    continue_by_sample_count,
 )
 from knet_lightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    ResizeShortestEdge,
     build_transforms,
     collate_batch,
+    eval_pipeline_settings,
 )
 from knet_lightning.runtime.distributed import eval_sampler
 
@@ -189,25 +190,13 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         arithmetic), ``mean`` / ``std`` (0-1 scale, RGB), ``size_divisor`` and ``dataset_ids``
         (the data set's id of each class).
         Stored in checkpoints (``knet_inference``) for :class:`knet_lightning.Segmenter`."""
-        short_edge: int | None = None
-        max_size: int | None = None
-        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-        for op in getattr(self.eval_transforms, "transforms", []):
-            if isinstance(op, ResizeShortestEdge):
-                low, high = op.short_edge
-                if low != high:
-                    raise ValueError(
-                        f"{type(self).__name__}: the evaluation resize must be single-scale, got {op.short_edge}"
-                    )
-                short_edge, max_size = int(low), None if op.max_size is None else int(op.max_size)
-            elif isinstance(op, v2.Normalize):
-                mean, std = [float(m) for m in op.mean], [float(v) for v in op.std]
+        pipeline = eval_pipeline_settings(self.eval_transforms, type(self).__name__)
         return {
-            "short_edge": short_edge,
-            "max_size": max_size,
+            "short_edge": pipeline["short_edge"],
+            "max_size": pipeline["max_size"],
             "resize_backend": self.resize_backend,
-            "mean": mean,
-            "std": std,
+            "mean": pipeline["mean"],
+            "std": pipeline["std"],
             "size_divisor": self.size_divisor,
             "dataset_ids": list(self.class_info.dataset_ids),
         }
@@ -385,7 +374,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             sampler = ResumableSampler(dataset, batch_size=self.batch_size, shuffle=True, seed=seed)
         if self._sampler_state is not None:
             sampler.load_state_dict(self._sampler_state)
-            _continue_by_sample_count(self.trainer, sampler, self._sampler_state)
+            continue_by_sample_count(self.trainer, sampler, self._sampler_state)
             self._sampler_state = None
         self._train_sampler = sampler
         return ResumableDataLoader(
@@ -429,41 +418,6 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.val_batch_size, shuffle=False)
-
-
-def _continue_by_sample_count(trainer: Any, sampler: ResumableSampler, state: dict[str, Any]) -> None:
-    """After a resume mid-epoch with another batch size (or number of processes), sets the
-    training loop's batch count of that epoch to the batches of the new size that the consumed
-    samples account for (:meth:`ResumableSampler.batches_done_after`).
-
-    Lightning restores the count of batches of the checkpoint's size and ends the epoch when the
-    count reaches the loader's length: with a larger batch it would stop before the rest of the
-    epoch was trained. Runs after Lightning restored its loops and before the epoch loop resets
-    (which copies ``completed`` into the other counters, after adding the batch whose end the
-    checkpoint was written at).
-    """
-    position = sampler.resumed_position()
-    before, now = state.get("samples_per_step"), sampler.batch_size * sampler.num_replicas
-    if trainer is None or position is None or before is None or int(before) == now:
-        return
-    epoch, consumed = position
-    done = sampler.batches_done_after(consumed)
-    total = trainer.fit_loop.epoch_loop.batch_progress.total
-    at_batch_end = (
-        total.started == total.ready and total.processed == total.started and total.completed == total.processed - 1
-    )
-    current = trainer.fit_loop.epoch_loop.batch_progress.current
-    current.ready = current.started = current.processed = done
-    current.completed = done - 1 if at_batch_end else done
-    log.warning(
-        "resuming mid-epoch %d with %d samples per step instead of the checkpoint's %d (batch size x processes): "
-        "the epoch goes on by sample count after the %d of %d samples already trained, none skipped or repeated",
-        epoch,
-        now,
-        int(before),
-        consumed,
-        len(sampler.dataset),
-    )
 
 
 def _plain_size(value: Any) -> Any:

@@ -30,6 +30,7 @@ __all__ = [
     "ResumableSampler",
     "SeededSamples",
     "aspect_ratio_flags",
+    "continue_by_sample_count",
     "grouped_order",
     "sample_seed",
 ]
@@ -388,6 +389,41 @@ class GroupedResumableSampler(ResumableSampler):
                 chunk,
                 self.batch_size * self.num_replicas,
             )
+
+
+def continue_by_sample_count(trainer: Any, sampler: ResumableSampler, state: dict[str, Any]) -> None:
+    """After a resume mid-epoch with another batch size (or number of processes), sets the
+    training loop's batch count of that epoch to the batches of the new size that the consumed
+    samples account for (:meth:`ResumableSampler.batches_done_after`).
+
+    Lightning restores the count of batches of the checkpoint's size and ends the epoch when the
+    count reaches the loader's length: with a larger batch it would stop before the rest of the
+    epoch was trained. Runs after Lightning restored its loops and before the epoch loop resets
+    (which copies ``completed`` into the other counters, after adding the batch whose end the
+    checkpoint was written at).
+    """
+    position = sampler.resumed_position()
+    before, now = state.get("samples_per_step"), sampler.batch_size * sampler.num_replicas
+    if trainer is None or position is None or before is None or int(before) == now:
+        return
+    epoch, consumed = position
+    done = sampler.batches_done_after(consumed)
+    total = trainer.fit_loop.epoch_loop.batch_progress.total
+    at_batch_end = (
+        total.started == total.ready and total.processed == total.started and total.completed == total.processed - 1
+    )
+    current = trainer.fit_loop.epoch_loop.batch_progress.current
+    current.ready = current.started = current.processed = done
+    current.completed = done - 1 if at_batch_end else done
+    log.warning(
+        "resuming mid-epoch %d with %d samples per step instead of the checkpoint's %d (batch size x processes): "
+        "the epoch goes on by sample count after the %d of %d samples already trained, none skipped or repeated",
+        epoch,
+        now,
+        int(before),
+        consumed,
+        len(sampler.dataset),
+    )
 
 
 class ResumableDataLoader(DataLoader):

@@ -334,6 +334,28 @@ def build_transforms(
     return v2.Compose(ops)
 
 
+def eval_pipeline_settings(pipeline: Any, owner: str) -> dict[str, Any]:
+    """What an evaluation pipeline of :func:`build_transforms` does to an image: ``short_edge`` /
+    ``max_size`` of its keep-ratio resize (None: no resize) and ``mean`` / ``std`` of its
+    normalisation (ImageNet's where it has none), as lists of floats.
+
+    Raises:
+        ValueError: naming ``owner``, when the resize is not single-scale.
+    """
+    short_edge: int | None = None
+    max_size: int | None = None
+    mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    for op in getattr(pipeline, "transforms", []):
+        if isinstance(op, ResizeShortestEdge):
+            low, high = op.short_edge
+            if low != high:
+                raise ValueError(f"{owner}: the evaluation resize must be single-scale, got {op.short_edge}")
+            short_edge, max_size = int(low), None if op.max_size is None else int(op.max_size)
+        elif isinstance(op, v2.Normalize):
+            mean, std = [float(m) for m in op.mean], [float(v) for v in op.std]
+    return {"short_edge": short_edge, "max_size": max_size, "mean": mean, "std": std}
+
+
 def _plain(value: Any) -> Any:
     """tv_tensors -> plain tensors (the model and losses need no dispatch)."""
     if isinstance(value, tv_tensors.TVTensor):
