@@ -28,7 +28,7 @@ from hydra import compose, initialize_config_dir
 
 from knet_lightning.cli import build_datamodule, build_model, config_dir
 from knet_lightning.configs import register_configs
-from knet_lightning.optim import build_optimizer
+from knet_lightning.training.optim import build_optimizer
 
 
 def _compose(root: Path, overrides: list[str]):  # -> DictConfig

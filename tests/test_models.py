@@ -498,7 +498,7 @@ def test_forward_under_cpu_autocast_keeps_kernels_fp32() -> None:
 def test_frozen_modules_note_replaces_lightnings_warning_only_for_the_backbones_own(caplog) -> None:
     import warnings
 
-    from knet_lightning.callbacks import FrozenModulesNote
+    from knet_lightning.training.callbacks import FrozenModulesNote
 
     module = nn.Module()
     module.net = nn.Module()
@@ -510,7 +510,7 @@ def test_frozen_modules_note_replaces_lightnings_warning_only_for_the_backbones_
     def lightning_warns(count: int) -> list:
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            with caplog.at_level("INFO", logger="knet_lightning.callbacks"):
+            with caplog.at_level("INFO", logger="knet_lightning.training.callbacks"):
                 FrozenModulesNote().on_fit_start(None, module)
             warnings.warn(
                 f"Found {count} module(s) in eval mode at the start of training. This may lead to ...", stacklevel=1

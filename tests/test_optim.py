@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from knet_lightning.optim import OptimizerSettings, build_optimizer
+from knet_lightning.training.optim import OptimizerSettings, build_optimizer
 
 
 def _net() -> nn.Module:

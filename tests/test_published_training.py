@@ -20,8 +20,8 @@ from knet_lightning.cli import build_datamodule, build_model
 from knet_lightning.convert.backbones import backbone_from_published
 from knet_lightning.convert.mapping import convert_state_dict
 from knet_lightning.convert.mmseg import MMSEG_SEMANTIC
-from knet_lightning.global_batch import apply_global_batch, plan_global_batch
-from knet_lightning.optim import build_optimizer, warmup_step_lambda
+from knet_lightning.training.global_batch import apply_global_batch, plan_global_batch
+from knet_lightning.training.optim import build_optimizer, warmup_step_lambda
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -129,7 +129,7 @@ def test_mmengine_schedule_equals_mmsegmentation_1x_schedulers() -> None:
 
 
 def test_the_schedule_convention_is_selectable(tmp_path: Path) -> None:
-    from knet_lightning.optim import SchedulerSettings
+    from knet_lightning.training.optim import SchedulerSettings
 
     cfg = compose_cfg(tmp_path, ["experiment=knet_upernet_r50_ade20k_80k", "model.scheduler.convention=mmengine"])
     assert cfg.model.scheduler.convention == "mmengine"
@@ -173,7 +173,7 @@ def test_apply_global_batch_to_a_trainer_and_module(tmp_path: Path, caplog: pyte
     lr = module.optimizer_settings.lr
     trainer = Trainer(accelerator="cpu", devices=1, max_steps=10, val_check_interval=8, check_val_every_n_epoch=None,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="knet_lightning.global_batch"):
+    with caplog.at_level(logging.WARNING, logger="knet_lightning.training.global_batch"):
         apply_global_batch(trainer, module, 2, 16, "accumulate")
     assert trainer.accumulate_grad_batches == 8 and trainer.val_check_interval == 64
     assert module.optimizer_settings.lr == lr

@@ -16,7 +16,6 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from knet_lightning.criterion import KNetCriterion
 from knet_lightning.models.knet import KNet
 from knet_lightning.module import KNetModule
-from knet_lightning.optim import OptimizerSettings, build_optimizer
 from knet_lightning.tasks import (
     TASKS,
     InstanceSettings,
@@ -25,6 +24,7 @@ from knet_lightning.tasks import (
     SemanticTask,
     build_task,
 )
+from knet_lightning.training.optim import OptimizerSettings, build_optimizer
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "knet_lightning"
 
@@ -256,7 +256,7 @@ def test_no_task_branch_outside_tasks_and_short_modules() -> None:
 def test_overlay_callback_draws_the_task_overlay_without_data_set_colours(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from knet_lightning.callbacks import PredictionOverlays
+    from knet_lightning.training.callbacks import PredictionOverlays
 
     module = _module()  # no class colours given: the default palette
     assert module.colors is None

@@ -3,7 +3,7 @@
 The model is the package's own :class:`~knet_lightning.module.KNetModule` (network +
 criterion): the train step runs its ``training_loss`` (forward + matching + losses, what
 ``training_step`` runs) and then backward and the step of the package's AdamW
-(:func:`knet_lightning.optim.build_optimizer`), so the benchmark measures the training code
+(:func:`knet_lightning.training.optim.build_optimizer`), so the benchmark measures the training code
 itself, not a copy of it.
 """
 
@@ -19,8 +19,8 @@ from torch import Tensor
 from knet_lightning.criterion.criterion import KNetCriterion
 from knet_lightning.models.knet import KNet
 from knet_lightning.module import KNetModule
-from knet_lightning.optim import OptimizerSettings, build_optimizer
 from knet_lightning.runtime.memory_format import prefers_channels_last
+from knet_lightning.training.optim import OptimizerSettings, build_optimizer
 
 from .common import NUM_STUFF, NUM_THINGS, Context
 from .timing import PartTimer

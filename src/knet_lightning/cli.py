@@ -414,7 +414,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> float | None:
     import lightning as L
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from knet_lightning.callbacks import PredictionExport
+    from knet_lightning.training.callbacks import PredictionExport
 
     if cfg.get("strict_reproduction"):
         overrides = command_line_overrides()
@@ -488,7 +488,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> float | None:
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False)
     log.info("precision: %s (trainer.precision)", trainer.precision)
     if cfg.mode == "train":
-        from knet_lightning.global_batch import apply_global_batch
+        from knet_lightning.training.global_batch import apply_global_batch
 
         apply_global_batch(trainer, model, int(cfg.data.batch_size), cfg.get("base_batch_size"),
                            str(cfg.get("batch_remedy", "none")))  # fmt: skip

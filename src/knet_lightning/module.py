@@ -1,7 +1,7 @@
 """KNetModule: the LightningModule that trains a K-Net and hands evaluation to its task.
 
 It owns the network (``KNet`` or ``SemanticKNet``), the criterion (matcher + losses), and the
-optimizer and learning-rate policy of the official configs (:mod:`knet_lightning.optim`).
+optimizer and learning-rate policy of the official configs (:mod:`knet_lightning.training.optim`).
 Post-processing, ground truth, metrics, overlays and output formats belong to the task object
 (:mod:`knet_lightning.tasks`); nothing here branches on the task or knows a data-set format.
 """
@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from knet_lightning.checkpoint_model import DATA_CONFIG_KEY, INFERENCE_KEY, MODEL_CONFIG_KEY
 from knet_lightning.errors import NonFiniteLossError
 from knet_lightning.models.outputs import StageOutput
-from knet_lightning.optim import OptimizerSettings, SchedulerSettings, build_optimizer, build_scheduler, clips_under_amp
 from knet_lightning.runtime.memory_format import choose_memory_format
 from knet_lightning.settings import settings_from
 from knet_lightning.tasks import SegmentationTask, build_task
 from knet_lightning.test_time import TestTimeSettings, run_test_time, settings_for_task
+from knet_lightning.training import optim
 from knet_lightning.visualize import denormalized_image
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,8 @@ class KNetModule(LightningModule):
             ``num_stages`` and ``num_proposals`` are the only source of S and N.
         criterion: ``criterion(outputs, targets) -> dict[str, Tensor]`` of weighted loss terms.
         task: ``panoptic``, ``instance`` or ``semantic`` (:mod:`knet_lightning.tasks`).
-        optimizer: :class:`~knet_lightning.optim.OptimizerSettings` fields.
-        scheduler: :class:`~knet_lightning.optim.SchedulerSettings` fields.
+        optimizer: :class:`~knet_lightning.training.optim.OptimizerSettings` fields.
+        scheduler: :class:`~knet_lightning.training.optim.SchedulerSettings` fields.
         postprocess: the task's settings (:mod:`knet_lightning.tasks.settings`).
         eval_all_stages: evaluate every stage depth at validation, not only the last.
         num_vis_images: validation images kept for overlays each epoch (rank zero).
@@ -74,8 +74,8 @@ class KNetModule(LightningModule):
         self.save_hyperparameters(ignore=["net", "criterion", "test_time"], logger=False)  # test_time: model_config
         self.net = net
         self.criterion = criterion
-        self.optimizer_settings = settings_from(OptimizerSettings, optimizer, "model.optimizer")
-        self.scheduler_settings = settings_from(SchedulerSettings, scheduler, "model.scheduler")
+        self.optimizer_settings = settings_from(optim.OptimizerSettings, optimizer, "model.optimizer")
+        self.scheduler_settings = settings_from(optim.SchedulerSettings, scheduler, "model.scheduler")
         if int(max_bad_steps) < 0:
             raise ValueError(f"max_bad_steps must be >= 0, got {max_bad_steps}")
         self.max_bad_steps = int(max_bad_steps)
@@ -235,8 +235,8 @@ class KNetModule(LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
-        optimizer = build_optimizer(self.net, self.optimizer_settings, clips_under_amp=clips_under_amp(self._trainer))
-        scheduler = build_scheduler(optimizer, self.scheduler_settings, self._steps_per_epoch)
+        optimizer = optim.build_optimizer(self.net, self.optimizer_settings, optim.clips_under_amp(self._trainer))
+        scheduler = optim.build_scheduler(optimizer, self.scheduler_settings, self._steps_per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     def _steps_per_epoch(self) -> float:

@@ -35,7 +35,7 @@ class KNet(nn.Module):
     half-width ResNet-18 from scratch.
 
     The backbone lives under the attribute ``backbone`` (the optimizer scales its lr);
-    :func:`knet_lightning.optim.param_groups` splits the trainable parameters accordingly.
+    :func:`knet_lightning.training.optim.param_groups` splits the trainable parameters accordingly.
     """
 
     def __init__(

@@ -23,7 +23,7 @@ signalled:
   boundary, so the requeued job resumes bit-exactly), then global rank 0 runs
   ``scontrol requeue <job id>``, as Lightning's handler does;
 * SIGTERM: ``trainer.received_sigterm`` is set on every rank; Lightning's loops stop after this
-  step and :class:`~knet_lightning.callbacks.PreemptionCheckpoint` writes ``last.ckpt``.
+  step and :class:`~knet_lightning.training.checkpointing.PreemptionCheckpoint` writes ``last.ckpt``.
 
 In one process Lightning's SIGTERM flag stops the run right after the step's batch-end hooks;
 a requeue signal noted in that step is then acted on as the run stops (``on_exception``), so

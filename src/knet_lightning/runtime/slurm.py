@@ -27,7 +27,7 @@ start of every ``fit``/``test``; :mod:`knet_lightning.runtime.signals` over them
   :func:`check_requeue_signal` warns when something does, and then neither takes it.
 * **SIGTERM: ours.** The run stops at the next step boundary (one process: Lightning's
   ``trainer.received_sigterm``; distributed: set by ``StepBoundarySignals`` on every rank after the
-  same step), :class:`~knet_lightning.callbacks.PreemptionCheckpoint` writes
+  same step), :class:`~knet_lightning.training.checkpointing.PreemptionCheckpoint` writes
   ``checkpoints/last.ckpt`` there and the CLI exits with 143. SLURM sends SIGTERM when it stops the
   job: after the requeue above, at the time limit, on preemption and on ``scancel``.
 
