@@ -13,7 +13,7 @@ PEER_STAMP := $(VENV)/.peers
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: install train lint test test-all bench clean
+.PHONY: install train lint test test-all bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,9 +50,14 @@ test: $(PEER_STAMP) lint
 test-all: $(PEER_STAMP)
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
+# the documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link or anchor, or a
+# page outside the nav, fails (tests/test_docs.py runs the same build in CI)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 bench: $(STAMP)
 	$(BIN)/python -m pip install -e '.[test,bench]'
 	$(BIN)/python scripts/bench.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) logs data/synthetic .pytest_cache
+	rm -rf $(VENV) logs data/synthetic .pytest_cache site
