@@ -14,7 +14,7 @@ from knet_lightning.criterion import HungarianMatcher, KNetCriterion
 from knet_lightning.data.coco import COCOPanopticDataset
 from knet_lightning.data.synthetic import generate_synthetic_panoptic
 from knet_lightning.data.transforms import build_transforms, collate_batch
-from knet_lightning.models.backbone import DeformConv2dPack
+from knet_lightning.models.dcn import DeformConv2dPack
 from knet_lightning.models.knet import KNet
 from knet_lightning.models.swin import SwinBackbone
 

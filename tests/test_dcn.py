@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from knet_lightning.models.backbone import DeformConv2dPack, ResNetBackbone
+from knet_lightning.models.dcn import DeformConv2dPack
+from knet_lightning.models.resnet import ResNetBackbone
 
 DCN_C3_C5 = (False, True, True, True)  # the official knet_s3_r101_dcn-c3-c5 config
 

@@ -13,7 +13,7 @@ from torchvision.models import resnet18, resnet50
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FeaturePyramidNetwork
 
-from knet_lightning.models.backbone import FPN, ResNetBackbone
+from knet_lightning.models.backbone import FPN
 from knet_lightning.models.kernel_head import KernelHead
 from knet_lightning.models.kernel_update import (
     KernelUpdateHead,
@@ -24,6 +24,7 @@ from knet_lightning.models.kernel_update import (
 from knet_lightning.models.knet import KNet
 from knet_lightning.models.neck import SemanticFPNNeck, SinePositionalEncoding
 from knet_lightning.models.outputs import StageOutput
+from knet_lightning.models.resnet import ResNetBackbone
 
 
 def tiny_knet(**kw: object) -> KNet:
