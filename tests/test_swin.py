@@ -15,12 +15,12 @@ from torch import nn
 
 from knet_lightning.models.swin import (
     SWIN_ARCHS,
-    PatchMerging,
     SwinBackbone,
     swin_from_openmmlab,
     swin_from_original,
     swin_to_openmmlab,
 )
+from knet_lightning.models.swin_blocks import PatchMerging
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 

@@ -6,14 +6,16 @@ Built from torchvision's Swin building blocks (``torchvision.models.swin_transfo
 dependency, its blocks keep the ``(B, H, W, C)`` layout that window partitioning wants, and its
 attention module has the original parameter names (``qkv``, ``proj``,
 ``relative_position_bias_table``). Two parts are ours, both so that the published K-Net Swin
-models (MMDetection's and MMSegmentation's ``SwinTransformer``) give their numbers:
+models (MMDetection's and MMSegmentation's ``SwinTransformer``) give their numbers, both in
+:mod:`knet_lightning.models.swin_blocks` with the patch embedding and the stages:
 
-- the window attention's forward (:class:`WindowAttention`): torchvision's
-  ``shifted_window_attention`` drops the shift when one window covers the padded map,
-  OpenMMLab's ``ShiftWindowMSA`` keeps it; the two differ on small maps (a 224x224 input's
-  last stage);
-- :class:`PatchMerging`, which concatenates the 2x2 neighbours in ``nn.Unfold``'s channel
-  order, as OpenMMLab's does, where torchvision's uses the original release's order. With
+- the window attention's forward (:class:`~knet_lightning.models.swin_blocks.WindowAttention`):
+  torchvision's ``shifted_window_attention`` drops the shift when one window covers the padded
+  map, OpenMMLab's ``ShiftWindowMSA`` keeps it; the two differ on small maps (a 224x224
+  input's last stage);
+- :class:`~knet_lightning.models.swin_blocks.PatchMerging`, which concatenates the 2x2
+  neighbours in ``nn.Unfold``'s channel order, as OpenMMLab's does, where torchvision's uses
+  the original release's order. With
   the checkpoints' own order the merging's LayerNorm and Linear sum in the same order as the
   reference, which keeps the converted models' logits within fp32 rounding of MMSegmentation's
   through the kernel update stages; the original release's weights are permuted on loading.
@@ -46,15 +48,13 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.swin_transformer import ShiftedWindowAttention, SwinTransformerBlock
 
+from knet_lightning.models.swin_blocks import PatchEmbed, SwinStage
 from knet_lightning.models.weights import read_weights_file
 
 __all__ = [
     "SWIN_ARCHS",
-    "PatchMerging",
     "SwinBackbone",
-    "WindowAttention",
     "swin_from_openmmlab",
     "swin_from_original",
     "swin_to_openmmlab",
@@ -77,165 +77,6 @@ _IMAGENET = {
     ("large", 7): _RELEASE + "swin_large_patch4_window7_224_22k.pth",
     ("large", 12): _RELEASE + "swin_large_patch4_window12_384_22k.pth",
 }
-# the value of masked-out window-attention logits in the reference implementations
-_MASKED = -100.0
-
-
-def _shift_region_ids(size: int, window: int, shift: int, device: torch.device) -> Tensor:
-    """``(size,)`` region of each position of a cyclically shifted axis: 0 for the positions that
-    were neighbours before the shift, 1 and 2 for the two strips that wrapped around."""
-    ids = torch.zeros(size, dtype=torch.long, device=device)
-    ids[size - window : size - shift] = 1
-    ids[size - shift :] = 2
-    return ids
-
-
-def _partition(x: Tensor, window: tuple[int, int]) -> Tensor:
-    """``(B, H, W, C)`` -> ``(B, nW, wh*ww, C)`` windows in row-major order."""
-    b, h, w, c = x.shape
-    wh, ww = window
-    x = x.view(b, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // wh) * (w // ww), wh * ww, c)
-
-
-def _merge(windows: Tensor, window: tuple[int, int], h: int, w: int) -> Tensor:
-    """Inverse of :func:`_partition`: ``(B, nW, wh*ww, C)`` -> ``(B, H, W, C)``."""
-    b, _, _, c = windows.shape
-    wh, ww = window
-    x = windows.view(b, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h, w, c)
-
-
-class WindowAttention(ShiftedWindowAttention):
-    """Multi-head self-attention inside (shifted) windows with relative position bias.
-
-    torchvision's module (parameters ``qkv``, ``proj``, ``relative_position_bias_table``) with
-    the forward of the official K-Net Swin (MMDetection / MMSegmentation ``ShiftWindowMSA``):
-    pad right/bottom to a multiple of the window, roll by ``-shift`` whenever ``shift > 0``
-    (even when one window covers the map), mask attention between positions that were not
-    neighbours before the roll with -100, roll back, crop. The index buffer is not saved:
-    it is a function of the window size, and published checkpoints that carry it are read
-    without it.
-    """
-
-    def define_relative_position_index(self) -> None:
-        super().define_relative_position_index()
-        index = self.relative_position_index
-        del self._buffers["relative_position_index"]
-        self.register_buffer("relative_position_index", index, persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, H, W, C)`` -> ``(B, H, W, C)``."""
-        b, h, w, c = x.shape
-        wh, ww = self.window_size
-        sh, sw = self.shift_size
-        pad_b, pad_r = (-h) % wh, (-w) % ww
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        hp, wp = h + pad_b, w + pad_r
-        shifted = sh > 0 or sw > 0
-        if shifted:
-            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        windows = _partition(x, (wh, ww))  # (B, nW, N, C)
-        n_win, n = windows.shape[1], windows.shape[2]
-        heads = self.num_heads
-        qkv = self.qkv(windows).view(b, n_win, n, 3, heads, c // heads).permute(3, 0, 1, 4, 2, 5)
-        q, k, v = qkv.unbind(0)  # (B, nW, heads, N, d)
-        bias = self.get_relative_position_bias()  # (1, heads, N, N)
-        if shifted:
-            region = (
-                _shift_region_ids(hp, wh, sh, x.device)[:, None] * 3 + _shift_region_ids(wp, ww, sw, x.device)[None]
-            )
-            region = _partition(region[None, :, :, None], (wh, ww))[0, :, :, 0]  # (nW, N)
-            mask = (region[:, :, None] != region[:, None, :]).to(bias.dtype) * _MASKED  # (nW, N, N)
-        # the reference's op order (scale q, q k^T, add bias, then mask, softmax), so that the
-        # published weights give the published model's numbers to fp32 rounding; windows of
-        # 7x7 gain nothing from a fused kernel here (Swin-T at 512x512 on 2 CPU cores: 0.64 s
-        # forward with scaled_dot_product_attention, 0.59 s without)
-        attn = (q * (c // heads) ** -0.5) @ k.transpose(-2, -1) + bias.to(q.dtype)
-        if shifted:
-            attn = attn + mask[:, None].to(q.dtype)
-        attn = F.dropout(attn.softmax(dim=-1), p=self.attention_dropout, training=self.training)
-        out = (attn @ v).transpose(2, 3).reshape(b, n_win, n, c)
-        out = F.dropout(self.proj(out), p=self.dropout, training=self.training)
-        x = _merge(out, (wh, ww), hp, wp)
-        if shifted:
-            x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
-        return x[:, :h, :w].contiguous()
-
-
-class PatchEmbed(nn.Module):
-    """4x4 stride-4 conv + LayerNorm; pads the right and bottom to a multiple of the patch.
-
-    ``(B, 3, H, W)`` -> ``(B, ceil(H/4), ceil(W/4), C)``.
-    """
-
-    def __init__(self, embed_dims: int, patch_size: int = 4) -> None:
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(3, embed_dims, patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dims)
-
-    def forward(self, images: Tensor) -> Tensor:
-        p = self.patch_size
-        h, w = images.shape[-2:]
-        images = F.pad(images, (0, (-w) % p, 0, (-h) % p))
-        return self.norm(self.proj(images).permute(0, 2, 3, 1))
-
-
-class PatchMerging(nn.Module):
-    """2x2 neighbours concatenated in ``nn.Unfold`` order, LayerNorm, then a linear 4C -> 2C.
-
-    ``(B, H, W, C)`` -> ``(B, ceil(H/2), ceil(W/2), 2C)``; odd sizes are zero-padded at the
-    bottom and right. Channel ``c * 4 + 2 * row + col`` holds channel ``c`` of neighbour
-    ``(row, col)``, as OpenMMLab's ``PatchMerging`` (an ``nn.Unfold`` with a 2x2 kernel) orders them.
-    """
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, h, w, c = x.shape
-        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
-        h2, w2 = (h + 1) // 2, (w + 1) // 2
-        x = x.view(b, h2, 2, w2, 2, c).permute(0, 1, 3, 5, 2, 4).reshape(b, h2, w2, 4 * c)
-        return self.reduction(self.norm(x))
-
-
-class SwinStage(nn.Module):
-    """``depth`` Swin blocks, alternating regular and shifted windows, then an optional patch merging."""
-
-    def __init__(
-        self,
-        dim: int,
-        depth: int,
-        num_heads: int,
-        window_size: int,
-        drop_path: Sequence[float],
-        mlp_ratio: float,
-        downsample: bool,
-    ) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            SwinTransformerBlock(
-                dim,
-                num_heads,
-                window_size=[window_size, window_size],
-                shift_size=[0 if j % 2 == 0 else window_size // 2] * 2,
-                mlp_ratio=mlp_ratio,
-                stochastic_depth_prob=drop_path[j],
-                attn_layer=WindowAttention,
-            )
-            for j in range(depth)
-        )
-        self.downsample = PatchMerging(dim) if downsample else None
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(B, H, W, C)`` -> (stage output ``(B, H, W, C)``, next stage's input ``(B, H/2, W/2, 2C)``)."""
-        for block in self.blocks:
-            x = block(x)
-        return x, (self.downsample(x) if self.downsample is not None else x)
 
 
 class SwinBackbone(nn.Module):
