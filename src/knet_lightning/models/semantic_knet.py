@@ -192,6 +192,72 @@ class SemanticKernelUpdateHead(nn.Module):
         return KernelUpdateOutput(kernels, logits, None)
 
 
+def _check_settings(num_classes: int, decode_head: str, num_stages: int, backbone_type: str) -> None:
+    """Raises a ``ValueError`` naming the setting that :class:`SemanticKNet` cannot build."""
+    if num_classes < 2:
+        raise ValueError(
+            f"SemanticKNet: num_classes must be >= 2 (assembling is a softmax over class "
+            f"kernels; use a 2-class fg/bg formulation for binary tasks), got {num_classes}"
+        )
+    if decode_head not in DECODE_HEADS:
+        raise ValueError(f"SemanticKNet: decode_head must be one of {DECODE_HEADS}, got {decode_head!r}")
+    if num_stages < 0:
+        raise ValueError(f"SemanticKNet: num_stages must be >= 0, got {num_stages}")
+    if backbone_type == "swin" and decode_head != "uper":
+        raise ValueError(
+            f"SemanticKNet: decode_head={decode_head!r} needs the dilated ResNet (stride 8); "
+            f"with backbone_type='swin' use decode_head='uper', as the K-Net Swin configs"
+        )
+
+
+def _decode_head(
+    kind: str,
+    levels: list[int],
+    channels: int,
+    num_classes: int,
+    dropout: float,
+    fcn_num_convs: int,
+    pool_scales: tuple[int, ...],
+    aspp_dilations: tuple[int, ...],
+) -> nn.Module:
+    """The decode head ``kind`` (one of :data:`DECODE_HEADS`) on backbone maps of ``levels`` channels:
+    FCN, PSPNet and DeepLabV3 read C5, UPerNet fuses C2..C5."""
+    if kind == "fcn":
+        return FCNHead(
+            in_channels=levels[3],
+            channels=channels,
+            num_classes=num_classes,
+            num_convs=fcn_num_convs,
+            concat_input=True,
+            dropout=dropout,
+            in_index=3,
+        )
+    if kind == "psp":
+        return PSPHead(levels[3], channels, num_classes, pool_scales, dropout, in_index=3)
+    if kind == "aspp":
+        return ASPPHead(levels[3], channels, num_classes, aspp_dilations, dropout, in_index=3)
+    return UPerHead(
+        in_channels=levels,
+        channels=channels,
+        num_classes=num_classes,
+        pool_scales=pool_scales,
+        dropout=dropout,
+    )
+
+
+def _auxiliary_head(levels: list[int], channels: int, num_classes: int, dropout: float) -> FCNHead:
+    """The auxiliary FCN head on C4 (1 conv, no concat) of the 0.4-weighted auxiliary CE loss."""
+    return FCNHead(
+        in_channels=levels[2],
+        channels=channels,
+        num_classes=num_classes,
+        num_convs=1,
+        concat_input=False,
+        dropout=dropout,
+        in_index=2,
+    )
+
+
 class SemanticKNet(nn.Module):
     """K-Net for semantic segmentation: ResNet → decode head → S update heads.
 
@@ -271,20 +337,7 @@ class SemanticKNet(nn.Module):
         update_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(
-                f"SemanticKNet: num_classes must be >= 2 (assembling is a softmax over class "
-                f"kernels; use a 2-class fg/bg formulation for binary tasks), got {num_classes}"
-            )
-        if decode_head not in DECODE_HEADS:
-            raise ValueError(f"SemanticKNet: decode_head must be one of {DECODE_HEADS}, got {decode_head!r}")
-        if num_stages < 0:
-            raise ValueError(f"SemanticKNet: num_stages must be >= 0, got {num_stages}")
-        if backbone_type == "swin" and decode_head != "uper":
-            raise ValueError(
-                f"SemanticKNet: decode_head={decode_head!r} needs the dilated ResNet (stride 8); "
-                f"with backbone_type='swin' use decode_head='uper', as the K-Net Swin configs"
-            )
+        _check_settings(num_classes, decode_head, num_stages, backbone_type)
         if channels is None:
             channels = 256 if decode_head == "uper" else 512
         self.num_classes = num_classes
@@ -313,42 +366,10 @@ class SemanticKNet(nn.Module):
         levels = list(self.backbone.out_channels)
         self.output_stride = 8 if dilated else 4
 
-        self.decode_head: nn.Module
-        if decode_head == "fcn":
-            self.decode_head = FCNHead(
-                in_channels=levels[3],
-                channels=channels,
-                num_classes=num_classes,
-                num_convs=fcn_num_convs,
-                concat_input=True,
-                dropout=dropout,
-                in_index=3,
-            )
-        elif decode_head == "psp":
-            self.decode_head = PSPHead(levels[3], channels, num_classes, pool_scales, dropout, in_index=3)
-        elif decode_head == "aspp":
-            self.decode_head = ASPPHead(levels[3], channels, num_classes, aspp_dilations, dropout, in_index=3)
-        else:
-            self.decode_head = UPerHead(
-                in_channels=levels,
-                channels=channels,
-                num_classes=num_classes,
-                pool_scales=pool_scales,
-                dropout=dropout,
-            )
-        self.auxiliary_head = (
-            FCNHead(
-                in_channels=levels[2],
-                channels=aux_channels,
-                num_classes=num_classes,
-                num_convs=1,
-                concat_input=False,
-                dropout=dropout,
-                in_index=2,
-            )
-            if aux_head
-            else None
+        self.decode_head: nn.Module = _decode_head(
+            decode_head, levels, channels, num_classes, dropout, fcn_num_convs, pool_scales, aspp_dilations
         )
+        self.auxiliary_head = _auxiliary_head(levels, aux_channels, num_classes, dropout) if aux_head else None
         self.kernel_update_heads = nn.ModuleList(
             SemanticKernelUpdateHead(
                 in_channels=channels,
