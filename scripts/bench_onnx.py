@@ -34,8 +34,8 @@ def default_checkpoint(folder: Path, overrides: list[str]) -> Path:
     """A checkpoint, in a training run's format, of the default config's model (random weights)."""
     from hydra import compose, initialize_config_dir
 
-    from knet_lightning.checkpoint_io import atomic_torch_save
-    from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY
+    from knet_lightning.checkpoint.io import atomic_torch_save
+    from knet_lightning.checkpoint.keys import INFERENCE_KEY, MODEL_CONFIG_KEY
     from knet_lightning.cli import build_model, config_dir
     from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 

@@ -80,7 +80,7 @@ def assert_same_run(resumed: Path, baseline: Path, steps: int) -> None:
 
     import torch
 
-    from knet_lightning.checkpoint_io import load_checkpoint_file
+    from knet_lightning.checkpoint.io import load_checkpoint_file
 
     a, b = (load_checkpoint_file(d / "checkpoints" / "last.ckpt") for d in (resumed, baseline))
     assert a["global_step"] == b["global_step"] == steps

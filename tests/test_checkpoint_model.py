@@ -1,10 +1,10 @@
-"""The model config stored in checkpoints and rebuilt for eval/predict (knet_lightning.checkpoint_model)."""
+"""The model config stored in checkpoints and rebuilt for eval/predict (knet_lightning.checkpoint.model)."""
 
 from __future__ import annotations
 
 import pytest
 
-from knet_lightning.checkpoint_model import flatten, model_config_for_checkpoint
+from knet_lightning.checkpoint.model import flatten, model_config_for_checkpoint
 from knet_lightning.settings import override_key
 
 STORED = {
@@ -106,7 +106,7 @@ def test_older_checkpoints_with_a_task_argument_still_rebuild(task: str, tmp_pat
     from cli_utils import compose_cfg, tiny_overrides
     from omegaconf import OmegaConf
 
-    from knet_lightning.checkpoint_model import upgrade_model_config
+    from knet_lightning.checkpoint.model import upgrade_model_config
 
     today = OmegaConf.to_container(compose_cfg(tmp_path, tiny_overrides(f"model=knet_{task}")).model, resolve=True)
     legacy = {**today, "net": {**today["net"], "task": task}, "criterion": dict(today["criterion"])}

@@ -15,12 +15,12 @@ from cli_utils import compose_cfg, run_cfg
 from PIL import Image
 from test_ade20k import _write_fixture as write_ade20k
 
-from knet_lightning.checkpoint_io import load_checkpoint_file
+from knet_lightning.checkpoint.convert import CONVERSION_KEY, ConversionError, convert_checkpoint
+from knet_lightning.checkpoint.convert.mapping import convert_state_dict
+from knet_lightning.checkpoint.convert.mmseg import MMSEG_SEMANTIC
+from knet_lightning.checkpoint.convert.reading import read_published_checkpoint, sha256_of
+from knet_lightning.checkpoint.io import load_checkpoint_file
 from knet_lightning.cli import build_datamodule, build_model
-from knet_lightning.convert import CONVERSION_KEY, ConversionError, convert_checkpoint
-from knet_lightning.convert.mapping import convert_state_dict
-from knet_lightning.convert.mmseg import MMSEG_SEMANTIC
-from knet_lightning.convert.reading import read_published_checkpoint, sha256_of
 from knet_lightning.data.ade20k import ADE20K_CLASSES
 from knet_lightning.models.semantic_knet import SemanticKNet
 
@@ -163,7 +163,7 @@ def test_converted_checkpoint_evaluates_and_fine_tunes(tmp_path: Path, caplog: p
     # fine-tuning: the converted weights, a fresh optimizer and schedule, then the usual train-then-test
     two_steps = ["debug=limit", "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.max_epochs=2",
                  "trainer.limit_train_batches=1", "data.batch_size=2"]  # fmt: skip
-    with caplog.at_level("INFO", logger="knet_lightning.checkpoint_model"):
+    with caplog.at_level("INFO", logger="knet_lightning.checkpoint.model"):
         run_cfg(compose_cfg(tmp_path / "tune", [UPERNET, *TINY, *data, *two_steps, f"load_from={converted}"]))
     assert f"load_from={converted}: network weights loaded" in caplog.text
     run_dir = tmp_path / "tune" / "run"
@@ -177,7 +177,7 @@ def test_converted_checkpoint_evaluates_and_fine_tunes(tmp_path: Path, caplog: p
                                               r"differ.*; with load_from_strict=false"):  # fmt: skip
         run_cfg(compose_cfg(tmp_path / "wide", wide))
     # not strict: what matches is loaded, the auxiliary head of another width keeps its init
-    with caplog.at_level("INFO", logger="knet_lightning.checkpoint_model"):
+    with caplog.at_level("INFO", logger="knet_lightning.checkpoint.model"):
         run_cfg(compose_cfg(tmp_path / "wide", [*wide, "load_from_strict=false"]))
     assert re.search(r"load_from=.*converted\.ckpt \(not strict\): \d+ of \d+ network tensors loaded.*left as "
                      r"initialised: \d+ of another shape: .*aux", caplog.text), caplog.text  # fmt: skip
@@ -195,7 +195,7 @@ def test_load_from_not_strict_loads_what_matches_and_names_the_rest(
 
     from torch import nn
 
-    from knet_lightning.checkpoint_model import load_network_weights
+    from knet_lightning.checkpoint.model import load_network_weights
 
     def net(classes: int) -> nn.Module:
         torch.manual_seed(classes)
@@ -211,7 +211,7 @@ def test_load_from_not_strict_loads_what_matches_and_names_the_rest(
         load_network_weights(module, str(tmp_path / "coco.ckpt"))
     assert all(torch.equal(v, initial[k]) for k, v in module.net.state_dict().items())  # nothing half-loaded
 
-    with caplog.at_level("INFO", logger="knet_lightning.checkpoint_model"):
+    with caplog.at_level("INFO", logger="knet_lightning.checkpoint.model"):
         load_network_weights(module, str(tmp_path / "coco.ckpt"), strict=False)
     loaded = module.net.state_dict()
     assert torch.equal(loaded["0.weight"], source[0].weight) and torch.equal(loaded["0.bias"], source[0].bias)
@@ -245,7 +245,7 @@ def test_coco_panoptic_weights_fine_tune_on_cityscapes_panoptic(
     run_cfg(compose_cfg(tmp_path / "coco_run", ["experiment=knet_r50_coco_panoptic_1x", f"data.root={tmp_path / 'coco'}",
                                                  "data.train_short_edge=64", "data.train_max_size=96", *one_step]))  # fmt: skip
     coco = load_checkpoint_file(tmp_path / "coco_run" / "run" / "checkpoints" / "last.ckpt")["state_dict"]
-    with caplog.at_level("INFO", logger="knet_lightning.checkpoint_model"):
+    with caplog.at_level("INFO", logger="knet_lightning.checkpoint.model"):
         run_cfg(compose_cfg(tmp_path / "cs_run", [
             "experiment=knet_r50_cityscapes_panoptic_90k", f"data.root={tmp_path / 'cityscapes'}", "data.crop_size=[16,32]",
             "data.batch_size=2", *one_step, f"load_from={tmp_path / 'coco_run' / 'run' / 'checkpoints' / 'last.ckpt'}",

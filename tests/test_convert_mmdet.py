@@ -18,12 +18,12 @@ import torch
 from cli_utils import compose_cfg
 from hydra.utils import instantiate
 
-from knet_lightning.checkpoint_io import load_checkpoint_file
+from knet_lightning.checkpoint.convert import CONVERSION_KEY, ConversionError, convert_checkpoint
+from knet_lightning.checkpoint.convert.backbones import backbone_from_published, backbone_to_published
+from knet_lightning.checkpoint.convert.mapping import convert_state_dict
+from knet_lightning.checkpoint.convert.mmdet import MMDET_KNET
+from knet_lightning.checkpoint.io import load_checkpoint_file
 from knet_lightning.cli import build_model
-from knet_lightning.convert import CONVERSION_KEY, ConversionError, convert_checkpoint
-from knet_lightning.convert.backbones import backbone_from_published, backbone_to_published
-from knet_lightning.convert.mapping import convert_state_dict
-from knet_lightning.convert.mmdet import MMDET_KNET
 from knet_lightning.data.meta import ClassInfo
 from knet_lightning.models.knet import KNet
 

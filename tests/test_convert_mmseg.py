@@ -18,10 +18,10 @@ from cli_utils import compose_cfg
 from omegaconf import open_dict
 from torchvision.ops import StochasticDepth
 
-from knet_lightning.checkpoint_io import load_checkpoint_file
+from knet_lightning.checkpoint.convert import CONVERSION_KEY, convert_checkpoint
+from knet_lightning.checkpoint.convert.reading import sha256_of
+from knet_lightning.checkpoint.io import load_checkpoint_file
 from knet_lightning.cli import build_datamodule, build_model
-from knet_lightning.convert import CONVERSION_KEY, convert_checkpoint
-from knet_lightning.convert.reading import sha256_of
 from knet_lightning.data.ade20k import ADE20K_CLASSES
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -133,7 +133,7 @@ def test_kernel_update_heads_start_as_mmsegmentations_do(tmp_path: Path) -> None
     ``nn.ModuleList``): after MMSegmentation's own ``init_weights`` they hold PyTorch's default
     init, and a ConvModule's Kaiming init in ``feat_transform``. Ours start from the same rules:
     the same constants, and the same spread (std within 10%) for every random tensor."""
-    from knet_lightning.convert.mmseg import MMSEG_SEMANTIC
+    from knet_lightning.checkpoint.convert.mmseg import MMSEG_SEMANTIC
 
     ref = peer.build_mmseg_knet("fcn", init="mmseg")
     theirs = {k: v for k, v in ref.state_dict().items() if ".kernel_update_head." in k}

@@ -24,8 +24,8 @@ pytest.importorskip("onnxscript")
 from cli_utils import compose_cfg  # noqa: E402
 
 from knet_lightning import SegmentationResult, Segmenter  # noqa: E402
-from knet_lightning.checkpoint_io import atomic_torch_save, load_checkpoint_file  # noqa: E402
-from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY  # noqa: E402
+from knet_lightning.checkpoint.io import atomic_torch_save, load_checkpoint_file  # noqa: E402
+from knet_lightning.checkpoint.keys import INFERENCE_KEY, MODEL_CONFIG_KEY  # noqa: E402
 from knet_lightning.cli import build_model  # noqa: E402
 from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from knet_lightning.onnx_export import OnnxRuntimeNetwork, export_onnx  # noqa: E402

@@ -335,7 +335,7 @@ def test_published_coco_weights_fine_tune_onto_your_own_classes(
     write_own_panoptic(tmp_path / "mine")
     one_step = [*LOADER, *KEEP_SIZE, "trainer.max_steps=1", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
                 "trainer.limit_val_batches=0", "test_after_fit=false"]  # fmt: skip
-    with caplog.at_level("INFO", logger="knet_lightning.checkpoint_model"):
+    with caplog.at_level("INFO", logger="knet_lightning.checkpoint.model"):
         run_cfg(compose_cfg(tmp_path / "own", ["experiment=own_panoptic", f"data.root={tmp_path / 'mine'}", *one_step,
                                                f"load_from={converted}", "load_from_strict=false"]))  # fmt: skip
     (message,) = [r.getMessage() for r in caplog.records if "(not strict)" in r.getMessage()]
@@ -344,7 +344,7 @@ def test_published_coco_weights_fine_tune_onto_your_own_classes(
         "shape: kernel_head.conv_seg.* (2), update_heads.0.* (2), update_heads.1.* (2), update_heads.2.* (2)"
     ) in message
     # those 8 are the classifiers: the initial kernels' classes and each stage's fc_cls
-    from knet_lightning.checkpoint_io import load_checkpoint_file
+    from knet_lightning.checkpoint.io import load_checkpoint_file
 
     theirs = load_checkpoint_file(converted)["state_dict"]
     ours = load_checkpoint_file(tmp_path / "own" / "run" / "checkpoints" / "last.ckpt")["state_dict"]

@@ -16,10 +16,10 @@ from lightning.pytorch import Trainer
 from omegaconf import open_dict
 from test_convert_mmseg import EXPERIMENTS as CONVERTED
 
+from knet_lightning.checkpoint.convert.backbones import backbone_from_published
+from knet_lightning.checkpoint.convert.mapping import convert_state_dict
+from knet_lightning.checkpoint.convert.mmseg import MMSEG_SEMANTIC
 from knet_lightning.cli import build_datamodule, build_model
-from knet_lightning.convert.backbones import backbone_from_published
-from knet_lightning.convert.mapping import convert_state_dict
-from knet_lightning.convert.mmseg import MMSEG_SEMANTIC
 from knet_lightning.training.global_batch import apply_global_batch, plan_global_batch
 from knet_lightning.training.optim import build_optimizer, warmup_step_lambda
 

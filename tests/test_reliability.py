@@ -15,7 +15,7 @@ from lightning.pytorch import Callback
 from omegaconf import OmegaConf
 
 import knet_lightning.cli as cli
-from knet_lightning.checkpoint_io import CheckpointError, SafeCheckpointIO, atomic_torch_save, load_checkpoint_file
+from knet_lightning.checkpoint.io import CheckpointError, SafeCheckpointIO, atomic_torch_save, load_checkpoint_file
 from knet_lightning.data.meta import DatasetError
 from knet_lightning.data.sampling import ResumableSampler, SeededSamples
 from knet_lightning.data.synthetic import generate_synthetic_panoptic
@@ -161,7 +161,7 @@ def test_eval_rebuilds_the_network_the_checkpoint_was_trained_with(
     assert cfg.model.num_proposals != 6 and cfg.model.net.channels != 32
     built: list[Any] = []
     original = cli.build_model
-    with caplog.at_level(logging.INFO, logger="knet_lightning.checkpoint_model"):
+    with caplog.at_level(logging.INFO, logger="knet_lightning.checkpoint.model"):
         try:
             cli.build_model = lambda *a: built.append(original(*a)) or built[-1]
             run_cfg(cfg)

@@ -117,7 +117,7 @@ def _run_here(workdir: Path, resume: bool = False, extra: tuple[str, ...] = ()) 
 
 
 def _final_state(workdir: Path) -> dict:
-    from knet_lightning.checkpoint_io import load_checkpoint_file
+    from knet_lightning.checkpoint.io import load_checkpoint_file
 
     return load_checkpoint_file(workdir / "run" / "checkpoints" / "last.ckpt")
 

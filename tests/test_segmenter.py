@@ -18,8 +18,8 @@ from cli_utils import compose_cfg, run_cfg, tiny_overrides
 from PIL import Image
 
 from knet_lightning import SegmentationResult, Segmenter, SkippedInput
-from knet_lightning.checkpoint_io import load_checkpoint_file
-from knet_lightning.checkpoint_model import INFERENCE_KEY
+from knet_lightning.checkpoint.io import load_checkpoint_file
+from knet_lightning.checkpoint.keys import INFERENCE_KEY
 from knet_lightning.data.io import rgb2id
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -272,7 +272,7 @@ STEPS = 4
 
 
 def _ckpt(path: Path) -> dict[str, Any]:
-    from knet_lightning.checkpoint_io import load_checkpoint_file
+    from knet_lightning.checkpoint.io import load_checkpoint_file
 
     return load_checkpoint_file(path)
 

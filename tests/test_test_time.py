@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torchvision.transforms import v2
 
 from knet_lightning import Segmenter
-from knet_lightning.checkpoint_io import atomic_torch_save
-from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY
+from knet_lightning.checkpoint.io import atomic_torch_save
+from knet_lightning.checkpoint.keys import INFERENCE_KEY, MODEL_CONFIG_KEY
 from knet_lightning.cli import build_datamodule, build_model
 from knet_lightning.data.ade20k import ADE20KDataModule
 from knet_lightning.data.resize import resize_image
@@ -271,9 +271,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, KNetModul
     """MMSegmentation's K-Net FCN R50 with random weights and ours with the same weights."""
     from test_convert_mmseg import _ours
 
-    from knet_lightning.convert import mapping_for_task
-    from knet_lightning.convert.backbones import backbone_from_published
-    from knet_lightning.convert.mapping import convert_state_dict
+    from knet_lightning.checkpoint.convert import mapping_for_task
+    from knet_lightning.checkpoint.convert.backbones import backbone_from_published
+    from knet_lightning.checkpoint.convert.mapping import convert_state_dict
 
     peer.import_mmseg()
     from mmseg.registry import MODELS

@@ -113,7 +113,7 @@ def test_sdist_and_wheel_pass_twine_check_and_hold_every_package(built: Path) ->
     names = set(zipfile.ZipFile(wheel).namelist())
     src = ROOT / "src"
     packages = sorted(p.parent.relative_to(src).as_posix() for p in src.rglob("__init__.py"))
-    assert "knet_lightning/tasks" in packages and "knet_lightning/convert" in packages
+    assert "knet_lightning/tasks" in packages and "knet_lightning/checkpoint/convert" in packages
     missing = [p for p in packages if f"{p}/__init__.py" not in names]
     assert not missing, f"packages missing from the wheel: {missing}"
     modules = sorted(p.relative_to(src).as_posix() for p in src.rglob("*.py"))

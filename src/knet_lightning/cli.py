@@ -21,10 +21,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from knet_lightning.checkpoint_io import load_checkpoint_file
-from knet_lightning.checkpoint_model import (
+from knet_lightning.checkpoint.io import load_checkpoint_file
+from knet_lightning.checkpoint.keys import MODEL_CONFIG_KEY
+from knet_lightning.checkpoint.model import (
     DATA_BOUND_KEYS,
-    MODEL_CONFIG_KEY,
     load_network_weights,
     model_config_for_checkpoint,
     without_initial_weights,
@@ -175,7 +175,7 @@ def build_model(cfg: DictConfig, class_info: Any, ckpt_path: str | None = None) 
     """The ``KNetModule`` of ``cfg.model`` with the data set's class metadata.
 
     For ``mode=eval``/``predict`` the network is the one ``ckpt_path`` was trained with
-    (:func:`~knet_lightning.checkpoint_model.model_config_for_checkpoint`); there, for
+    (:func:`~knet_lightning.checkpoint.model.model_config_for_checkpoint`); there, for
     ``mode=convert`` and with ``load_from=`` no initial (ImageNet) weights are loaded.
     """
     check_class_counts(cfg, class_info)  # the network's class counts are the data set's
@@ -312,7 +312,7 @@ def published_numbers_in_fp32(cfg: DictConfig) -> None:
     ckpt = eval_checkpoint_file(cfg)
     if ckpt is None or "trainer.precision" in map(override_key, command_line_overrides()):
         return
-    from knet_lightning.convert import conversion_record
+    from knet_lightning.checkpoint.convert import conversion_record
 
     precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
     if precision in ("32", "32-true") or conversion_record(ckpt) is None:
@@ -324,8 +324,8 @@ def published_numbers_in_fp32(cfg: DictConfig) -> None:
 
 
 def _convert(cfg: DictConfig, datamodule: Any, output_dir: Path) -> None:
-    """``mode=convert``: a published checkpoint into ours (:mod:`knet_lightning.convert`)."""
-    from knet_lightning.convert import convert_checkpoint
+    """``mode=convert``: a published checkpoint into ours (:mod:`knet_lightning.checkpoint.convert`)."""
+    from knet_lightning.checkpoint.convert import convert_checkpoint
 
     if not cfg.get("convert_source"):
         raise ValueError("mode=convert needs convert_source=<published checkpoint .pth>")
@@ -500,7 +500,7 @@ def _run(cfg: DictConfig, loggers: list[Any]) -> float | None:
         if ckpt_path is None and cfg.get("auto_resume"):
             ckpt_path = auto_resume_path(trainer, output_dir / "checkpoints")
         check_requeue_signal(trainer)
-    # checkpoints load with torch.load(weights_only=True) unless trusted (checkpoint_io.py)
+    # checkpoints load with torch.load(weights_only=True) unless trusted (checkpoint/io.py)
     weights_only = not bool(cfg.get("trusted_checkpoint", False))
     metrics: dict[str, Any] = {}
     # trainer.test(verbose=False): the results table at the end prints the test metrics, once

@@ -1,6 +1,6 @@
 """Exceptions of the training loop that belong to no other module (data set errors are
 :class:`knet_lightning.data.meta.DatasetError`, checkpoint errors
-:class:`knet_lightning.checkpoint_io.CheckpointError`)."""
+:class:`knet_lightning.checkpoint.io.CheckpointError`)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
-from knet_lightning.checkpoint_model import DATA_CONFIG_KEY, INFERENCE_KEY, MODEL_CONFIG_KEY
+from knet_lightning.checkpoint.keys import DATA_CONFIG_KEY, INFERENCE_KEY, MODEL_CONFIG_KEY
 from knet_lightning.errors import NonFiniteLossError
 from knet_lightning.models.outputs import StageOutput
 from knet_lightning.runtime.memory_format import choose_memory_format
@@ -116,7 +116,7 @@ class KNetModule(LightningModule):
         )  # fmt: skip
         self.test_time = settings_for_task(test_time, self.task)  # whole, slide, multi-scale + flip
         self.vis_samples: list[dict[str, Any]] = []
-        # set by the CLI, stored in checkpoints, for eval/predict and Segmenter to rebuild from (checkpoint_model.py)
+        # set by the CLI, stored in checkpoints, for eval/predict and Segmenter to rebuild from (checkpoint/model.py)
         self.model_config: dict[str, Any] | None = None
         self.inference_config: dict[str, Any] | None = None
         self.data_config: dict[str, Any] | None = None

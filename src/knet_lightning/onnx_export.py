@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from knet_lightning.checkpoint_model import INFERENCE_KEY, MODEL_CONFIG_KEY
+from knet_lightning.checkpoint.keys import INFERENCE_KEY, MODEL_CONFIG_KEY
 from knet_lightning.models.outputs import StageOutput
 
 __all__ = ["INPUT_NAME", "METADATA_KEYS", "OnnxRuntimeNetwork", "export_onnx", "read_metadata"]

@@ -11,8 +11,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from knet_lightning.checkpoint_io import checkpoint_entry
-from knet_lightning.checkpoint_model import DATA_CONFIG_KEY
+from knet_lightning.checkpoint.io import checkpoint_entry
+from knet_lightning.checkpoint.keys import DATA_CONFIG_KEY
 from knet_lightning.settings import command_line_overrides, override_key
 
 log = logging.getLogger("knet_lightning")

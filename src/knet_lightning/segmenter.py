@@ -32,14 +32,9 @@ from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
-from knet_lightning.checkpoint_io import load_checkpoint_file
-from knet_lightning.checkpoint_model import (
-    CONVERSION_KEY,
-    INFERENCE_KEY,
-    MODEL_CONFIG_KEY,
-    upgrade_model_config,
-    without_initial_weights,
-)
+from knet_lightning.checkpoint.io import load_checkpoint_file
+from knet_lightning.checkpoint.keys import CONVERSION_KEY, INFERENCE_KEY, MODEL_CONFIG_KEY
+from knet_lightning.checkpoint.model import upgrade_model_config, without_initial_weights
 from knet_lightning.data.io import read_rgb_image, to_rgb_array, upright
 from knet_lightning.data.meta import DatasetError, default_palette
 from knet_lightning.data.resize import LEGACY_BACKEND

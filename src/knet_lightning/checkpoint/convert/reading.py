@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from knet_lightning.convert.mapping import ConversionError
+from knet_lightning.checkpoint.convert.mapping import ConversionError
 
 __all__ = ["PublishedCheckpoint", "read_published_checkpoint", "sha256_of"]
 

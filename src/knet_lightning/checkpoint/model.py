@@ -19,16 +19,6 @@ from knet_lightning.settings import override_key
 
 log = logging.getLogger(__name__)
 
-MODEL_CONFIG_KEY = "knet_model_config"
-# what inference needs besides the network (knet_lightning.segmenter): the test-time resize,
-# the normalisation, the padding divisor and the data set's class ids
-INFERENCE_KEY = "knet_inference"
-# where a checkpoint that mode=convert wrote records its published source (knet_lightning.convert)
-CONVERSION_KEY = "knet_conversion"
-# the resolved data config the network was trained on (its reader, layout, classes and pipeline):
-# mode=eval of the checkpoint reads the same data set with nothing but data.root typed
-DATA_CONFIG_KEY = "knet_data_config"
-
 # model.* keys that may differ from the checkpoint's: they do not shape any weight
 FREE_KEYS = (
     "postprocess",
@@ -207,8 +197,8 @@ def load_network_weights(module: Any, path: str, trusted: bool = False, strict: 
     network keeps its initialisation (e.g. the classifier and the stuff kernels of another class
     list), and a warning lists what was left out; a checkpoint that shares no tensor is an error.
     """
-    from knet_lightning.checkpoint_io import load_checkpoint_file
-    from knet_lightning.convert.mapping import ConversionError, KeyMapping, convert_state_dict, key_listing
+    from knet_lightning.checkpoint.convert.mapping import ConversionError, KeyMapping, convert_state_dict, key_listing
+    from knet_lightning.checkpoint.io import load_checkpoint_file
 
     checkpoint = load_checkpoint_file(path, trusted=trusted)
     state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None

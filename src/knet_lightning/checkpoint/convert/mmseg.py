@@ -10,7 +10,7 @@ head sits under ``decode_head.kernel_generate_head`` with mmcv ``ConvModule`` s 
 
 from __future__ import annotations
 
-from knet_lightning.convert.mapping import KeyMapping, kernel_update_head_pairs
+from knet_lightning.checkpoint.convert.mapping import KeyMapping, kernel_update_head_pairs
 
 _HEAD = "decode_head.kernel_generate_head"
 

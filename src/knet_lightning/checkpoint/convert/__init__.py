@@ -3,7 +3,7 @@ release's MMDetection 2.x checkpoints (panoptic, instance) and MMSegmentation's 
 
 ``python -m knet_lightning mode=convert experiment=<name> convert_source=SRC.pth [convert_output=DST.ckpt]``
 builds the experiment's network, maps the published ``state_dict`` onto it strictly
-(:mod:`knet_lightning.convert.mapping`), checks the class list against the experiment's data
+(:mod:`knet_lightning.checkpoint.convert.mapping`), checks the class list against the experiment's data
 set and writes a checkpoint that ``mode=eval`` / ``mode=predict`` read with ``ckpt_path=`` and a
 new training run starts from with ``load_from=`` (weights only, no optimizer state). Nothing is
 written unless every check passes.
@@ -18,13 +18,13 @@ from typing import Any
 
 import lightning
 
-from knet_lightning.checkpoint_io import atomic_torch_save, checkpoint_entry
-from knet_lightning.checkpoint_model import CONVERSION_KEY, INFERENCE_KEY, MODEL_CONFIG_KEY
-from knet_lightning.convert.backbones import backbone_from_published, backbone_layout
-from knet_lightning.convert.mapping import ConversionError, KeyMapping, convert_state_dict
-from knet_lightning.convert.mmdet import MMDET_KNET
-from knet_lightning.convert.mmseg import MMSEG_SEMANTIC
-from knet_lightning.convert.reading import PublishedCheckpoint, read_published_checkpoint
+from knet_lightning.checkpoint.convert.backbones import backbone_from_published, backbone_layout
+from knet_lightning.checkpoint.convert.mapping import ConversionError, KeyMapping, convert_state_dict
+from knet_lightning.checkpoint.convert.mmdet import MMDET_KNET
+from knet_lightning.checkpoint.convert.mmseg import MMSEG_SEMANTIC
+from knet_lightning.checkpoint.convert.reading import PublishedCheckpoint, read_published_checkpoint
+from knet_lightning.checkpoint.io import atomic_torch_save, checkpoint_entry
+from knet_lightning.checkpoint.keys import CONVERSION_KEY, INFERENCE_KEY, MODEL_CONFIG_KEY
 
 __all__ = [
     "CONVERSION_KEY",

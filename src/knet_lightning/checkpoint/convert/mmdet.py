@@ -13,7 +13,7 @@ official ``rpn_head.localization_fpn``. The stuff kernels are rows ``num_things:
 
 from __future__ import annotations
 
-from knet_lightning.convert.mapping import KeyMapping, kernel_update_head_pairs
+from knet_lightning.checkpoint.convert.mapping import KeyMapping, kernel_update_head_pairs
 
 _LOC = "rpn_head.localization_fpn"
 

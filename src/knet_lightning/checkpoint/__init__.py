@@ -1,0 +1,16 @@
+"""Checkpoints: what knet-lightning stores in one and how it is read back.
+
+* :mod:`~.keys`: the entries added to Lightning's checkpoint (model config, inference settings,
+  data config, conversion record), plain values only;
+* :mod:`~.io`: atomic, checksummed writes and ``weights_only`` reads (``SafeCheckpointIO``);
+* :mod:`~.convert`: published MMDetection / MMSegmentation checkpoints mapped onto our networks
+  (``mode=convert``);
+* :mod:`~.model`: the network a checkpoint was trained with, rebuilt from its stored config
+  (``mode=eval``, ``mode=predict``, ``load_from=``, the Segmenter).
+
+Inside, the imports run keys/io -> convert -> model, never back. Layer: above ``models`` (the
+conversion maps onto their parameters) and ``data``, beside ``tasks``; it may import those and
+``runtime`` and the root's shared modules, never ``inference``, ``training``, ``module`` or
+``cli``. A checkpoint names modules of this package only as the ``_target_`` strings of its
+stored model and data configs (``knet_lightning.module``, ``models``, ``criterion``, ``data``).
+"""
