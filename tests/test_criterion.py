@@ -409,7 +409,7 @@ def test_accepts_tv_tensors_masks() -> None:
 
 
 def test_last_cover_reads_only_selected_masks_and_later_ones_win() -> None:
-    from knet_lightning.criterion.criterion import _last_cover
+    from knet_lightning.criterion.targets import last_cover
 
     gen = torch.Generator().manual_seed(0)
     masks = (torch.rand(3, 9, 5, 6, generator=gen) > 0.6).float() * torch.rand(3, 9, 5, 6, generator=gen)
@@ -417,5 +417,5 @@ def test_last_cover_reads_only_selected_masks_and_later_ones_win() -> None:
     rows[2] = False  # an image without positives
     k = torch.arange(9).view(1, 9, 1, 1)
     naive = torch.where((masks > 0) & rows[:, :, None, None], k, -1).amax(1)
-    assert torch.equal(_last_cover(masks, rows), naive)
-    assert (_last_cover(masks, rows)[2] == -1).all()
+    assert torch.equal(last_cover(masks, rows), naive)
+    assert (last_cover(masks, rows)[2] == -1).all()

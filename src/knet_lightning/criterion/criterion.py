@@ -18,7 +18,6 @@ Per stage, following the official code:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,31 +34,12 @@ from knet_lightning.criterion.losses import (
     sigmoid_focal_loss_dense,
 )
 from knet_lightning.criterion.matcher import HungarianMatcher
+from knet_lightning.criterion.targets import Targets, last_cover, prepare_targets
 from knet_lightning.models.outputs import StageOutput
 
 __all__ = ["KNetCriterion"]
 
-# GT masks are padded to the image size and downsampled to the stride of the loss maps.
-MASK_ASSIGN_STRIDE = 4
-
 Assignment = list[tuple[Tensor, Tensor]]
-
-
-@dataclass
-class _Targets:
-    """Ground truth of one batch at stride 4.
-
-    Attributes:
-        thing_masks: ``B`` soft float tensors ``(G_b, h, w)``.
-        thing_labels: ``B`` int64 tensors ``(G_b,)`` in ``[0, num_things)``.
-        stuff_masks: ``(B, num_stuff, h, w)`` soft stuff masks, zero where a class is absent.
-        stuff_present: ``(B, num_stuff)`` bool, class present in the (full-resolution) image.
-    """
-
-    thing_masks: list[Tensor]
-    thing_labels: list[Tensor]
-    stuff_masks: Tensor
-    stuff_present: Tensor
 
 
 def _reduce_mean(x: Tensor) -> Tensor:
@@ -68,35 +48,6 @@ def _reduce_mean(x: Tensor) -> Tensor:
         x = x.clone()
         dist.all_reduce(x.div_(dist.get_world_size()))
     return x
-
-
-def _last_cover(masks: Tensor, rows: Tensor) -> Tensor:
-    """Index of the last selected mask covering each pixel (later masks overwrite earlier ones).
-
-    Only the selected rows are read: the positives are a few of the N kernels, so this
-    avoids an (B, N, h, w) int64 pass per stage.
-
-    Args:
-        masks: ``(B, K, h, w)`` float targets; a pixel is covered where the target is > 0.
-        rows: ``(B, K)`` bool, the masks that may cover.
-
-    Returns:
-        ``(B, h, w)`` int64, ``-1`` where no selected mask covers the pixel.
-    """
-    B, _, h, w = masks.shape
-    out = torch.full((B, h, w), -1, dtype=torch.long, device=masks.device)
-    img, k = rows.nonzero(as_tuple=True)
-    if img.numel() > 0:
-        covering = torch.where(masks[img, k] > 0, k[:, None, None], -1).flatten(1)  # (P, h*w)
-        out.view(B, h * w).scatter_reduce_(0, img[:, None].expand_as(covering), covering, "amax")
-    return out
-
-
-def _downsample(masks: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear (``align_corners=False``, no antialias, as mmdet) resize of ``(K, H, W)`` masks."""
-    if masks.shape[0] == 0:
-        return masks.new_zeros((0, *size))
-    return F.interpolate(masks[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 class KNetCriterion(nn.Module):
@@ -227,102 +178,19 @@ class KNetCriterion(nn.Module):
 
     def _prepare_targets(
         self, targets: Sequence[dict[str, Any]], size: tuple[int, int], device: torch.device
-    ) -> _Targets:
-        """Drop crowd segments and empty stuff ones, split things/stuff, pad to ``4 * size``,
-        downsample ×4."""
-        h, w = size
-        pad_h, pad_w = MASK_ASSIGN_STRIDE * h, MASK_ASSIGN_STRIDE * w
-        T, S = self.num_things, self.num_stuff
-        thing_full: list[Tensor] = []
-        thing_labels: list[Tensor] = []
-        stuff_full: list[Tensor] = []
-        stuff_img: list[Tensor] = []
-        stuff_cls: list[Tensor] = []
-        for b, tgt in enumerate(targets):
-            masks, labels, crowd = self._read_target(b, tgt, pad_h, pad_w, device)
-            mh, mw = masks.shape[-2:]
-            # A thing whose mask the resize emptied stays a target: mmdet's Resize / RandomFlip /
-            # Pad drop no mask and the official KNet.forward_train (knet/det/knet.py) matches
-            # every gt_mask. An emptied stuff class is gone, as sem2ins_masks (knet/det/utils.py)
-            # reads the stuff targets off the classes present in the resized semantic map.
-            keep = ~crowd & ((labels < T) | masks.flatten(1).any(1))
-            masks, labels = masks[keep], labels[keep]
-            is_thing = labels < T
-            pad = (0, pad_w - mw, 0, pad_h - mh)
-            thing_full.append(F.pad(masks[is_thing].float(), pad))
-            thing_labels.append(labels[is_thing])
-            if self.stuff_kernels:
-                stuff_idx = labels[~is_thing] - T
-                # Several segments of one stuff class form one stuff target (``sem2ins_masks``).
-                uniq, inv = torch.unique(stuff_idx, return_inverse=True)
-                union = masks.new_zeros((uniq.numel(), mh, mw), dtype=torch.float32)
-                union.index_add_(0, inv, masks[~is_thing].float()).clamp_(max=1.0)
-                stuff_full.append(F.pad(union, pad))
-                stuff_img.append(torch.full_like(uniq, b))
-                stuff_cls.append(uniq)
-
-        counts = [int(t.shape[0]) for t in thing_full]
-        things = _downsample(torch.cat(thing_full), (h, w))
-        B = len(targets)
-        stuff_masks = torch.zeros((B, S, h, w), device=device)
-        stuff_present = torch.zeros((B, S), dtype=torch.bool, device=device)
-        if self.stuff_kernels:
-            img_idx, cls_idx = torch.cat(stuff_img), torch.cat(stuff_cls)
-            stuff_masks[img_idx, cls_idx] = _downsample(torch.cat(stuff_full), (h, w))
-            stuff_present[img_idx, cls_idx] = True
-        return _Targets(list(things.split(counts)), thing_labels, stuff_masks, stuff_present)
-
-    def _read_target(
-        self, b: int, tgt: dict[str, Any], pad_h: int, pad_w: int, device: torch.device
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Validate ``targets[b]`` and return ``masks (K,h,w) bool, labels (K,), iscrowd (K,)``."""
-        for key in ("masks", "labels"):
-            if key not in tgt:
-                raise KeyError(f"KNetCriterion: targets[{b}] has no {key!r} entry")
-        # ``as_subclass`` drops tv_tensors wrappers (Mask) so that later ops return plain tensors.
-        masks = torch.as_tensor(tgt["masks"], device=device).as_subclass(Tensor)
-        labels = torch.as_tensor(tgt["labels"], device=device).as_subclass(Tensor)
-        if masks.dim() != 3:
-            raise ValueError(f"KNetCriterion: targets[{b}]['masks'] must be (K, h, w), got {tuple(masks.shape)}")
-        if masks.dtype != torch.bool:
-            if masks.is_floating_point() or not ((masks == 0) | (masks == 1)).all():
-                raise ValueError(
-                    f"KNetCriterion: targets[{b}]['masks'] must be bool (or 0/1 integers), got {masks.dtype}"
-                )
-            masks = masks.bool()
-        K, mh, mw = masks.shape
-        if labels.dim() != 1 or labels.shape[0] != K or labels.is_floating_point():
-            raise ValueError(
-                f"KNetCriterion: targets[{b}]['labels'] must be int64 ({K},) to match its masks, "
-                f"got {labels.dtype} {tuple(labels.shape)}"
-            )
-        labels = labels.long()
-        if K > 0 and (int(labels.min()) < 0 or int(labels.max()) >= self.num_things + self.num_stuff):
-            raise ValueError(
-                f"KNetCriterion: targets[{b}]['labels'] must lie in [0, {self.num_things + self.num_stuff}) "
-                f"(things first, then stuff); got values in [{int(labels.min())}, {int(labels.max())}]"
-            )
-        if mh > pad_h or mw > pad_w:
-            raise ValueError(
-                f"KNetCriterion: targets[{b}]['masks'] are {mh}x{mw} but the stride-4 mask logits only "
-                f"cover {pad_h}x{pad_w} pixels; targets must be at the (unpadded) network input size"
-            )
-        crowd = tgt.get("iscrowd")
-        if crowd is None:
-            crowd = torch.zeros(K, dtype=torch.bool, device=device)
-        else:
-            crowd = torch.as_tensor(crowd, device=device).bool()
-            if crowd.shape != (K,):
-                raise ValueError(
-                    f"KNetCriterion: targets[{b}]['iscrowd'] must be bool ({K},), got {tuple(crowd.shape)}"
-                )
-        if not self.stuff_kernels:
-            # Instance mode learns things only; stuff segments of a panoptic data set are dropped.
-            crowd = crowd | (labels >= self.num_things)
-        return masks, labels, crowd
+    ) -> Targets:
+        """The batch's ground truth at stride 4 (:func:`~knet_lightning.criterion.targets.prepare_targets`)."""
+        return prepare_targets(
+            targets,
+            size,
+            device,
+            num_things=self.num_things,
+            num_stuff=self.num_stuff,
+            stuff_kernels=self.stuff_kernels,
+        )
 
     def _thing_targets(
-        self, assignment: Assignment, gts: _Targets, batch: int, num_rows: int, size: tuple[int, int]
+        self, assignment: Assignment, gts: Targets, batch: int, num_rows: int, size: tuple[int, int]
     ) -> tuple[Tensor, Tensor]:
         """Per-kernel labels and mask targets from the matching.
 
@@ -345,7 +213,7 @@ class KNetCriterion(nn.Module):
 
     def _rank_target(self, mask_targets: Tensor, pos: Tensor) -> Tensor:
         """``(B, h, w)`` index of the last positive kernel whose binarized target covers the pixel."""
-        owner = _last_cover(mask_targets, pos)
+        owner = last_cover(mask_targets, pos)
         return torch.where(owner >= 0, owner, torch.full_like(owner, IGNORE_INDEX))
 
     # ------------------------------------------------------------------ losses
@@ -370,7 +238,7 @@ class KNetCriterion(nn.Module):
                 out[f"{prefix}.rank"] = zero.clone()
         return out
 
-    def _stage0_losses(self, out: StageOutput, assignment: Assignment, gts: _Targets) -> dict[str, Tensor]:
+    def _stage0_losses(self, out: StageOutput, assignment: Assignment, gts: Targets) -> dict[str, Tensor]:
         """Kernel-head losses on the ``num_proposals`` instance kernels + dense focal loss."""
         mask_logits = out.mask_logits[:, : self.instance_kernels(out)]
         B, P, h, w = mask_logits.shape
@@ -382,9 +250,9 @@ class KNetCriterion(nn.Module):
         C = self.num_classes
         seg_target = torch.full((B, h, w), C, dtype=torch.long, device=mask_logits.device)
         if self.stuff_kernels:
-            stuff_owner = _last_cover(gts.stuff_masks, gts.stuff_present)
+            stuff_owner = last_cover(gts.stuff_masks, gts.stuff_present)
             seg_target = torch.where(stuff_owner >= 0, stuff_owner + self.num_things, seg_target)
-        thing_owner = _last_cover(mask_targets, pos)
+        thing_owner = last_cover(mask_targets, pos)
         thing_cls = labels.gather(1, thing_owner.clamp(min=0).flatten(1)).view(B, h, w)
         seg_target = torch.where(thing_owner >= 0, thing_cls, seg_target)
 
@@ -395,7 +263,7 @@ class KNetCriterion(nn.Module):
         return losses
 
     def _update_stage_losses(
-        self, s: int, out: StageOutput, assignment: Assignment, gts: _Targets, stage_weight: float
+        self, s: int, out: StageOutput, assignment: Assignment, gts: Targets, stage_weight: float
     ) -> dict[str, Tensor]:
         """Class, mask, dice and (panoptic) rank losses of update stage ``s`` over all kernels."""
         mask_logits, cls_logits = out.mask_logits, out.cls_logits
