@@ -1,4 +1,15 @@
-"""Hungarian matching and K-Net losses."""
+"""Training criteria: the Hungarian matching and the K-Net losses.
+
+Owns: the matcher of kernels to ground-truth masks (``matcher.py``), the loss functions
+(``losses.py``), the batch's ground truth at the stride of the mask logits (``targets.py``), the
+panoptic / instance criterion that assembles the matched, weighted losses of every stage
+(``criterion.py``: :class:`KNetCriterion`, the ``_target_`` of the model configs) and the
+semantic one (``semantic.py``).
+
+Imports: the layers below it only. Today that is :mod:`knet_lightning.constants`
+(``IGNORE_INDEX``) and :mod:`knet_lightning.models.outputs` (the :class:`StageOutput` it reads);
+nothing from tasks, postprocess, evaluation or above.
+"""
 
 from knet_lightning.criterion.criterion import KNetCriterion
 from knet_lightning.criterion.losses import (

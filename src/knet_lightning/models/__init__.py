@@ -1,4 +1,18 @@
-"""K-Net model: backbone, necks, kernel head, kernel update heads."""
+"""The networks: K-Net for panoptic and instance segmentation (:class:`KNet`) and for semantic
+segmentation (:class:`~knet_lightning.models.semantic_knet.SemanticKNet`), and their parts.
+
+Owns: the backbones (``resnet.py``, its deformable convs in ``dcn.py``, Swin in ``swin.py`` with
+its blocks in ``swin_blocks.py``, the choice between them and the FPN in ``backbone.py``), the
+semantic FPN neck (``neck.py``), the kernel head and kernel update heads (``kernel_head.py``,
+``kernel_update.py``), the semantic decode heads (``semantic_head.py``), the per-stage output
+contract that the criterion, tasks and exports read (``outputs.py``: :class:`StageOutput`), and
+the reading of weight files (``weights.py``). The parameter names are those of the converted
+and published checkpoints: a rename breaks loading them.
+
+Imports: only torch and torchvision today, nothing of this package outside ``models``. It may
+import the layers below it (errors / constants / settings, runtime, data) and nothing above:
+criterion, tasks, postprocess, evaluation, checkpoint, inference, module and cli import from here.
+"""
 
 from knet_lightning.models.backbone import FPN
 from knet_lightning.models.kernel_head import KernelHead, KernelHeadOutput

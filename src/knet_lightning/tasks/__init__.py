@@ -1,5 +1,19 @@
 """One object per segmentation task (panoptic, instance, semantic): post-processing settings,
-ground truth, metrics per stage, overlay and official-format writer."""
+ground truth, metrics per stage, overlay and official-format writer.
+
+Owns: the task interface (``base.py``: :class:`SegmentationTask`), one implementation per task
+(``panoptic.py``, ``instance.py``, ``semantic.py``), their post-processing settings
+(``settings.py``) and :func:`build_task`. The rest of the package asks the task and never
+branches on it.
+
+Imports: a task composes the post-processing and the metrics of its kind, so it sits above
+both, not between criterion and postprocess. Today: :mod:`knet_lightning.settings`,
+:mod:`knet_lightning.constants`, :mod:`knet_lightning.data.io` (``id2rgb``),
+:mod:`knet_lightning.models.outputs` (``StageOutput``), :mod:`knet_lightning.postprocess`
+(``merge``, ``results``, ``visualize``) and :mod:`knet_lightning.evaluation` (the metrics and
+the ``export`` writers); neither of those two imports tasks. Nothing from checkpoint, inference,
+module, callbacks or cli, which import from here.
+"""
 
 from __future__ import annotations
 
