@@ -113,7 +113,7 @@ def test_tiny_run_knet_section(tiny_run: tuple[dict[str, Any], str]) -> None:
 
 
 def test_confident_outputs_follow_the_ground_truth() -> None:
-    from knet_lightning.postprocess import panoptic_inference
+    from knet_lightning.postprocess.merge import panoptic_inference
 
     seg, labels = common.make_scene(np.random.default_rng(0), 128, 160, 5, 3)
     target = common.scene_target(seg, labels, torch.device("cpu"))

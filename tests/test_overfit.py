@@ -14,7 +14,7 @@ from knet_lightning.data.synthetic import generate_synthetic_panoptic
 from knet_lightning.data.transforms import build_transforms, collate_batch
 from knet_lightning.evaluation.panoptic import PanopticQuality
 from knet_lightning.models.knet import KNet
-from knet_lightning.postprocess import panoptic_inference
+from knet_lightning.postprocess.merge import panoptic_inference
 
 
 def _pq(model: KNet, batch: dict, gts: list, num_things: int, num_classes: int) -> float:

@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from knet_lightning.postprocess import (
+from knet_lightning.postprocess.merge import (
     instance_inference,
     panoptic_inference,
     panoptic_to_semantic,
     semantic_inference,
 )
-from knet_lightning.sparse_merge import _axis_taps
-from knet_lightning.sparse_merge import merge_sparse as _merge_sparse
+from knet_lightning.postprocess.sparse_merge import _axis_taps
+from knet_lightning.postprocess.sparse_merge import merge_sparse as _merge_sparse
 
 ON, OFF = 12.0, -12.0  # saturated mask logits: sigmoid ~ 1 - 6e-6 / 6e-6
 
@@ -337,7 +337,7 @@ def test_unknown_merge_method() -> None:
 
 
 def test_auto_method_picks_sparse_for_smooth_outputs_and_dense_for_noise(monkeypatch: pytest.MonkeyPatch) -> None:
-    import knet_lightning.postprocess as pp
+    import knet_lightning.postprocess.merge as pp
 
     calls: list[str] = []
     dense, sparse = pp._merge_dense, pp.merge_sparse

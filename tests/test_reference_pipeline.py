@@ -32,7 +32,7 @@ from knet_lightning.cli import build_datamodule
 from knet_lightning.data.ade20k import ADE20K_CLASSES
 from knet_lightning.data.mmseg_pipeline import RatioRangeResize
 from knet_lightning.data.transforms import ResizeShortestEdge, collate_batch
-from knet_lightning.postprocess import rescale_maps
+from knet_lightning.postprocess.rescale import rescale_maps
 from knet_lightning.segmenter import Segmenter
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")

@@ -394,7 +394,7 @@ def test_semantic_evaluation_reads_each_image_unpadded() -> None:
     """MMSegmentation's whole-image inference runs each image at its own size; a padded batch
     would change every logit (the PPM pooling, the kernels' group features). The semantic task
     runs the network per image, unpadded, whatever the collate function padded."""
-    from knet_lightning.postprocess import semantic_inference
+    from knet_lightning.postprocess.merge import semantic_inference
     from knet_lightning.tasks import build_task
 
     net = SemanticKNet(num_classes=3, backbone_depth=18, num_stages=1, **TINY).eval()

@@ -134,7 +134,7 @@ def test_overlay_uses_the_batch_normalisation_not_imagenet() -> None:
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     image = torch.full((1, 3, 32, 32), 0.4)  # normalised: 0.4 * 0.25 + 0.5 = 0.6 -> 153
     batch = {"images": image, "image_sizes": [(32, 32)], "mean": mean, "std": std}
-    from knet_lightning.visualize import denormalized_image
+    from knet_lightning.postprocess.visualize import denormalized_image
 
     out = denormalized_image(batch, 0, (32, 32))
     assert out.dtype == torch.uint8 and int(out[0, 0, 0]) == 153

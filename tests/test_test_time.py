@@ -28,7 +28,7 @@ from knet_lightning.data.resize import resize_image
 from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from knet_lightning.models.outputs import StageOutput
 from knet_lightning.module import KNetModule
-from knet_lightning.postprocess import semantic_inference
+from knet_lightning.postprocess.merge import semantic_inference
 from knet_lightning.test_time import (
     TestTimeSettings,
     multi_scale_flip,

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from knet_lightning.data.meta import default_palette
-from knet_lightning.visualize import (
+from knet_lightning.postprocess.visualize import (
     overlay_instances,
     overlay_panoptic,
     overlay_semantic,

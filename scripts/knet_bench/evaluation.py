@@ -13,7 +13,7 @@ import torch
 from knet_lightning.constants import IGNORE_INDEX
 from knet_lightning.evaluation.panoptic import PanopticQuality
 from knet_lightning.evaluation.semantic import MeanIoU
-from knet_lightning.postprocess import panoptic_to_semantic
+from knet_lightning.postprocess.merge import panoptic_to_semantic
 
 from .common import NUM_CLASSES, NUM_THINGS, Context, Profile, make_scene
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from knet_lightning.module import KNetModule
-from knet_lightning.postprocess import panoptic_inference
+from knet_lightning.postprocess.merge import panoptic_inference
 
 from .common import (
     INFER_PARTS,

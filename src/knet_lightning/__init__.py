@@ -16,7 +16,7 @@ def __getattr__(name: str) -> Any:
 
         return Segmenter
     if name in ("Segment", "SegmentationResult", "SkippedInput"):
-        from knet_lightning import results
+        from knet_lightning.postprocess import results
 
         return getattr(results, name)
     raise AttributeError(f"module 'knet_lightning' has no attribute {name!r}")

@@ -20,12 +20,12 @@ from torch import Tensor, nn
 from knet_lightning.checkpoint.keys import DATA_CONFIG_KEY, INFERENCE_KEY, MODEL_CONFIG_KEY
 from knet_lightning.errors import NonFiniteLossError
 from knet_lightning.models.outputs import StageOutput
+from knet_lightning.postprocess.visualize import denormalized_image
 from knet_lightning.runtime.memory_format import choose_memory_format
 from knet_lightning.settings import settings_from
 from knet_lightning.tasks import SegmentationTask, build_task
 from knet_lightning.test_time import TestTimeSettings, run_test_time, settings_for_task
 from knet_lightning.training import optim
-from knet_lightning.visualize import denormalized_image
 
 log = logging.getLogger(__name__)
 

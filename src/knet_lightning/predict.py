@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from knet_lightning.data.meta import ClassInfo, DatasetError
-from knet_lightning.results import SegmentationResult, SkippedInput
+from knet_lightning.postprocess.results import SegmentationResult, SkippedInput
 
 __all__ = ["IMAGE_SUFFIXES", "PredictInput", "PredictSummary", "collect_inputs", "predict_to_folder"]
 

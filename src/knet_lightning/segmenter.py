@@ -15,7 +15,7 @@ Inputs: a path, a PIL image, a numpy ``(H, W)`` / ``(H, W, C)`` array (uint8, ui
 finite float in [0, 1]), a ``(3, H, W)`` / ``(H, W)`` tensor (uint8 or float in [0, 1]), or a list
 of them. Files and PIL images get their EXIF orientation applied; grayscale, palette, RGBA
 and 16-bit images become 8-bit RGB. An input that cannot be read (an unreadable file; an empty,
-non-finite or malformed array or tensor) becomes a :class:`~knet_lightning.results.SkippedInput`
+non-finite or malformed array or tensor) becomes a :class:`~knet_lightning.postprocess.results.SkippedInput`
 naming it and the reason, and the rest of the batch goes on.
 """
 
@@ -40,7 +40,7 @@ from knet_lightning.data.meta import DatasetError, default_palette
 from knet_lightning.data.resize import LEGACY_BACKEND
 from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, collate_batch
 from knet_lightning.models.outputs import StageOutput
-from knet_lightning.results import SegmentationResult, SkippedInput
+from knet_lightning.postprocess.results import SegmentationResult, SkippedInput
 from knet_lightning.test_time import TestTimeSettings, run_test_time, settings_for_task
 
 __all__ = ["BACKENDS", "PRECISIONS", "Segmenter", "bf16_supported"]
@@ -136,8 +136,8 @@ class Segmenter:
     """A trained K-Net with its preprocessing and post-processing.
 
     Build it with :meth:`from_checkpoint`; call it on one image (returns one
-    :class:`~knet_lightning.results.SegmentationResult`) or a list (returns a list, with a
-    :class:`~knet_lightning.results.SkippedInput` for each unreadable one).
+    :class:`~knet_lightning.postprocess.results.SegmentationResult`) or a list (returns a list, with a
+    :class:`~knet_lightning.postprocess.results.SkippedInput` for each unreadable one).
 
     Args:
         module: the :class:`~knet_lightning.module.KNetModule` with its trained weights, or an

@@ -217,9 +217,9 @@ class SegmentationTask(nn.Module, ABC):
     @abstractmethod
     def describe(self, prediction: Any, class_names: Sequence[str], isthing: Sequence[bool]) -> dict[str, Any]:
         """The typed view of one prediction: ``segments`` (a list of
-        :class:`~knet_lightning.results.Segment`) and this task's map field (``panoptic`` and
+        :class:`~knet_lightning.postprocess.results.Segment`) and this task's map field (``panoptic`` and
         ``semantic``, ``instances`` or ``semantic``), on the CPU."""
 
     @abstractmethod
     def coco_output(self, result: Any, image_id: Any, stem: str) -> Any:
-        """One :class:`~knet_lightning.results.SegmentationResult` in this task's official format."""
+        """One :class:`~knet_lightning.postprocess.results.SegmentationResult` in this task's official format."""

@@ -13,11 +13,11 @@ from torch import Tensor, nn
 from knet_lightning.evaluation.export import COCOResultsWriter
 from knet_lightning.evaluation.instance import MaskAP, encode_masks
 from knet_lightning.models.outputs import StageOutput
-from knet_lightning.postprocess import instance_inference
-from knet_lightning.results import Segment
+from knet_lightning.postprocess.merge import instance_inference
+from knet_lightning.postprocess.results import Segment
+from knet_lightning.postprocess.visualize import overlay_instances
 from knet_lightning.tasks.base import SPLITS, SegmentationTask
 from knet_lightning.tasks.settings import InstanceSettings
-from knet_lightning.visualize import overlay_instances
 
 AP_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large")
 # instances drawn on an overlay: the score threshold of the official demo (``show_result``)

@@ -17,11 +17,11 @@ from knet_lightning.evaluation.export import COCOPanopticWriter, segment_areas_a
 from knet_lightning.evaluation.panoptic import PanopticQuality
 from knet_lightning.evaluation.semantic import MeanIoU
 from knet_lightning.models.outputs import StageOutput
-from knet_lightning.postprocess import panoptic_inference, panoptic_to_semantic
-from knet_lightning.results import Segment
+from knet_lightning.postprocess.merge import panoptic_inference, panoptic_to_semantic
+from knet_lightning.postprocess.results import Segment
+from knet_lightning.postprocess.visualize import overlay_panoptic
 from knet_lightning.tasks.base import SPLITS, SegmentationTask
 from knet_lightning.tasks.settings import PanopticSettings
-from knet_lightning.visualize import overlay_panoptic
 
 PQ_KEYS = ("pq", "sq", "rq", "pq_th", "sq_th", "rq_th", "pq_st", "sq_st", "rq_st")
 

@@ -14,11 +14,11 @@ from knet_lightning.constants import IGNORE_INDEX
 from knet_lightning.evaluation.export import SemanticPNGWriter
 from knet_lightning.evaluation.semantic import MeanIoU
 from knet_lightning.models.outputs import StageOutput
-from knet_lightning.postprocess import semantic_inference
-from knet_lightning.results import Segment
+from knet_lightning.postprocess.merge import semantic_inference
+from knet_lightning.postprocess.results import Segment
+from knet_lightning.postprocess.visualize import overlay_semantic
 from knet_lightning.tasks.base import SPLITS, SegmentationTask
 from knet_lightning.tasks.settings import SemanticSettings
-from knet_lightning.visualize import overlay_semantic
 
 
 class SemanticTask(SegmentationTask):

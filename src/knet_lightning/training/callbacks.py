@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from knet_lightning.data.meta import default_palette
-from knet_lightning.visualize import save_png
+from knet_lightning.postprocess.visualize import save_png
 
 log = logging.getLogger(__name__)
 

@@ -4,10 +4,9 @@ Follows the official K-Net test path: ``KernelIterHead.simple_test``, ``get_pano
 ``merge_stuff_thing`` in ``knet/det/kernel_iter_head.py``, ``rescale_masks`` in
 ``knet/det/kernel_update_head.py``. All functions work on ONE image
 (images in a batch have different unpadded and original sizes), run without autograd and
-accept logits in any float dtype (they are promoted to fp32).
-
-Mask resizing ("rescale_masks"): sigmoid at stride 4 -> bilinear to the padded network
-input size -> crop to the unpadded input size -> bilinear to the original image size.
+accept logits in any float dtype (they are promoted to fp32). The masks are resized to the original image as the official
+``rescale_masks`` does (:mod:`knet_lightning.postprocess.rescale`); the panoptic merge can skip
+the full-resolution maps (:mod:`knet_lightning.postprocess.sparse_merge`).
 """
 
 from __future__ import annotations
@@ -19,94 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from knet_lightning.sparse_merge import exact_count_dtype, merge_sparse
+from knet_lightning.postprocess.rescale import (
+    RESCALE_CHUNK,
+    check_logits,
+    check_sizes,
+    rescale_maps,
+    rescale_probs_chunks,
+)
+from knet_lightning.postprocess.sparse_merge import exact_count_dtype, merge_sparse
 
-__all__ = [
-    "instance_inference",
-    "panoptic_inference",
-    "panoptic_to_semantic",
-    "rescale_maps",
-    "semantic_inference",
-]
-
-# Kernels are rescaled in chunks so that N x H x W float maps at padded size never exist
-# all at once (153 kernels at 800x1216 would be ~600 MB). Bilinear resizing is
-# per-channel, so chunking does not change any value.
-_RESCALE_CHUNK = 32
-
-
-def _check_size(name: str, size: Sequence[int]) -> tuple[int, int]:
-    if len(size) != 2 or any(int(s) <= 0 for s in size):
-        raise ValueError(f"postprocess: `{name}` must be (height, width) with positive entries, got {tuple(size)}")
-    return int(size[0]), int(size[1])
-
-
-def _check_sizes(
-    image_size: Sequence[int], padded_size: Sequence[int], output_size: Sequence[int]
-) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    img = _check_size("image_size", image_size)
-    pad = _check_size("padded_size", padded_size)
-    out = _check_size("output_size", output_size)
-    if img[0] > pad[0] or img[1] > pad[1]:
-        raise ValueError(f"postprocess: `image_size` {img} must fit inside `padded_size` {pad}")
-    return img, pad, out
-
-
-def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of ``(C, h, w)`` to ``(C, *size)``; a no-op when the size already matches."""
-    if tuple(x.shape[-2:]) == size:
-        return x
-    return F.interpolate(x.unsqueeze(0), size=size, mode="bilinear", align_corners=False).squeeze(0)
-
-
-def rescale_maps(
-    maps: Tensor,
-    image_size: Sequence[int],
-    padded_size: Sequence[int],
-    output_size: Sequence[int],
-) -> Tensor:
-    """Resize per-channel maps from network scale back to the original image.
-
-    Args:
-        maps: ``(C, h, w)`` maps covering the padded network input (any stride).
-        image_size: ``(h_img, w_img)`` unpadded network input size.
-        padded_size: ``(Hp, Wp)`` padded network input size.
-        output_size: ``(H, W)`` original image size.
-
-    Returns:
-        ``(C, H, W)`` float32: bilinear to ``padded_size``, crop to ``image_size``, bilinear
-        to ``output_size`` (the official ``rescale_masks``).
-    """
-    if maps.dim() != 3:
-        raise ValueError(f"postprocess: maps must be (C, h, w), got shape {tuple(maps.shape)}")
-    img, pad, out = _check_sizes(image_size, padded_size, output_size)
-    x = _resize(maps.float(), pad)[:, : img[0], : img[1]]
-    return _resize(x, out)
-
-
-def _rescale_probs_chunks(
-    mask_logits: Tensor,
-    image_size: tuple[int, int],
-    padded_size: tuple[int, int],
-    output_size: tuple[int, int],
-):
-    """Yield ``(start, probs)`` with ``probs`` ``(n, H, W)`` rescaled sigmoid masks, chunk by chunk."""
-    for start in range(0, mask_logits.shape[0], _RESCALE_CHUNK):
-        chunk = mask_logits[start : start + _RESCALE_CHUNK].float().sigmoid()
-        yield start, rescale_maps(chunk, image_size, padded_size, output_size)
-
-
-def _check_logits(mask_logits: Tensor, cls_logits: Tensor) -> tuple[int, int]:
-    if mask_logits.dim() != 3:
-        raise ValueError(
-            f"postprocess: `mask_logits` must be (N, h, w) for one image, got shape {tuple(mask_logits.shape)}"
-        )
-    if cls_logits.dim() != 2 or cls_logits.shape[0] != mask_logits.shape[0]:
-        raise ValueError(
-            f"postprocess: `cls_logits` must be (N, C) with N = {mask_logits.shape[0]} "
-            f"(from mask_logits), got shape {tuple(cls_logits.shape)}"
-        )
-    return int(cls_logits.shape[0]), int(cls_logits.shape[1])
+__all__ = ["instance_inference", "panoptic_inference", "panoptic_to_semantic", "semantic_inference"]
 
 
 def _possible_owners(mask_logits: Tensor, scores: Tensor, margin: float = 1e-5) -> Tensor:
@@ -152,7 +73,7 @@ def _merge_dense(
 ) -> tuple[Tensor, Tensor]:
     """Owner map and original mask areas from full-resolution maps, as the official code.
 
-    Same contract as :func:`~knet_lightning.sparse_merge.merge_sparse`; the masks are rescaled with ``F.interpolate``
+    Same contract as :func:`~knet_lightning.postprocess.sparse_merge.merge_sparse`; the masks are rescaled with ``F.interpolate``
     (in kernel chunks), so every value is bit for bit the official one. ``candidates``: the
     kernels that can own a pixel, when already known (else found here if ``prune``).
     """
@@ -169,7 +90,7 @@ def _merge_dense(
     owner = torch.zeros(out, dtype=torch.long, device=device)
     area_orig = torch.zeros(num_kernels, dtype=torch.long, device=device)
     cand_scores = scores[candidates]
-    for start, probs in _rescale_probs_chunks(mask_logits[candidates], img, pad, out):
+    for start, probs in rescale_probs_chunks(mask_logits[candidates], img, pad, out):
         n = probs.shape[0]
         # summing floats is about twice as fast as summing bools here
         count_dtype = exact_count_dtype(probs[0].numel())
@@ -247,7 +168,19 @@ def panoptic_inference(
         per segment, in id order, with ``id`` (int, 1..), ``category_id`` (contiguous class
         id), ``isthing`` (bool) and ``score`` (float).
     """
-    num_kernels, num_classes = _check_logits(mask_logits, cls_logits)
+    num_kernels, num_classes = check_logits(mask_logits, cls_logits)
+    num_stuff = _check_panoptic_kernels(num_kernels, num_classes, num_things, num_proposals)
+    img, pad, out = check_sizes(image_size, padded_size, output_size)
+    if method not in ("auto", "sparse", "dense"):
+        raise ValueError(f"postprocess: `method` must be 'auto', 'sparse' or 'dense', got {method!r}")
+    scores, labels, isthing = _kernel_scores(cls_logits, num_things, num_proposals, num_stuff, mask_logits.device)
+    owner, area_orig = _owner_map(mask_logits, scores, img, pad, out, mask_thr, method, prune)
+    keep = _kept_kernels(owner, area_orig, scores, isthing, object_mask_thr, overlap_thr)
+    return _numbered_segments(owner, keep, scores, labels, isthing)
+
+
+def _check_panoptic_kernels(num_kernels: int, num_classes: int, num_things: int, num_proposals: int) -> int:
+    """The number of stuff kernels, once the kernel and class counts are consistent."""
     if num_kernels == 0:
         raise ValueError("postprocess: `mask_logits` has no kernels (N = 0)")
     if not 0 <= num_proposals <= num_kernels:
@@ -260,19 +193,38 @@ def panoptic_inference(
         )
     if num_proposals > 0 and num_things == 0:
         raise ValueError("postprocess: thing proposals need `num_things` > 0")
-    img, pad, out = _check_sizes(image_size, padded_size, output_size)
-    device = mask_logits.device
+    return num_stuff
 
+
+def _kernel_scores(
+    cls_logits: Tensor, num_things: int, num_proposals: int, num_stuff: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(scores, labels, isthing)``, each ``(N,)``: a thing proposal's best thing class and its
+    probability; stuff kernel ``k``'s own class ``num_things + k`` and its probability (the diagonal)."""
     probs_cls = cls_logits.float().sigmoid()
     thing_scores, thing_labels = probs_cls[:num_proposals, :num_things].max(dim=1)
     stuff_scores = probs_cls[num_proposals:, num_things : num_things + num_stuff].diagonal()
     stuff_labels = torch.arange(num_stuff, device=device) + num_things
-    scores = torch.cat([thing_scores, stuff_scores])  # (N,)
-    labels = torch.cat([thing_labels, stuff_labels])  # (N,)
-    isthing = torch.arange(num_kernels, device=device) < num_proposals
+    scores = torch.cat([thing_scores, stuff_scores])
+    labels = torch.cat([thing_labels, stuff_labels])
+    isthing = torch.arange(num_proposals + num_stuff, device=device) < num_proposals
+    return scores, labels, isthing
 
-    if method not in ("auto", "sparse", "dense"):
-        raise ValueError(f"postprocess: `method` must be 'auto', 'sparse' or 'dense', got {method!r}")
+
+def _owner_map(
+    mask_logits: Tensor,
+    scores: Tensor,
+    img: tuple[int, int],
+    pad: tuple[int, int],
+    out: tuple[int, int],
+    mask_thr: float,
+    method: str,
+    prune: bool,
+) -> tuple[Tensor, Tensor]:
+    """``owner`` ``(H, W)``: the kernel with the largest ``score * prob`` at every output pixel;
+    ``area_orig`` ``(N,)``: each kernel's ``prob >= mask_thr`` area; by the sparse or the dense
+    merge as ``method`` chooses (see :func:`panoptic_inference`)."""
+    num_kernels = mask_logits.shape[0]
     merged: tuple[Tensor, Tensor] | Tensor | None = None
     small = num_kernels * out[0] * out[1] < _AUTO_MIN_VALUES
     if method == "sparse" or (method == "auto" and not mask_logits.is_cuda and not small):
@@ -281,19 +233,30 @@ def panoptic_inference(
         merged = merge_sparse(mask_logits.float().sigmoid(), scores, img, pad, out, mask_thr, fraction)
     if not isinstance(merged, tuple):  # dense, or the sparse merge gave up with the candidates
         merged = _merge_dense(mask_logits, scores, img, pad, out, mask_thr, prune, candidates=merged)
-    owner, area_orig = merged
-    area_kept = torch.bincount(owner.flatten(), minlength=num_kernels)
+    return merged
 
+
+def _kept_kernels(
+    owner: Tensor, area_orig: Tensor, scores: Tensor, isthing: Tensor, object_mask_thr: float, overlap_thr: float
+) -> Tensor:
+    """``(N,)`` bool: the kernels that become segments. A thing needs ``object_mask_thr`` (stuff
+    has no score threshold); every kernel must own pixels and keep ``overlap_thr`` of its mask."""
+    area_kept = torch.bincount(owner.flatten(), minlength=scores.shape[0])
     keep = (~isthing | (scores >= object_mask_thr)) & (area_kept > 0) & (area_orig > 0)
     keep &= area_kept.double() / area_orig.clamp(min=1).double() >= overlap_thr
+    return keep
 
-    # Segment ids 1..K in descending-score order (the official visiting order).
+
+def _numbered_segments(
+    owner: Tensor, keep: Tensor, scores: Tensor, labels: Tensor, isthing: Tensor
+) -> tuple[Tensor, list[dict[str, Any]]]:
+    """``pan_seg`` with segment ids 1..K in descending-score order (the official visiting order),
+    0 where the owner was dropped, and ``segments_info`` in id order."""
     order = torch.argsort(scores, descending=True, stable=True)
     kept_order = order[keep[order]]
-    id_of_kernel = torch.zeros(num_kernels, dtype=torch.int32, device=device)
-    id_of_kernel[kept_order] = torch.arange(1, kept_order.numel() + 1, dtype=torch.int32, device=device)
+    id_of_kernel = torch.zeros(scores.shape[0], dtype=torch.int32, device=owner.device)
+    id_of_kernel[kept_order] = torch.arange(1, kept_order.numel() + 1, dtype=torch.int32, device=owner.device)
     pan_seg = id_of_kernel[owner]
-
     segments_info = [
         {"id": i + 1, "category_id": int(lab), "isthing": bool(th), "score": float(sc)}
         for i, (lab, th, sc) in enumerate(
@@ -331,19 +294,19 @@ def instance_inference(
         dict with ``masks`` bool ``(K, H, W)``, ``scores`` float ``(K,)`` (descending) and
         ``labels`` int64 ``(K,)``, K = min(max_per_img, N*C).
     """
-    num_kernels, num_classes = _check_logits(mask_logits, cls_logits)
+    num_kernels, num_classes = check_logits(mask_logits, cls_logits)
     if num_kernels == 0 or num_classes == 0:
         raise ValueError(f"postprocess: `cls_logits` must have N >= 1 and C >= 1, got {tuple(cls_logits.shape)}")
     if max_per_img <= 0:
         raise ValueError(f"postprocess: `max_per_img` must be positive, got {max_per_img}")
-    img, pad, out = _check_sizes(image_size, padded_size, output_size)
+    img, pad, out = check_sizes(image_size, padded_size, output_size)
     k = min(max_per_img, num_kernels * num_classes)
     scores, flat_idx = cls_logits.float().sigmoid().flatten().topk(k, sorted=True)
     kernel_idx = flat_idx // num_classes
     labels = flat_idx % num_classes
     # A kernel picked with several classes is rescaled once.
     uniq, inverse = torch.unique(kernel_idx, return_inverse=True)
-    probs = torch.cat([p for _, p in _rescale_probs_chunks(mask_logits[uniq], img, pad, out)])
+    probs = torch.cat([p for _, p in rescale_probs_chunks(mask_logits[uniq], img, pad, out)])
     masks = probs[inverse] > mask_thr
     return {"masks": masks, "scores": scores, "labels": labels}
 
@@ -370,12 +333,12 @@ def semantic_inference(
         raise ValueError(f"postprocess: `seg_logits` must be (C, h, w), got shape {tuple(seg_logits.shape)}")
     if seg_logits.shape[0] == 0:
         raise ValueError("postprocess: `seg_logits` has no classes (C = 0)")
-    img, pad, out = _check_sizes(image_size, padded_size, output_size)
+    img, pad, out = check_sizes(image_size, padded_size, output_size)
     # Argmax only needs the running max over classes, so chunk over classes to bound memory.
     best: Tensor | None = None
     arg: Tensor | None = None
-    for start in range(0, seg_logits.shape[0], _RESCALE_CHUNK):
-        logits = rescale_maps(seg_logits[start : start + _RESCALE_CHUNK], img, pad, out)
+    for start in range(0, seg_logits.shape[0], RESCALE_CHUNK):
+        logits = rescale_maps(seg_logits[start : start + RESCALE_CHUNK], img, pad, out)
         chunk_best, chunk_arg = logits.max(dim=0)
         if best is None or arg is None:
             best, arg = chunk_best, chunk_arg
