@@ -21,7 +21,7 @@ import torch
 
 from knet_lightning import Segmenter
 from knet_lightning.data.coco import COCOPanopticDataset
-from knet_lightning.segmenter import bf16_supported
+from knet_lightning.inference.segmenter import bf16_supported
 
 
 def evaluate(seg: Segmenter, dataset: COCOPanopticDataset, files: list[Path], batch_size: int) -> tuple[dict, float]:

@@ -2,7 +2,7 @@
 """CPU latency of the K-Net network: ONNX Runtime against eager PyTorch, fp32.
 
 Exports the network of a checkpoint (default: the ``experiment=synthetic`` model with random
-weights, written to a temporary checkpoint) with :func:`knet_lightning.onnx_export.export_onnx`,
+weights, written to a temporary checkpoint) with :func:`knet_lightning.inference.onnx_export.export_onnx`,
 then times one forward pass of the network alone (no reading, transforms or post-processing) on a
 ``(batch, 3, size, size)`` input, in rounds: each round runs every backend in turn (warm-up, then
 timed runs), so that a machine's drift spreads over all; the median of all timed runs is
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     from knet_lightning import Segmenter
-    from knet_lightning.onnx_export import OnnxRuntimeNetwork, export_onnx
+    from knet_lightning.inference.onnx_export import export_onnx
+    from knet_lightning.inference.onnx_runtime import OnnxRuntimeNetwork
 
     with tempfile.TemporaryDirectory(prefix="bench_onnx_") as tmp:
         folder = Path(tmp)

@@ -487,8 +487,8 @@ def test_wandb_api_key_in_the_config_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_predict_inputs_errors_name_the_file(tmp_path: Path) -> None:
     from knet_lightning.data.meta import DatasetError
-    from knet_lightning.predict import collect_inputs
-    from knet_lightning.segmenter import read_input
+    from knet_lightning.inference.predict import collect_inputs
+    from knet_lightning.inference.segmenter import read_input
 
     with pytest.raises(DatasetError, match="no such image file, folder, glob match or .txt list"):
         collect_inputs(tmp_path / "missing")

@@ -423,8 +423,8 @@ def test_exif_orientation_is_applied_in_training_evaluation_and_predict(
     """The camera's stored pixels are turned as a viewer shows them, so that the image matches
     its annotation (size checked against the JSON) in the readers and in predict."""
     from knet_lightning.data.io import read_rgb_image
-    from knet_lightning.predict import collect_inputs
-    from knet_lightning.segmenter import read_input
+    from knet_lightning.inference.predict import collect_inputs
+    from knet_lightning.inference.segmenter import read_input
 
     root, fx = coco
     _photo_turned_by_exif(root / "val2017" / "a.png", fx["img_a"], orientation)

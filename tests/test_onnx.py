@@ -28,7 +28,8 @@ from knet_lightning.checkpoint.io import atomic_torch_save, load_checkpoint_file
 from knet_lightning.checkpoint.keys import INFERENCE_KEY, MODEL_CONFIG_KEY  # noqa: E402
 from knet_lightning.cli import build_model  # noqa: E402
 from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from knet_lightning.onnx_export import OnnxRuntimeNetwork, export_onnx  # noqa: E402
+from knet_lightning.inference.onnx_export import export_onnx  # noqa: E402
+from knet_lightning.inference.onnx_runtime import OnnxRuntimeNetwork  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -248,7 +249,7 @@ def test_the_file_alone_carries_what_post_processing_needs(
 def test_a_checkpoint_runs_on_onnxruntime_through_a_temporary_export(
     exported: Export, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import knet_lightning.onnx_export as onnx_export
+    import knet_lightning.inference.onnx_export as onnx_export
 
     ckpt, onnx_path = exported("panoptic")
     calls = []

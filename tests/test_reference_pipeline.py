@@ -32,8 +32,8 @@ from knet_lightning.cli import build_datamodule
 from knet_lightning.data.ade20k import ADE20K_CLASSES
 from knet_lightning.data.mmseg_pipeline import RatioRangeResize
 from knet_lightning.data.transforms import ResizeShortestEdge, collate_batch
+from knet_lightning.inference.segmenter import Segmenter
 from knet_lightning.postprocess.rescale import rescale_maps
-from knet_lightning.segmenter import Segmenter
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -218,7 +218,7 @@ def test_coco_multiscale_resize_equals_mmcv_on_the_same_scale() -> None:
 def test_published_weights_run_in_fp32_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    import knet_lightning.segmenter as segmenter
+    import knet_lightning.inference.segmenter as segmenter
     from knet_lightning.cli import published_numbers_in_fp32
 
     _, converted = _converted(tmp_path, "fcn", CI_SCALE[0])

@@ -284,7 +284,7 @@ def test_instance_and_semantic_results_describe_and_export() -> None:
 
 
 def test_bf16_precision_runs_and_auto_follows_the_cpu(trained: tuple[Path, Path]) -> None:
-    from knet_lightning.segmenter import bf16_supported
+    from knet_lightning.inference.segmenter import bf16_supported
 
     ckpt, root = trained
     images = sorted((root / "val2017").glob("*.jpg"))
@@ -352,7 +352,7 @@ def test_predict_cli_writes_official_outputs_and_overlays_for_a_folder_tree(
 def test_predict_cli_reads_globs_and_lists_and_takes_postprocess_overrides(
     trained: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    from knet_lightning.predict import collect_inputs
+    from knet_lightning.inference.predict import collect_inputs
 
     ckpt, root = trained
     images = sorted((root / "val2017").glob("*.jpg"))
@@ -384,7 +384,7 @@ def test_predict_skips_odd_names_folders_and_empty_files_and_predicts_the_rest(
     and the reason; the rest is predicted and the summary counts the skips."""
     import shutil
 
-    from knet_lightning.predict import collect_inputs, predict_to_folder
+    from knet_lightning.inference.predict import collect_inputs, predict_to_folder
 
     ckpt, root = trained
     good = sorted((root / "val2017").glob("*.jpg"))[0]

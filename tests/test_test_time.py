@@ -26,10 +26,7 @@ from knet_lightning.cli import build_datamodule, build_model
 from knet_lightning.data.ade20k import ADE20KDataModule
 from knet_lightning.data.resize import resize_image
 from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from knet_lightning.models.outputs import StageOutput
-from knet_lightning.module import KNetModule
-from knet_lightning.postprocess.merge import semantic_inference
-from knet_lightning.test_time import (
+from knet_lightning.inference.test_time import (
     TestTimeSettings,
     multi_scale_flip,
     recover_uint8_image,
@@ -38,6 +35,9 @@ from knet_lightning.test_time import (
     slide_windows,
     tta_view_size,
 )
+from knet_lightning.models.outputs import StageOutput
+from knet_lightning.module import KNetModule
+from knet_lightning.postprocess.merge import semantic_inference
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 

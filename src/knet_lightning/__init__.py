@@ -12,7 +12,7 @@ __all__ = ["Segment", "SegmentationResult", "Segmenter", "SkippedInput", "__vers
 
 def __getattr__(name: str) -> Any:
     if name == "Segmenter":
-        from knet_lightning.segmenter import Segmenter
+        from knet_lightning.inference.segmenter import Segmenter
 
         return Segmenter
     if name in ("Segment", "SegmentationResult", "SkippedInput"):

@@ -339,8 +339,8 @@ def _convert(cfg: DictConfig, datamodule: Any, output_dir: Path) -> None:
 
 
 def _export(cfg: DictConfig, output_dir: Path) -> None:
-    """``mode=export``: the network of ``ckpt_path`` as one ONNX file (:mod:`knet_lightning.onnx_export`)."""
-    from knet_lightning.onnx_export import export_onnx
+    """``mode=export``: the network of ``ckpt_path`` as one ONNX file (:mod:`knet_lightning.inference.onnx_export`)."""
+    from knet_lightning.inference.onnx_export import export_onnx
 
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path is None:
@@ -367,9 +367,9 @@ def _typed_model_fields(cfg: DictConfig, key: str = "postprocess") -> dict[str, 
 
 def _predict(cfg: DictConfig) -> None:
     """``mode=predict``: a :class:`~knet_lightning.Segmenter` from ``ckpt_path`` over ``inputs``
-    (:mod:`knet_lightning.predict`)."""
-    from knet_lightning.predict import collect_inputs, predict_to_folder
-    from knet_lightning.segmenter import Segmenter
+    (:mod:`knet_lightning.inference.predict`)."""
+    from knet_lightning.inference.predict import collect_inputs, predict_to_folder
+    from knet_lightning.inference.segmenter import Segmenter
 
     if not cfg.get("inputs"):
         raise ValueError("mode=predict needs inputs=<image file, folder, glob or .txt list>")

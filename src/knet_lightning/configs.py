@@ -6,7 +6,7 @@ types, so that a misspelled key in an experiment file fails at composition:
 * ``model/postprocess``: ``panoptic``, ``instance``, ``semantic`` (:mod:`knet_lightning.tasks.settings`);
 * ``model/optimizer``: ``adamw`` and ``model/scheduler``: ``warmup_step`` (:mod:`knet_lightning.training.optim`);
 * ``model/test_time``: ``default`` (whole image, single scale; ``mode``, ``tta``, ... set on it,
-  :mod:`knet_lightning.test_time`).
+  :mod:`knet_lightning.inference.test_time`).
 
 Resolvers:
 
@@ -60,8 +60,8 @@ def register_configs() -> None:
     """Registers every ``knet.*`` resolver and the structured configs (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
+    from knet_lightning.inference.test_time import TestTimeSettings
     from knet_lightning.tasks import TASKS
-    from knet_lightning.test_time import TestTimeSettings
     from knet_lightning.training.optim import OptimizerSettings, SchedulerSettings
 
     for name, fn in _resolvers().items():

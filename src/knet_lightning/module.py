@@ -19,12 +19,12 @@ from torch import Tensor, nn
 
 from knet_lightning.checkpoint.keys import DATA_CONFIG_KEY, INFERENCE_KEY, MODEL_CONFIG_KEY
 from knet_lightning.errors import NonFiniteLossError
+from knet_lightning.inference.test_time import TestTimeSettings, run_test_time, settings_for_task
 from knet_lightning.models.outputs import StageOutput
 from knet_lightning.postprocess.visualize import denormalized_image
 from knet_lightning.runtime.memory_format import choose_memory_format
 from knet_lightning.settings import settings_from
 from knet_lightning.tasks import SegmentationTask, build_task
-from knet_lightning.test_time import TestTimeSettings, run_test_time, settings_for_task
 from knet_lightning.training import optim
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class KNetModule(LightningModule):
         channels_last: run the network in the channels-last memory format; ``"auto"``: where it
             is the faster layout (:mod:`knet_lightning.runtime.memory_format`), decided once the device is known.
         compile: ``torch.compile`` the network in place (parameter names stay as they are).
-        test_time: :class:`~knet_lightning.test_time.TestTimeSettings` or its fields: how evaluation runs the network.
+        test_time: :class:`~knet_lightning.inference.test_time.TestTimeSettings` or its fields: how evaluation runs the network.
     """
 
     def __init__(

@@ -1,4 +1,6 @@
-"""The model a checkpoint was trained with: stored in every checkpoint, rebuilt for eval/predict.
+"""The model a checkpoint was trained with: stored in every checkpoint, rebuilt for eval/predict
+(:func:`model_config_for_checkpoint`) and, with no config at all, for the Segmenter and
+``mode=export`` (:func:`module_from_checkpoint`).
 
 A checkpoint's weights only fit the network they were trained in. ``mode=eval`` and
 ``mode=predict`` therefore build the network from the model config stored in the checkpoint
@@ -13,8 +15,10 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
+from knet_lightning.checkpoint.keys import CONVERSION_KEY, INFERENCE_KEY, MODEL_CONFIG_KEY
 from knet_lightning.settings import override_key
 
 log = logging.getLogger(__name__)
@@ -232,3 +236,65 @@ def load_network_weights(module: Any, path: str, trusted: bool = False, strict: 
     log.log(logging.WARNING if left else logging.INFO,
             "load_from=%s (not strict): %d of %d network tensors loaded; optimizer and schedule start afresh%s",
             path, len(loaded), len(target), "; left as initialised: " + "; ".join(left) if left else "")  # fmt: skip
+
+
+# model config entries that are not KNetModule arguments (cli.build_model drops them too)
+_HANDLE_KEYS = ("num_proposals", "num_stages")
+
+
+class RebuiltModule(NamedTuple):
+    """A checkpoint's module with its trained weights, the inference settings it is run with and
+    whether ``mode=convert`` wrote it (published weights, whose numbers were computed in fp32)."""
+
+    module: Any
+    inference: dict[str, Any]
+    converted: bool
+
+
+def _default_inference(num_classes: int) -> dict[str, Any]:
+    from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    return {"short_edge": None, "max_size": None, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "size_divisor": 32, "dataset_ids": list(range(1, num_classes + 1))}  # fmt: skip
+
+
+def module_from_checkpoint(path: str | Path, trusted: bool = False) -> RebuiltModule:
+    """The ``KNetModule`` of a training run's or ``mode=convert``'s checkpoint, built from its stored
+    model config (no Hydra config), with its weights; the checkpoint carries the task, class
+    names, thing flags and colours (``hyper_parameters``) and the inference settings
+    (:data:`~knet_lightning.checkpoint.keys.INFERENCE_KEY`: test-time resize, normalisation,
+    padding divisor, category ids). ``trusted``: load with full pickle (only for files you trust).
+    """
+    import hydra
+
+    from knet_lightning.checkpoint.io import load_checkpoint_file
+    from knet_lightning.data.resize import LEGACY_BACKEND
+
+    stored = load_checkpoint_file(path, trusted=trusted)
+    model_cfg = stored.get(MODEL_CONFIG_KEY) if isinstance(stored, dict) else None
+    if not isinstance(model_cfg, dict):
+        raise ValueError(
+            f"{path}: no '{MODEL_CONFIG_KEY}' entry; only checkpoints written by knet-lightning (training runs, "
+            "mode=convert) can be rebuilt without a config"
+        )
+    hparams = stored.get("hyper_parameters") or {}
+    stored_cfg = upgrade_model_config(model_cfg)  # older checkpoints' keys in today's names
+    model_cfg = without_initial_weights(stored_cfg)  # a copy: stored_cfg stays as stored
+    for key in _HANDLE_KEYS:
+        model_cfg.pop(key, None)
+    module = hydra.utils.instantiate(
+        model_cfg, class_names=hparams.get("class_names"), isthing=hparams.get("isthing"),
+        colors=hparams.get("colors"), _convert_="partial",
+    )  # fmt: skip
+    state = {k.removeprefix("net."): v for k, v in stored["state_dict"].items() if k.startswith("net.")}
+    module.net.load_state_dict(state, strict=True)
+    module.model_config = stored_cfg  # as a training run's module holds it (export_onnx reads it)
+    inference = stored.get(INFERENCE_KEY)
+    if inference is None:
+        inference = _default_inference(len(module.class_names))
+        log.warning("%s has no '%s' entry (written before it existed): assuming no resize, ImageNet "
+                    "normalisation and size divisor 32", path, INFERENCE_KEY)  # fmt: skip
+    inference = dict(inference)
+    # checkpoints written before the resize's arithmetic was stored were evaluated with torchvision's
+    inference.setdefault("resize_backend", LEGACY_BACKEND)
+    return RebuiltModule(module, inference, CONVERSION_KEY in stored)

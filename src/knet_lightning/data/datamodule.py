@@ -205,7 +205,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         """Evaluation images at their original size: :attr:`eval_transforms` becomes its own
         normalisation alone (``ToDtype(float32, scale=True)`` + ``Normalize``, mean/std of the
         pipeline), without the resize. For multi-scale + flip (``model.test_time.tta``), which
-        resizes the original image itself (:mod:`knet_lightning.test_time`). Call it before
+        resizes the original image itself (:mod:`knet_lightning.inference.test_time`). Call it before
         :meth:`setup` builds the evaluation sets, and after :meth:`inference_settings` (which
         reads the single-scale resize from the pipeline)."""
         ops = getattr(self.eval_transforms, "transforms", [])

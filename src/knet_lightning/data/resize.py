@@ -6,7 +6,7 @@ The official K-Net code (mmdet 2.x) and MMSegmentation resize with ``mmcv.imresi
 antialiasing. torchvision's ``resize(antialias=True)`` differs from it by a grey level on
 about a fifth of the values when enlarging and by up to 22 levels when shrinking, which is
 enough to move a published model's labels. So every keep-ratio resize of the data pipelines,
-the :class:`~knet_lightning.segmenter.Segmenter` and test-time augmentation goes through
+the :class:`~knet_lightning.inference.segmenter.Segmenter` and test-time augmentation goes through
 :func:`resize_image` / :func:`resize_label_map`, with ``backend="cv2"`` (the default) calling
 OpenCV itself: identical by construction, on every CPU OpenCV supports, to what the references
 computed (``scripts/bench_resize.py`` measures why it is not ported: speed and the bits that

@@ -59,7 +59,7 @@ class SegmentationTask(nn.Module, ABC):
     # the network reads every image at its own size, never padded to the batch's: the
     # reference's inference (MMSegmentation's whole-image ``EncoderDecoder.inference``)
     unpadded_inference: ClassVar[bool] = False
-    # sliding-window and multi-scale + flip inference (knet_lightning.test_time) apply: the
+    # sliding-window and multi-scale + flip inference (knet_lightning.inference.test_time) apply: the
     # prediction is a per-pixel class map whose logits can be merged over windows and views
     test_time_strategies: ClassVar[bool] = False
 

@@ -28,7 +28,7 @@ class SemanticTask(SegmentationTask):
     first_eval_stage = 0
     # MMSegmentation evaluates each image unpadded (batch 1, no size divisor at test time)
     unpadded_inference = True
-    # MMSegmentation's slide inference and SegTTAModel (knet_lightning.test_time)
+    # MMSegmentation's slide inference and SegTTAModel (knet_lightning.inference.test_time)
     test_time_strategies = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -8,7 +8,7 @@ training run and by ``mode=convert``. The preprocessing and post-processing are 
 ``predict``), so results equal the evaluated predictions.
 
 ``backend="onnxruntime"`` runs the network of an ``.onnx`` file that
-:func:`~knet_lightning.onnx_export.export_onnx` wrote (or of a checkpoint, exported on the fly)
+:func:`~knet_lightning.inference.onnx_export.export_onnx` wrote (or of a checkpoint, exported on the fly)
 in ONNX Runtime on the CPU; reading, transforms, post-processing and results are the same code.
 
 Inputs: a path, a PIL image, a numpy ``(H, W)`` / ``(H, W, C)`` array (uint8, uint16 or
@@ -32,16 +32,14 @@ from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
-from knet_lightning.checkpoint.io import load_checkpoint_file
-from knet_lightning.checkpoint.keys import CONVERSION_KEY, INFERENCE_KEY, MODEL_CONFIG_KEY
-from knet_lightning.checkpoint.model import upgrade_model_config, without_initial_weights
+from knet_lightning.checkpoint.model import module_from_checkpoint
 from knet_lightning.data.io import read_rgb_image, to_rgb_array, upright
 from knet_lightning.data.meta import DatasetError, default_palette
 from knet_lightning.data.resize import LEGACY_BACKEND
-from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, collate_batch
+from knet_lightning.data.transforms import build_transforms, collate_batch
+from knet_lightning.inference.test_time import TestTimeSettings, run_test_time, settings_for_task
 from knet_lightning.models.outputs import StageOutput
 from knet_lightning.postprocess.results import SegmentationResult, SkippedInput
-from knet_lightning.test_time import TestTimeSettings, run_test_time, settings_for_task
 
 __all__ = ["BACKENDS", "PRECISIONS", "Segmenter", "bf16_supported"]
 
@@ -49,10 +47,8 @@ log = logging.getLogger(__name__)
 
 ImageInput = str | Path | Image.Image | np.ndarray | Tensor
 PRECISIONS = ("fp32", "bf16", "auto")
-# torch: the KNetModule; onnxruntime: an exported fp32 graph (knet_lightning.onnx_export)
+# torch: the KNetModule; onnxruntime: an exported fp32 graph (knet_lightning.inference.onnx_export)
 BACKENDS = ("torch", "onnxruntime")
-# model config entries that are not KNetModule arguments (cli.build_model drops them too)
-_HANDLE_KEYS = ("num_proposals", "num_stages")
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -61,11 +57,6 @@ def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def _default_inference(num_classes: int) -> dict[str, Any]:
-    return {"short_edge": None, "max_size": None, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "size_divisor": 32, "dataset_ids": list(range(1, num_classes + 1))}  # fmt: skip
 
 
 def _check_size(rgb: np.ndarray, what: str) -> np.ndarray:
@@ -141,7 +132,7 @@ class Segmenter:
 
     Args:
         module: the :class:`~knet_lightning.module.KNetModule` with its trained weights, or an
-            :class:`~knet_lightning.onnx_export.OnnxRuntimeNetwork` (backend ``onnxruntime``).
+            :class:`~knet_lightning.inference.onnx_runtime.OnnxRuntimeNetwork` (backend ``onnxruntime``).
         inference: the ``knet_inference`` settings (resize, normalisation, divisor, ids).
         device: where the network runs.
         stage: the stage whose output is read (-1: the last, as evaluation reads it).
@@ -151,7 +142,7 @@ class Segmenter:
             makes it the default where the CPU has bf16 kernels
             (``scripts/bench_inference_precision.py``; README, Use a trained model). The
             ``onnxruntime`` backend runs the exported fp32 graph: ``"auto"`` is fp32 there.
-        test_time: how the network is run (:class:`~knet_lightning.test_time.TestTimeSettings`):
+        test_time: how the network is run (:class:`~knet_lightning.inference.test_time.TestTimeSettings`):
             ``None``: the module's (a checkpoint's stored ``model.test_time``), else whole image;
             a mapping: those fields on top of it, e.g. ``{"tta": True, "scales": [0.5, 1.0]}``;
             a ``TestTimeSettings``: as it is. Sliding windows and multi-scale + flip are the
@@ -217,7 +208,7 @@ class Segmenter:
         test_time: Mapping[str, Any] | TestTimeSettings | None = None,
     ) -> Segmenter:
         """A Segmenter from a checkpoint of a training run or of ``mode=convert``, or (backend
-        ``onnxruntime``) from an ``.onnx`` file of :func:`~knet_lightning.onnx_export.export_onnx`.
+        ``onnxruntime``) from an ``.onnx`` file of :func:`~knet_lightning.inference.onnx_export.export_onnx`.
 
         Args:
             path: the ``.ckpt`` file, or an ``.onnx`` file with ``backend="onnxruntime"``.
@@ -231,48 +222,23 @@ class Segmenter:
             test_time: ``None``: the checkpoint's ``model.test_time`` (whole image if it has
                 none); a mapping of fields on top of it or a ``TestTimeSettings`` (see the class).
         """
-        import hydra
-
         path = Path(path)
         if backend not in BACKENDS:
             raise ValueError(f"Segmenter: backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "onnxruntime":
-            from knet_lightning.onnx_export import onnxruntime_network
+            from knet_lightning.inference.onnx_export import onnxruntime_network
 
             network = onnxruntime_network(path, stage=stage, trusted=trusted)
             return cls(network, network.inference, device=device, stage=network.stage, precision=precision,
                        test_time=test_time)  # fmt: skip
         if path.suffix.lower() == ".onnx":
             raise ValueError(f"{path} is an ONNX file: load it with backend='onnxruntime'")
-        stored = load_checkpoint_file(path, trusted=trusted)
-        model_cfg = stored.get(MODEL_CONFIG_KEY) if isinstance(stored, dict) else None
-        if not isinstance(model_cfg, dict):
-            raise ValueError(
-                f"{path}: no '{MODEL_CONFIG_KEY}' entry; only checkpoints written by knet-lightning (training runs, "
-                "mode=convert) can be rebuilt without a config"
-            )
-        hparams = stored.get("hyper_parameters") or {}
-        stored_cfg = upgrade_model_config(model_cfg)  # older checkpoints' keys in today's names
-        model_cfg = without_initial_weights(stored_cfg)  # a copy: stored_cfg stays as stored
-        for key in _HANDLE_KEYS:
-            model_cfg.pop(key, None)
-        module = hydra.utils.instantiate(
-            model_cfg, class_names=hparams.get("class_names"), isthing=hparams.get("isthing"),
-            colors=hparams.get("colors"), _convert_="partial",
-        )  # fmt: skip
-        state = {k.removeprefix("net."): v for k, v in stored["state_dict"].items() if k.startswith("net.")}
-        module.net.load_state_dict(state, strict=True)
-        module.model_config = stored_cfg  # as a training run's module holds it (export_onnx reads it)
-        if precision == "auto" and CONVERSION_KEY in stored:
+        module, inference, converted = module_from_checkpoint(path, trusted=trusted)
+        if precision == "auto" and converted:
             # published weights: their numbers were computed in fp32, and bf16 moves labels
             log.info("%s was converted from published weights: precision 'auto' runs it in fp32 (ask for "
                      "'bf16' to trade agreement for speed)", path)  # fmt: skip
             precision = "fp32"
-        inference = stored.get(INFERENCE_KEY)
-        if inference is None:
-            inference = _default_inference(len(module.class_names))
-            log.warning("%s has no '%s' entry (written before it existed): assuming no resize, ImageNet "
-                        "normalisation and size divisor 32", path, INFERENCE_KEY)  # fmt: skip
         return cls(module, inference, device=device, stage=stage, precision=precision, test_time=test_time)
 
     # ------------------------------------------------------------------ running
@@ -323,7 +289,7 @@ class Segmenter:
             for part in self.module.task.network_batches(batch):
                 if self.test_time.is_plain:
                     stage = self._network(part["images"])
-                else:  # sliding windows / multi-scale + flip over the stage read (knet_lightning.test_time)
+                else:  # sliding windows / multi-scale + flip over the stage read (knet_lightning.inference.test_time)
                     (stage,) = run_test_time(lambda images: [self._network(images)], part, self.test_time, [0],
                                              self.settings)  # fmt: skip
                 # the merge compares scores and mask probabilities: in fp32, as evaluation runs it
