@@ -64,7 +64,7 @@ def __getattr__(name: str) -> Any:
 
 Transforms = Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]]
 
-# The splits a run reads; mode=predict reads the images of `inputs=` (predict.py), not a split.
+# The splits a run reads; mode=predict reads the images of `inputs=` (inference/predict.py), not a split.
 _ROLES = ("train", "val", "test")
 
 
