@@ -44,8 +44,6 @@ MAX_FUNCTION_LINES = 80
 LONG_FUNCTIONS: dict[str, str] = {
     "cli.py::_run": "the run's whole sequence (trainer, callbacks, fit, test, the exit code); "
     "cli.py is to be restructured (issue 28, open)",
-    "postprocess/sparse_merge.py::merge_sparse": "a numeric kernel whose steps share some twenty tensors and "
-    "one exactness argument; the reason is next to it (issue 28, open)",
 }
 # "<path under src/knet_lightning>": why it is longer (same rules as LONG_FUNCTIONS)
 LONG_FILES: dict[str, str] = {

@@ -11,6 +11,8 @@ bounds overlap. :func:`knet_lightning.postprocess.merge.panoptic_inference` choo
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -86,11 +88,41 @@ def _groups(start: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return starts, first, count
 
 
-# Long on purpose (the one function over 80 lines here, allowlisted in tests/test_architecture.py):
-# a numeric kernel whose steps (axis taps and runs, per-block bounds, settled blocks, thresholded
-# areas, the exact evaluation of the unsettled pixels, argmax ties) share some twenty tensors, and
-# whose exactness argument (one interpolation formula for every evaluated pixel, torch.argmax's
-# first-maximum rule) reads across all of them; the comments mark the steps.
+@dataclass(frozen=True)
+class _AxisRuns:
+    """One axis of the output: the window of stride-4 cells each output index is interpolated
+    from (its weights), and the runs of consecutive output indices sharing a window start."""
+
+    size: int  # output length
+    weights: Tensor  # (size, span) float32, see _axis_taps
+    span: int  # cells per window
+    starts: Tensor  # (R,) the distinct window starts
+    first: Tensor  # (R,) first output index of each run
+    count: Tensor  # (R,) length of each run
+
+    @property
+    def num_runs(self) -> int:
+        return self.starts.numel()
+
+
+def _axis_runs(n_out: int, n_img: int, n_pad: int, n_in: int, device: torch.device) -> _AxisRuns:
+    start, weights = (t.to(device) for t in _axis_taps(n_out, n_img, n_pad, n_in))
+    starts, first, count = _groups(start)
+    return _AxisRuns(n_out, weights, weights.shape[1], starts, first, count)
+
+
+class _Blocks(NamedTuple):
+    """What the bounds settle per block of output pixels (a run of rows x a run of columns, B of
+    them), for the ``K`` relevant kernels (those that can win somewhere)."""
+
+    top_idx: Tensor  # (B,) the kernel with the best lower bound: the owner where it is settled
+    settled: Tensor  # (B,) bool: one kernel alone can win there
+    relevant: Tensor  # (K,) kernel indices
+    contender: Tensor  # (K, B) bool: kernel k can win somewhere in block b
+    surely_in: Tensor  # (K, B) bool: the whole block is at or above the mask threshold
+    unsure_thr: Tensor  # (K, B) bool: the threshold test needs exact values
+
+
 def merge_sparse(
     probs: Tensor,
     scores: Tensor,
@@ -117,20 +149,41 @@ def merge_sparse(
         pixel, for the dense merge.
     """
     num_kernels, h, w = probs.shape
-    device = probs.device
-    (out_h, out_w), eps = output_size, _BOUND_EPS
-    ystart, wy = (t.to(device) for t in _axis_taps(out_h, image_size[0], padded_size[0], h))
-    xstart, wx = (t.to(device) for t in _axis_taps(out_w, image_size[1], padded_size[1], w))
-    ky, kx = wy.shape[1], wx.shape[1]
-    ys, yfirst, ycount = _groups(ystart)
-    xs, xfirst, xcount = _groups(xstart)
-    num_r, num_c = ys.numel(), xs.numel()
+    (out_h, out_w), device = output_size, probs.device
+    rows = _axis_runs(out_h, image_size[0], padded_size[0], h, probs.device)
+    cols = _axis_runs(out_w, image_size[1], padded_size[1], w, probs.device)
+    blocks = _settle_blocks(probs, scores, rows, cols, mask_thr)
 
-    # Bounds of every kernel over every block's window of cells: (N, R, C).
-    pmax = _window_reduce(_window_reduce(probs, ys, ky, 1, torch.maximum), xs, kx, 2, torch.maximum)
-    pmin = _window_reduce(_window_reduce(probs, ys, ky, 1, torch.minimum), xs, kx, 2, torch.minimum)
-    pmax, pmin = pmax.flatten(1), pmin.flatten(1)  # (N, B), B = R * C blocks
-    block_pixels = (ycount[:, None] * xcount[None, :]).flatten()  # (B,)
+    # Original areas: blocks wholly above / below the threshold count at once.
+    block_pixels = (rows.count[:, None] * cols.count[None, :]).flatten()  # (B,)
+    count_dtype = exact_count_dtype(out_h * out_w)
+    area_orig = torch.zeros(num_kernels, dtype=torch.long, device=device)
+    area_orig[blocks.relevant] = (blocks.surely_in.to(count_dtype) @ block_pixels.to(count_dtype)).round().long()
+    # (H, W), exact on settled blocks
+    owner = blocks.top_idx.view(rows.num_runs, cols.num_runs)
+    owner = owner.repeat_interleave(rows.count, 0).repeat_interleave(cols.count, 1)
+
+    eval_mask = blocks.unsure_thr | (blocks.contender & ~blocks.settled[None])  # (K, B)
+    flat_idx = eval_mask.view(-1).nonzero().squeeze(1)
+    if flat_idx.numel() == 0:
+        return owner, area_orig
+    if max_eval_fraction is not None:
+        pixels = flat_idx.numel() * int(rows.count.max()) * int(cols.count.max())
+        if pixels > max_eval_fraction * num_kernels * out_h * out_w:
+            return blocks.relevant
+    return _evaluate_unsettled(probs, scores, rows, cols, blocks, flat_idx, owner, area_orig, mask_thr)
+
+
+def _block_reduce(probs: Tensor, rows: _AxisRuns, cols: _AxisRuns, fn: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """``(N, B)``: ``fn``-reduction of each kernel's cells over every block's window (B = R * C blocks)."""
+    by_rows = _window_reduce(probs, rows.starts, rows.span, 1, fn)  # (N, R, w)
+    return _window_reduce(by_rows, cols.starts, cols.span, 2, fn).flatten(1)
+
+
+def _settle_blocks(probs: Tensor, scores: Tensor, rows: _AxisRuns, cols: _AxisRuns, mask_thr: float) -> _Blocks:
+    """Bounds of every kernel over every block's window of cells, and what they settle."""
+    eps, num_kernels = _BOUND_EPS, probs.shape[0]
+    pmax, pmin = _block_reduce(probs, rows, cols, torch.maximum), _block_reduce(probs, rows, cols, torch.minimum)
 
     # Ownership: kernel n can win somewhere in block b unless its upper bound (with slack)
     # is below the best lower bound of the other kernels. Comparing every kernel with the
@@ -141,59 +194,54 @@ def merge_sparse(
     contender = pmax * (scores * ((1 + eps) / (1 - eps)))[:, None] >= top_lower[None]  # (N, B)
     settled = contender.sum(dim=0, dtype=torch.int32) == 1
     # A kernel that contends nowhere owns no pixel, so it is never kept: its area is moot
-    # and the threshold work below skips it.
+    # and the threshold work skips it.
     relevant = contender.any(dim=1).nonzero().squeeze(1)  # (K,)
     if relevant.numel() < num_kernels:
         pmin, pmax, contender = pmin[relevant], pmax[relevant], contender[relevant]
-
-    # Original areas: blocks wholly above / below the threshold count at once.
     surely_in = pmin >= mask_thr / (1 - eps)  # (K, B)
     unsure_thr = (pmax >= mask_thr / (1 + eps)) & ~surely_in
-    count_dtype = exact_count_dtype(out_h * out_w)
-    area_orig = torch.zeros(num_kernels, dtype=torch.long, device=device)
-    area_orig[relevant] = (surely_in.to(count_dtype) @ block_pixels.to(count_dtype)).round().long()
+    return _Blocks(top_idx, settled, relevant, contender, surely_in, unsure_thr)
 
-    # (H, W), exact on settled blocks
-    owner = top_idx.view(num_r, num_c).repeat_interleave(ycount, 0).repeat_interleave(xcount, 1)
 
-    eval_mask = unsure_thr | (contender & ~settled[None])  # (K, B)
-    flat_idx = eval_mask.view(-1).nonzero().squeeze(1)
-    if flat_idx.numel() == 0:
-        return owner, area_orig
-    max_rows, max_cols = int(ycount.max()), int(xcount.max())
-    if max_eval_fraction is not None:
-        if flat_idx.numel() * max_rows * max_cols > max_eval_fraction * num_kernels * out_h * out_w:
-            return relevant
-    kernel_idx, block_idx = relevant[flat_idx // eval_mask.shape[1]], flat_idx % eval_mask.shape[1]
-    contends = contender.view(-1)[flat_idx]
-    counts_thr = unsure_thr.view(-1)[flat_idx]
+def _evaluate_unsettled(
+    probs: Tensor,
+    scores: Tensor,
+    rows: _AxisRuns,
+    cols: _AxisRuns,
+    blocks: _Blocks,
+    flat_idx: Tensor,
+    owner: Tensor,
+    area_orig: Tensor,
+    mask_thr: float,
+) -> tuple[Tensor, Tensor]:
+    """Exact values where the bounds left a (kernel, block) pair open (``flat_idx`` into the
+    ``(K, B)`` pairs): the threshold count of its pixels into ``area_orig`` and, where the
+    kernel contends, its ``score * prob`` into the owner of each pixel (first kernel on ties)."""
+    device, num_kernels = probs.device, probs.shape[0]
+    out_h, out_w = rows.size, cols.size
+    ky, kx = rows.span, cols.span
+    num_blocks = blocks.contender.shape[1]
+    max_rows, max_cols = int(rows.count.max()), int(cols.count.max())
+    kernel_idx, block_idx = blocks.relevant[flat_idx // num_blocks], flat_idx % num_blocks
+    contends = blocks.contender.view(-1)[flat_idx]
+    counts_thr = blocks.unsure_thr.view(-1)[flat_idx]
     # Per run of rows (columns): its output indices, their validity and their weights.
     ly, lx = torch.arange(max_rows, device=device), torch.arange(max_cols, device=device)
-    run_rows = (yfirst[:, None] + ly).clamp(max=out_h - 1)  # (R, MR)
-    run_cols = (xfirst[:, None] + lx).clamp(max=out_w - 1)  # (C, MC)
-    run_row_ok, run_col_ok = ly < ycount[:, None], lx < xcount[:, None]
-    run_wy, run_wx = wy[run_rows], wx[run_cols]  # (R, MR, Ky), (C, MC, Kx)
-    win_y = ys[:, None] + torch.arange(ky, device=device)  # (R, Ky) cell rows of each run
-    win_x = xs[:, None] + torch.arange(kx, device=device)  # (C, Kx)
+    run_rows = (rows.first[:, None] + ly).clamp(max=out_h - 1)  # (R, MR)
+    run_cols = (cols.first[:, None] + lx).clamp(max=out_w - 1)  # (C, MC)
+    run_row_ok, run_col_ok = ly < rows.count[:, None], lx < cols.count[:, None]
+    run_wy, run_wx = rows.weights[run_rows], cols.weights[run_cols]  # (R, MR, Ky), (C, MC, Kx)
+    win_y = rows.starts[:, None] + torch.arange(ky, device=device)  # (R, Ky) cell rows of each run
+    win_x = cols.starts[:, None] + torch.arange(kx, device=device)  # (C, Kx)
 
     best = torch.full((out_h * out_w,), float("-inf"), device=device)
     evaluated: list[tuple[Tensor, Tensor, Tensor]] = []  # (pixel, score * prob, kernel)
     step = max(1, _EVAL_SLOTS // (max_rows * max_cols))
     for lo in range(0, block_idx.numel(), step):
         b, n = block_idx[lo : lo + step], kernel_idx[lo : lo + step]
-        gr, gc = b // num_c, b % num_c
+        gr, gc = b // cols.num_runs, b % cols.num_runs
         cells = probs[n[:, None, None], win_y[gr][:, :, None], win_x[gc][:, None, :]]  # (P, Ky, Kx)
-        wyp, wxp = run_wy[gr], run_wx[gc]  # (P, MR, Ky), (P, MC, Kx)
-        # One formula for every pixel, sum_a wy[y, a] * sum_c wx[x, c] * p[a, c], so a value
-        # does not depend on which other pixels are evaluated with it.
-        val = None
-        for a in range(ky):
-            inner = wxp[:, :, 0] * cells[:, a, 0, None]
-            for c in range(1, kx):
-                inner = inner + wxp[:, :, c] * cells[:, a, c, None]  # (P, MC)
-            term = wyp[:, :, a, None] * inner[:, None, :]  # (P, MR, MC)
-            val = term if val is None else val + term
-        assert val is not None
+        val = _interpolate(cells, run_wy[gr], run_wx[gc])  # (P, MR, MC)
         ok = run_row_ok[gr][:, :, None] & run_col_ok[gc][:, None, :]
         thr = counts_thr[lo : lo + step]
         if bool(thr.any()):
@@ -216,3 +264,20 @@ def merge_sparse(
         pix_all = torch.cat([pix for pix, _, _ in evaluated])
         flat_owner[pix_all] = first[pix_all]
     return flat_owner.view(out_h, out_w), area_orig
+
+
+def _interpolate(cells: Tensor, wyp: Tensor, wxp: Tensor) -> Tensor:
+    """``(P, MR, MC)`` interpolated values of ``cells (P, Ky, Kx)`` with the row weights ``wyp
+    (P, MR, Ky)`` and column weights ``wxp (P, MC, Kx)``. One formula for every pixel,
+    ``sum_a wy[y, a] * sum_c wx[x, c] * p[a, c]``, so a value does not depend on which other
+    pixels are evaluated with it."""
+    ky, kx = cells.shape[1], cells.shape[2]
+    val = None
+    for a in range(ky):
+        inner = wxp[:, :, 0] * cells[:, a, 0, None]
+        for c in range(1, kx):
+            inner = inner + wxp[:, :, c] * cells[:, a, c, None]  # (P, MC)
+        term = wyp[:, :, a, None] * inner[:, None, :]  # (P, MR, MC)
+        val = term if val is None else val + term
+    assert val is not None
+    return val
