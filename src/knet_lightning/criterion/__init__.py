@@ -6,9 +6,10 @@ panoptic / instance criterion that assembles the matched, weighted losses of eve
 (``criterion.py``: :class:`KNetCriterion`, the ``_target_`` of the model configs) and the
 semantic one (``semantic.py``).
 
-Imports: the layers below it only. Today that is :mod:`knet_lightning.constants`
-(``IGNORE_INDEX``) and :mod:`knet_lightning.models.outputs` (the :class:`StageOutput` it reads);
-nothing from tasks, postprocess, evaluation or above.
+Imports: layer 5 of the package (see :mod:`knet_lightning`), beside postprocess and evaluation,
+so only layers 1 to 4. Today that is :mod:`knet_lightning.constants` (``IGNORE_INDEX``) and
+:mod:`knet_lightning.models.outputs` (the :class:`StageOutput` it reads); nothing from
+postprocess, evaluation (its own layer), tasks or above.
 """
 
 from knet_lightning.criterion.criterion import KNetCriterion

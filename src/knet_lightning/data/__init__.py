@@ -10,8 +10,8 @@ shares (``datamodule.py``); transforms (``transforms.py``, MMSegmentation's sema
 training order (``sampling.py``); image and JSON reading (``io.py``); class metadata and the data
 errors (``meta.py``); and ``mode=check_data``'s report (``check.py``).
 
-Imports: the layers below it only (errors / constants / settings, then runtime). Today that is
-:mod:`knet_lightning.constants` (``IGNORE_INDEX``) and :mod:`knet_lightning.runtime.distributed`
-(``eval_sampler``, in ``datamodule.py``); nothing from models, criterion, tasks, postprocess,
-evaluation, checkpoint, inference, module, callbacks or cli, which import from here.
+Imports: layer 3 of the package (see :mod:`knet_lightning`), so only layers 1 and 2: errors /
+constants / settings and runtime. Today that is :mod:`knet_lightning.constants`
+(``IGNORE_INDEX``) and :mod:`knet_lightning.runtime.distributed` (``eval_sampler``, in
+``datamodule.py``); nothing from models or the layers above them, which import from here.
 """

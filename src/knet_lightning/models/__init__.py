@@ -9,9 +9,9 @@ contract that the criterion, tasks and exports read (``outputs.py``: :class:`Sta
 the reading of weight files (``weights.py``). The parameter names are those of the converted
 and published checkpoints: a rename breaks loading them.
 
-Imports: only torch and torchvision today, nothing of this package outside ``models``. It may
-import the layers below it (errors / constants / settings, runtime, data) and nothing above:
-criterion, tasks, postprocess, evaluation, checkpoint, inference, module and cli import from here.
+Imports: layer 4 of the package (see :mod:`knet_lightning`), so only layers 1 to 3 (errors /
+constants / settings, runtime, data); today none of them: torch and torchvision only. Nothing
+from criterion, postprocess, evaluation or the layers above, which import from here.
 """
 
 from knet_lightning.models.backbone import FPN

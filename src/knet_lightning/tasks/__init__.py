@@ -6,13 +6,13 @@ Owns: the task interface (``base.py``: :class:`SegmentationTask`), one implement
 (``settings.py``) and :func:`build_task`. The rest of the package asks the task and never
 branches on it.
 
-Imports: a task composes the post-processing and the metrics of its kind, so it sits above
-both, not between criterion and postprocess. Today: :mod:`knet_lightning.settings`,
-:mod:`knet_lightning.constants`, :mod:`knet_lightning.data.io` (``id2rgb``),
-:mod:`knet_lightning.models.outputs` (``StageOutput``), :mod:`knet_lightning.postprocess`
-(``merge``, ``results``, ``visualize``) and :mod:`knet_lightning.evaluation` (the metrics and
-the ``export`` writers); neither of those two imports tasks. Nothing from checkpoint, inference,
-module, callbacks or cli, which import from here.
+Imports: layer 6 of the package (see :mod:`knet_lightning`), beside checkpoint: a task composes
+the post-processing and the metrics of its kind, so it sits above both (layer 5), not between
+criterion and postprocess. Today: :mod:`knet_lightning.settings`, :mod:`knet_lightning.constants`,
+:mod:`knet_lightning.data.io` (``id2rgb``), :mod:`knet_lightning.models.outputs`
+(``StageOutput``), :mod:`knet_lightning.postprocess` (``merge``, ``results``, ``visualize``) and
+:mod:`knet_lightning.evaluation` (the metrics and the ``export`` writers). Nothing from
+checkpoint (its own layer), inference, training, module, run_data or cli, which import from here.
 """
 
 from __future__ import annotations
