@@ -262,10 +262,44 @@ def test_overlay_callback_draws_the_task_overlay_without_data_set_colours(tmp_pa
     assert module.colors is None
     seg = torch.zeros(8, 8, dtype=torch.int32)
     seg[:4] = 3
-    module.vis_samples = [{"file_name": "img.jpg", "image": torch.full((3, 8, 8), 90, dtype=torch.uint8),
-                           "prediction": (seg, [{"id": 3, "category_id": 4}])}]  # fmt: skip
+    sample = {"file_name": "img.jpg", "image": torch.full((3, 8, 8), 90, dtype=torch.uint8),
+              "prediction": (seg, [{"id": 3, "category_id": 4}])}  # fmt: skip
     trainer = SimpleNamespace(sanity_checking=False, current_epoch=2, default_root_dir=str(tmp_path), loggers=[],
                               global_step=5)  # fmt: skip
-    PredictionOverlays(dirname="overlays").on_validation_epoch_end(trainer, module)
+    callback = PredictionOverlays(dirname="overlays")
+    callback.on_validation_epoch_start(trainer, module)
+    # the samples come from the validation step's outputs, never from the module
+    callback.on_validation_batch_end(trainer, module, {"vis": [sample]}, batch={}, batch_idx=0)
+    assert not hasattr(module, "vis_samples")
+    callback.on_validation_epoch_end(trainer, module)
     (png,) = (tmp_path / "overlays" / "epoch_002").glob("*.png")
     assert png.name == "00_img.png"
+
+
+def test_overlay_callback_collects_num_vis_images_from_the_step_outputs(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from knet_lightning.training.callbacks import PredictionOverlays
+
+    module = _module()
+    module.num_vis_images = 3
+    seg = torch.zeros(8, 8, dtype=torch.int32)
+
+    def sample(name: str) -> dict:
+        return {"file_name": name, "image": torch.zeros((3, 8, 8), dtype=torch.uint8), "prediction": (seg, [])}
+
+    trainer = SimpleNamespace(sanity_checking=False, current_epoch=0, default_root_dir=str(tmp_path), loggers=[],
+                              global_step=1)  # fmt: skip
+    callback = PredictionOverlays(dirname="overlays")
+    callback.on_validation_epoch_start(trainer, module)
+    callback.on_validation_batch_end(trainer, module, {"vis": [sample("a.jpg"), sample("b.jpg")]}, {}, 0)
+    callback.on_validation_batch_end(trainer, module, None, {}, 1)  # a step without outputs
+    callback.on_validation_batch_end(trainer, module, {"vis": [sample("c.jpg"), sample("d.jpg")]}, {}, 2)
+    assert [s["file_name"] for s in callback.samples] == ["a.jpg", "b.jpg", "c.jpg"]
+    callback.on_validation_epoch_end(trainer, module)
+    assert sorted(p.name for p in (tmp_path / "overlays" / "epoch_000").glob("*.png")) == [
+        "00_a.png",
+        "01_b.png",
+        "02_c.png",
+    ]
+    assert callback.samples == []  # the next epoch starts afresh

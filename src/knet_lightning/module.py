@@ -115,7 +115,6 @@ class KNetModule(LightningModule):
             class_names=self.class_names,
         )  # fmt: skip
         self.test_time = settings_for_task(test_time, self.task)  # whole, slide, multi-scale + flip
-        self.vis_samples: list[dict[str, Any]] = []
         # set by the CLI, stored in checkpoints, for eval/predict and Segmenter to rebuild from (checkpoint/model.py)
         self.model_config: dict[str, Any] | None = None
         self.inference_config: dict[str, Any] | None = None
@@ -203,11 +202,9 @@ class KNetModule(LightningModule):
         return [p for outputs, part in self.network_outputs(batch, self.task.stages(split))
                 for p in self.task.evaluate(outputs, part, split)]  # fmt: skip
 
-    def on_validation_epoch_start(self) -> None:
-        self.vis_samples = []
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._keep_for_overlay(batch, self._evaluate(batch, "val"))
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, list[dict[str, Any]]]:
+        """``{"vis": samples}``: the overlay samples of this batch, for the overlay callback"""
+        return {"vis": self._overlay_samples(batch, batch_idx, self._evaluate(batch, "val"))}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test")
@@ -220,14 +217,15 @@ class KNetModule(LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.task.compute("test"), sync_dist=True)
 
-    def _keep_for_overlay(self, batch: dict[str, Any], preds: list[Any]) -> None:
+    def _overlay_samples(self, batch: dict[str, Any], batch_idx: int, preds: list[Any]) -> list[dict[str, Any]]:
+        """Rank zero's first ``num_vis_images`` validation images (the loader does not shuffle; the
+        batches before this one held at least ``batch_idx * len(preds)``; the callback keeps the count)."""
         if not self.trainer.is_global_zero:
-            return
-        for b, pred in enumerate(preds[: self.num_vis_images - len(self.vis_samples)]):
-            target = batch["targets"][b]
-            out_size = tuple(int(s) for s in target["orig_size"])
-            self.vis_samples.append({"file_name": str(target.get("file_name", b)), "prediction": pred,
-                                     "image": denormalized_image(batch, b, out_size)})  # fmt: skip
+            return []
+        room = self.num_vis_images - batch_idx * len(preds)
+        return [{"file_name": str(t.get("file_name", b)), "prediction": pred,
+                 "image": denormalized_image(batch, b, tuple(int(s) for s in t["orig_size"]))}
+                for b, (t, pred) in enumerate(zip(batch["targets"][: max(room, 0)], preds))]  # fmt: skip
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         return [{"file_name": t.get("file_name"), "image_id": t.get("image_id"), "prediction": p}

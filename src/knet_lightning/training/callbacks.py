@@ -36,18 +36,31 @@ class PredictionOverlays(Callback):
     (``overlays/epoch_XXX/``) and, with a W&B logger, logs them as ``wandb.Image`` with the class
     masks attached. The task object draws them (panoptic segments, instances or classes).
 
-    The module collects the samples (``pl_module.vis_samples``) while it validates, on rank
-    zero only, from the first validation batches, which are the same images every epoch
-    because the validation loader does not shuffle.
+    The module's ``validation_step`` returns the samples it selected (``{"vis": [...]}``), on
+    rank zero only, from the first validation batches, which are the same images every epoch
+    because the validation loader does not shuffle; this callback collects them from the step's
+    outputs, up to ``pl_module.num_vis_images``.
     """
 
     def __init__(self, dirname: str = "overlays", every_n_epochs: int = 1) -> None:
         self.dirname = dirname
         self.every_n_epochs = max(1, int(every_n_epochs))
+        self.samples: list[dict[str, Any]] = []
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.samples = []
+
+    def on_validation_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:  # fmt: skip
+        room = int(getattr(pl_module, "num_vis_images", 0)) - len(self.samples)
+        if isinstance(outputs, dict) and room > 0:
+            self.samples.extend(list(outputs.get("vis") or [])[:room])
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        samples: list[dict[str, Any]] = getattr(pl_module, "vis_samples", [])
+        samples, self.samples = self.samples, []
         if not samples or trainer.sanity_checking or trainer.current_epoch % self.every_n_epochs:
             return
         colors = pl_module.colors or default_palette(len(pl_module.class_names))
