@@ -40,11 +40,17 @@ def test_flatten_joins_nested_keys() -> None:
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}}) == {"a.b": 1, "a.c.d": [1, 2], "e": {}}
 
 
-def test_the_checkpoint_network_with_the_free_keys_of_this_run() -> None:
-    built = model_config_for_checkpoint(_given(num_proposals=100, net__num_proposals=100, net__channels=256),
-                                        STORED, "x.ckpt", "eval", overrides=["data.root=/d"])  # fmt: skip
+def test_the_checkpoint_network_with_the_free_keys_this_run_types() -> None:
+    """One policy for eval and predict: the free keys the command line sets are this run's, every
+    other key (the config's untyped defaults included) the checkpoint's."""
+    given = _given(num_proposals=100, net__num_proposals=100, net__channels=256)
+    built = model_config_for_checkpoint(given, STORED, "x.ckpt", "eval", overrides=["data.root=/d"])
     assert built["num_proposals"] == 50 and built["net"]["channels"] == 64
-    assert built["postprocess"] == {"object_mask_thr": 0.6}
+    assert built["postprocess"] == {"object_mask_thr": 0.3}
+    typed = ["data.root=/d", "model.postprocess.object_mask_thr=0.6"]
+    assert model_config_for_checkpoint(given, STORED, "x.ckpt", "eval", typed)["postprocess"] == {
+        "object_mask_thr": 0.6
+    }
     # the weights come from the checkpoint: no download, no initial weight file
     assert built["net"]["pretrained"] is False and built["net"]["weights_path"] is None
 
@@ -134,7 +140,7 @@ def test_on_the_checkpoints_own_data_set_only_typed_free_keys_replace_its_own() 
                                         data_bound=())  # fmt: skip
     assert built["task"] == "panoptic" and built["channels_last"] == "auto"
     assert built["postprocess"] == {"object_mask_thr": 0.5, "overlap_thr": 0.7}
-    # the same on another data set: task differences are refused, free keys come from this run
+    # the same on another data set: task differences are refused
     with pytest.raises(
         ValueError,
         match=r"model.task \(checkpoint 'panoptic', here 'semantic'\); .* model.task follow "

@@ -21,14 +21,8 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from knet_lightning.checkpoint.io import load_checkpoint_file
-from knet_lightning.checkpoint.keys import MODEL_CONFIG_KEY
-from knet_lightning.checkpoint.model import (
-    DATA_BOUND_KEYS,
-    load_network_weights,
-    model_config_for_checkpoint,
-    without_initial_weights,
-)
+from knet_lightning.checkpoint import rebuild as checkpoint_rebuild
+from knet_lightning.checkpoint.model import DATA_BOUND_KEYS, load_network_weights, without_initial_weights
 from knet_lightning.configs import register_configs
 from knet_lightning.errors import summary as error_summary
 from knet_lightning.run_data import (
@@ -50,10 +44,6 @@ from knet_lightning.settings import command_line_overrides, override_key
 log = logging.getLogger("knet_lightning")
 # the knet.* resolvers and structured configs of conf/, before @hydra.main composes any config
 register_configs()
-
-# keys of the model config that only parametrize the network by interpolation (the handles that
-# sweeps vary); the network is their one consumer, the module and criterion read it
-MODEL_HANDLE_KEYS = ("num_proposals", "num_stages")
 
 
 def config_dir() -> str:
@@ -174,38 +164,26 @@ def check_model_handles(cfg: DictConfig) -> None:
 def build_model(cfg: DictConfig, class_info: Any, ckpt_path: str | None = None) -> Any:
     """The ``KNetModule`` of ``cfg.model`` with the data set's class metadata.
 
-    For ``mode=eval``/``predict`` the network is the one ``ckpt_path`` was trained with
-    (:func:`~knet_lightning.checkpoint.model.model_config_for_checkpoint`); there, for
-    ``mode=convert`` and with ``load_from=`` no initial (ImageNet) weights are loaded.
+    For ``mode=eval`` the network is the one ``ckpt_path`` was trained with, rebuilt by
+    :func:`~knet_lightning.checkpoint.rebuild.rebuild_module` (as predict, the Segmenter and export
+    rebuild it); there, for ``mode=convert`` and with ``load_from=`` no initial (ImageNet) weights
+    are loaded.
     """
     check_class_counts(cfg, class_info)  # the network's class counts are the data set's
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    if ckpt_path is not None and cfg.mode in ("eval", "predict"):
-        stored = load_checkpoint_file(ckpt_path, trusted=bool(cfg.get("trusted_checkpoint", False)))
-        overrides = command_line_overrides()
+    kwargs = {"max_bad_steps": int(cfg.get("max_bad_steps", 20)), "compile": bool(cfg.get("compile", False))}
+    if ckpt_path is not None and cfg.mode == "eval":
         # a data set read from the checkpoint's own data config fits its task and classes by construction
         data_bound = () if checkpoint_data_config(cfg) is not None else DATA_BOUND_KEYS
-        model_cfg = model_config_for_checkpoint(
-            model_cfg, stored.get(MODEL_CONFIG_KEY) if isinstance(stored, dict) else None, ckpt_path, cfg.mode, overrides,
-            data_bound,
-        )  # fmt: skip
-        del stored
-    elif cfg.mode == "convert" or (cfg.mode == "train" and cfg.get("load_from")):
+        return checkpoint_rebuild.rebuild_module(
+            ckpt_path, config=model_cfg, overrides=command_line_overrides(), mode="eval", data_bound=data_bound,
+            class_info=class_info, trusted=bool(cfg.get("trusted_checkpoint", False)), weights=False, **kwargs,
+        ).module  # fmt: skip  # weights=False: trainer.test restores the whole checkpoint
+    if cfg.mode == "convert" or (cfg.mode == "train" and cfg.get("load_from")):
         model_cfg = without_initial_weights(model_cfg)
-    saved_config = dict(model_cfg)
-    for key in MODEL_HANDLE_KEYS:
-        model_cfg.pop(key, None)
-    module = hydra.utils.instantiate(
-        model_cfg,
-        class_names=list(class_info.names),
-        isthing=list(class_info.isthing),
-        colors=[list(c) for c in class_info.colors],
-        max_bad_steps=int(cfg.get("max_bad_steps", 20)),
-        compile=bool(cfg.get("compile", False)),
-        _convert_="partial",
+    return checkpoint_rebuild.instantiate_module(
+        model_cfg, list(class_info.names), list(class_info.isthing), [list(c) for c in class_info.colors], **kwargs
     )
-    module.model_config = saved_config  # into every checkpoint, for eval/predict to rebuild
-    return module
 
 
 def build_callbacks(cfg: DictConfig) -> list[Any]:
@@ -346,23 +324,12 @@ def _export(cfg: DictConfig, output_dir: Path) -> None:
     if ckpt_path is None:
         raise ValueError("mode=export needs ckpt_path=<checkpoint> (or ckpt_path=last)")
     output = Path(cfg.get("export_output") or output_dir / "model.onnx")
+    # the command line's model.* under the rebuild's policy, checked before the export
     export_onnx(ckpt_path, output, stage=int(cfg.get("export_stage", -1)),
-                trusted=bool(cfg.get("trusted_checkpoint", False)))  # fmt: skip
+                trusted=bool(cfg.get("trusted_checkpoint", False)),
+                config=OmegaConf.to_container(cfg.model, resolve=True), overrides=command_line_overrides())  # fmt: skip
     log.info("ONNX file: %s (Segmenter.from_checkpoint(path, backend='onnxruntime'), or mode=predict "
              "ckpt_path=%s predict.backend=onnxruntime)", output, output)  # fmt: skip
-
-
-def _typed_model_fields(cfg: DictConfig, key: str = "postprocess") -> dict[str, Any]:
-    """The ``model.<key>.<field>`` values this run's command line sets (``model.<key>=`` as a
-    whole sets them all); ``key``: ``postprocess`` or ``test_time``."""
-    overrides = command_line_overrides()
-    node = cfg.model.get(key)
-    given = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-    assert isinstance(given, dict)
-    names = [override_key(item) for item in overrides]
-    if f"model.{key}" in names:
-        return given
-    return {k: v for k, v in given.items() if f"model.{key}.{k}" in names}
 
 
 def _predict(cfg: DictConfig) -> None:
@@ -382,24 +349,15 @@ def _predict(cfg: DictConfig) -> None:
     device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if backend == "onnxruntime":
         device = "cpu"  # the exported graph runs in ONNX Runtime's CPU session
-    # the command line's model.test_time.<field> on top of the checkpoint's (None: the checkpoint's)
-    test_time = _typed_model_fields(cfg, "test_time") or None
+    # the command line's model.* (post-processing, test time free; a typed key that contradicts the
+    # checkpoint's network refused) under the rebuild's one policy, checked before building or exporting
     segmenter = Segmenter.from_checkpoint(ckpt_path, device=device, stage=int(opts.stage),
                                           trusted=bool(cfg.get("trusted_checkpoint", False)),
-                                          precision=str(opts.precision),
-                                          backend=backend, test_time=test_time)  # fmt: skip
-    # a typed model.* key that contradicts the checkpoint's network is refused as mode=eval refuses it
-    # (no data set is read: the classes are the checkpoint's); post-processing and test time stay free
-    model_config_for_checkpoint(OmegaConf.to_container(cfg.model, resolve=True),
-                                getattr(segmenter.module, "model_config", None), ckpt_path, "predict",
-                                command_line_overrides(), data_bound=())  # fmt: skip
-    given = _typed_model_fields(cfg)
-    if given:
-        # the command line may change the checkpoint's post-processing (as mode=eval's FREE_KEYS)
-        task = segmenter.module.task
-        task.settings = task.settings_cls.from_config({**task.settings.to_dict(), **given})
-        log.info("predict: post-processing %s (the checkpoint's, with the command line's %s)",
-                 task.settings.to_dict(), sorted(given))  # fmt: skip
+                                          precision=str(opts.precision), backend=backend,
+                                          config=OmegaConf.to_container(cfg.model, resolve=True),
+                                          overrides=command_line_overrides())  # fmt: skip
+    log.info("predict: post-processing %s, test time %s", segmenter.module.task.settings.to_dict(),
+             segmenter.test_time.describe())  # fmt: skip
     log.info("predict: %d image(s) with %s (%s, %s, %s)", len(inputs), ckpt_path, segmenter.task, device,
              segmenter.precision)  # fmt: skip
     summary = predict_to_folder(segmenter, inputs, cfg.predict_output_dir, batch_size=int(opts.batch_size),

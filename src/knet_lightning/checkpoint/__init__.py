@@ -5,10 +5,15 @@
 * :mod:`~.io`: atomic, checksummed writes and ``weights_only`` reads (``SafeCheckpointIO``);
 * :mod:`~.convert`: published MMDetection / MMSegmentation checkpoints mapped onto our networks
   (``mode=convert``);
-* :mod:`~.model`: the network a checkpoint was trained with, rebuilt from its stored config
-  (``mode=eval``, ``mode=predict``, ``load_from=``, the Segmenter).
+* :mod:`~.model`: the model config a checkpoint was trained with, and what a command line may
+  change of it (``mode=eval``, ``mode=predict``, ``load_from=``, the Segmenter);
+* :mod:`~.rebuild`: :func:`~.rebuild.rebuild_module`, the one function that builds the module of
+  a checkpoint, for ``mode=eval``, ``mode=predict``, the Segmenter and ``mode=export``. It needs
+  the LightningModule class but may not import ``knet_lightning.module`` (a layer above): it
+  instantiates the ``_target_`` of the stored model config through Hydra instead, so the
+  rebuild lives here, below its callers in ``inference`` and ``cli``.
 
-Inside, the imports run keys/io -> convert -> model, never back. Layer: above ``models`` (the
+Inside, the imports run keys/io -> convert -> model -> rebuild, never back. Layer: above ``models`` (the
 conversion maps onto their parameters) and ``data``, beside ``tasks``; it may import those and
 ``runtime`` and the root's shared modules, never ``inference``, ``training``, ``module`` or
 ``cli``. A checkpoint names modules of this package only as the ``_target_`` strings of its

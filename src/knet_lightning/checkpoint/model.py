@@ -1,13 +1,15 @@
-"""The model a checkpoint was trained with: stored in every checkpoint, rebuilt for eval/predict
-(:func:`model_config_for_checkpoint`) and, with no config at all, for the Segmenter and
-``mode=export`` (:func:`module_from_checkpoint`).
+"""The model a checkpoint was trained with: stored in every checkpoint, and the config that
+eval, predict, the Segmenter and ``mode=export`` rebuild it from (:func:`model_config_for_checkpoint`;
+the rebuild itself is :func:`knet_lightning.checkpoint.rebuild.rebuild_module`).
 
 A checkpoint's weights only fit the network they were trained in. ``mode=eval`` and
 ``mode=predict`` therefore build the network from the model config stored in the checkpoint
-(:data:`MODEL_CONFIG_KEY`, written by ``KNetModule.on_save_checkpoint``), not from the config
+(:data:`~knet_lightning.checkpoint.keys.MODEL_CONFIG_KEY`, written by ``KNetModule.on_save_checkpoint``), not from the config
 of the command line. The command line may still change what does not touch the weights
 (:data:`FREE_KEYS`: post-processing, evaluation, test-time strategy, memory format, losses,
-optimizer); a model override that contradicts the checkpoint is a one-line error naming the keys.
+optimizer): what it types replaces the checkpoint's, everything else is the checkpoint's; a model
+override that contradicts the checkpoint is a one-line error naming the keys.
+:mod:`~knet_lightning.checkpoint.rebuild` builds the module from that config.
 """
 
 from __future__ import annotations
@@ -15,10 +17,8 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Iterable, Mapping
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from knet_lightning.checkpoint.keys import CONVERSION_KEY, INFERENCE_KEY, MODEL_CONFIG_KEY
 from knet_lightning.settings import override_key
 
 log = logging.getLogger(__name__)
@@ -107,15 +107,16 @@ def model_config_for_checkpoint(
 
     Args:
         given: the resolved ``model`` config of this run.
-        stored: the checkpoint's (:data:`MODEL_CONFIG_KEY`); None for checkpoints written
+        stored: the checkpoint's (:data:`~knet_lightning.checkpoint.keys.MODEL_CONFIG_KEY`); None for checkpoints written
             before it was stored, or by other tools: ``given`` is used as it is.
         overrides: this run's command-line overrides (Hydra's ``overrides.task``).
         data_bound: the keys that must match the evaluated data set whoever set them
-            (:data:`DATA_BOUND_KEYS`; none where the data set is the checkpoint's own, and then
-            only the free keys the command line sets replace the checkpoint's).
+            (:data:`DATA_BOUND_KEYS`; none where the data set is the checkpoint's own or there is
+            none, as for ``mode=predict``).
 
     Returns:
-        ``stored`` with the :data:`FREE_KEYS` of ``given``.
+        ``stored``, with the :data:`FREE_KEYS` (or their fields) that the command line sets taken
+        from ``given``; every key the command line does not set is the checkpoint's.
 
     Raises:
         ValueError: ``given`` differs from ``stored`` in a key that shapes the weights and the
@@ -151,12 +152,9 @@ def model_config_for_checkpoint(
             ", ".join(f"model.{k}={theirs.get(k)!r} (the config says {mine.get(k)!r})" for k in differing),
         )
     merged = {k: v for k, v in stored.items() if k not in FREE_KEYS}
-    if data_bound:
-        merged.update({k: v for k, v in given.items() if k in FREE_KEYS})
-    else:
-        # the checkpoint's own data set: the composed model group may be another task's, so the free
-        # keys stay the checkpoint's but for what the command line sets in them
-        merged.update(_with_typed_free_keys(stored, given, overrides))
+    # one policy for eval and predict: the composed model group may be another task's or hold other
+    # defaults, so the free keys stay the checkpoint's but for what the command line sets in them
+    merged.update(_with_typed_free_keys(stored, given, overrides))
     return without_initial_weights(merged)
 
 
@@ -236,65 +234,3 @@ def load_network_weights(module: Any, path: str, trusted: bool = False, strict: 
     log.log(logging.WARNING if left else logging.INFO,
             "load_from=%s (not strict): %d of %d network tensors loaded; optimizer and schedule start afresh%s",
             path, len(loaded), len(target), "; left as initialised: " + "; ".join(left) if left else "")  # fmt: skip
-
-
-# model config entries that are not KNetModule arguments (cli.build_model drops them too)
-_HANDLE_KEYS = ("num_proposals", "num_stages")
-
-
-class RebuiltModule(NamedTuple):
-    """A checkpoint's module with its trained weights, the inference settings it is run with and
-    whether ``mode=convert`` wrote it (published weights, whose numbers were computed in fp32)."""
-
-    module: Any
-    inference: dict[str, Any]
-    converted: bool
-
-
-def _default_inference(num_classes: int) -> dict[str, Any]:
-    from knet_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-    return {"short_edge": None, "max_size": None, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-            "size_divisor": 32, "dataset_ids": list(range(1, num_classes + 1))}  # fmt: skip
-
-
-def module_from_checkpoint(path: str | Path, trusted: bool = False) -> RebuiltModule:
-    """The ``KNetModule`` of a training run's or ``mode=convert``'s checkpoint, built from its stored
-    model config (no Hydra config), with its weights; the checkpoint carries the task, class
-    names, thing flags and colours (``hyper_parameters``) and the inference settings
-    (:data:`~knet_lightning.checkpoint.keys.INFERENCE_KEY`: test-time resize, normalisation,
-    padding divisor, category ids). ``trusted``: load with full pickle (only for files you trust).
-    """
-    import hydra
-
-    from knet_lightning.checkpoint.io import load_checkpoint_file
-    from knet_lightning.data.resize import LEGACY_BACKEND
-
-    stored = load_checkpoint_file(path, trusted=trusted)
-    model_cfg = stored.get(MODEL_CONFIG_KEY) if isinstance(stored, dict) else None
-    if not isinstance(model_cfg, dict):
-        raise ValueError(
-            f"{path}: no '{MODEL_CONFIG_KEY}' entry; only checkpoints written by knet-lightning (training runs, "
-            "mode=convert) can be rebuilt without a config"
-        )
-    hparams = stored.get("hyper_parameters") or {}
-    stored_cfg = upgrade_model_config(model_cfg)  # older checkpoints' keys in today's names
-    model_cfg = without_initial_weights(stored_cfg)  # a copy: stored_cfg stays as stored
-    for key in _HANDLE_KEYS:
-        model_cfg.pop(key, None)
-    module = hydra.utils.instantiate(
-        model_cfg, class_names=hparams.get("class_names"), isthing=hparams.get("isthing"),
-        colors=hparams.get("colors"), _convert_="partial",
-    )  # fmt: skip
-    state = {k.removeprefix("net."): v for k, v in stored["state_dict"].items() if k.startswith("net.")}
-    module.net.load_state_dict(state, strict=True)
-    module.model_config = stored_cfg  # as a training run's module holds it (export_onnx reads it)
-    inference = stored.get(INFERENCE_KEY)
-    if inference is None:
-        inference = _default_inference(len(module.class_names))
-        log.warning("%s has no '%s' entry (written before it existed): assuming no resize, ImageNet "
-                    "normalisation and size divisor 32", path, INFERENCE_KEY)  # fmt: skip
-    inference = dict(inference)
-    # checkpoints written before the resize's arithmetic was stored were evaluated with torchvision's
-    inference.setdefault("resize_backend", LEGACY_BACKEND)
-    return RebuiltModule(module, inference, CONVERSION_KEY in stored)

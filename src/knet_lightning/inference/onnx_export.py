@@ -2,7 +2,7 @@
 
 :func:`export_onnx` rebuilds the network of a checkpoint as
 :meth:`~knet_lightning.Segmenter.from_checkpoint` does
-(:func:`~knet_lightning.checkpoint.model.module_from_checkpoint`) and exports the fp32 network of one
+(:func:`~knet_lightning.checkpoint.rebuild.rebuild_module`) and exports the fp32 network of one
 stage (K-Net, Zhang et al., NeurIPS 2021: the masks and classes of update stage ``s``; the
 official code's test path reads the last one). The graph takes one input and has dynamic batch,
 height and width::
@@ -30,15 +30,15 @@ import contextlib
 import json
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from knet_lightning.checkpoint import rebuild as checkpoint_rebuild
 from knet_lightning.checkpoint.keys import INFERENCE_KEY, MODEL_CONFIG_KEY
-from knet_lightning.checkpoint.model import module_from_checkpoint
 from knet_lightning.inference.onnx_runtime import (
     CLASSES_KEY,
     FORMAT_KEY,
@@ -100,7 +100,8 @@ def _relative_diff(ref: Tensor, got: Tensor) -> float:
 
 def export_onnx(
     checkpoint: str | Path, out_path: str | Path, stage: int = -1, opset: int | None = None,
-    trusted: bool = False,
+    trusted: bool = False, config: Mapping[str, Any] | None = None, overrides: Sequence[str] = (),
+    mode: str = "export",
 ) -> Path:  # fmt: skip
     """Export the network of ``checkpoint`` (a training run's or ``mode=convert``'s) to ONNX.
 
@@ -111,6 +112,9 @@ def export_onnx(
         opset: the ONNX opset (None: the exporter's default; 18 or newer, the opsets of its
             operator library).
         trusted: load the checkpoint with full pickle (only for files you trust).
+        config / overrides / mode: a run's resolved ``model`` config and its command line: what
+            they may change of the checkpoint's model (post-processing, ...), checked before the
+            export (:func:`~knet_lightning.checkpoint.rebuild.rebuild_module`); None: the checkpoint's.
 
     Returns:
         ``out_path``. The graph maps ``images (B, 3, H, W)`` to ``mask_logits (B, N, H/4, W/4)``
@@ -122,7 +126,7 @@ def export_onnx(
             PyTorch on a check input of another batch and size (the file is removed).
     """
     checkpoint, out_path = Path(checkpoint), Path(out_path)
-    module, settings, stage_index = _network_to_export(checkpoint, stage, trusted)
+    module, settings, stage_index = _network_to_export(checkpoint, stage, trusted, config, overrides, mode)
     # the fp32, contiguous (NCHW) network in eval mode: KNetModule.forward may switch to
     # channels-last, a layout choice of oneDNN that ONNX has no notion of
     net = module.net.eval().to(memory_format=torch.contiguous_format)
@@ -146,10 +150,15 @@ def export_onnx(
     return out_path
 
 
-def _network_to_export(checkpoint: Path, stage: int, trusted: bool) -> tuple[Any, dict[str, Any], int]:
+def _network_to_export(
+    checkpoint: Path, stage: int, trusted: bool, config: Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (), mode: str = "export",
+) -> tuple[Any, dict[str, Any], int]:  # fmt: skip
     """The checkpoint's module rebuilt as :meth:`~knet_lightning.Segmenter.from_checkpoint` does
     (fp32), its inference settings and the index (0..S) of ``stage``."""
-    module, settings, _ = module_from_checkpoint(checkpoint, trusted=trusted)
+    module, settings, _ = checkpoint_rebuild.rebuild_module(
+        checkpoint, config=config, overrides=overrides, mode=mode, trusted=trusted
+    )
     num_outputs = module.num_stages + 1
     if not -num_outputs <= stage < num_outputs:
         raise ValueError(
@@ -262,10 +271,15 @@ def _check_export(path: Path, wrapper: nn.Module, divisor: int) -> None:
              3 * divisor, 2 * divisor)  # fmt: skip
 
 
-def onnxruntime_network(path: str | Path, stage: int = -1, trusted: bool = False) -> OnnxRuntimeNetwork:
+def onnxruntime_network(
+    path: str | Path, stage: int = -1, trusted: bool = False, config: Mapping[str, Any] | None = None,
+    overrides: Sequence[str] = (),
+) -> OnnxRuntimeNetwork:  # fmt: skip
     """An :class:`OnnxRuntimeNetwork` from an ``.onnx`` file, or from a checkpoint exported (at
     ``stage``) into a temporary file first. With an ``.onnx`` file, ``stage`` must be -1 or the
-    stage it was exported with."""
+    stage it was exported with. ``config`` / ``overrides``: a run's ``model`` config and command
+    line (``mode=predict``), under the rebuild's policy (checked before any export); the
+    post-processing and test-time strategy are then the resulting config's."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         network = OnnxRuntimeNetwork(path)
@@ -277,7 +291,25 @@ def onnxruntime_network(path: str | Path, stage: int = -1, trusted: bool = False
                 f"{path} holds stage {network.stage} of 0..{network.num_stages} only, got stage={stage}; export "
                 "the checkpoint again with that stage"
             )
+        if config is not None:
+            stored = {MODEL_CONFIG_KEY: network.model_config}
+            _run_settings(network, checkpoint_rebuild.checkpoint_model_config(stored, path, config, overrides))
         return network
     with tempfile.TemporaryDirectory(prefix="knet_onnx_") as folder:
         # the session keeps the graph in memory: the file may go
-        return OnnxRuntimeNetwork(export_onnx(path, Path(folder) / f"{path.stem}.onnx", stage=stage, trusted=trusted))
+        run = {} if config is None else {"config": config, "overrides": overrides, "mode": "predict"}
+        exported = export_onnx(path, Path(folder) / f"{path.stem}.onnx", stage=stage, trusted=trusted, **run)
+        network = OnnxRuntimeNetwork(exported)
+    if config is not None:
+        _run_settings(network, network.model_config)
+    return network
+
+
+def _run_settings(network: OnnxRuntimeNetwork, model_cfg: Mapping[str, Any]) -> None:
+    """The post-processing and test-time strategy of ``model_cfg`` (a run's, under the rebuild's
+    policy) on an exported network."""
+    from knet_lightning.inference.test_time import TestTimeSettings
+
+    task = network.task
+    task.settings = task.settings_cls.from_config({**task.settings.to_dict(), **(model_cfg.get("postprocess") or {})})
+    network.test_time = TestTimeSettings.from_config(dict(model_cfg.get("test_time") or {}))

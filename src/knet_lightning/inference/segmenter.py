@@ -32,7 +32,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
-from knet_lightning.checkpoint.model import module_from_checkpoint
+from knet_lightning.checkpoint import rebuild as checkpoint_rebuild
 from knet_lightning.data.io import read_rgb_image, to_rgb_array, upright
 from knet_lightning.data.meta import DatasetError, default_palette
 from knet_lightning.data.resize import LEGACY_BACKEND
@@ -206,6 +206,8 @@ class Segmenter:
         precision: str = "auto",
         backend: str = "torch",
         test_time: Mapping[str, Any] | TestTimeSettings | None = None,
+        config: Mapping[str, Any] | None = None,
+        overrides: Sequence[str] = (),
     ) -> Segmenter:
         """A Segmenter from a checkpoint of a training run or of ``mode=convert``, or (backend
         ``onnxruntime``) from an ``.onnx`` file of :func:`~knet_lightning.inference.onnx_export.export_onnx`.
@@ -221,6 +223,10 @@ class Segmenter:
                 Runtime session on the CPU (a checkpoint is exported to a temporary file first).
             test_time: ``None``: the checkpoint's ``model.test_time`` (whole image if it has
                 none); a mapping of fields on top of it or a ``TestTimeSettings`` (see the class).
+            config / overrides: a run's resolved ``model`` config and its command line
+                (``mode=predict``): what they may change of the checkpoint's model, checked before
+                anything is built or exported (:func:`~knet_lightning.checkpoint.rebuild.rebuild_module`);
+                None: the checkpoint's as it is.
         """
         path = Path(path)
         if backend not in BACKENDS:
@@ -228,12 +234,14 @@ class Segmenter:
         if backend == "onnxruntime":
             from knet_lightning.inference.onnx_export import onnxruntime_network
 
-            network = onnxruntime_network(path, stage=stage, trusted=trusted)
+            network = onnxruntime_network(path, stage=stage, trusted=trusted, config=config, overrides=overrides)
             return cls(network, network.inference, device=device, stage=network.stage, precision=precision,
                        test_time=test_time)  # fmt: skip
         if path.suffix.lower() == ".onnx":
             raise ValueError(f"{path} is an ONNX file: load it with backend='onnxruntime'")
-        module, inference, converted = module_from_checkpoint(path, trusted=trusted)
+        module, inference, converted = checkpoint_rebuild.rebuild_module(
+            path, config=config, overrides=overrides, mode="predict", trusted=trusted
+        )
         if precision == "auto" and converted:
             # published weights: their numbers were computed in fp32, and bf16 moves labels
             log.info("%s was converted from published weights: precision 'auto' runs it in fp32 (ask for "
