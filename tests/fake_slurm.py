@@ -1,4 +1,4 @@
-"""A SLURM cluster on this machine, for running the README's SLURM commands as written.
+"""A SLURM cluster on this machine, for running the documented SLURM commands as written.
 
 :func:`install` writes ``sbatch``, ``srun``, ``sacct``, ``scontrol`` and ``scancel`` into a folder
 that the tests put first on ``PATH``. They do what the real ones do for the options our configs and

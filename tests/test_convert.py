@@ -232,8 +232,9 @@ def test_load_from_not_strict_loads_what_matches_and_names_the_rest(
 def test_coco_panoptic_weights_fine_tune_on_cityscapes_panoptic(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The README's cross-data-set fine-tuning: COCO panoptic weights (133 classes) into the
-    Cityscapes panoptic experiment (19) with load_from_strict=false. Only the classifiers differ."""
+    """The cross-data-set fine-tuning of docs/guides/published-weights.md: COCO panoptic weights
+    (133 classes) into the Cityscapes panoptic experiment (19) with load_from_strict=false. Only the
+    classifiers differ."""
     from cli_utils import TINY_MODEL
     from test_cityscapes import _write_fixture as write_cityscapes
     from test_readme import _write_coco_panoptic

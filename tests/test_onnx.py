@@ -86,9 +86,9 @@ def write_checkpoint(tmp: Path, task: str) -> Path:
 
 Export = Callable[[str], tuple[Path, Path]]
 # An export is a single-threaded trace of 10-30 s on a slow core, so the tests that export run in
-# make test-all. CI still exports and runs a file end to end: the README's mode=export and
-# predict.backend=onnxruntime commands, whose segments must equal the PyTorch predict's
-# (tests/test_segmenter.py), and the export form of adaptive pooling below.
+# make test-all. CI still exports and runs a file end to end: the mode=export and
+# predict.backend=onnxruntime commands of docs/guides/use-a-trained-model.md, whose segments must
+# equal the PyTorch predict's (tests/test_segmenter.py), and the export form of adaptive pooling below.
 TASKS = ["panoptic", "instance", "semantic"]
 
 

@@ -1,4 +1,5 @@
-"""Your own data set, for the three tasks: the README's "Train on your own data" commands run as
+"""Your own data set, for the three tasks: the "Train on your own data" commands
+(docs/guides/own-data.md) run as
 written (train, evaluate, predict) on tiny data sets in each layout, with the classes taken from
 the files: a COCO panoptic set with non-contiguous category ids, a semantic folder of 3 classes
 (``reduce_zero_label`` both ways) and a COCO instance set of 2 classes."""
@@ -13,13 +14,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from docs_blocks import blocks, commands, section
 from PIL import Image
 from pycocotools import mask as mask_utils
-from test_readme import COMMAND, ONE_EPOCH, ROOT, TINY_KERNELS, TINY_NET, _run
+from test_readme import COMMAND, ONE_EPOCH, TINY_KERNELS, TINY_NET, _run
 
 from knet_lightning.data.io import id2rgb
 
-SECTION = "## Train on your own data"
+PAGE = "docs/guides/own-data.md"
+SECTION = "# Train on your own data"
 SIZE = 64
 # COCO-format sets: their images at their own size (64 px), not enlarged to the recipe's 800
 KEEP_SIZE = ["data.train_short_edge=64", "data.train_max_size=96", "data.eval_short_edge=64", "data.eval_max_size=96"]
@@ -43,19 +46,14 @@ INSTANCE_CATEGORIES = [
 SEMANTIC_CLASSES = ["sky", "road", "car"]
 
 
-def readme_commands() -> dict[str, list[str]]:
-    """The section's ``python -m knet_lightning`` commands, by experiment."""
-    text = (ROOT / "README.md").read_text()
-    assert SECTION in text, f"README.md has no '{SECTION}' section"
-    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
-    commands: dict[str, list[str]] = {}
-    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
-        for line in block.splitlines():
-            line = line.split("  #")[0].strip()
-            if line.startswith(COMMAND):
-                experiment = re.search(r"experiment=(\S+)", line).group(1)
-                commands.setdefault(experiment, []).append(line)
-    return commands
+def own_data_commands() -> dict[str, list[str]]:
+    """The page's ``python -m knet_lightning`` commands, by experiment."""
+    by_experiment: dict[str, list[str]] = {}
+    for block in blocks(section(PAGE, SECTION)):
+        for line in commands(block, COMMAND):
+            experiment = re.search(r"experiment=(\S+)", line).group(1)
+            by_experiment.setdefault(experiment, []).append(line)
+    return by_experiment
 
 
 def _blobs(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -144,9 +142,9 @@ def _reductions(experiment: str) -> list[str]:
 @pytest.mark.parametrize(("experiment", "reduce_zero_label"),
                          [("own_panoptic", None), ("own_semantic", False), ("own_semantic", True),
                           ("own_instance", None)])  # fmt: skip
-def test_readme_own_data_commands_train_evaluate_and_predict(tmp_path: Path, experiment: str,
-                                                             reduce_zero_label: bool | None) -> None:  # fmt: skip
-    commands = readme_commands()[experiment]
+def test_documented_own_data_commands_train_evaluate_and_predict(tmp_path: Path, experiment: str,
+                                                                 reduce_zero_label: bool | None) -> None:  # fmt: skip
+    commands = own_data_commands()[experiment]
     assert [c.split("mode=")[1].split()[0] if "mode=" in c else "train" for c in commands] == [
         "train",
         "eval",
@@ -212,8 +210,8 @@ def test_readme_own_data_commands_train_evaluate_and_predict(tmp_path: Path, exp
     result = seg(image)
     assert {s.class_name for s in result.segments} <= set(expected)
     assert result.overlay().size[0] > SIZE  # the image and its legend of class names
-    # README: the checkpoint alone, with data.root: its stored data config gives reader, classes, pipeline
-    command = readme_checkpoint_eval_command()
+    # the page: the checkpoint alone, with data.root: its stored data config gives reader, classes, pipeline
+    command = checkpoint_eval_command()
     checkpoint = train / "checkpoints" / "last.ckpt"
     args = shlex.split(command.replace("<checkpoint>", str(checkpoint)).replace("/data/mine", str(root)))
     proc = _run(args[len(COMMAND.split()) :], cwd)
@@ -223,10 +221,10 @@ def test_readme_own_data_commands_train_evaluate_and_predict(tmp_path: Path, exp
     assert again == pytest.approx(metrics)
 
 
-def readme_checkpoint_eval_command() -> str:
-    """The section's inline ``mode=eval ckpt_path=<checkpoint> data.root=...`` command."""
-    section = (ROOT / "README.md").read_text().split(SECTION, 1)[1].split("\n## ", 1)[0]
-    (command,) = re.findall(r"`(python -m knet_lightning mode=eval ckpt_path=<checkpoint> [^`]*)`", section)
+def checkpoint_eval_command() -> str:
+    """The page's inline ``mode=eval ckpt_path=<checkpoint> data.root=...`` command."""
+    text = section(PAGE, SECTION)
+    (command,) = re.findall(r"`(python -m knet_lightning mode=eval ckpt_path=<checkpoint> [^`]*)`", text)
     return command
 
 
@@ -317,8 +315,8 @@ def test_a_typed_class_count_is_checked_against_the_class_file(tmp_path: Path) -
 def test_published_coco_weights_fine_tune_onto_your_own_classes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """README: ``load_from=<converted COCO checkpoint> load_from_strict=false`` on the own 4-class
-    panoptic set loads every network tensor but the classifiers (133 classes -> 2 + 2), and says which."""
+    """The own-data page: ``load_from=<converted COCO checkpoint> load_from_strict=false`` on the
+    own 4-class panoptic set loads every network tensor but the classifiers (133 classes -> 2 + 2), and says which."""
     import torch
     from cli_utils import compose_cfg, run_cfg
     from test_convert_mmdet import official_keys, random_official
@@ -378,15 +376,14 @@ def test_a_resize_that_enlarges_small_images_says_so_with_the_fix(
             assert expected in caplog.text, caplog.text
 
 
-def readme_check_data_command() -> str:
-    """The section's inline ``mode=check_data`` command."""
-    section = (ROOT / "README.md").read_text().split(SECTION, 1)[1].split("\n## ", 1)[0]
-    (command,) = re.findall(r"`(python -m knet_lightning mode=check_data [^`]*)`", section)
+def check_data_command() -> str:
+    """The page's inline ``mode=check_data`` command."""
+    (command,) = re.findall(r"`(python -m knet_lightning mode=check_data [^`]*)`", section(PAGE, SECTION))
     return command
 
 
 def _check(root: Path, cwd: Path, experiment: str) -> tuple[Any, dict]:
-    command = readme_check_data_command().replace("own_panoptic", experiment).replace("/data/mine", str(root))
+    command = check_data_command().replace("own_panoptic", experiment).replace("/data/mine", str(root))
     cwd.mkdir(parents=True, exist_ok=True)
     proc = _run(shlex.split(command)[len(COMMAND.split()) :], cwd)
     (report,) = cwd.glob("logs/check_data/runs/*/data_check/data_check.json")

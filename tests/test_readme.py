@@ -1,7 +1,8 @@
-"""Every command of the README's Quick start runs as written, from a fresh folder, as a new user
-types it: only size-reducing overrides are appended (a tiny network, a few tiny images, one
-epoch) and the placeholders are filled in (``<run>``, ``/data/coco``); never a
-``hydra.run.dir`` / ``hydra.sweep.dir`` the README does not show."""
+"""Every command of the README's Quick start, and of "Use the published weights"
+(docs/guides/published-weights.md), runs as written, from a fresh folder, as a new user types it:
+only size-reducing overrides are appended (a tiny network, a few tiny images, one epoch) and the
+placeholders are filled in (``<run>``, ``/data/coco``); never a ``hydra.run.dir`` /
+``hydra.sweep.dir`` the page does not show."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from docs_blocks import blocks, commands, section
 from PIL import Image
 
 from knet_lightning.data.io import id2rgb
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = "python -m knet_lightning"
+PUBLISHED_WEIGHTS = "docs/guides/published-weights.md"
 
 # a tiny network and data set: size only, so the command keeps its meaning
 TINY_NET = ["model.net.backbone_depth=18", "model.net.channels=32", "model.net.num_groups=8",
@@ -66,11 +69,9 @@ def unexpected_output(output: str, allowed: dict[str, str] | None = None) -> lis
 
 def quick_start_commands() -> list[str]:
     """The ``python -m knet_lightning`` lines of the README's Quick start block, comments dropped."""
-    text = (ROOT / "README.md").read_text()
-    block = re.search(r"## Quick start\s+```bash\n(.*?)```", text, re.S)
-    assert block, "README.md has no Quick start bash block"
-    lines = [line.split("  #")[0].strip() for line in block.group(1).splitlines()]
-    return [line for line in lines if line.startswith(COMMAND)]
+    quick_start = blocks(section("README.md", "## Quick start"))
+    assert quick_start, "README.md has no Quick start bash block"
+    return commands(quick_start[0], COMMAND)
 
 
 def _write_coco_panoptic(root: Path) -> None:
@@ -182,20 +183,17 @@ def test_every_quick_start_command_runs_as_written(tmp_path: Path) -> None:
 
 
 def published_weights_commands() -> list[str]:
-    """The commands of the README's "Use the published weights" block, continuation lines joined."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Use the published weights", 1)[1]
-    block = re.search(r"```bash\n(.*?)```", section, re.S)
-    assert block, "README.md's 'Use the published weights' has no bash block"
-    joined = block.group(1).replace("\\\n", " ")
-    return [" ".join(line.split()) for line in joined.splitlines() if line.startswith(COMMAND)]
+    """The commands of the first bash block of "Use the published weights", continuation lines joined."""
+    page = blocks(section(PUBLISHED_WEIGHTS, "# Use the published weights"))
+    assert page, f"{PUBLISHED_WEIGHTS} has no bash block"
+    return commands(page[0], COMMAND)
 
 
 def test_published_weights_commands_run_as_written(tmp_path: Path) -> None:
-    """Convert, evaluate, predict and fine-tune as the README shows, with the official release's
-    file written in its format (MMDetection 2.x: meta + state_dict, the official key layout of
-    tests/data/knet_official/) under its published name. The network is the experiment's R50:
-    only the data (tiny images) and the schedule (a few batches) are reduced."""
+    """Convert, evaluate, predict and fine-tune as the published-weights page shows, with the
+    official release's file written in its format (MMDetection 2.x: meta + state_dict, the official
+    key layout of tests/data/knet_official/) under its published name. The network is the
+    experiment's R50: only the data (tiny images) and the schedule (a few batches) are reduced."""
     import torch
     from test_convert_mmdet import official_keys, random_official
 

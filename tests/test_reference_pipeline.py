@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from cli_utils import compose_cfg, run_cfg
+from docs_blocks import blocks, section
 from omegaconf import open_dict
 from PIL import Image
 from test_convert_mmseg import EXPERIMENTS as CONVERTED
@@ -238,28 +239,35 @@ def test_published_weights_run_in_fp32_unless_asked(tmp_path: Path, monkeypatch:
         assert cfg.trainer.precision == expected, overrides
 
 
-# ------------------------------------------------------------------ the README's ms+flip command
-def test_readme_multi_scale_flip_command_evaluates_a_converted_checkpoint(
+# ------------------------------------------------------------------ the documented ms+flip command
+REPRODUCING = "docs/guides/reproducing-the-paper.md"
+
+
+def multi_scale_flip_command() -> str:
+    """The one command of the "Multi-scale + flip testing" section of "Reproducing the paper"."""
+    (block,) = blocks(section(REPRODUCING, "## Multi-scale + flip testing"))
+    (command,) = [line for line in block.splitlines() if line.strip()]
+    return command
+
+
+def test_documented_multi_scale_flip_command_evaluates_a_converted_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The README's (Results) ``mode=eval ... model.test_time.tta=true`` command, as written, on a
-    converted MMSegmentation FCN checkpoint (random weights) named as in the README and a tiny
-    ADE20K folder standing in for ``/data/ade``."""
+    """The ``mode=eval ... model.test_time.tta=true`` command of "Reproducing the paper", as
+    written, on a converted MMSegmentation FCN checkpoint (random weights) named as on the page and
+    a tiny ADE20K folder standing in for ``/data/ade``."""
     import json
-    import re
     import shlex
 
     from test_ade20k import _write_fixture
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("## Results: paper vs this implementation") : text.index("### Reproducing the paper")]
-    (command,) = [line for line in re.findall(r"```bash\n(.*?)```", section, re.S)[0].splitlines() if line.strip()]
+    command = multi_scale_flip_command()
     args = shlex.split(command)
     assert args[:3] == ["python", "-m", "knet_lightning"] and "model.test_time.tta=true" in args
     _write_fixture(tmp_path / "ade")
     _, converted = _converted(tmp_path / "convert", "fcn", CI_SCALE[0])
     ckpt = next(a.split("=", 1)[1] for a in args if a.startswith("ckpt_path="))
-    converted.rename(tmp_path / ckpt)  # the README's file name, in the folder the command runs in
+    converted.rename(tmp_path / ckpt)  # the page's file name, in the folder the command runs in
     monkeypatch.chdir(tmp_path)
     overrides = [a.replace("/data/ade", str(tmp_path / "ade")) for a in args[3:]]
     cfg = compose_cfg(tmp_path / "eval", overrides)

@@ -151,7 +151,7 @@ def test_sigkill_then_resume_from_last_matches_the_uninterrupted_run(tmp_path: P
 def test_a_run_killed_between_validations_loses_at_most_the_epoch_it_was_in(tmp_path: Path, baseline: Path) -> None:
     """last.ckpt is rewritten at every training epoch end, also where no validation ran (here
     every 2nd epoch, the default experiment's every 5th) and no step checkpoint fell: a run
-    killed during epoch 1 resumes from epoch 0's end, and the README's resume command, run as a
+    killed during epoch 1 resumes from epoch 0's end, and the documented resume command, run as a
     user types it, finishes the same run."""
     code, out = _finish(_spawn(tmp_path, "kill", at_step=5))  # the 1st step of epoch 1
     assert code == -signal.SIGKILL, out[-4000:]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from cli_utils import compose_cfg, run_cfg, tiny_overrides
+from docs_blocks import blocks, commands, section
 from PIL import Image
 
 from knet_lightning import SegmentationResult, Segmenter, SkippedInput
@@ -25,6 +26,24 @@ from knet_lightning.data.io import rgb2id
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 # low thresholds, stored in the checkpoint, so that a model of a few steps predicts segments to compare
+# the page of the Python example, mode=predict and the ONNX export (tests/test_wheel.py runs the
+# example from the installed wheel too)
+USE_A_TRAINED_MODEL = "docs/guides/use-a-trained-model.md"
+
+
+def python_example() -> str:
+    """The page's first Python block: the ``Segmenter`` example."""
+    return blocks(section(USE_A_TRAINED_MODEL, "# Use a trained model"), "python")[0]
+
+
+def use_a_trained_model_commands() -> list[str]:
+    """Every ``python -m knet_lightning`` command of the page's bash blocks."""
+    from test_readme import COMMAND
+
+    page = section(USE_A_TRAINED_MODEL, "# Use a trained model")
+    return [command for block in blocks(page) for command in commands(block, COMMAND)]
+
+
 TRAIN = tiny_overrides(
     "model.num_vis_images=0",
     "test_after_fit=false",
@@ -221,17 +240,14 @@ def test_an_earlier_stage_and_bad_arguments(trained: tuple[Path, Path]) -> None:
         first(sorted((root / "val2017").glob("*.jpg"))[0], batch_size=0)
 
 
-def test_readme_python_example_runs_as_written(trained: tuple[Path, Path], tmp_path: Path) -> None:
-    """The README's "Use a trained model" block, in a fresh process, where its files exist."""
-    import re
+def test_documented_python_example_runs_as_written(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """The "Use a trained model" Python example, in a fresh process, where its files exist."""
     import shutil
     import subprocess
     import sys
 
     ckpt, root = trained
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text.split("## Use a trained model", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = python_example()
     cwd = tmp_path / "notebook"
     cwd.mkdir()
     shutil.copy(ckpt, cwd / "last.ckpt")
@@ -437,21 +453,17 @@ def test_predict_refuses_model_overrides_that_contradict_the_checkpoint_as_eval_
     assert not (tmp_path / "predict" / "run" / "predictions").exists()
 
 
-def test_readme_use_a_trained_model_commands_run_as_written(trained: tuple[Path, Path], tmp_path: Path) -> None:
-    """Every ``python -m knet_lightning`` line of the README's "Use a trained model" section, in a
-    fresh process, in a folder holding the run and the photos it names."""
-    import re
+def test_documented_use_a_trained_model_commands_run_as_written(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """Every ``python -m knet_lightning`` command of the "Use a trained model" page, in a fresh
+    process, in a folder holding the run and the photos it names."""
     import shlex
     import shutil
 
     from test_readme import COMMAND, _run, unexpected_output
 
     ckpt, root = trained
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text.split("## Use a trained model", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
-    commands = [line.strip() for block in blocks for line in block.splitlines() if line.startswith(COMMAND)]
-    assert commands, "the section shows no command"
+    commands = use_a_trained_model_commands()
+    assert commands, "the page shows no command"
     cwd = tmp_path / "project"
     (cwd / "logs" / "train" / "runs" / "r1" / "checkpoints").mkdir(parents=True)
     shutil.copy(ckpt, cwd / "logs" / "train" / "runs" / "r1" / "checkpoints" / "last.ckpt")

@@ -1,9 +1,9 @@
-"""The README's "On a SLURM cluster" commands, run as written on a stand-in cluster
+"""The "On a SLURM cluster" commands (docs/guides/slurm.md), run as written on a stand-in cluster
 (``fake_slurm.py``: ``sbatch``/``srun``/``sacct``/``scontrol`` on this machine, nodes on loopback
 addresses), and what happens at a job's time limit: the 2-node run signalled while it trains, and
 (``make test-all``) the sbatch example's one-task job.
 
-Only size-reducing settings are added to the README's commands: a tiny network and data set (as in
+Only size-reducing settings are added to the page's commands: a tiny network and data set (as in
 ``test_readme.py``), one CPU task per node instead of eight GPUs (``hydra.launcher.gpus_per_node=1``
 appended; for the sbatch script ``--ntasks-per-node=1`` before its name, where sbatch takes its
 options, which win over the script's ``#SBATCH`` lines)."""
@@ -23,33 +23,33 @@ from pathlib import Path
 import fake_slurm
 import pytest
 import torch
+from docs_blocks import blocks, commands, section
 from omegaconf import OmegaConf
 from test_readme import ONE_EPOCH, TINY_COCO, TINY_KERNELS, TINY_NET, _write_coco_panoptic
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTION = "### On a SLURM cluster"
+PAGE = "docs/guides/slurm.md"
+SECTION = "# On a SLURM cluster"
 ONE_TASK_PER_NODE = "hydra.launcher.gpus_per_node=1"
+SBATCH = ROOT / "scripts" / "slurm" / "train.sbatch"
 
 
-def _section() -> str:
-    text = (ROOT / "README.md").read_text()
-    assert SECTION in text, f"README.md has no '{SECTION}' section"
-    return text.split(SECTION, 1)[1].split("\n## ", 1)[0]
+def slurm_commands() -> list[str]:
+    """The commands of the page's first bash block, continuation lines joined, comments dropped."""
+    page = blocks(section(PAGE, SECTION))
+    assert page, f"{PAGE} has no bash block"
+    return commands(page[0])
 
 
-def readme_slurm_commands() -> list[str]:
-    """The commands of the section's first bash block, continuation lines joined, comments dropped."""
-    block = re.search(r"```bash\n(.*?)```", _section(), re.S)
-    assert block, f"README.md's '{SECTION}' has no bash block"
-    joined = block.group(1).replace("\\\n", " ")
-    return [
-        " ".join(line.split()) for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")
-    ]
+def sbatch_example() -> str:
+    """The page's batch script, which must be the repository's ``scripts/slurm/train.sbatch`` (the
+    file the ``sbatch`` command above submits)."""
+    (example,) = [block for block in blocks(section(PAGE, SECTION)) if block.startswith("#!/bin/bash")]
+    return example
 
 
-def test_the_readme_shows_the_sbatch_example_as_it_is_in_the_repository() -> None:
-    blocks = re.findall(r"```bash\n(.*?)```", _section(), re.S)
-    assert (ROOT / "scripts" / "slurm" / "train.sbatch").read_text() in blocks
+def test_the_page_shows_the_sbatch_example_as_it_is_in_the_repository() -> None:
+    assert sbatch_example() == SBATCH.read_text()
 
 
 class Cluster:
@@ -73,7 +73,7 @@ class Cluster:
                         OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT / "tests"))  # fmt: skip
 
     def start(self, command: str, extra: list[str], **env: str) -> tuple[str, subprocess.Popen]:
-        """``command`` as the README writes it (``/data/coco`` filled in), ``extra`` appended."""
+        """``command`` as the page writes it (``/data/coco`` filled in), ``extra`` appended."""
         args = shlex.split(command.replace("/data/coco", str(self.coco)))
         if args[0] == "python":
             args[0] = sys.executable
@@ -110,8 +110,8 @@ def _summary(sweep: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def test_readme_slurm_commands_run_as_written(tmp_path: Path) -> None:
-    commands = readme_slurm_commands()
+def test_documented_slurm_commands_run_as_written(tmp_path: Path) -> None:
+    commands = slurm_commands()
     assert len(commands) == 3, commands  # a run, a sweep, the sbatch example: each checked below
     run, sweep, own = commands
     assert "hydra.launcher.nodes=2" in run and "hydra/launcher=submitit_slurm" in run
@@ -210,7 +210,7 @@ MID_TRAINING_STEPS = 8  # 8 epochs of one step: 2 ranks, one image each
 
 
 def test_a_two_node_launcher_job_signalled_mid_training_is_requeued_and_resumes_in_step(tmp_path: Path) -> None:
-    """The README's 2-node run (two instances of a 2-task job: about 60 s); the time limit comes
+    """The page's 2-node run (two instances of a 2-task job: about 60 s); the time limit comes
     after step 3 while both tasks train on (SIGUSR1, then SIGTERM a second later, to every task,
     wherever each is): one hpc checkpoint and one requeue, both ranks stop after the same step and
     the requeued job goes on from it. With Lightning's own handlers this job hangs."""
@@ -218,11 +218,11 @@ def test_a_two_node_launcher_job_signalled_mid_training_is_requeued_and_resumes_
 
     cluster = Cluster(tmp_path)
     flags = tmp_path / "flags"
-    run = readme_slurm_commands()[0]
+    run = slurm_commands()[0]
     marker = ["+callbacks.mark._target_=slurm_utils.MarkStep", "+callbacks.mark.at_step=3",
               f"+callbacks.mark.flag_dir={flags}",
               "+callbacks.start._target_=slurm_utils.StartStep", f"+callbacks.start.out_dir={flags}"]  # fmt: skip
-    # no test after fit: the README commands' test runs it
+    # no test after fit: the page commands' test runs it
     cluster.run(run, [ONE_TASK_PER_NODE, *_tiny_limited(run), f"trainer.max_epochs={MID_TRAINING_STEPS}",
                       "data.batch_size=1", "test_after_fit=false", *marker],
                 FAKE_SLURM_TIME_LIMIT=str(flags / "at3.rank0"), FAKE_SLURM_TIME_LIMIT_GRACE="1")  # fmt: skip
@@ -249,7 +249,7 @@ def test_a_two_node_launcher_job_signalled_mid_training_is_requeued_and_resumes_
 def test_an_sbatch_job_at_its_time_limit_is_requeued_and_resumes_in_its_folder(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path)
     flags = tmp_path / "flags"
-    own = readme_slurm_commands()[2]
+    own = slurm_commands()[2]
     out = cluster.run(own.replace("sbatch ", "sbatch --nodes=1 ", 1), [*_tiny_limited(own), *_time_limited(flags)],
                       FAKE_SLURM_TIME_LIMIT=str(flags / f"paused{TIME_LIMIT_AT_STEP}.rank0"))  # fmt: skip
     job_id = re.search(r"Submitted batch job (\d+)", out).group(1)
