@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import hydra
 import pytest
 import torch
 from cli_utils import compose_cfg, metrics_csv, run_cfg, tiny_overrides
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import LightningDataModule, Trainer
 from omegaconf import OmegaConf
@@ -436,10 +439,74 @@ def test_no_secret_reaches_a_file_of_the_run_or_of_wandb(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("seed", ["abc", "1.5", "true"])
 def test_a_bad_seed_names_the_key_before_any_work(tmp_path: Path, seed: str) -> None:
-    cfg = compose_cfg(tmp_path, tiny_overrides(f"seed={seed}"))
-    with pytest.raises(ValueError, match=r"seed=.*expected an integer"):
+    """``seed`` is typed (RunSettings): a value that is no integer fails at composition, naming it."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match=rf"Error merging override seed={seed}") as err:
+        compose_cfg(tmp_path, tiny_overrides(f"seed={seed}"))
+    assert "could not be converted to Integer" in str(err.value.__cause__)
+    assert "full_key: seed" in str(err.value.__cause__)
+    assert not (tmp_path / "run" / "config_resolved.yaml").exists()
+
+
+def test_the_mode_table_runs_every_mode_the_configs_name(tmp_path: Path) -> None:
+    """``cli.MODES``: one function per mode, for every ``mode`` value that conf/ sets or documents."""
+    from knet_lightning import cli
+    from knet_lightning.configs import RunSettings
+
+    named = set()
+    for path in CONF.rglob("*.yaml"):
+        text = path.read_text()
+        named |= set(re.findall(r"^mode:\s*(\w+)", text, flags=re.M))
+        for choices in re.findall(r"mode=((?:\w+\|)+\w+)", text):
+            named |= set(choices.split("|"))
+    named.add(RunSettings().mode)
+    assert named == {"train", "eval", "predict", "convert", "export", "check_data"}
+    assert set(cli.MODES) == named
+    assert all(callable(fn) and fn.__name__ == f"run_{mode}" for mode, fn in cli.MODES.items())
+
+
+def test_an_unknown_mode_lists_the_valid_ones_before_any_work(tmp_path: Path) -> None:
+    cfg = compose_cfg(tmp_path, tiny_overrides("mode=trian"))
+    with pytest.raises(ValueError, match=r"mode='trian': expected one of train, eval, predict, convert, export, "
+                                         r"check_data$"):  # fmt: skip
         run_cfg(cfg)
     assert not (tmp_path / "run" / "config_resolved.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("test_after_fitt=false", r"Could not override 'test_after_fitt'"),
+        (
+            "max_bad_steps=many",
+            r"Value 'many' of type 'str' could not be converted to Integer\n\s*full_key: max_bad_steps",
+        ),
+        ("predict.batch_sise=2", r"Could not override 'predict.batch_sise'"),
+        ("trusted_checkpoint=maybe", r"Value 'maybe' is not a valid bool.*\n\s*full_key: trusted_checkpoint"),
+    ],
+)
+def test_run_settings_refuse_a_misspelled_key_or_a_wrong_type(tmp_path: Path, override: str, message: str) -> None:
+    """The top-level keys are typed (RunSettings, registered as ``run_settings`` and first in
+    train.yaml's defaults): Hydra refuses a misspelled one or a value of the wrong type, naming it."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg(tmp_path, tiny_overrides(override))
+    assert re.search(message, f"{err.value}\n{err.value.__cause__}"), f"{err.value}\n{err.value.__cause__}"
+
+
+def test_a_misspelled_top_level_key_in_a_config_file_fails_at_composition(tmp_path: Path) -> None:
+    from hydra.errors import ConfigCompositionException
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "experiment" / "typo.yaml").write_text("# @package _global_\ntest_after_fitt: false\n")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException) as err:
+            compose(config_name="train", overrides=["experiment=typo"])
+    assert "Key 'test_after_fitt' not in 'RunSettings'" in f"{err.value}\n{err.value.__cause__}"
 
 
 @pytest.mark.parametrize(
@@ -464,12 +531,13 @@ def test_a_stage_or_kernel_count_the_task_cannot_evaluate_fails_before_any_work(
 
 def test_the_fatal_error_of_a_failed_run_is_in_its_log_file(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "KNET_ROOT"}
-    out = subprocess.run([sys.executable, "-m", "knet_lightning", "seed=abc"], capture_output=True, text=True,
+    # (a value of the wrong type, seed=abc, fails at composition, before there is a run folder)
+    out = subprocess.run([sys.executable, "-m", "knet_lightning", "mode=trian"], capture_output=True, text=True,
                          env=env, timeout=120, cwd=tmp_path)  # fmt: skip
-    assert out.returncode != 0 and "expected an integer" in out.stderr
-    (log_file,) = tmp_path.glob("logs/train/runs/*/train.log")
+    assert out.returncode != 0 and "expected one of train, eval" in out.stderr
+    (log_file,) = tmp_path.glob("logs/trian/runs/*/trian.log")
     text = log_file.read_text()
-    assert "run failed: ValueError: seed='abc': expected an integer" in text and "run folder:" in text
+    assert "run failed: ValueError: mode='trian': expected one of train, eval" in text and "run folder:" in text
 
 
 def test_a_bad_postprocess_setting_fails_before_the_first_step(tmp_path: Path) -> None:

@@ -13,9 +13,10 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import hydra
 import torch
@@ -29,13 +30,16 @@ from knet_lightning.run_data import (
     build_datamodule,
     check_class_counts,
     check_data,
+    check_output_dir,
     checkpoint_data_config,
     data_config_from_checkpoint,
     eval_checkpoint_file,
+    resolve_ckpt_path,
     run_data_check,
     stored_data_config,
 )
 from knet_lightning.runtime.distributed import end_of_job, is_global_zero_from_env
+from knet_lightning.runtime.loggers import finish_loggers, print_results
 from knet_lightning.runtime.reproduction import apply_strict_reproduction, strict_runtime
 from knet_lightning.runtime.secrets import hide_secret_overrides, redact, redact_hydra_dump
 from knet_lightning.runtime.slurm import auto_resume_path, check_requeue_signal
@@ -72,83 +76,6 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     return redact(container, container.get("secret_keys"))
 
 
-def _experiment_choice() -> str | None:
-    """This run's ``experiment`` option (``None`` when it has none, or outside a Hydra app)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return None
-    choice = HydraConfig.get().runtime.choices.get("experiment")
-    return None if choice in (None, "null") else str(choice)
-
-
-def run_identity(run_dir: Path) -> tuple[str | None, str | None] | None:
-    """``(experiment, model.task)`` of an earlier run folder, from the ``.hydra/hydra.yaml`` and
-    ``config_resolved.yaml`` it wrote; ``None`` for a folder our CLI did not write."""
-    hydra_file, config_file = run_dir / ".hydra" / "hydra.yaml", run_dir / "config_resolved.yaml"
-    if not (hydra_file.is_file() and config_file.is_file()):
-        return None
-    try:
-        choices = OmegaConf.load(hydra_file).hydra.runtime.choices
-        task = OmegaConf.select(OmegaConf.load(config_file), "model.task")
-    except Exception:  # an unreadable folder is not a candidate
-        return None
-    experiment = choices.get("experiment")
-    return (None if experiment in (None, "null") else str(experiment), task)
-
-
-def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path`` as a file. ``last`` means this run folder's ``checkpoints/last.ckpt`` if it
-    exists (resuming with ``hydra.run.dir=<old run>``), else the newest ``last.ckpt`` of an
-    earlier training run (``<log_dir>/train/runs/*``) of the same experiment and task; runs of
-    other experiments, tasks or of ``debug=...`` presets are never picked. The choice is logged."""
-    ckpt = cfg.get("ckpt_path")
-    if ckpt is None:
-        return None
-    if str(ckpt) != "last":
-        path = Path(str(ckpt))
-        if not path.is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt}: no such checkpoint file")
-        return str(path)
-    here = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if here.is_file():
-        log.info("ckpt_path=last: %s (this run folder)", here)
-        return str(here)
-    wanted = (_experiment_choice(), OmegaConf.select(cfg, "model.task"))
-    runs = sorted(
-        (p for p in Path(cfg.paths.log_dir).glob("train/runs/*/checkpoints/last.ckpt")
-         if run_identity(p.parent.parent) == wanted),
-        key=lambda p: (p.stat().st_mtime, str(p)),
-    )  # fmt: skip
-    if not runs:
-        raise FileNotFoundError(
-            f"ckpt_path=last: no last.ckpt in {here.parent} nor in a training run of experiment={wanted[0]} "
-            f"(task {wanted[1]}) under {cfg.paths.log_dir}/train/runs/*/checkpoints/; give ckpt_path=<file>"
-        )
-    log.info("ckpt_path=last: %s (the newest training run of experiment=%s, task %s: %s)",
-             runs[-1], wanted[0], wanted[1], runs[-1].parent.parent)  # fmt: skip
-    return str(runs[-1])
-
-
-def check_output_dir(path: Path) -> None:
-    """Fail before any work if the run folder cannot be written."""
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / ".write_test"
-    try:
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise PermissionError(f"output folder {path} is not writable: {err}") from err
-
-
-def _seed(cfg: DictConfig) -> int:
-    """``seed`` as an int; anything else names the key before any work."""
-    value = cfg.get("seed")
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"seed={value!r}: expected an integer (e.g. seed=42)")
-    return value
-
-
 def check_model_handles(cfg: DictConfig) -> None:
     """``model.num_stages`` and ``model.num_proposals`` checked against the task before any data is
     read (a count the task cannot evaluate would otherwise fail only at the first evaluation)."""
@@ -171,15 +98,15 @@ def build_model(cfg: DictConfig, class_info: Any, ckpt_path: str | None = None) 
     """
     check_class_counts(cfg, class_info)  # the network's class counts are the data set's
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    kwargs = {"max_bad_steps": int(cfg.get("max_bad_steps", 20)), "compile": bool(cfg.get("compile", False))}
+    kwargs = {"max_bad_steps": cfg.max_bad_steps, "compile": cfg.compile}
     if ckpt_path is not None and cfg.mode == "eval":
         # a data set read from the checkpoint's own data config fits its task and classes by construction
         data_bound = () if checkpoint_data_config(cfg) is not None else DATA_BOUND_KEYS
         return checkpoint_rebuild.rebuild_module(
             ckpt_path, config=model_cfg, overrides=command_line_overrides(), mode="eval", data_bound=data_bound,
-            class_info=class_info, trusted=bool(cfg.get("trusted_checkpoint", False)), weights=False, **kwargs,
+            class_info=class_info, trusted=cfg.trusted_checkpoint, weights=False, **kwargs,
         ).module  # fmt: skip  # weights=False: trainer.test restores the whole checkpoint
-    if cfg.mode == "convert" or (cfg.mode == "train" and cfg.get("load_from")):
+    if cfg.mode == "convert" or (cfg.mode == "train" and cfg.load_from):
         model_cfg = without_initial_weights(model_cfg)
     return checkpoint_rebuild.instantiate_module(
         model_cfg, list(class_info.names), list(class_info.isthing), [list(c) for c in class_info.colors], **kwargs
@@ -187,7 +114,7 @@ def build_model(cfg: DictConfig, class_info: Any, ckpt_path: str | None = None) 
 
 
 def build_callbacks(cfg: DictConfig) -> list[Any]:
-    callbacks_cfg = cfg.get("callbacks") or {}
+    callbacks_cfg = cfg.callbacks or {}
     return [hydra.utils.instantiate(c) for c in callbacks_cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
@@ -195,7 +122,7 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     from knet_lightning.runtime.loggers import drop_lightning_noise
 
     drop_lightning_noise()  # before the Trainer built next: its advertisement, among others
-    logger_cfg = cfg.get("logger") or {}
+    logger_cfg = cfg.logger or {}
     wandb_cfg = logger_cfg.get("wandb") if isinstance(logger_cfg, DictConfig) else None
     if isinstance(wandb_cfg, DictConfig) and "api_key" in wandb_cfg:
         raise ValueError(
@@ -205,50 +132,10 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return [
         # plain, redacted containers: W&B cannot serialise an OmegaConf node passed as its run
         # config, and a secret in a logger's settings must not reach the run's config
-        hydra.utils.instantiate(
-            redact(OmegaConf.to_container(c, resolve=True), cfg.get("secret_keys")), _convert_="all"
-        )
+        hydra.utils.instantiate(redact(OmegaConf.to_container(c, resolve=True), cfg.secret_keys), _convert_="all")
         for c in logger_cfg.values()
         if isinstance(c, DictConfig) and "_target_" in c
     ]
-
-
-def format_value(value: float) -> str:
-    """Metrics in percent with two decimals; small values (learning rates) with three
-    significant digits rather than as 0.00."""
-    if value != 0 and abs(value) < 0.01:
-        return f"{value:.3g}"
-    return f"{value:.2f}"
-
-
-def print_results(title: str, metrics: dict[str, Any], caption: str = "") -> None:
-    """A results table on stdout (rich if available), ``caption`` under it."""
-    rows = [(k, float(v)) for k, v in sorted(metrics.items()) if not k.startswith("train/")]
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=title, caption=caption or None)
-        table.add_column("metric")
-        table.add_column("value", justify="right")
-        for k, v in rows:
-            table.add_row(k, format_value(v))
-        Console(width=100).print(table)
-    except ImportError:  # pragma: no cover - rich is a dependency
-        print(title)
-        for k, v in rows:
-            print(f"{k:>24s} {format_value(v):>8s}")
-        print(caption)
-
-
-def finish_loggers(loggers: list[Any]) -> None:
-    """Flush and close W&B runs: several jobs of a sweep may share one process, and an offline
-    run holds its last records until it is finished."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -301,13 +188,14 @@ def published_numbers_in_fp32(cfg: DictConfig) -> None:
         cfg.trainer.precision = "32-true"
 
 
-def _convert(cfg: DictConfig, datamodule: Any, output_dir: Path) -> None:
+def run_convert(cfg: DictConfig, loggers: list[Any]) -> None:
     """``mode=convert``: a published checkpoint into ours (:mod:`knet_lightning.checkpoint.convert`)."""
     from knet_lightning.checkpoint.convert import convert_checkpoint
 
-    if not cfg.get("convert_source"):
+    if not cfg.convert_source:
         raise ValueError("mode=convert needs convert_source=<published checkpoint .pth>")
-    output = Path(cfg.convert_output or output_dir / "checkpoints" / "converted.ckpt")
+    datamodule = build_datamodule(cfg)
+    output = Path(cfg.convert_output or Path(cfg.paths.output_dir) / "checkpoints" / "converted.ckpt")
     class_info = datamodule.class_info
     module = build_model(cfg, class_info)  # with the class counts the data set gives
     module.inference_config = datamodule.inference_settings()
@@ -316,44 +204,48 @@ def _convert(cfg: DictConfig, datamodule: Any, output_dir: Path) -> None:
     log.info("converted checkpoint: %s (mode=eval ckpt_path=%s, or load_from=%s to fine-tune)", output, output, output)
 
 
-def _export(cfg: DictConfig, output_dir: Path) -> None:
-    """``mode=export``: the network of ``ckpt_path`` as one ONNX file (:mod:`knet_lightning.inference.onnx_export`)."""
+def run_check_data(cfg: DictConfig, loggers: list[Any]) -> None:
+    """``mode=check_data``: the training and validation splits read and reported (:mod:`knet_lightning.data.check`)."""
+    run_data_check(cfg, build_datamodule(cfg), Path(cfg.paths.output_dir))
+
+
+def run_export(cfg: DictConfig, loggers: list[Any]) -> None:
+    """``mode=export``: the network of ``ckpt_path`` as one ONNX file (:mod:`knet_lightning.inference.onnx_export`);
+    the checkpoint carries the network, classes and preprocessing: no data set is read."""
     from knet_lightning.inference.onnx_export import export_onnx
 
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path is None:
         raise ValueError("mode=export needs ckpt_path=<checkpoint> (or ckpt_path=last)")
-    output = Path(cfg.get("export_output") or output_dir / "model.onnx")
+    output = Path(cfg.export_output or Path(cfg.paths.output_dir) / "model.onnx")
     # the command line's model.* under the rebuild's policy, checked before the export
-    export_onnx(ckpt_path, output, stage=int(cfg.get("export_stage", -1)),
-                trusted=bool(cfg.get("trusted_checkpoint", False)),
+    export_onnx(ckpt_path, output, stage=int(cfg.export_stage), trusted=bool(cfg.trusted_checkpoint),
                 config=OmegaConf.to_container(cfg.model, resolve=True), overrides=command_line_overrides())  # fmt: skip
     log.info("ONNX file: %s (Segmenter.from_checkpoint(path, backend='onnxruntime'), or mode=predict "
              "ckpt_path=%s predict.backend=onnxruntime)", output, output)  # fmt: skip
 
 
-def _predict(cfg: DictConfig) -> None:
+def run_predict(cfg: DictConfig, loggers: list[Any]) -> None:
     """``mode=predict``: a :class:`~knet_lightning.Segmenter` from ``ckpt_path`` over ``inputs``
-    (:mod:`knet_lightning.inference.predict`)."""
+    (:mod:`knet_lightning.inference.predict`); no data set is read: the classes are the checkpoint's."""
     from knet_lightning.inference.predict import collect_inputs, predict_to_folder
     from knet_lightning.inference.segmenter import Segmenter
 
-    if not cfg.get("inputs"):
+    if not cfg.inputs:
         raise ValueError("mode=predict needs inputs=<image file, folder, glob or .txt list>")
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path is None:
         raise ValueError("mode=predict needs ckpt_path=<checkpoint> (or ckpt_path=last)")
     inputs = collect_inputs(cfg.inputs)
     opts = cfg.predict
-    backend = str(opts.get("backend", "torch"))
     device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if backend == "onnxruntime":
+    if opts.backend == "onnxruntime":
         device = "cpu"  # the exported graph runs in ONNX Runtime's CPU session
     # the command line's model.* (post-processing, test time free; a typed key that contradicts the
     # checkpoint's network refused) under the rebuild's one policy, checked before building or exporting
     segmenter = Segmenter.from_checkpoint(ckpt_path, device=device, stage=int(opts.stage),
-                                          trusted=bool(cfg.get("trusted_checkpoint", False)),
-                                          precision=str(opts.precision), backend=backend,
+                                          trusted=bool(cfg.trusted_checkpoint), precision=str(opts.precision),
+                                          backend=str(opts.backend),
                                           config=OmegaConf.to_container(cfg.model, resolve=True),
                                           overrides=command_line_overrides())  # fmt: skip
     log.info("predict: post-processing %s, test time %s", segmenter.module.task.settings.to_dict(),
@@ -368,143 +260,168 @@ def _predict(cfg: DictConfig) -> None:
     log.info("predictions: %s", cfg.predict_output_dir)
 
 
-def _run(cfg: DictConfig, loggers: list[Any]) -> float | None:
-    import lightning as L
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
+class _Fit(NamedTuple):
+    """What ``mode=train`` and ``mode=eval`` run: the data, the module, the trainer, the checkpoint."""
 
-    from knet_lightning.training.callbacks import PredictionExport
+    datamodule: Any
+    model: Any
+    trainer: Any
+    ckpt_path: str | None
 
-    if cfg.get("strict_reproduction"):
-        overrides = command_line_overrides()
-        apply_strict_reproduction(cfg, overrides)
-        strict_runtime()
-    if cfg.get("matmul_precision"):
-        torch.set_float32_matmul_precision(cfg.matmul_precision)
-    # quietly: the seed is in config_resolved.yaml, and "Seed set to" told no user anything
-    L.seed_everything(_seed(cfg), workers=True, verbose=False)
-    check_model_handles(cfg)
 
-    output_dir = Path(cfg.paths.output_dir)
-    check_output_dir(output_dir)
-    published_numbers_in_fp32(cfg)
-    data_config_from_checkpoint(cfg)
-    resolved = resolved_config(cfg)
-    # not Lightning's rank_zero_only yet: before the strategy sets up, it says 0 on node 1 too
-    if is_global_zero_from_env():
-        redact_hydra_dump(output_dir, cfg.get("secret_keys"))
-        write_resolved_config(resolved, output_dir)
-
-    if cfg.mode in ("predict", "export"):
-        # the checkpoint carries the network, classes and preprocessing: no data set is read
-        if cfg.mode == "predict":
-            _predict(cfg)
-        else:
-            _export(cfg, output_dir)
-        return None
+def _fit_setup(cfg: DictConfig, loggers: list[Any]) -> _Fit:
+    """The data module (class counts checked), the module (``mode=eval``: the checkpoint's
+    network), the loggers and the Trainer, for ``mode=train`` and ``mode=eval``."""
     datamodule = build_datamodule(cfg)
-    if cfg.mode == "convert":
-        _convert(cfg, datamodule, output_dir)
-        return None
-    if cfg.mode == "check_data":
-        run_data_check(cfg, datamodule, output_dir)
-        return None
     datamodule.prepare_data()
     class_info = datamodule.class_info
-    if check_class_counts(cfg, class_info):
+    if check_class_counts(cfg, class_info) and is_global_zero_from_env():
         # the counts the data set's files gave, in the run's record and its loggers' hyperparameters
-        resolved = resolved_config(cfg)
-        if is_global_zero_from_env():
-            write_resolved_config(resolved, output_dir)
+        write_resolved_config(resolved_config(cfg), Path(cfg.paths.output_dir))
     # the single-scale preprocessing, for checkpoints; then multi-scale + flip reads the images at
     # their original size (it resizes them itself)
     inference_config = datamodule.inference_settings()
     if OmegaConf.select(cfg, "model.test_time.tta", default=False):
         datamodule.keep_eval_size()
     check_data(cfg, datamodule)
-
     ckpt_path = resolve_ckpt_path(cfg)
     model = build_model(cfg, class_info, ckpt_path)
     model.inference_config = inference_config
     model.data_config = stored_data_config(cfg)
     if not model.test_time.is_plain:
         log.info("test-time strategy: %s", model.test_time.describe())
-    if cfg.mode == "train":
-        model.task.check_training_set(datamodule.datasets.get("train"))
-        if cfg.get("load_from"):
-            if ckpt_path is not None:
-                raise ValueError("give either load_from= (start from its weights) or ckpt_path= (resume), not both")
-            load_network_weights(
-                model,
-                cfg.load_from,
-                trusted=bool(cfg.get("trusted_checkpoint", False)),
-                strict=bool(cfg.get("load_from_strict", True)),
-            )
-
     loggers.extend(build_loggers(cfg))
+    resolved = resolved_config(cfg)
     for logger in loggers:
         logger.log_hyperparams(resolved)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False)
     log.info("precision: %s (trainer.precision)", trainer.precision)
-    if cfg.mode == "train":
-        from knet_lightning.training.global_batch import apply_global_batch
+    return _Fit(datamodule, model, trainer, ckpt_path)
 
-        apply_global_batch(trainer, model, int(cfg.data.batch_size), cfg.get("base_batch_size"),
-                           str(cfg.get("batch_remedy", "none")))  # fmt: skip
 
-    mode = cfg.mode
-    if mode == "train":
-        # a requeued SLURM job (trainer=slurm) comes back to its folder with no ckpt_path: it
-        # continues from the folder's newest checkpoint (knet_lightning/runtime/slurm.py)
-        if ckpt_path is None and cfg.get("auto_resume"):
-            ckpt_path = auto_resume_path(trainer, output_dir / "checkpoints")
-        check_requeue_signal(trainer)
-    # checkpoints load with torch.load(weights_only=True) unless trusted (checkpoint/io.py)
-    weights_only = not bool(cfg.get("trusted_checkpoint", False))
-    metrics: dict[str, Any] = {}
-    # trainer.test(verbose=False): the results table at the end prints the test metrics, once
-    if mode == "train":
-        try:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
-        except SIGTERMException:
-            # PreemptionCheckpoint has written last.ckpt at the step boundary; no test, no
-            # metrics.json (the run is not finished), and the code a SIGTERM-ed process exits with
-            how = (
-                "a run in this folder continues from it (auto_resume)"
-                if cfg.get("auto_resume")
-                else f"resume with ckpt_path=last hydra.run.dir={output_dir}"
-            )
-            log.warning("stopped by SIGTERM at step %d; %s", trainer.global_step, how)
-            raise SystemExit(128 + signal.SIGTERM) from None
-        metrics.update({k: v for k, v in trainer.callback_metrics.items()})
-        if cfg.get("test_after_fit", True) and not trainer.fast_dev_run:
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            if not best:
-                log.warning("no best checkpoint was saved; testing the last weights")
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=weights_only, verbose=False)
-            metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-        elif cfg.get("test_after_fit", True):
-            trainer.test(model, datamodule=datamodule, verbose=False)
-            metrics.update({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
-    elif mode == "eval":
-        if ckpt_path is None:
-            raise ValueError("mode=eval needs ckpt_path=<checkpoint> (or ckpt_path=last)")
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only, verbose=False)
-        metrics.update({k: v for k, v in trainer.callback_metrics.items()})
-        if cfg.get("export_predictions"):
-            # a second, streamed pass writes the test split in the official formats
-            exporter = PredictionExport(cfg.predict_output_dir, class_info)
-            trainer.callbacks.append(exporter)
-            trainer.predict(model, dataloaders=datamodule.test_dataloader(), return_predictions=False)
-            log.info("wrote %d predictions to %s", exporter.count, cfg.predict_output_dir)
-    else:
-        raise ValueError(f"mode={mode!r}: expected train, eval, predict, export, convert or check_data")
+def _metrics(trainer: Any, prefix: str = "") -> dict[str, Any]:
+    return {k: v for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
 
+
+def _finish(cfg: DictConfig, fit: _Fit, metrics: dict[str, Any]) -> float | None:
+    """The results table and ``metrics.json``; returns ``optimized_metric`` if measured."""
     metrics = {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) or isinstance(v, (int, float))}
+    trainer = fit.trainer
     if trainer.is_global_zero:
-        print_results(f"K-Net {model.task.name} ({mode})", metrics, caption=f"precision {trainer.precision}")
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    value = metrics.get(cfg.get("optimized_metric") or "")
-    return value
+        print_results(f"K-Net {fit.model.task.name} ({cfg.mode})", metrics, caption=f"precision {trainer.precision}")
+        (Path(cfg.paths.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics.get(cfg.optimized_metric or "")
+
+
+def run_train(cfg: DictConfig, loggers: list[Any]) -> float | None:
+    """``mode=train``: fit, then test the best checkpoint (``test_after_fit``)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from knet_lightning.training.global_batch import apply_global_batch
+
+    fit = _fit_setup(cfg, loggers)
+    model, trainer, datamodule, ckpt_path = fit.model, fit.trainer, fit.datamodule, fit.ckpt_path
+    model.task.check_training_set(datamodule.datasets.get("train"))
+    if cfg.load_from:
+        if ckpt_path is not None:
+            raise ValueError("give either load_from= (start from its weights) or ckpt_path= (resume), not both")
+        load_network_weights(model, cfg.load_from, trusted=bool(cfg.trusted_checkpoint), strict=cfg.load_from_strict)
+    apply_global_batch(trainer, model, int(cfg.data.batch_size), cfg.base_batch_size, str(cfg.batch_remedy))
+    output_dir = Path(cfg.paths.output_dir)
+    # a requeued SLURM job (trainer=slurm) comes back to its folder with no ckpt_path: it
+    # continues from the folder's newest checkpoint (knet_lightning/runtime/slurm.py)
+    if ckpt_path is None and cfg.auto_resume:
+        ckpt_path = auto_resume_path(trainer, output_dir / "checkpoints")
+    check_requeue_signal(trainer)
+    # checkpoints load with torch.load(weights_only=True) unless trusted (checkpoint/io.py)
+    weights_only = not bool(cfg.trusted_checkpoint)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
+    except SIGTERMException:
+        # PreemptionCheckpoint has written last.ckpt at the step boundary; no test, no
+        # metrics.json (the run is not finished), and the code a SIGTERM-ed process exits with
+        how = ("a run in this folder continues from it (auto_resume)" if cfg.auto_resume
+               else f"resume with ckpt_path=last hydra.run.dir={output_dir}")  # fmt: skip
+        log.warning("stopped by SIGTERM at step %d; %s", trainer.global_step, how)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    metrics = _metrics(trainer)
+    # trainer.test(verbose=False): the results table at the end prints the test metrics, once
+    if cfg.test_after_fit and not trainer.fast_dev_run:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            log.warning("no best checkpoint was saved; testing the last weights")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=weights_only, verbose=False)
+        metrics.update(_metrics(trainer, "test/"))
+    elif cfg.test_after_fit:
+        trainer.test(model, datamodule=datamodule, verbose=False)
+        metrics.update(_metrics(trainer, "test/"))
+    return _finish(cfg, fit, metrics)
+
+
+def run_eval(cfg: DictConfig, loggers: list[Any]) -> float | None:
+    """``mode=eval``: test ``ckpt_path`` (its network, rebuilt); ``export_predictions``: a second,
+    streamed pass writes the test split in the official formats."""
+    from knet_lightning.training.callbacks import PredictionExport
+
+    if cfg.ckpt_path is None:
+        raise ValueError("mode=eval needs ckpt_path=<checkpoint> (or ckpt_path=last)")
+    fit = _fit_setup(cfg, loggers)
+    trainer, model, datamodule = fit.trainer, fit.model, fit.datamodule
+    trainer.test(model, datamodule=datamodule, ckpt_path=fit.ckpt_path, weights_only=not bool(cfg.trusted_checkpoint),
+                 verbose=False)  # fmt: skip
+    metrics = _metrics(trainer)
+    if cfg.export_predictions:
+        exporter = PredictionExport(cfg.predict_output_dir, datamodule.class_info)
+        trainer.callbacks.append(exporter)
+        trainer.predict(model, dataloaders=datamodule.test_dataloader(), return_predictions=False)
+        log.info("wrote %d predictions to %s", exporter.count, cfg.predict_output_dir)
+    return _finish(cfg, fit, metrics)
+
+
+# mode -> what runs it; every mode gets _prepare first
+MODES: dict[str, Callable[[DictConfig, list[Any]], float | None]] = {
+    "train": run_train,
+    "eval": run_eval,
+    "predict": run_predict,
+    "convert": run_convert,
+    "export": run_export,
+    "check_data": run_check_data,
+}
+
+
+def mode_function(mode: str) -> Callable[[DictConfig, list[Any]], float | None]:
+    """The function that runs ``mode``; an unknown one is an error listing the valid ones."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
+    return MODES[mode]
+
+
+def _prepare(cfg: DictConfig) -> None:
+    """What every mode does first: numerics and seed, early checks, the run folder and its record."""
+    import lightning as L
+
+    if cfg.strict_reproduction:
+        apply_strict_reproduction(cfg, command_line_overrides())
+        strict_runtime()
+    if cfg.matmul_precision:
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
+    # quietly: the seed is in config_resolved.yaml, and "Seed set to" told no user anything
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # an int: RunSettings
+    check_model_handles(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    check_output_dir(output_dir)
+    published_numbers_in_fp32(cfg)
+    data_config_from_checkpoint(cfg)
+    # not Lightning's rank_zero_only yet: before the strategy sets up, it says 0 on node 1 too
+    if is_global_zero_from_env():
+        redact_hydra_dump(output_dir, cfg.secret_keys)
+        write_resolved_config(resolved_config(cfg), output_dir)
+
+
+def _run(cfg: DictConfig, loggers: list[Any]) -> float | None:
+    run_mode = mode_function(str(cfg.mode))  # before any work
+    _prepare(cfg)
+    return run_mode(cfg, loggers)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

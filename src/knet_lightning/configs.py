@@ -3,6 +3,8 @@
 Structured configs (Hydra's ConfigStore), the single source of these settings' defaults and
 types, so that a misspelled key in an experiment file fails at composition:
 
+* ``run_settings``: :class:`RunSettings`, the top-level keys of a run (``mode``, ``seed``,
+  ``ckpt_path``, ...; ``conf/train.yaml`` lists it first in its defaults and documents the keys);
 * ``model/postprocess``: ``panoptic``, ``instance``, ``semantic`` (:mod:`knet_lightning.tasks.settings`);
 * ``model/optimizer``: ``adamw`` and ``model/scheduler``: ``warmup_step`` (:mod:`knet_lightning.training.optim`);
 * ``model/test_time``: ``default`` (whole image, single scale; ``mode``, ``tta``, ... set on it,
@@ -32,9 +34,64 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import OmegaConf
+
+
+@dataclass
+class PredictSettings:
+    """``predict.*``: how ``mode=predict`` runs the Segmenter built from ``ckpt_path``."""
+
+    batch_size: int = 1
+    device: str = "auto"  # cuda when available, else cpu
+    precision: str = "auto"  # fp32 | bf16 | auto: bf16 autocast where the device has fast bf16 kernels
+    stage: int = -1  # the stage output to read (-1: the last, as evaluation reads it)
+    overlays: bool = True  # an overlay with a legend per image, under <predict_output_dir>/overlays/
+    backend: str = "torch"  # torch | onnxruntime (ckpt_path: an .onnx file of mode=export, or a checkpoint)
+
+
+@dataclass
+class RunSettings:
+    """The run's top-level keys, typed, with their defaults (``conf/train.yaml`` explains each one
+    and sets none of them): a misspelled key or a value of the wrong type fails at composition,
+    naming the key. The config groups (``data``, ``model``, ...) are their own configs."""
+
+    mode: str = "train"  # train | eval | predict | convert | export | check_data (cli.MODES)
+    task_name: str = "${mode}"
+    tags: list[str] = field(default_factory=lambda: ["dev"])
+    seed: int = 42
+    ckpt_path: str | None = None
+    auto_resume: bool = False
+    run_name: str = "${now:%Y-%m-%d}_${now:%H-%M-%S}"
+    load_from: str | None = None
+    load_from_strict: bool = True
+    convert_source: str | None = None
+    convert_output: str | None = None
+    export_output: str | None = None
+    export_stage: int = -1
+    trusted_checkpoint: bool = False
+    base_batch_size: int | None = None
+    batch_remedy: str = "none"  # none | scale_lr | accumulate
+    max_bad_steps: int = 20
+    test_after_fit: bool = True
+    optimized_metric: str | None = "val/pq"
+    inputs: str | None = None
+    predict_output_dir: str = "${paths.output_dir}/predictions"
+    predict: PredictSettings = field(default_factory=PredictSettings)
+    compile: bool = False
+    matmul_precision: str | None = "high"
+    strict_reproduction: bool = False
+    export_predictions: bool = False
+    secret_keys: list[str] = field(default_factory=list)
+    # the config groups of train.yaml's defaults list
+    data: Any = None
+    model: Any = None
+    callbacks: Any = None
+    logger: Any = None
+    trainer: Any = None
+    paths: Any = None
 
 
 def root_dir() -> str:
@@ -68,6 +125,7 @@ def register_configs() -> None:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     store = ConfigStore.instance()
+    store.store(name="run_settings", node=RunSettings)
     for name, task in TASKS.items():
         store.store(group="model/postprocess", name=name, node=task.settings_cls)
     store.store(group="model/optimizer", name="adamw", node=OptimizerSettings)

@@ -1,5 +1,6 @@
 """The data set a run reads: its data module from the config, the class counts from the data set's
-files, the data config a checkpoint stores and ``mode=eval`` restores, and ``mode=check_data``.
+files, the data config a checkpoint stores and ``mode=eval`` restores, and ``mode=check_data``; and the
+files a run reads and writes besides (``ckpt_path=last``, the run folder).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def stored_data_config(cfg: DictConfig) -> dict[str, Any]:
 def eval_checkpoint_file(cfg: DictConfig) -> str | None:
     """The checkpoint file ``mode=eval`` names explicitly (None: another mode, no checkpoint,
     ``ckpt_path=last``, which is a training run's, or a missing file, reported where it is loaded)."""
-    ckpt = cfg.get("ckpt_path")
+    ckpt = cfg.ckpt_path
     if cfg.mode != "eval" or ckpt is None or str(ckpt) == "last" or not Path(str(ckpt)).is_file():
         return None
     return str(ckpt)
@@ -139,3 +140,72 @@ def run_data_check(cfg: DictConfig, datamodule: Any, output_dir: Path) -> None:
         first = next(f"{name}: {message}" for r in reports for name, message in r.problems)
         raise DatasetError(f"data check: {record['problems']} problem(s), each named in {out_dir / 'data_check.json'}; "
                            f"the first: {first}")  # fmt: skip
+
+
+def _experiment_choice() -> str | None:
+    """This run's ``experiment`` option (``None`` when it has none, or outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    choice = HydraConfig.get().runtime.choices.get("experiment")
+    return None if choice in (None, "null") else str(choice)
+
+
+def run_identity(run_dir: Path) -> tuple[str | None, str | None] | None:
+    """``(experiment, model.task)`` of an earlier run folder, from the ``.hydra/hydra.yaml`` and
+    ``config_resolved.yaml`` it wrote; ``None`` for a folder our CLI did not write."""
+    hydra_file, config_file = run_dir / ".hydra" / "hydra.yaml", run_dir / "config_resolved.yaml"
+    if not (hydra_file.is_file() and config_file.is_file()):
+        return None
+    try:
+        choices = OmegaConf.load(hydra_file).hydra.runtime.choices
+        task = OmegaConf.select(OmegaConf.load(config_file), "model.task")
+    except Exception:  # an unreadable folder is not a candidate
+        return None
+    experiment = choices.get("experiment")
+    return (None if experiment in (None, "null") else str(experiment), task)
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """``ckpt_path`` as a file. ``last`` means this run folder's ``checkpoints/last.ckpt`` if it
+    exists (resuming with ``hydra.run.dir=<old run>``), else the newest ``last.ckpt`` of an
+    earlier training run (``<log_dir>/train/runs/*``) of the same experiment and task; runs of
+    other experiments, tasks or of ``debug=...`` presets are never picked. The choice is logged."""
+    ckpt = cfg.ckpt_path
+    if ckpt is None:
+        return None
+    if str(ckpt) != "last":
+        path = Path(str(ckpt))
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt}: no such checkpoint file")
+        return str(path)
+    here = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if here.is_file():
+        log.info("ckpt_path=last: %s (this run folder)", here)
+        return str(here)
+    wanted = (_experiment_choice(), OmegaConf.select(cfg, "model.task"))
+    runs = sorted(
+        (p for p in Path(cfg.paths.log_dir).glob("train/runs/*/checkpoints/last.ckpt")
+         if run_identity(p.parent.parent) == wanted),
+        key=lambda p: (p.stat().st_mtime, str(p)),
+    )  # fmt: skip
+    if not runs:
+        raise FileNotFoundError(
+            f"ckpt_path=last: no last.ckpt in {here.parent} nor in a training run of experiment={wanted[0]} "
+            f"(task {wanted[1]}) under {cfg.paths.log_dir}/train/runs/*/checkpoints/; give ckpt_path=<file>"
+        )
+    log.info("ckpt_path=last: %s (the newest training run of experiment=%s, task %s: %s)",
+             runs[-1], wanted[0], wanted[1], runs[-1].parent.parent)  # fmt: skip
+    return str(runs[-1])
+
+
+def check_output_dir(path: Path) -> None:
+    """Fail before any work if the run folder cannot be written."""
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".write_test"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"output folder {path} is not writable: {err}") from err
