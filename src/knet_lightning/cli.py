@@ -290,6 +290,12 @@ def _fit_setup(cfg: DictConfig, loggers: list[Any]) -> _Fit:
     model.data_config = stored_data_config(cfg)
     if not model.test_time.is_plain:
         log.info("test-time strategy: %s", model.test_time.describe())
+    if cfg.mode == "train":  # before loggers and Trainer start
+        model.task.check_training_set(datamodule.datasets.get("train"))
+        if cfg.load_from and ckpt_path is not None:
+            raise ValueError("give either load_from= (start from its weights) or ckpt_path= (resume), not both")
+        if cfg.load_from:
+            load_network_weights(model, cfg.load_from, trusted=cfg.trusted_checkpoint, strict=cfg.load_from_strict)
     loggers.extend(build_loggers(cfg))
     resolved = resolved_config(cfg)
     for logger in loggers:
@@ -321,11 +327,6 @@ def run_train(cfg: DictConfig, loggers: list[Any]) -> float | None:
 
     fit = _fit_setup(cfg, loggers)
     model, trainer, datamodule, ckpt_path = fit.model, fit.trainer, fit.datamodule, fit.ckpt_path
-    model.task.check_training_set(datamodule.datasets.get("train"))
-    if cfg.load_from:
-        if ckpt_path is not None:
-            raise ValueError("give either load_from= (start from its weights) or ckpt_path= (resume), not both")
-        load_network_weights(model, cfg.load_from, trusted=bool(cfg.trusted_checkpoint), strict=cfg.load_from_strict)
     apply_global_batch(trainer, model, int(cfg.data.batch_size), cfg.base_batch_size, str(cfg.batch_remedy))
     output_dir = Path(cfg.paths.output_dir)
     # a requeued SLURM job (trainer=slurm) comes back to its folder with no ckpt_path: it
