@@ -575,3 +575,24 @@ def test_predict_inputs_errors_name_the_file(tmp_path: Path) -> None:
     empty.write_text("# nothing\n\n")
     with pytest.raises(DatasetError, match=r"list\.txt: the list names no image"):
         collect_inputs(empty)
+
+
+def test_the_defaults_train_yaml_shows_are_run_settings_defaults() -> None:
+    """conf/train.yaml explains the top-level keys and shows each default as a `# key: value`
+    line; RunSettings holds them. The shown values may not drift from the typed ones."""
+    import re
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from knet_lightning.cli import config_dir
+    from knet_lightning.configs import RunSettings
+
+    typed = OmegaConf.to_container(OmegaConf.structured(RunSettings), resolve=False)
+    shown = {}
+    for line in (Path(config_dir()) / "train.yaml").read_text().splitlines():
+        m = re.match(r"^# ([a-z_]+): (.*)$", line)
+        if m and m[1] in typed:
+            shown[m[1]] = yaml.safe_load(m[2]) if not m[2].startswith("${") else m[2]
+    assert len(shown) >= 20, sorted(shown)
+    assert {k: typed[k] for k in shown} == shown
