@@ -65,18 +65,15 @@ def _requirement_closure(name: str) -> list[metadata.Distribution]:
     return list(seen.values())
 
 
-def _link_dependencies(into: Path) -> list[str]:
+def _link_dependencies(into: Path) -> None:
     """Links the top-level files and folders of every distribution knet-lightning requires (as
-    installed in this environment) into ``into``; returns their names."""
+    installed in this environment) into ``into``."""
     into.mkdir()
-    names = []
     for dist in _requirement_closure("knet-lightning"):
-        names.append(dist.metadata["Name"])
         site = Path(str(dist.locate_file("")))
         for top in {Path(f).parts[0] for f in dist.files or [] if not str(f).startswith("..")}:
             if not (into / top).exists() and (site / top).exists():
                 (into / top).symlink_to(site / top)
-    return sorted(names)
 
 
 @pytest.fixture(scope="module")

@@ -275,9 +275,11 @@ def _fit_setup(cfg: DictConfig, loggers: list[Any]) -> _Fit:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     class_info = datamodule.class_info
-    if check_class_counts(cfg, class_info) and is_global_zero_from_env():
-        # the counts the data set's files gave, in the run's record and its loggers' hyperparameters
-        write_resolved_config(resolved_config(cfg), Path(cfg.paths.output_dir))
+    counts_filled = check_class_counts(cfg, class_info)
+    # the run's record and its loggers' hyperparameters, with the counts the data set's files gave
+    resolved = resolved_config(cfg)
+    if counts_filled and is_global_zero_from_env():
+        write_resolved_config(resolved, Path(cfg.paths.output_dir))
     # the single-scale preprocessing, for checkpoints; then multi-scale + flip reads the images at
     # their original size (it resizes them itself)
     inference_config = datamodule.inference_settings()
@@ -297,7 +299,6 @@ def _fit_setup(cfg: DictConfig, loggers: list[Any]) -> _Fit:
         if cfg.load_from:
             load_network_weights(model, cfg.load_from, trusted=cfg.trusted_checkpoint, strict=cfg.load_from_strict)
     loggers.extend(build_loggers(cfg))
-    resolved = resolved_config(cfg)
     for logger in loggers:
         logger.log_hyperparams(resolved)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=loggers or False)

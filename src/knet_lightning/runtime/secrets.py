@@ -174,19 +174,30 @@ def redact(obj: Any, extra_keys: Iterable[str] | str | None = None, environ: Map
     return Redactor(extra_keys, environ).container(obj)
 
 
+_UNPARSED = object()
+
+
+def _override_value(arg: str) -> Any:
+    """The value Hydra's override parser gives ``arg`` (quoting removed, lists as lists), or
+    :data:`_UNPARSED` where it cannot parse it: Hydra reports a malformed override itself."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(arg).value()
+    except Exception:
+        return _UNPARSED
+
+
 def secret_keys_from_argv(argv: Sequence[str]) -> list[str]:
     """The ``secret_keys=`` of a command line (the last one wins, as in Hydra), read before Hydra
     parses it; an unparsable one is left for Hydra to report."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     keys: list[str] = []
     for arg in argv:
         m = _OVERRIDE.match(arg)
         if not (m and m["key"] == SECRET_KEYS_OPTION):
             continue
-        try:
-            value = OverridesParser.create().parse_override(arg).value()
-        except Exception:  # Hydra reports a malformed override with its own message
+        value = _override_value(arg)
+        if value is _UNPARSED:
             continue
         if isinstance(value, str):
             value = [value]
@@ -197,13 +208,8 @@ def secret_keys_from_argv(argv: Sequence[str]) -> list[str]:
 
 def _parsed_value(arg: str, raw: str) -> str:
     """The string an override's value stands for (Hydra's quoting removed); the text as written
-    for anything else (a number, a list, a sweep)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        value = OverridesParser.create().parse_override(arg).value()
-    except Exception:
-        return raw
+    for anything else (a number, a list, a sweep, an override Hydra cannot parse)."""
+    value = _override_value(arg)
     return value if isinstance(value, str) else raw
 
 
