@@ -31,7 +31,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("criterion", "postprocess", "evaluation"),  # losses; outputs -> results; metrics and writers
     ("tasks", "checkpoint"),  # one object per task; what a checkpoint stores and its rebuild
     ("inference", "training"),  # the Segmenter, predict, export; optimizer, callbacks
-    ("module", "configs", "run_data"),  # the LightningModule; the structured configs; a run's data
+    (
+        "module",
+        "configs",
+        "run_data",
+        "serving",
+    ),  # the LightningModule; the structured configs; a run's data; the HTTP server
     ("cli",),  # the command line
     ("__main__", PACKAGE),  # python -m knet_lightning; the package's lazy exports
 ]

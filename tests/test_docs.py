@@ -87,6 +87,7 @@ def commands_the_tests_run() -> set[str]:
     import test_readme
     import test_reference_pipeline
     import test_segmenter
+    import test_serve
     import test_slurm_cluster
     import test_wheel
 
@@ -94,6 +95,7 @@ def commands_the_tests_run() -> set[str]:
     tested |= {c for cs in test_own_data.own_data_commands().values() for c in cs}
     tested.add(test_reference_pipeline.multi_scale_flip_command())
     tested |= set(test_segmenter.use_a_trained_model_commands())
+    tested |= set(test_serve.serve_page_commands())
     tested |= set(test_slurm_cluster.slurm_commands())
     tested |= set(commands(test_slurm_cluster.sbatch_example()))  # the script the sbatch command submits
     tested |= set(test_wheel._readme_install_block())

@@ -48,20 +48,24 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) ->
     return proc
 
 
-def _requirement_closure(name: str) -> list[metadata.Distribution]:
-    """The installed distributions ``name`` needs, transitively (markers evaluated, no extras)."""
+def _requirement_closure(name: str, extras: tuple[str, ...] = ()) -> list[metadata.Distribution]:
+    """The installed distributions ``name`` with its ``extras`` needs, transitively (markers
+    evaluated; the dependencies' own extras are not followed)."""
+
+    def needed(requirements: list[str], extra_names: tuple[str, ...]) -> list[Requirement]:
+        reqs = [Requirement(r) for r in requirements]
+        return [r for r in reqs if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in ("", *extra_names))]
+
     seen: dict[str, metadata.Distribution] = {}
-    todo = [Requirement(r) for r in metadata.requires(name) or []]
+    todo = needed(metadata.requires(name) or [], extras)
     while todo:
         req = todo.pop()
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-            continue
         key = re.sub(r"[-_.]+", "-", req.name).lower()
         if key in seen:
             continue
         dist = metadata.distribution(req.name)
         seen[key] = dist
-        todo += [Requirement(r) for r in dist.requires or []]
+        todo += needed(dist.requires or [], ())
     return list(seen.values())
 
 
@@ -69,7 +73,8 @@ def _link_dependencies(into: Path) -> None:
     """Links the top-level files and folders of every distribution knet-lightning requires (as
     installed in this environment) into ``into``."""
     into.mkdir()
-    for dist in _requirement_closure("knet-lightning"):
+    # a user of mode=serve installs knet-lightning[serve]: every module of the wheel imports then
+    for dist in _requirement_closure("knet-lightning", extras=("serve",)):
         site = Path(str(dist.locate_file("")))
         for top in {Path(f).parts[0] for f in dist.files or [] if not str(f).startswith("..")}:
             if not (into / top).exists() and (site / top).exists():

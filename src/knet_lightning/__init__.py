@@ -21,7 +21,8 @@ import each other in a circle):
 7. ``inference/`` (the Segmenter, ``mode=predict``, test-time strategies, ONNX export and
    runtime) and ``training/`` (optimizer and schedule, the global batch plan, the callbacks);
 8. ``module`` (the LightningModule), ``configs`` (the structured configs and resolvers Hydra
-   composes with), ``run_data`` (the data module and data config of a run);
+   composes with), ``run_data`` (the data module and data config of a run), ``serving/`` (``mode=serve``:
+   the Segmenter behind HTTP on LitServe, its request checks and its web page);
 9. ``cli``: the command line (``knet-lightning``, ``python -m knet_lightning``: ``__main__``).
 """
 

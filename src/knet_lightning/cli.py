@@ -1,8 +1,8 @@
 """Hydra entry point: ``python -m knet_lightning`` / ``knet-lightning``.
 
 ``mode=train`` fits and then tests the best checkpoint, ``mode=eval`` tests ``ckpt_path``,
-``mode=predict`` writes predictions for ``inputs``, ``mode=export`` writes an ONNX file,
-``mode=convert`` converts a published checkpoint. Every run gets its own folder
+``mode=predict`` writes predictions for ``inputs``, ``mode=serve`` serves ``ckpt_path`` over HTTP,
+``mode=export`` writes an ONNX file, ``mode=convert`` converts a published checkpoint. Every run gets its own folder
 (``logs/<task>/runs/<date_time>/``) holding the resolved config, checkpoints, logs and overlays.
 """
 
@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from knet_lightning.checkpoint import rebuild as checkpoint_rebuild
 from knet_lightning.checkpoint.model import DATA_BOUND_KEYS, load_network_weights, without_initial_weights
-from knet_lightning.configs import register_configs
+from knet_lightning.configs import register_configs, resolved_config
 from knet_lightning.errors import summary as error_summary
 from knet_lightning.run_data import (
     build_datamodule,
@@ -66,14 +66,6 @@ def config_dir() -> str:
         f"knet-lightning configs not found: looked for {checkout}/train.yaml and {shipped}/train.yaml; "
         "set KNET_CONFIG_DIR to the folder holding train.yaml"
     )
-
-
-def resolved_config(cfg: DictConfig) -> dict[str, Any]:
-    """The run's config with every interpolation resolved and secrets redacted (without the
-    ``hydra`` node, which is Hydra's own and records raw command-line overrides)."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("hydra", None)
-    return redact(container, container.get("secret_keys"))
 
 
 def check_model_handles(cfg: DictConfig) -> None:
@@ -229,7 +221,7 @@ def run_predict(cfg: DictConfig, loggers: list[Any]) -> None:
     """``mode=predict``: a :class:`~knet_lightning.Segmenter` from ``ckpt_path`` over ``inputs``
     (:mod:`knet_lightning.inference.predict`); no data set is read: the classes are the checkpoint's."""
     from knet_lightning.inference.predict import collect_inputs, predict_to_folder
-    from knet_lightning.inference.segmenter import Segmenter
+    from knet_lightning.inference.segmenter import Segmenter, run_device
 
     if not cfg.inputs:
         raise ValueError("mode=predict needs inputs=<image file, folder, glob or .txt list>")
@@ -238,9 +230,7 @@ def run_predict(cfg: DictConfig, loggers: list[Any]) -> None:
         raise ValueError("mode=predict needs ckpt_path=<checkpoint> (or ckpt_path=last)")
     inputs = collect_inputs(cfg.inputs)
     opts = cfg.predict
-    device = opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if opts.backend == "onnxruntime":
-        device = "cpu"  # the exported graph runs in ONNX Runtime's CPU session
+    device = run_device(str(opts.device), str(opts.backend))
     # the command line's model.* (post-processing, test time free; a typed key that contradicts the
     # checkpoint's network refused) under the rebuild's one policy, checked before building or exporting
     segmenter = Segmenter.from_checkpoint(ckpt_path, device=device, stage=int(opts.stage),
@@ -258,6 +248,19 @@ def run_predict(cfg: DictConfig, loggers: list[Any]) -> None:
     for line in summary.lines():
         (log.warning if summary.skipped else log.info)(line)
     log.info("predictions: %s", cfg.predict_output_dir)
+
+
+def run_serve(cfg: DictConfig, loggers: list[Any]) -> None:
+    """``mode=serve``: ``ckpt_path`` behind HTTP until interrupted (:mod:`knet_lightning.serving`),
+    built as ``mode=predict`` builds it (the command line's ``model.*`` under the one rebuild policy)."""
+    from knet_lightning.serving.server import serve_checkpoint
+
+    ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path is None:
+        raise ValueError("mode=serve needs ckpt_path=<checkpoint, or an .onnx file with serve.backend=onnxruntime>")
+    serve_checkpoint(str(ckpt_path), OmegaConf.to_container(cfg.serve, resolve=True),
+                     model_config=OmegaConf.to_container(cfg.model, resolve=True),
+                     overrides=command_line_overrides(), trusted=bool(cfg.trusted_checkpoint))  # fmt: skip
 
 
 class _Fit(NamedTuple):
@@ -385,6 +388,7 @@ MODES: dict[str, Callable[[DictConfig, list[Any]], float | None]] = {
     "train": run_train,
     "eval": run_eval,
     "predict": run_predict,
+    "serve": run_serve,
     "convert": run_convert,
     "export": run_export,
     "check_data": run_check_data,

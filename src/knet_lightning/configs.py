@@ -53,12 +53,32 @@ class PredictSettings:
 
 
 @dataclass
+class ServeSettings:
+    """``serve.*``: the HTTP server of ``mode=serve`` (:mod:`knet_lightning.serving`)."""
+
+    host: str = "127.0.0.1"  # 127.0.0.1: this machine only; 0.0.0.0: every interface
+    port: int = 8000
+    device: str = "auto"  # cuda when available, else cpu
+    precision: str = "auto"  # fp32 | bf16 | auto, as predict.precision
+    stage: int = -1
+    backend: str = "torch"  # torch | onnxruntime (ckpt_path: an .onnx file of mode=export, or a checkpoint)
+    max_batch_size: int = 4  # requests run as one batch (1: no batching)
+    batch_timeout: float = 0.01  # seconds a batch waits to fill
+    workers_per_device: int = 1  # inference worker processes per device, each with its own model
+    threads: int | None = None  # torch threads per worker (null: the CPU's cores shared among the workers)
+    api_servers: int = 1  # HTTP server processes
+    timeout: float = 60.0  # seconds a request may wait for a worker before a 504
+    max_bytes: int = 20_000_000  # a larger upload is refused with 413
+    max_pixels: int = 16_777_216  # an image of more pixels (width x height) is refused with 413 (4096^2)
+
+
+@dataclass
 class RunSettings:
     """The run's top-level keys, typed, with their defaults (``conf/train.yaml`` explains each one
     and sets none of them): a misspelled key or a value of the wrong type fails at composition,
     naming the key. The config groups (``data``, ``model``, ...) are their own configs."""
 
-    mode: str = "train"  # train | eval | predict | convert | export | check_data (cli.MODES)
+    mode: str = "train"  # train | eval | predict | serve | convert | export | check_data (cli.MODES)
     task_name: str = "${mode}"
     tags: list[str] = field(default_factory=lambda: ["dev"])
     seed: int = 42
@@ -80,6 +100,7 @@ class RunSettings:
     inputs: str | None = None
     predict_output_dir: str = "${paths.output_dir}/predictions"
     predict: PredictSettings = field(default_factory=PredictSettings)
+    serve: ServeSettings = field(default_factory=ServeSettings)
     compile: bool = False
     matmul_precision: str | None = "high"
     strict_reproduction: bool = False
@@ -92,6 +113,16 @@ class RunSettings:
     logger: Any = None
     trainer: Any = None
     paths: Any = None
+
+
+def resolved_config(cfg: Any) -> dict[str, Any]:
+    """The run's config with every interpolation resolved and secrets redacted (without the
+    ``hydra`` node, which is Hydra's own and records raw command-line overrides)."""
+    from knet_lightning.runtime.secrets import redact
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    return redact(container, container.get("secret_keys"))
 
 
 def root_dir() -> str:

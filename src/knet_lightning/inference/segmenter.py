@@ -41,7 +41,7 @@ from knet_lightning.inference.test_time import TestTimeSettings, run_test_time, 
 from knet_lightning.models.outputs import StageOutput
 from knet_lightning.postprocess.results import SegmentationResult, SkippedInput
 
-__all__ = ["BACKENDS", "PRECISIONS", "Segmenter", "bf16_supported"]
+__all__ = ["BACKENDS", "PRECISIONS", "Segmenter", "bf16_supported", "run_device"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,14 @@ def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def run_device(device: str, backend: str = "torch") -> str:
+    """The device of ``predict.device`` / ``serve.device``: ``auto`` is CUDA when available, else
+    the CPU; the ``onnxruntime`` backend runs in ONNX Runtime's CPU session whatever is asked."""
+    if backend == "onnxruntime":
+        return "cpu"
+    return device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _check_size(rgb: np.ndarray, what: str) -> np.ndarray:
