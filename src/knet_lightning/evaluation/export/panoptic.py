@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -104,6 +104,10 @@ class COCOPanopticWriter(Writer):
 
     Evaluate with ``panopticapi.evaluation.pq_compute(gt_json, pred_json=out_dir /
     "panoptic.json", gt_folder, pred_folder=out_dir / "panoptic")``.
+
+    The annotations are streamed to ``<json>.part`` as they come and the JSON is assembled from it
+    by :meth:`close` (then the part file goes): memory stays flat over any number of images but for
+    one short line per image (``images``) and the repeat check.
     """
 
     def __init__(
@@ -115,8 +119,10 @@ class COCOPanopticWriter(Writer):
         self.json_path = self.out_dir / json_name
         self.class_info = class_info
         self.png_dir.mkdir(parents=True, exist_ok=True)
-        self.annotations: list[dict[str, Any]] = []
-        self.images: list[dict[str, Any]] = []
+        # one JSON line per annotation, on disk; the images' entries as compact JSON text
+        self._part_path = self.json_path.with_name(self.json_path.name + ".part")
+        self._part: IO[str] | None = open(self._part_path, "w", encoding="utf-8")
+        self._images: list[str] = []
         self._file_of_id: dict[int | str, str] = {}
         self._id_of_png: dict[str, int | str] = {}
         self.closed = False
@@ -156,10 +162,10 @@ class COCOPanopticWriter(Writer):
         save_png(Image.fromarray(id2rgb(seg)), self.png_dir / png_name)
         self._file_of_id[image_id] = str(file_name)
         self._id_of_png[png_name] = image_id
-        self.images.append(
-            {"id": image_id, "file_name": str(file_name), "height": int(seg.shape[0]), "width": int(seg.shape[1])}
-        )
-        self.annotations.append({"image_id": image_id, "file_name": png_name, "segments_info": segments})
+        image = {"id": image_id, "file_name": str(file_name), "height": int(seg.shape[0]), "width": int(seg.shape[1])}
+        self._images.append(json.dumps(image))
+        assert self._part is not None
+        self._part.write(json.dumps({"image_id": image_id, "file_name": png_name, "segments_info": segments}) + "\n")
 
     def _is_repeat(self, image_id: int | str, file_name: str, png_name: str) -> bool:
         """Whether ``image_id`` was added already for ``file_name`` (a padded repeat).
@@ -222,13 +228,25 @@ class COCOPanopticWriter(Writer):
         ]
 
     def abort(self) -> None:
-        """Stop without writing ``panoptic.json``."""
+        """Stop without writing ``panoptic.json`` (the part file goes too)."""
+        if self._part is not None:
+            self._part.close()
+            self._part = None
+            self._part_path.unlink(missing_ok=True)
         self.closed = True
 
     def close(self) -> None:
-        """Write ``panoptic.json`` (idempotent)."""
-        if self.closed:
+        """Write ``panoptic.json`` (idempotent): the images, the streamed annotations, the categories."""
+        if self.closed or self._part is None:
             return
-        data = {"images": self.images, "annotations": self.annotations, "categories": self.categories()}
-        self.json_path.write_text(json.dumps(data))
+        self._part.close()
+        self._part = None
+        partial = self.json_path.with_name(self.json_path.name + ".writing")
+        with open(partial, "w", encoding="utf-8") as out, open(self._part_path, encoding="utf-8") as part:
+            out.write('{"images": [' + ", ".join(self._images) + '], "annotations": [')
+            for k, line in enumerate(part):
+                out.write((", " if k else "") + line.rstrip("\n"))
+            out.write('], "categories": ' + json.dumps(self.categories()) + "}")
+        partial.replace(self.json_path)  # never a half-written panoptic.json
+        self._part_path.unlink()
         self.closed = True
