@@ -461,14 +461,14 @@ def test_the_mode_table_runs_every_mode_the_configs_name(tmp_path: Path) -> None
         for choices in re.findall(r"mode=((?:\w+\|)+\w+)", text):
             named |= set(choices.split("|"))
     named.add(RunSettings().mode)
-    assert named == {"train", "eval", "predict", "convert", "export", "check_data"}
+    assert named == {"train", "eval", "predict", "serve", "convert", "export", "check_data"}
     assert set(cli.MODES) == named
     assert all(callable(fn) and fn.__name__ == f"run_{mode}" for mode, fn in cli.MODES.items())
 
 
 def test_an_unknown_mode_lists_the_valid_ones_before_any_work(tmp_path: Path) -> None:
     cfg = compose_cfg(tmp_path, tiny_overrides("mode=trian"))
-    with pytest.raises(ValueError, match=r"mode='trian': expected one of train, eval, predict, convert, export, "
+    with pytest.raises(ValueError, match=r"mode='trian': expected one of train, eval, predict, serve, convert, export, "
                                          r"check_data$"):  # fmt: skip
         run_cfg(cfg)
     assert not (tmp_path / "run" / "config_resolved.yaml").exists()

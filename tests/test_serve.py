@@ -294,11 +294,12 @@ def test_sigterm_stops_the_server_and_its_workers(trained: tuple[Path, list[Path
         assert info["server"]["workers_per_device"] == 2
         assert process_tree_rss(running.proc.pid) > 0
         running.proc.send_signal(signal.SIGTERM)
-        running.proc.wait(timeout=60)
-        deadline = time.monotonic() + 30
-        while process_tree_rss(running.proc.pid) and time.monotonic() < deadline:
+        assert running.proc.wait(timeout=60) == 0, running.output()[-3000:]
+        deadline = time.monotonic() + 30  # the workers end after the main process, within LitServe's grace
+        while _group_alive(running.proc.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _group_alive(running.proc.pid) == [], running.output()[-3000:]
+        assert "Traceback" not in running.output(), running.output()[-3000:]
 
 
 def _group_alive(pgid: int) -> list[int]:

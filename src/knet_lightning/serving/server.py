@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import os
 import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -106,8 +107,14 @@ def serve(spec: Any, options: ServeOptions) -> None:
     """Build the server and run it until interrupted (Ctrl+C, SIGTERM)."""
     server, info = build_server(spec, options)
 
+    main_pid = os.getpid()
+
     def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt  # LitServe's graceful shutdown: the API servers and workers end too
+        if os.getpid() == main_pid:
+            raise KeyboardInterrupt  # LitServe's graceful shutdown: the API servers and workers end too
+        # a forked HTTP server inherited this handler: it ends as SIGTERM ends it by default
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     signal.signal(signal.SIGTERM, stop)  # a scheduler's or container's stop, as Ctrl+C
     model = info["model"]
