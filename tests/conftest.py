@@ -34,7 +34,7 @@ def pytest_report_header(config: pytest.Config) -> str:
 # one worker idle at the end. Stable: tests keep their order within a file.
 _LONGEST_FILES = ("test_readme.py", "test_serve.py", "test_slurm_cluster.py", "test_slurm.py", "test_experiments.py",
                   "test_segmenter.py", "test_own_data.py", "test_ddp.py", "test_sweep.py", "test_overfit.py",
-                  "test_reference_pipeline.py", "test_wheel.py", "test_convert_mmseg.py")  # fmt: skip
+                  "test_reference_pipeline.py", "test_wheel.py", "test_convert_mmseg.py", "test_gpu_check.py")  # fmt: skip
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
