@@ -268,3 +268,57 @@ def test_parameter_count_equals_mmsegmentation() -> None:
     # panoptic key list (test_convert_mmdet.py)
     ours = sum(p.numel() for p in SwinBackbone("tiny").parameters())
     assert ours == sum(p.numel() for p in mmseg_swin("tiny", 7).parameters()) == 27_520_698
+
+
+def _shifted_proj_inputs(model: SwinBackbone, x: torch.Tensor) -> list[torch.Tensor]:
+    """The inputs of every shifted block's attention output projection, for ``x``."""
+    seen: list[torch.Tensor] = []
+    handles = [
+        block.attn.proj.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
+        for stage in model.stages
+        for block in stage.blocks
+        if max(block.attn.shift_size) > 0
+    ]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def test_masked_window_attention_leaves_no_subnormal_number() -> None:
+    """The padding's query rows see only masked keys: with the references' -100 their outputs are
+    subnormal floats (e^-100 weights), which slow every GEMM that reads them 10-100x; with the
+    mask that underflows to 0 there are none."""
+    import knet_lightning.models.swin_blocks as blocks
+
+    model = SwinBackbone("tiny", window_size=7).eval()
+    x = torch.randn(1, 3, 97, 131, generator=torch.Generator().manual_seed(0))
+    tiny = torch.finfo(torch.float32).tiny
+    subnormal = [int(((t != 0) & (t.abs() < tiny)).sum()) for t in _shifted_proj_inputs(model, x)]
+    assert len(subnormal) == 6 and sum(subnormal) == 0, subnormal
+    old = blocks._MASKED
+    try:
+        blocks._MASKED = -100.0  # the references' value: what the test above would otherwise see
+        assert sum(int(((t != 0) & (t.abs() < tiny)).sum()) for t in _shifted_proj_inputs(model, x)) > 0
+    finally:
+        blocks._MASKED = old
+
+
+@pytest.mark.parametrize("size", [(224, 224), (97, 131)])
+def test_the_mask_value_changes_no_output_bit(size: tuple[int, int]) -> None:
+    """-1e4 instead of the references' -100: the masked weights were below fp32's resolution of
+    every sum they entered, so the stage outputs are bit-identical."""
+    import knet_lightning.models.swin_blocks as blocks
+
+    model = SwinBackbone("tiny", window_size=7).eval()
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(x)
+        old = blocks._MASKED
+        try:
+            blocks._MASKED = -100.0
+            reference = model(x)
+        finally:
+            blocks._MASKED = old
+    assert all(torch.equal(a, b) for a, b in zip(ours, reference))

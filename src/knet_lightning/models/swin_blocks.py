@@ -25,8 +25,14 @@ from torchvision.models.swin_transformer import ShiftedWindowAttention, SwinTran
 
 __all__ = ["PatchEmbed", "PatchMerging", "SwinStage", "WindowAttention"]
 
-# the value of masked-out window-attention logits in the reference implementations
-_MASKED = -100.0
+# Masked-out window-attention logits. The references add -100, whose softmax weight (about
+# e^-100 = 3.7e-44) is a subnormal float: every product with it, and the outputs of query rows
+# that see only masked keys (the padding's, cropped later), are subnormal too, and x86 GEMM
+# kernels run 10-100x slower on such inputs (Swin-L at 512x512 on 2 cores: 2.67 s with -100,
+# 1.71 s with this value, scripts/profile_swin_l.py). exp(-10000) is exactly 0; the weights it
+# replaces were below fp32's resolution of any unmasked sum, so the outputs are bit-identical
+# (tests/test_swin.py).
+_MASKED = -1.0e4
 
 
 def _shift_region_ids(size: int, window: int, shift: int, device: torch.device) -> Tensor:

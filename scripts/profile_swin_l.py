@@ -1,0 +1,143 @@
+"""Per-component profile of K-Net Swin-L against Hugging Face Mask2Former Swin-L (issue 30, item 1).
+
+    python scripts/profile_swin_l.py [--sizes 512x512 800x1216] [--threads 2] [--out profile_swin_l.json]
+
+For each size, forward only under ``inference_mode``, random weights, median of ``--repeats``
+after one warm-up run, in one process:
+
+- ``knet``: K-Net Swin-L (window 7, the bench's ``zoo`` model) by component (backbone, FPN + neck,
+  kernel head, update stages) from forward hooks, in NCHW and in channels-last (the bench's
+  layout on an AVX-512 CPU), and the panoptic post-processing of the bench's inference step;
+- ``mask2former``: HF Mask2Former Swin-L (window 12) by component (backbone, pixel decoder,
+  transformer decoder);
+- ``backbones``: our ``SwinBackbone`` alone against ``transformers``' ``SwinBackbone`` with the
+  same configuration (Swin-L, window 7) and with Mask2Former's (window 12). Times do not depend on
+  the weights' values, so each has its own random ones.
+
+Prints a table and writes the JSON (needs the ``bench`` extra: ``pip install -e '.[bench]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from knet_bench.common import PROFILES, Context, make_batch  # noqa: E402
+from knet_bench.model import attach_knet, build_knet, in_layout  # noqa: E402
+from knet_bench.timing import PartTimer, measure  # noqa: E402
+from knet_bench.zoo import build_mask2former_swin, zoo_models  # noqa: E402
+
+
+def knet_rows(ctx: Context, size: tuple[int, int], repeats: int) -> list[dict[str, Any]]:
+    module = build_knet(ctx, ctx.profile.num_proposals, ctx.profile.num_stages, **zoo_models(ctx.profile)["Swin-L"])
+    module.eval()
+    images, _ = make_batch(ctx.profile, size, 1, ctx.device, ctx.seed)
+    rows = []
+    for layout in ("nchw", "channels-last"):
+        ctx.memory_format = layout
+        x = in_layout(ctx, module, images, training=False)
+        timer = PartTimer(ctx.device)
+        attach_knet(timer, module)
+
+        def step(x: torch.Tensor = x, timer: PartTimer = timer) -> None:
+            with torch.inference_mode():
+                last = module(x)[-1]
+                with timer.part("postprocess"):
+                    module.task.postprocess(last, 0, size, size, size)
+
+        result = measure(step, ctx.device, 1, repeats, timer)
+        timer.remove()
+        parts = result["parts_ms"]
+        parts["other"] = result["parts_total_ms"] - sum(parts.values())
+        rows.append({"model": "K-Net Swin-L", "layout": layout, "total_ms": result["total_ms"],
+                     "forward_ms": result["parts_total_ms"] - parts["postprocess"], "parts_ms": parts})  # fmt: skip
+    return rows
+
+
+def mask2former_row(ctx: Context, size: tuple[int, int], repeats: int) -> dict[str, Any]:
+    model = build_mask2former_swin(ctx.profile, ctx.device, ctx.seed).eval()
+    images, _ = make_batch(ctx.profile, size, 1, ctx.device, ctx.seed)
+    timer = PartTimer(ctx.device)
+    inner = model.model
+    timer.attach(inner.pixel_level_module.encoder, "backbone")
+    timer.attach(inner.pixel_level_module.decoder, "pixel_decoder")
+    timer.attach(inner.transformer_module, "transformer_decoder")
+
+    def step() -> None:
+        with torch.inference_mode():
+            model(pixel_values=images)
+
+    result = measure(step, ctx.device, 1, repeats, timer)
+    parts = result["parts_ms"]
+    parts["other"] = result["parts_total_ms"] - sum(parts.values())
+    return {"model": "Mask2Former Swin-L (HF)", "total_ms": result["total_ms"], "parts_ms": parts}
+
+
+def backbone_rows(ctx: Context, size: tuple[int, int], repeats: int) -> list[dict[str, Any]]:
+    from transformers import SwinBackbone, SwinConfig
+
+    from knet_lightning.models.swin import SwinBackbone as OurSwin
+
+    images, _ = make_batch(ctx.profile, size, 1, ctx.device, ctx.seed)
+    rows = []
+    ours = OurSwin(arch="large", window_size=7, drop_path_rate=0.0).to(ctx.device).eval()
+    candidates: list[tuple[str, Any, Any]] = [("ours (window 7)", ours, lambda: ours(images))]
+    for window in (7, 12):
+        config = SwinConfig(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], window_size=window,
+                            out_features=["stage1", "stage2", "stage3", "stage4"])  # fmt: skip
+        hf = SwinBackbone(config).to(ctx.device).eval()
+        candidates.append((f"transformers SwinBackbone (window {window})", hf, lambda hf=hf: hf(images)))
+    for name, net, call in candidates:
+
+        def step(call: Any = call) -> None:
+            with torch.inference_mode():
+                call()
+
+        result = measure(step, ctx.device, 1, repeats)
+        rows.append({"backbone": name, "total_ms": result["total_ms"], "runs_ms": result["runs_ms"]})
+        del net
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["512x512", "800x1216"])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--sections", nargs="+", default=["knet", "mask2former", "backbones"])
+    parser.add_argument("--out", type=Path, default=Path("profile_swin_l.json"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ctx = Context(profile=PROFILES["full"], device=torch.device("cpu"), seed=0, results={})
+    record: dict[str, Any] = {"threads": torch.get_num_threads(), "capability": torch.backends.cpu.get_cpu_capability(),
+                              "torch": torch.__version__, "sizes": {}}  # fmt: skip
+    for text in args.sizes:
+        size = tuple(int(v) for v in text.split("x"))
+        entry: dict[str, Any] = {}
+        if "knet" in args.sections:
+            entry["knet"] = knet_rows(ctx, size, args.repeats)
+        if "mask2former" in args.sections:
+            entry["mask2former"] = mask2former_row(ctx, size, args.repeats)
+        if "backbones" in args.sections:
+            entry["backbones"] = backbone_rows(ctx, size, args.repeats)
+        record["sizes"][text] = entry
+        args.out.write_text(json.dumps(record, indent=2))
+        for row in entry.get("knet", []) + ([entry["mask2former"]] if "mask2former" in entry else []):
+            parts = ", ".join(f"{k} {v:.0f}" for k, v in row["parts_ms"].items())
+            print(f"{text} {row['model']} {row.get('layout', '')}: {row['total_ms']:.0f} ms ({parts})")
+        for row in entry.get("backbones", []):
+            print(f"{text} backbone {row['backbone']}: {row['total_ms']:.0f} ms")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
