@@ -15,6 +15,8 @@ after one warm-up run, in one process:
   the weights' values, so each has its own random ones.
 
 Prints a table and writes the JSON (needs the ``bench`` extra: ``pip install -e '.[bench]'``).
+``--tiny`` (Swin-T, the bench's tiny Mask2Former; ``--sizes 64x64``) is the smoke test of
+``tests/test_bench.py``; its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from knet_bench.zoo import build_mask2former_swin, zoo_models  # noqa: E402
 
 
 def knet_rows(ctx: Context, size: tuple[int, int], repeats: int) -> list[dict[str, Any]]:
-    module = build_knet(ctx, ctx.profile.num_proposals, ctx.profile.num_stages, **zoo_models(ctx.profile)["Swin-L"])
+    name = "Swin-T" if ctx.profile.name == "tiny" else "Swin-L"
+    module = build_knet(ctx, ctx.profile.num_proposals, ctx.profile.num_stages, **zoo_models(ctx.profile)[name])
     module.eval()
     images, _ = make_batch(ctx.profile, size, 1, ctx.device, ctx.seed)
     rows = []
@@ -56,7 +59,7 @@ def knet_rows(ctx: Context, size: tuple[int, int], repeats: int) -> list[dict[st
         timer.remove()
         parts = result["parts_ms"]
         parts["other"] = result["parts_total_ms"] - sum(parts.values())
-        rows.append({"model": "K-Net Swin-L", "layout": layout, "total_ms": result["total_ms"],
+        rows.append({"model": f"K-Net {name}", "layout": layout, "total_ms": result["total_ms"],
                      "forward_ms": result["parts_total_ms"] - parts["postprocess"], "parts_ms": parts})  # fmt: skip
     return rows
 
@@ -77,7 +80,8 @@ def mask2former_row(ctx: Context, size: tuple[int, int], repeats: int) -> dict[s
     result = measure(step, ctx.device, 1, repeats, timer)
     parts = result["parts_ms"]
     parts["other"] = result["parts_total_ms"] - sum(parts.values())
-    return {"model": "Mask2Former Swin-L (HF)", "total_ms": result["total_ms"], "parts_ms": parts}
+    name = "Mask2Former Swin (HF, tiny)" if ctx.profile.name == "tiny" else "Mask2Former Swin-L (HF)"
+    return {"model": name, "total_ms": result["total_ms"], "parts_ms": parts}
 
 
 def backbone_rows(ctx: Context, size: tuple[int, int], repeats: int) -> list[dict[str, Any]]:
@@ -87,11 +91,13 @@ def backbone_rows(ctx: Context, size: tuple[int, int], repeats: int) -> list[dic
 
     images, _ = make_batch(ctx.profile, size, 1, ctx.device, ctx.seed)
     rows = []
-    ours = OurSwin(arch="large", window_size=7, drop_path_rate=0.0).to(ctx.device).eval()
+    tiny = ctx.profile.name == "tiny"
+    ours = OurSwin(arch="tiny" if tiny else "large", window_size=7, drop_path_rate=0.0).to(ctx.device).eval()
     candidates: list[tuple[str, Any, Any]] = [("ours (window 7)", ours, lambda: ours(images))]
+    dims = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24]) if tiny else \
+        dict(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48])  # fmt: skip
     for window in (7, 12):
-        config = SwinConfig(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], window_size=window,
-                            out_features=["stage1", "stage2", "stage3", "stage4"])  # fmt: skip
+        config = SwinConfig(**dims, window_size=window, out_features=["stage1", "stage2", "stage3", "stage4"])
         hf = SwinBackbone(config).to(ctx.device).eval()
         candidates.append((f"transformers SwinBackbone (window {window})", hf, lambda hf=hf: hf(images)))
     for name, net, call in candidates:
@@ -113,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sections", nargs="+", default=["knet", "mask2former", "backbones"])
     parser.add_argument("--out", type=Path, default=Path("profile_swin_l.json"))
+    parser.add_argument("--tiny", action="store_true", help="Swin-T and the bench's tiny Mask2Former (a smoke test)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ctx = Context(profile=PROFILES["full"], device=torch.device("cpu"), seed=0, results={})
+    ctx = Context(profile=PROFILES["tiny" if args.tiny else "full"], device=torch.device("cpu"), seed=0, results={})
     record: dict[str, Any] = {"threads": torch.get_num_threads(), "capability": torch.backends.cpu.get_cpu_capability(),
                               "torch": torch.__version__, "sizes": {}}  # fmt: skip
     for text in args.sizes:

@@ -297,3 +297,21 @@ def test_a_failing_section_is_reported_and_the_others_still_run(
     assert data["sections"]["data"]["status"] == "error"
     assert "RuntimeError: boom" in data["sections"]["data"]["reason"]
     assert "**error**: RuntimeError: boom" in capsys.readouterr().out
+
+
+def test_profile_swin_l_tiny_knet_components_add_up(tmp_path: Path) -> None:
+    """scripts/profile_swin_l.py --tiny (Swin-T): K-Net's components in both layouts, which add up
+    to the run's total (the Mask2Former and backbone rows need the bench extra's transformers)."""
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_swin_l.py"), "--tiny", "--sizes", "64x64",
+                           "--repeats", "1", "--sections", "knet", "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["sizes"]["64x64"]["knet"]
+    assert [r["layout"] for r in rows] == ["nchw", "channels-last"] and rows[0]["model"] == "K-Net Swin-T"
+    for row in rows:
+        parts = row["parts_ms"]
+        assert set(parts) == {"backbone", "fpn_neck", "kernel_head", "update_stages", "postprocess", "other"}
+        assert all(v > 0 for k, v in parts.items() if k != "other")
+        assert row["forward_ms"] == pytest.approx(sum(v for k, v in parts.items() if k != "postprocess"))
+    assert "K-Net Swin-T nchw" in proc.stdout
