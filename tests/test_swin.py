@@ -4,8 +4,11 @@ Swin K-Net that trains."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mmseg_peer as peer
 import pytest
@@ -286,6 +289,20 @@ def _shifted_proj_inputs(model: SwinBackbone, x: torch.Tensor) -> list[torch.Ten
     return seen
 
 
+@contextlib.contextmanager
+def _references_mask(blocks: Any) -> Iterator[None]:
+    """The window attention with the references' -100 for masked logits (the index cache that
+    holds the mask is emptied on the way in and out)."""
+    old = blocks._MASKED
+    blocks._MASKED = -100.0
+    blocks._window_index.cache_clear()
+    try:
+        yield
+    finally:
+        blocks._MASKED = old
+        blocks._window_index.cache_clear()
+
+
 def test_masked_window_attention_leaves_no_subnormal_number() -> None:
     """The padding's query rows see only masked keys: with the references' -100 their outputs are
     subnormal floats (e^-100 weights), which slow every GEMM that reads them 10-100x; with the
@@ -297,12 +314,8 @@ def test_masked_window_attention_leaves_no_subnormal_number() -> None:
     tiny = torch.finfo(torch.float32).tiny
     subnormal = [int(((t != 0) & (t.abs() < tiny)).sum()) for t in _shifted_proj_inputs(model, x)]
     assert len(subnormal) == 6 and sum(subnormal) == 0, subnormal
-    old = blocks._MASKED
-    try:
-        blocks._MASKED = -100.0  # the references' value: what the test above would otherwise see
+    with _references_mask(blocks):  # what the count above would otherwise be
         assert sum(int(((t != 0) & (t.abs() < tiny)).sum()) for t in _shifted_proj_inputs(model, x)) > 0
-    finally:
-        blocks._MASKED = old
 
 
 @pytest.mark.parametrize("size", [(224, 224), (97, 131)])
@@ -315,10 +328,6 @@ def test_the_mask_value_changes_no_output_bit(size: tuple[int, int]) -> None:
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours = model(x)
-        old = blocks._MASKED
-        try:
-            blocks._MASKED = -100.0
+        with _references_mask(blocks):
             reference = model(x)
-        finally:
-            blocks._MASKED = old
     assert all(torch.equal(a, b) for a, b in zip(ours, reference))

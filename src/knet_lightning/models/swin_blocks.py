@@ -16,7 +16,9 @@ Also the 4x4 patch embedding (:class:`PatchEmbed`) and a stage of blocks (:class
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -83,38 +85,68 @@ class WindowAttention(ShiftedWindowAttention):
         b, h, w, c = x.shape
         wh, ww = self.window_size
         sh, sw = self.shift_size
-        pad_b, pad_r = (-h) % wh, (-w) % ww
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        hp, wp = h + pad_b, w + pad_r
         shifted = sh > 0 or sw > 0
-        if shifted:
-            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        windows = _partition(x, (wh, ww))  # (B, nW, N, C)
-        n_win, n = windows.shape[1], windows.shape[2]
+        index = _window_index(h, w, (wh, ww), (sh, sw) if shifted else (0, 0), x.device)
+        # pad, roll and window partition as one gather (one copy instead of three)
+        windows = x.reshape(b, h * w, c).index_select(1, index.gather)
+        if index.pad_slots.numel():
+            windows.index_fill_(1, index.pad_slots, 0.0)
+        n_win, n = index.num_windows, wh * ww
+        windows = windows.view(b, n_win, n, c)
         heads = self.num_heads
         qkv = self.qkv(windows).view(b, n_win, n, 3, heads, c // heads).permute(3, 0, 1, 4, 2, 5)
         q, k, v = qkv.unbind(0)  # (B, nW, heads, N, d)
         bias = self.get_relative_position_bias()  # (1, heads, N, N)
-        if shifted:
-            region = (
-                _shift_region_ids(hp, wh, sh, x.device)[:, None] * 3 + _shift_region_ids(wp, ww, sw, x.device)[None]
-            )
-            region = _partition(region[None, :, :, None], (wh, ww))[0, :, :, 0]  # (nW, N)
-            mask = (region[:, :, None] != region[:, None, :]).to(bias.dtype) * _MASKED  # (nW, N, N)
         # the reference's op order (scale q, q k^T, add bias, then mask, softmax), so that the
         # published weights give the published model's numbers to fp32 rounding; windows of
         # 7x7 gain nothing from a fused kernel here (Swin-T at 512x512 on 2 CPU cores: 0.64 s
         # forward with scaled_dot_product_attention, 0.59 s without)
-        attn = (q * (c // heads) ** -0.5) @ k.transpose(-2, -1) + bias.to(q.dtype)
+        attn = (q * (c // heads) ** -0.5) @ k.transpose(-2, -1)
+        attn = attn.add_(bias.to(q.dtype))  # in place: the (B, nW, heads, N, N) logits are allocated once
         if shifted:
-            attn = attn + mask[:, None].to(q.dtype)
+            attn = attn.add_(index.mask[:, None].to(q.dtype))
         attn = F.dropout(attn.softmax(dim=-1), p=self.attention_dropout, training=self.training)
-        out = (attn @ v).transpose(2, 3).reshape(b, n_win, n, c)
+        out = (attn @ v).transpose(2, 3).reshape(b, n_win * n, c)
         out = F.dropout(self.proj(out), p=self.dropout, training=self.training)
-        x = _merge(out, (wh, ww), hp, wp)
-        if shifted:
-            x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
-        return x[:, :h, :w].contiguous()
+        # window merge, roll back and crop as one gather
+        return out.index_select(1, index.scatter).view(b, h, w, c)
+
+
+class _WindowIndex(NamedTuple):
+    """Where each window slot reads from the ``(H, W)`` map and where each position is written back."""
+
+    gather: Tensor  # (nW*N,) flat position of every window slot (0 for padding slots)
+    pad_slots: Tensor  # the slots that hold padding (zeros)
+    scatter: Tensor  # (H*W,) the slot of every position
+    num_windows: int
+    mask: Tensor | None  # (nW, N, N) _MASKED between slots from different regions of a shifted map
+
+
+@functools.lru_cache(maxsize=64)
+def _window_index(
+    h: int, w: int, window: tuple[int, int], shift: tuple[int, int], device: torch.device
+) -> _WindowIndex:
+    """The index of OpenMMLab's ``ShiftWindowMSA`` data movement for an ``(h, w)`` map: pad right and
+    bottom to a multiple of the window, roll by ``-shift``, partition into row-major windows (and
+    the inverse), computed once per size on the index grid instead of on the features."""
+    wh, ww = window
+    sh, sw = shift
+    hp, wp = h + (-h) % wh, w + (-w) % ww
+    rows, cols = torch.arange(hp, device=device), torch.arange(wp, device=device)
+    inside = (rows[:, None] < h) & (cols[None] < w)
+    grid = torch.where(inside, rows[:, None] * w + cols[None], -1)  # (hp, wp), -1: padding
+    mask = None
+    if sh > 0 or sw > 0:
+        grid = torch.roll(grid, shifts=(-sh, -sw), dims=(0, 1))
+        region = _shift_region_ids(hp, wh, sh, device)[:, None] * 3 + _shift_region_ids(wp, ww, sw, device)[None]
+        region = _partition(region[None, :, :, None], (wh, ww))[0, :, :, 0]  # (nW, N)
+        mask = (region[:, :, None] != region[:, None, :]).float() * _MASKED
+    slots = _partition(grid[None, :, :, None], (wh, ww)).reshape(-1)  # (nW*N,) window-major
+    pad_slots = (slots < 0).nonzero().squeeze(1)
+    scatter = torch.empty(h * w, dtype=torch.long, device=device)
+    real = slots >= 0
+    scatter[slots[real]] = torch.arange(slots.numel(), device=device)[real]
+    return _WindowIndex(slots.clamp(min=0), pad_slots, scatter, (hp // wh) * (wp // ww), mask)
 
 
 class PatchEmbed(nn.Module):
