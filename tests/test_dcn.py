@@ -307,3 +307,49 @@ def test_flop_count_includes_the_deformable_convs() -> None:
     sampling = 8 * 8 * 9 * out_positions
     got = model_complexity(conv, torch.randn(1, 8, 10, 12))["gflops"] * 1e9
     assert got == pytest.approx(offset_conv + gemm + sampling)
+
+
+@pytest.mark.parametrize(("stride", "dilation", "deform_groups"), [(1, 1, 1), (2, 1, 1), (1, 2, 2)])
+def test_sampled_deform_conv_equals_torchvision_with_gradients(stride: int, dilation: int, deform_groups: int) -> None:
+    """The CPU path (bilinear sampling + matmul) against torchvision's ``deform_conv2d``: outputs
+    and the gradients of input, offsets and weight, in float64, offsets reaching past the border."""
+    from torchvision.ops import deform_conv2d
+
+    from knet_lightning.models.dcn import sampled_deform_conv2d
+
+    gen = torch.Generator().manual_seed(stride + 10 * dilation + 100 * deform_groups)
+    x = torch.randn(2, 4, 9, 11, dtype=torch.float64, generator=gen).requires_grad_()
+    h_out, w_out = (9 - 1) // stride + 1, (11 - 1) // stride + 1
+    offset = (3 * torch.randn(2, 18 * deform_groups, h_out, w_out, dtype=torch.float64, generator=gen)).requires_grad_()
+    weight = torch.randn(5, 4, 3, 3, dtype=torch.float64, generator=gen).requires_grad_()
+    args = ((stride, stride), (dilation, dilation), (dilation, dilation))
+    ours = sampled_deform_conv2d(x, offset, weight, *args)
+    ref = deform_conv2d(x, offset, weight, stride=args[0], padding=args[1], dilation=args[2])
+    assert ours.shape == ref.shape == (2, 5, h_out, w_out)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(ours, (x, offset, weight), grad)
+    expected = torch.autograd.grad(ref, (x, offset, weight), grad)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
+def test_bench_dcn_tiny_reports_both_implementations(tmp_path: Path) -> None:
+    """scripts/bench_dcn.py --tiny: both implementations timed on each conv, equal to 1e-5, and
+    the model rows (the numbers of a tiny run mean nothing)."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench_dcn.json"
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "bench_dcn.py"), "--tiny", "--repeats", "1",
+                           "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert [r["stage"] for r in record["ops"]] == ["c3", "c4"]
+    for row in record["ops"]:
+        assert all(row[f"{impl}_{kind}_ms"] > 0 for impl in ("torchvision", "sampled") for kind in ("forward", "train"))
+        assert row["max_rel_diff"] < 1e-5
+    assert [r["model"] for r in record["models"]] == ["K-Net R50-DCN (1/4 width)"]
+    assert record["models"][0]["infer_ms"] > 0 and record["models"][0]["train_ms"] > 0

@@ -9,7 +9,52 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 from torchvision.ops import deform_conv2d
 
-__all__ = ["DeformConv2dPack"]
+__all__ = ["DeformConv2dPack", "sampled_deform_conv2d"]
+
+
+def sampled_deform_conv2d(
+    x: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> Tensor:
+    """DCNv1 as bilinear sampling (``F.grid_sample``) + one matmul: torchvision's ``deform_conv2d``
+    without bias or mask, for the CPU, where torchvision's kernel is the bulk of a DCN model's time.
+
+    Every kernel tap's sampling position ``p0 * stride - padding + p_k * dilation + Δp_k`` is
+    sampled bilinearly with zeros outside the image (``padding_mode="zeros"``, ``align_corners=True``:
+    grid -1 and 1 are the centres of the first and last pixels), giving the ``(B, C_in * kh * kw,
+    H_out * W_out)`` columns that the weight multiplies. Measured on 2 cores (R101-DCN's 3x3 convs
+    at 512x512, c3 to c5): forward 1.3-2.6x and forward + backward 3.4-6x faster than
+    torchvision's (``scripts/bench_dcn.py``).
+
+    Args:
+        x: ``(B, C_in, H, W)``, H and W at least 2.
+        offset: ``(B, 2 * G * kh * kw, H_out, W_out)`` in torchvision's layout (``(dy, dx)`` per tap).
+        weight: ``(C_out, C_in, kh, kw)``.
+    """
+    b, c, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    taps = kh * kw
+    groups = offset.shape[1] // (2 * taps)
+    h_out, w_out = offset.shape[-2:]
+    off = offset.view(b, groups, taps, 2, h_out, w_out)
+    dtype, device = x.dtype, x.device
+    rows = torch.arange(h_out, device=device, dtype=dtype) * stride[0] - padding[0]
+    cols = torch.arange(w_out, device=device, dtype=dtype) * stride[1] - padding[1]
+    tap_y = (torch.arange(kh, device=device, dtype=dtype) * dilation[0]).repeat_interleave(kw)
+    tap_x = (torch.arange(kw, device=device, dtype=dtype) * dilation[1]).repeat(kh)
+    y = rows[None, :, None] + tap_y[:, None, None] + off[:, :, :, 0]  # (B, G, taps, H_out, W_out)
+    xx = cols[None, None, :] + tap_x[:, None, None] + off[:, :, :, 1]
+    grid = torch.stack((xx * (2.0 / (w - 1)) - 1.0, y * (2.0 / (h - 1)) - 1.0), dim=-1)
+    sampled = F.grid_sample(
+        x.reshape(b * groups, c // groups, h, w), grid.view(b * groups, taps * h_out, w_out, 2),
+        mode="bilinear", padding_mode="zeros", align_corners=True,
+    )  # fmt: skip  # (B * G, C_in / G, taps * H_out, W_out): channel-major, then tap
+    columns = sampled.view(b, c * taps, h_out * w_out)
+    return (weight.reshape(c_out, c * taps) @ columns).view(b, c_out, h_out, w_out)
 
 
 class DeformConv2dPack(nn.Module):
@@ -98,9 +143,13 @@ class DeformConv2dPack(nn.Module):
                     self.padding,
                     self.dilation,
                 )
-            out = deform_conv2d(
-                xc, offset, self.weight.to(compute), stride=self.stride, padding=self.padding, dilation=self.dilation
-            )
+            weight = self.weight.to(compute)
+            if xc.device.type == "cpu" and min(xc.shape[-2:]) >= 2:
+                out = sampled_deform_conv2d(xc, offset, weight, self.stride, self.padding, self.dilation)
+            else:  # CUDA: torchvision's kernel (not measured against the sampling there yet)
+                out = deform_conv2d(
+                    xc, offset, weight, stride=self.stride, padding=self.padding, dilation=self.dilation
+                )
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:

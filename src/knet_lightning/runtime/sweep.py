@@ -91,13 +91,21 @@ def _deform_conv2d_flops(
     return 2 * out_channels * group_channels * kh * kw * positions + 8 * in_channels * kh * kw * positions
 
 
+def _grid_sampler_flops(input_shape: Sequence[int], grid_shape: Sequence[int], *args: Any, out_shape: Sequence[int],
+                        **kwargs: Any) -> int:  # fmt: skip
+    """FLOPs of ``aten::grid_sampler_2d`` (bilinear): 4 multiply-adds per sampled value, the count
+    of a deformable conv's sampling (:func:`~knet_lightning.models.dcn.sampled_deform_conv2d`)."""
+    batch, channels = out_shape[0], out_shape[1]
+    return 8 * batch * channels * out_shape[-2] * out_shape[-1]
+
+
 def model_complexity(net: torch.nn.Module, images: torch.Tensor) -> dict[str, float]:
     """Parameters (millions) and GFLOPs of one forward pass of ``images`` (one image).
 
     FLOPs are torch's ``FlopCounterMode`` count (a multiply-add is 2 FLOPs; mmcv's
-    ``get_flops``, used by the paper's tables, counts it as 1); torchvision's deformable conv,
-    which torch does not count, counts as its convolution plus the bilinear sampling (4
-    multiply-adds per sampled value). The network runs in eval mode without gradients, so BN
+    ``get_flops``, used by the paper's tables, counts it as 1); a deformable conv (torchvision's
+    op, or on the CPU bilinear sampling + matmul), which torch does not count whole, counts as its
+    convolution plus the bilinear sampling (4 multiply-adds per sampled value). The network runs in eval mode without gradients, so BN
     statistics and RNG state are untouched.
     """
     from torch.utils.flop_counter import FlopCounterMode
@@ -110,7 +118,8 @@ def model_complexity(net: torch.nn.Module, images: torch.Tensor) -> dict[str, fl
         # inference_mode, not no_grad: the semantic decode heads return a view of conv_seg.weight
         # as their kernels, and under no_grad that view requires grad without a grad_fn, which
         # FlopCounterMode's module tracker rejects ("Expected gradient function to be set")
-        mapping = {torch.ops.torchvision.deform_conv2d: _deform_conv2d_flops}
+        mapping = {torch.ops.torchvision.deform_conv2d: _deform_conv2d_flops,
+                   torch.ops.aten.grid_sampler_2d: _grid_sampler_flops}  # fmt: skip
         with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
             net(images)
     finally:
