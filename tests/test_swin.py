@@ -331,3 +331,18 @@ def test_the_mask_value_changes_no_output_bit(size: tuple[int, int]) -> None:
         with _references_mask(blocks):
             reference = model(x)
     assert all(torch.equal(a, b) for a, b in zip(ours, reference))
+
+
+def test_an_index_cached_in_inference_mode_serves_training() -> None:
+    """The window index is cached per map size; one first built under ``inference_mode`` (an
+    evaluation) must not make the next training step fail (autograd saves the index)."""
+    import knet_lightning.models.swin_blocks as blocks
+
+    blocks._window_index.cache_clear()
+    model = SwinBackbone("tiny", window_size=7)
+    x = torch.randn(1, 3, 75, 61)
+    with torch.inference_mode():
+        model.eval()(x)
+    outputs = model.train()(x)
+    sum(o.mean() for o in outputs).backward()
+    assert model.patch_embed.proj.weight.grad is not None

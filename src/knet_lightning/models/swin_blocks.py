@@ -128,7 +128,16 @@ def _window_index(
 ) -> _WindowIndex:
     """The index of OpenMMLab's ``ShiftWindowMSA`` data movement for an ``(h, w)`` map: pad right and
     bottom to a multiple of the window, roll by ``-shift``, partition into row-major windows (and
-    the inverse), computed once per size on the index grid instead of on the features."""
+    the inverse), computed once per size on the index grid instead of on the features. Built
+    outside inference mode, so that an index cached during an evaluation serves training too
+    (autograd cannot save inference tensors)."""
+    with torch.inference_mode(False):
+        return _build_window_index(h, w, window, shift, device)
+
+
+def _build_window_index(
+    h: int, w: int, window: tuple[int, int], shift: tuple[int, int], device: torch.device
+) -> _WindowIndex:
     wh, ww = window
     sh, sw = shift
     hp, wp = h + (-h) % wh, w + (-w) % ww
