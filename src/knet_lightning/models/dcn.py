@@ -27,7 +27,7 @@ def sampled_deform_conv2d(
     sampled bilinearly with zeros outside the image (``padding_mode="zeros"``, ``align_corners=True``:
     grid -1 and 1 are the centres of the first and last pixels), giving the ``(B, C_in * kh * kw,
     H_out * W_out)`` columns that the weight multiplies. Measured on 2 cores (R101-DCN's 3x3 convs
-    at 512x512, c3 to c5): forward 1.3-2.6x and forward + backward 3.4-6x faster than
+    at 512x512, c3 to c5): forward 2.2-4.2x and forward + backward 5.7-7.0x faster than
     torchvision's (``scripts/bench_dcn.py``).
 
     Args:
