@@ -54,14 +54,6 @@ def _partition(x: Tensor, window: tuple[int, int]) -> Tensor:
     return x.reshape(b, (h // wh) * (w // ww), wh * ww, c)
 
 
-def _merge(windows: Tensor, window: tuple[int, int], h: int, w: int) -> Tensor:
-    """Inverse of :func:`_partition`: ``(B, nW, wh*ww, C)`` -> ``(B, H, W, C)``."""
-    b, _, _, c = windows.shape
-    wh, ww = window
-    x = windows.view(b, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h, w, c)
-
-
 class WindowAttention(ShiftedWindowAttention):
     """Multi-head self-attention inside (shifted) windows with relative position bias.
 

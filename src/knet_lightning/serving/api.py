@@ -99,11 +99,10 @@ class SegmentationAPI(ls.LitAPI):
         except RequestError as err:
             return err
 
-    def batch(self, inputs: list[Any]) -> list[Any]:
-        return list(inputs)
-
     def predict(self, requests: list[Any]) -> list[Any]:
-        """The result (or the refusal) of each request, in order; same-size images run as one batch."""
+        """The result (or the refusal) of each request, in order; same-size images run as one batch.
+        (LitServe's own ``batch`` and ``unbatch`` pass these lists through: they stack tensors and
+        arrays only.)"""
         # LitServe hands a single request unbatched where max_batch_size is 1
         single = not isinstance(requests, list)
         requests = [requests] if single else requests
@@ -117,9 +116,6 @@ class SegmentationAPI(ls.LitAPI):
             for k, result in zip(slots, results):
                 out[k] = (requests[k], result, len(slots))
         return out[0] if single else out
-
-    def unbatch(self, outputs: list[Any]) -> list[Any]:
-        return list(outputs)
 
     def encode_response(self, output):
         """A result -> the JSON body or the overlay PNG; a refusal -> its 4xx."""

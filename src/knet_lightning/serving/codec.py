@@ -81,7 +81,10 @@ def _open(data: bytes) -> Image.Image:
 
 def image_size(data: bytes, limits: ImageLimits) -> tuple[int, int]:
     """``(width, height)`` from the file's header only (no decoding), checked against ``limits``."""
-    image = _open(data)
+    return _checked_size(_open(data), limits)
+
+
+def _checked_size(image: Image.Image, limits: ImageLimits) -> tuple[int, int]:
     width, height = image.size
     if width < 1 or height < 1:
         raise RequestError(400, f"the image is empty ({width}x{height} WxH)")
@@ -100,8 +103,8 @@ def decode_image(data: bytes, limits: ImageLimits) -> np.ndarray:
         raise RequestError(
             413, f"the image is {len(data)} bytes, over the limit of {limits.max_bytes} (serve.max_bytes)"
         )
-    image_size(data, limits)
     image = _open(data)
+    _checked_size(image, limits)  # from the header, before the pixels are decoded
     try:
         image.load()
         return to_rgb_array(upright(image))

@@ -26,18 +26,19 @@ PAGE = "index.html"
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """The server's side of ``serve.*`` (:class:`~knet_lightning.configs.ServeSettings`)."""
+    """The server's side of ``serve.*``; the defaults are :class:`~knet_lightning.configs.ServeSettings`'s
+    alone (``accelerator`` is the resolved ``serve.device``)."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    accelerator: str = "cpu"
-    max_batch_size: int = 4
-    batch_timeout: float = 0.01
-    workers_per_device: int = 1
-    api_servers: int = 1
-    timeout: float = 60.0
-    max_bytes: int = 20_000_000
-    max_pixels: int = 4096 * 4096
+    host: str
+    port: int
+    accelerator: str
+    max_batch_size: int
+    batch_timeout: float
+    workers_per_device: int
+    api_servers: int
+    timeout: float
+    max_bytes: int
+    max_pixels: int
 
 
 def model_info(segmenter: Any) -> dict[str, Any]:

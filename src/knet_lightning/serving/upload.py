@@ -62,16 +62,8 @@ class ImageUploadMiddleware:
         body = json.dumps(payload).encode()
         headers = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # the disconnect, when the client goes
-
-        await self.app({**scope, "headers": headers}, replay, send)
+        # then the client's own messages: its disconnect, when it goes
+        await self.app({**scope, "headers": headers}, _receive_once(body, receive), send)
 
     async def _payload(self, scope: Scope, receive: Receive) -> dict[str, Any]:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
@@ -116,19 +108,25 @@ class ImageUploadMiddleware:
         return b"".join(chunks)
 
 
-async def _multipart_file(scope: Scope, body: bytes) -> tuple[bytes, str | None]:
-    """The bytes and file name of the form's ``image`` field (else its only file)."""
+def _receive_once(body: bytes, then: Receive | None = None) -> Receive:
+    """An ASGI ``receive`` that gives ``body`` as the whole request, then ``then``'s messages
+    (None: a disconnect)."""
     sent = False
 
-    async def once() -> Message:
+    async def receive() -> Message:
         nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await then() if then is not None else {"type": "http.disconnect"}
 
+    return receive
+
+
+async def _multipart_file(scope: Scope, body: bytes) -> tuple[bytes, str | None]:
+    """The bytes and file name of the form's ``image`` field (else its only file)."""
     try:
-        form = await Request(scope, once).form(max_files=4, max_fields=16)
+        form = await Request(scope, _receive_once(body)).form(max_files=4, max_fields=16)
     except Exception as err:  # starlette raises its own and python-multipart's errors alike
         raise RequestError(400, f"the multipart body could not be read: {err}") from None
     files = [(key, value) for key, value in form.multi_items() if hasattr(value, "read")]
