@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,14 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def timed(step: Callable[[], Any], repeats: int) -> float:
-    """Median milliseconds of ``step`` over ``repeats`` runs after one warm-up."""
-    step()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        runs.append(time.perf_counter() - start)
-    return sorted(runs)[len(runs) // 2] * 1e3
+    """Median milliseconds of ``step`` over ``repeats`` runs after one warm-up (the bench's measure)."""
+    from knet_bench.timing import measure
+
+    return measure(step, torch.device("cpu"), 1, repeats)["total_ms"]
 
 
 def op_rows(size: int, repeats: int, tiny: bool) -> list[dict[str, Any]]:
