@@ -136,6 +136,26 @@ def original_to_mmseg(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
+def test_gradients_match_mmsegmentation_swin_with_padding() -> None:
+    """The q/k/v bias reaches the padding's slots (qkv(0) = bias, as the reference's zero
+    padding gives) and the padding's keys enter the softmax: every parameter's gradient is the
+    reference's, on a size that pads every stage."""
+    ref = mmseg_swin("tiny", 7)
+    ref.eval()  # no drop path, so the two draw nothing at random (its train() returns None)
+    ours = SwinBackbone("tiny", window_size=7).eval()
+    ours.load_state_dict(swin_from_openmmlab(ref.state_dict()), strict=True)
+    x = torch.randn(1, 3, 97, 131, generator=torch.Generator().manual_seed(3))
+    weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(ours(x))]
+    for model in (ref, ours):
+        sum((o * w).sum() for o, w in zip(model(x), weights)).backward()
+    grads = swin_to_openmmlab({k: p.grad for k, p in ours.named_parameters()})
+    expected = {k: p.grad for k, p in ref.named_parameters()}
+    assert grads.keys() == expected.keys()
+    for key, grad in grads.items():
+        assert (grad - expected[key]).abs().max() <= 1e-4 * expected[key].abs().max(), key
+    assert expected["stages.3.blocks.1.attn.w_msa.qkv.bias"].abs().max() > 0
+
+
 @pytest.mark.parametrize("window", [7, 12])
 def test_matches_mmsegmentation_swin_on_the_same_weights(window: int) -> None:
     ref = mmseg_swin("tiny", window)
@@ -273,14 +293,20 @@ def test_parameter_count_equals_mmsegmentation() -> None:
     assert ours == sum(p.numel() for p in mmseg_swin("tiny", 7).parameters()) == 27_520_698
 
 
-def _shifted_proj_inputs(model: SwinBackbone, x: torch.Tensor) -> list[torch.Tensor]:
-    """The inputs of every shifted block's attention output projection, for ``x``."""
-    seen: list[torch.Tensor] = []
+def _linear_inputs(model: SwinBackbone, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input of every linear layer of the blocks (q/k/v, output projection, MLP), for ``x``."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Any:
+        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            seen[name] = args[0].detach().clone()
+
+        return hook
+
     handles = [
-        block.attn.proj.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach().clone()))
-        for stage in model.stages
-        for block in stage.blocks
-        if max(block.attn.shift_size) > 0
+        module.register_forward_hook(keep(name))
+        for name, module in model.stages.named_modules()
+        if isinstance(module, torch.nn.Linear)
     ]
     with torch.no_grad():
         model(x)
@@ -303,19 +329,23 @@ def _references_mask(blocks: Any) -> Iterator[None]:
         blocks._window_index.cache_clear()
 
 
-def test_masked_window_attention_leaves_no_subnormal_number() -> None:
-    """The padding's query rows see only masked keys: with the references' -100 their outputs are
-    subnormal floats (e^-100 weights), which slow every GEMM that reads them 10-100x; with the
-    mask that underflows to 0 there are none."""
-    import knet_lightning.models.swin_blocks as blocks
-
+def test_no_gemm_reads_the_padding_or_a_subnormal_number() -> None:
+    """The padding's query rows see only masked keys; with the references' -100 their outputs are
+    subnormal floats (e^-100 weights), which slow a GEMM reading them 10-100x. Here no linear
+    layer reads a padding token (q/k/v are projected before the window gather, the output after
+    the inverse one) nor a subnormal number; and the masked weights underflow to 0."""
     model = SwinBackbone("tiny", window_size=7).eval()
     x = torch.randn(1, 3, 97, 131, generator=torch.Generator().manual_seed(0))
+    inputs = _linear_inputs(model, x)
+    assert len(inputs) == 4 * 12 + 3  # 12 blocks x (qkv, proj, mlp x 2), 3 patch mergings
     tiny = torch.finfo(torch.float32).tiny
-    subnormal = [int(((t != 0) & (t.abs() < tiny)).sum()) for t in _shifted_proj_inputs(model, x)]
-    assert len(subnormal) == 6 and sum(subnormal) == 0, subnormal
-    with _references_mask(blocks):  # what the count above would otherwise be
-        assert sum(int(((t != 0) & (t.abs() < tiny)).sum()) for t in _shifted_proj_inputs(model, x)) > 0
+    assert all(int(((t != 0) & (t.abs() < tiny)).sum()) == 0 for t in inputs.values())
+    for stage, side in enumerate([(25, 33), (13, 17), (7, 9), (4, 5)]):
+        for block in range(len(model.stages[stage].blocks)):
+            for layer in ("attn.qkv", "attn.proj"):
+                # the map's own tokens only (a 25x33 map is 28x35 = 980 tokens once padded)
+                assert inputs[f"{stage}.blocks.{block}.{layer}"].shape[:2] == (1, side[0] * side[1])
+    assert torch.exp(torch.tensor(-1.0e4)) == 0 and torch.exp(torch.tensor(-100.0)) > 0
 
 
 @pytest.mark.parametrize("size", [(224, 224), (97, 131)])

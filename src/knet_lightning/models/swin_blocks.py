@@ -29,11 +29,11 @@ __all__ = ["PatchEmbed", "PatchMerging", "SwinStage", "WindowAttention"]
 
 # Masked-out window-attention logits. The references add -100, whose softmax weight (about
 # e^-100 = 3.7e-44) is a subnormal float: every product with it, and the outputs of query rows
-# that see only masked keys (the padding's, cropped later), are subnormal too, and x86 GEMM
-# kernels run 10-100x slower on such inputs (Swin-L at 512x512 on 2 cores: 2.67 s with -100,
-# 1.71 s with this value, scripts/profile_swin_l.py). exp(-10000) is exactly 0; the weights it
-# replaces were below fp32's resolution of any unmasked sum, so the outputs are bit-identical
-# (tests/test_swin.py).
+# that see only masked keys (the padding's), are subnormal too, and x86 GEMM kernels run 10-100x
+# slower on such inputs (Swin-L at 512x512 on 2 cores: 2.67 s with -100, 1.71 s with this value,
+# scripts/profile_swin_l.py, while the output projection still read the padding's rows; it no
+# longer does). exp(-10000) is exactly 0; the weights it replaces were below fp32's resolution
+# of any unmasked sum, so the outputs are bit-identical (tests/test_swin.py).
 _MASKED = -1.0e4
 
 
@@ -61,7 +61,8 @@ class WindowAttention(ShiftedWindowAttention):
     the forward of the official K-Net Swin (MMDetection / MMSegmentation ``ShiftWindowMSA``):
     pad right/bottom to a multiple of the window, roll by ``-shift`` whenever ``shift > 0``
     (even when one window covers the map), mask attention between positions that were not
-    neighbours before the roll with -100, roll back, crop. The index buffer is not saved:
+    neighbours before the roll (-100 there, -1e4 here: see ``_MASKED``), roll back, crop; the
+    padding's tokens hold ``qkv(0)`` and are never projected out. The index buffer is not saved:
     it is a function of the window size, and published checkpoints that carry it are read
     without it.
     """
@@ -79,29 +80,32 @@ class WindowAttention(ShiftedWindowAttention):
         sh, sw = self.shift_size
         shifted = sh > 0 or sw > 0
         index = _window_index(h, w, (wh, ww), (sh, sw) if shifted else (0, 0), x.device)
-        # pad, roll and window partition as one gather (one copy instead of three)
-        windows = x.reshape(b, h * w, c).index_select(1, index.gather)
-        if index.pad_slots.numel():
-            windows.index_fill_(1, index.pad_slots, 0.0)
-        n_win, n = index.num_windows, wh * ww
-        windows = windows.view(b, n_win, n, c)
         heads = self.num_heads
-        qkv = self.qkv(windows).view(b, n_win, n, 3, heads, c // heads).permute(3, 0, 1, 4, 2, 5)
-        q, k, v = qkv.unbind(0)  # (B, nW, heads, N, d)
+        # The projections act per token, so q, k, v are computed on the map's own tokens and then
+        # padded, rolled and partitioned as one gather; the output projection runs after the
+        # inverse gather. Neither runs on the padding, which is up to 20% of the tokens of
+        # Swin-L's third stage and 72% of its last at 512x512 (window 7). A padding slot holds
+        # qkv(0) = the bias, what the reference's zero padding gives; outputs are bit-identical.
+        qkv = self.qkv(x.reshape(b, h * w, c)).index_select(1, index.gather)
+        if index.pad_slots.numel():
+            qkv[:, index.pad_slots] = self.qkv.bias.to(qkv.dtype) if self.qkv.bias is not None else 0.0
+        n_win, n = index.num_windows, wh * ww
+        q, k, v = (
+            qkv.view(b, n_win, n, 3, heads, c // heads).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        )  # (B, nW, heads, N, d)
         bias = self.get_relative_position_bias()  # (1, heads, N, N)
         # the reference's op order (scale q, q k^T, add bias, then mask, softmax), so that the
         # published weights give the published model's numbers to fp32 rounding; windows of
-        # 7x7 gain nothing from a fused kernel here (Swin-T at 512x512 on 2 CPU cores: 0.64 s
-        # forward with scaled_dot_product_attention, 0.59 s without)
+        # 7x7 gain nothing from a fused kernel here (scaled_dot_product_attention with bias and
+        # mask as one additive mask: Swin-L's attention at 512x512 on 2 CPU cores no faster)
         attn = (q * (c // heads) ** -0.5) @ k.transpose(-2, -1)
         attn = attn.add_(bias.to(q.dtype))  # in place: the (B, nW, heads, N, N) logits are allocated once
         if shifted:
             attn = attn.add_(index.mask[:, None].to(q.dtype))
         attn = F.dropout(attn.softmax(dim=-1), p=self.attention_dropout, training=self.training)
-        out = (attn @ v).transpose(2, 3).reshape(b, n_win * n, c)
-        out = F.dropout(self.proj(out), p=self.dropout, training=self.training)
-        # window merge, roll back and crop as one gather
-        return out.index_select(1, index.scatter).view(b, h, w, c)
+        # window merge, roll back and crop as one gather, then the output projection
+        out = (attn @ v).transpose(2, 3).reshape(b, n_win * n, c).index_select(1, index.scatter)
+        return F.dropout(self.proj(out), p=self.dropout, training=self.training).view(b, h, w, c)
 
 
 class _WindowIndex(NamedTuple):
