@@ -183,14 +183,27 @@ def test_tiny_run_zoo_section(tiny_run: tuple[dict[str, Any], str]) -> None:
     assert zoo["status"] == "ok"
     rows = {r["model"]: r for r in zoo["rows"]}
     assert {"K-Net R50-DCN (1/4 width)", "K-Net Swin-T"} <= set(rows)
+    limits = zoo["limits"]
+    assert limits["matmul_fp32"] > 0 and limits["matmul_bf16"] > 0 and limits["conv_fp32"] > 0
     for name in ("K-Net R50-DCN (1/4 width)", "K-Net Swin-T"):
         row = rows[name]
         assert row["size"] == "64x64" and row["params_m"] > 0 and row["gflops"] > 0
         assert row["infer_ms"] > 0 and row["train_ms"] > 0
+        # the forward is the inference less its post-processing; the rates follow from it
+        assert 0 < row["forward_ms"] < row["infer_ms"]
+        assert row["gflops_per_s"] == pytest.approx(row["gflops"] / (row["forward_ms"] / 1e3))
+        assert row["fraction_of_matmul"] == pytest.approx(row["gflops_per_s"] / limits["matmul_fp32"])
+    assert "| GFLOP/s | of matmul |" in stdout
+    assert f"fp32 {limits['matmul_fp32']:.0f} GFLOP/s" in stdout
     # Swin-T's 28 M parameters dwarf the quarter-width ResNet's
     assert rows["K-Net Swin-T"]["params_m"] > rows["K-Net R50-DCN (1/4 width)"]["params_m"]
     has_m2f = importlib.util.find_spec("transformers") is not None
     assert any(name.startswith("Mask2Former") for name in rows) == has_m2f
+    if has_m2f:
+        m2f = rows["Mask2Former Swin (HF, tiny)"]
+        assert 0 < m2f["forward_ms"] < m2f["infer_ms"] and m2f["fraction_of_matmul"] > 0
+        ratio = rows["K-Net Swin-T"]["infer_ms"] / m2f["infer_ms"]
+        assert f"K-Net Swin-T / Mask2Former at 64x64: inference {ratio:.2f}x" in stdout
     assert "| K-Net Swin-T | 64x64 |" in stdout
 
 

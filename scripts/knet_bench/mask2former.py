@@ -4,6 +4,7 @@ batches, reported as ratios K-Net / Mask2Former."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +13,8 @@ import torch
 from torch import nn
 
 from .common import NUM_CLASSES, Context, Profile, count_params, make_batch
-from .timing import PeakMemory, measure
+from .model import autocast
+from .timing import PartTimer, PeakMemory, measure
 
 
 def build_mask2former(profile: Profile, device: torch.device, seed: int) -> nn.Module:
@@ -64,21 +66,33 @@ def build_mask2former(profile: Profile, device: torch.device, seed: int) -> nn.M
 
 
 def m2f_steps(
-    model: nn.Module, processor: Any, images: torch.Tensor, targets: list[dict[str, Any]], size: tuple[int, int]
+    model: nn.Module,
+    processor: Any,
+    images: torch.Tensor,
+    targets: list[dict[str, Any]],
+    size: tuple[int, int],
+    timer: PartTimer | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> tuple[Callable[[], None], Callable[[], None]]:
-    """Mask2Former's inference (forward + its panoptic post-processing) and training step
-    (forward with its own loss + backward + AdamW), as the bench times them."""
+    """Mask2Former's inference (forward + its panoptic post-processing, the ``postprocess`` part
+    of ``timer``) and training step (forward with its own loss + backward + AdamW), as the bench
+    times them; forward and loss under ``amp_dtype`` autocast, as K-Net's (``--amp``)."""
     mask_labels = [t["masks"].float() for t in targets]
     class_labels = [t["labels"] for t in targets]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
 
+    part = timer.part if timer is not None else (lambda name: contextlib.nullcontext())
+
     def infer() -> None:
         with torch.inference_mode():
-            out = model(pixel_values=images)
-            processor.post_process_panoptic_segmentation(out, target_sizes=[size] * images.shape[0])
+            with autocast(images.device, amp_dtype):
+                out = model(pixel_values=images)
+            with part("postprocess"):
+                processor.post_process_panoptic_segmentation(out, target_sizes=[size] * images.shape[0])
 
     def train() -> None:
-        out = model(pixel_values=images, mask_labels=mask_labels, class_labels=class_labels)
+        with autocast(images.device, amp_dtype):
+            out = model(pixel_values=images, mask_labels=mask_labels, class_labels=class_labels)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -110,7 +124,7 @@ def section_mask2former(ctx: Context) -> dict[str, Any]:
             images, targets = make_batch(p, size, batch, device, ctx.seed)
             key = f"{size[0]}x{size[1]}"
 
-            infer, train = m2f_steps(model, processor, images, targets, size)
+            infer, train = m2f_steps(model, processor, images, targets, size, amp_dtype=ctx.amp_dtype)
 
             for mode, step in (("inference", infer), ("train", train)):
                 model.train(mode == "train")
@@ -137,6 +151,7 @@ def section_mask2former(ctx: Context) -> dict[str, Any]:
         "inference = forward + Mask2FormerImageProcessor.post_process_panoptic_segmentation; train = forward with "
         "its own loss (mask_labels / class_labels, point-sampled) + backward + AdamW step",
         "ratio < 1: K-Net is faster",
+        f"precision: {'bf16 autocast of both models' if ctx.amp_dtype is not None else 'fp32'}",
     ]
     if not knet_rows:
         notes.append("the knet section did not run in this invocation: no ratios")

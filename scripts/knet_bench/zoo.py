@@ -24,9 +24,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from knet_lightning.runtime.sweep import model_complexity
 
 from .common import NUM_CLASSES, Context, Profile, count_params, make_batch
+from .limits import measure_limits
 from .mask2former import m2f_steps
 from .model import build_knet, in_layout, knet_infer_step, knet_train_step, make_optimizer
-from .timing import PeakMemory, measure
+from .timing import PartTimer, PeakMemory, measure
 
 DCN_C3_C5 = (False, True, True, True)
 
@@ -84,6 +85,24 @@ def _repeats(profile: Profile) -> tuple[int, int]:
     return min(profile.warmup, 1), min(profile.repeats, 3)
 
 
+def _timed_inference(row: dict[str, Any], step: Any, timer: PartTimer, device: torch.device,
+                     warmup: int, repeats: int) -> None:  # fmt: skip
+    """``infer_ms`` (forward + post-processing, median) and ``forward_ms`` (the median run less
+    its post-processing) into ``row``, with the peak memory."""
+    with PeakMemory(device) as mem:
+        result = measure(step, device, warmup, repeats, timer)
+    row["infer_ms"] = result["total_ms"]
+    row["forward_ms"] = result["parts_total_ms"] - result["parts_ms"].get("postprocess", 0.0)
+    row["infer_peak_mb"] = mem.result().get("peak_mb")
+
+
+def _rates(row: dict[str, Any], limit: float) -> None:
+    """GFLOP/s of the forward and its fraction of ``limit``, the run's measured matmul rate."""
+    if row.get("gflops") and row.get("forward_ms"):
+        row["gflops_per_s"] = row["gflops"] / (row["forward_ms"] / 1e3)
+        row["fraction_of_matmul"] = row["gflops_per_s"] / limit
+
+
 def _knet_rows(ctx: Context, name: str, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
     p, device = ctx.profile, ctx.device
     warmup, repeats = _repeats(p)
@@ -95,21 +114,19 @@ def _knet_rows(ctx: Context, name: str, kwargs: dict[str, Any]) -> list[dict[str
         images = in_layout(ctx, module, images, training=False)
         module.eval()
         complexity = model_complexity(module.net, images)
-        with PeakMemory(device) as mem:
-            infer = measure(knet_infer_step(module, images, None, ctx.amp_dtype), device, warmup, repeats)
-        infer_mem = mem.result()
+        row: dict[str, Any] = {
+            "model": f"K-Net {name}", "size": f"{size[0]}x{size[1]}", "params_m": params / 1e6,
+            "trainable_m": trainable / 1e6, "gflops": complexity["gflops"],
+        }  # fmt: skip
+        timer = PartTimer(device)
+        _timed_inference(row, knet_infer_step(module, images, timer, ctx.amp_dtype), timer, device, warmup, repeats)
         images = in_layout(ctx, module, images, training=True)
         module.train()
         optimizer = make_optimizer(module, ctx.optimizer)
         with PeakMemory(device) as mem:
             train = measure(knet_train_step(module, optimizer, images, targets, None, ctx.amp_dtype), device,
                             warmup, repeats)  # fmt: skip
-        rows.append({
-            "model": f"K-Net {name}", "size": f"{size[0]}x{size[1]}", "params_m": params / 1e6,
-            "trainable_m": trainable / 1e6, "gflops": complexity["gflops"],
-            "infer_ms": infer["total_ms"], "train_ms": train["total_ms"],
-            "infer_peak_mb": infer_mem.get("peak_mb"), "train_peak_mb": mem.result().get("peak_mb"),
-        })  # fmt: skip
+        rows.append({**row, "train_ms": train["total_ms"], "train_peak_mb": mem.result().get("peak_mb")})
         del optimizer, images, targets
         gc.collect()
     del module
@@ -140,10 +157,9 @@ def _mask2former_rows(ctx: Context) -> tuple[list[dict[str, Any]], str]:
             with torch.inference_mode(), FlopCounterMode(display=False) as counter:
                 model(pixel_values=images)
             row["gflops"] = counter.get_total_flops() / 1e9
-            infer, train = m2f_steps(model, processor, images, targets, size)
-            with PeakMemory(device) as mem:
-                row["infer_ms"] = measure(infer, device, warmup, repeats)["total_ms"]
-            row["infer_peak_mb"] = mem.result().get("peak_mb")
+            timer = PartTimer(device)
+            infer, train = m2f_steps(model, processor, images, targets, size, timer, ctx.amp_dtype)
+            _timed_inference(row, infer, timer, device, warmup, repeats)
             model.train()
             with PeakMemory(device) as mem:
                 row["train_ms"] = measure(train, device, warmup, repeats)["total_ms"]
@@ -158,24 +174,52 @@ def _mask2former_rows(ctx: Context) -> tuple[list[dict[str, Any]], str]:
     return rows, f"transformers {transformers.__version__}"
 
 
+def _ratios(rows: list[dict[str, Any]]) -> list[str]:
+    """K-Net Swin-L (tiny: Swin-T) over Mask2Former Swin-L, per size: inference and training step."""
+    m2f = {r["size"]: r for r in rows if r["model"].startswith("Mask2Former")}
+    notes = []
+    for row in rows:
+        other = m2f.get(row["size"])
+        if row["model"].startswith("K-Net Swin") and other and other.get("infer_ms") and other.get("train_ms"):
+            notes.append(
+                f"{row['model']} / Mask2Former at {row['size']}: inference {row['infer_ms'] / other['infer_ms']:.2f}x, "
+                f"forward {row['forward_ms'] / other['forward_ms']:.2f}x, "
+                f"training step {row['train_ms'] / other['train_ms']:.2f}x"
+            )
+    return notes
+
+
 def section_zoo(ctx: Context) -> dict[str, Any]:
-    """K-Net R50 / R101-DCN / Swin-L and Mask2Former Swin-L, batch 1, at the profile's sizes."""
+    """K-Net R50 / R101-DCN / Swin-L and Mask2Former Swin-L, batch 1, at the profile's sizes,
+    with the hardware's matmul and convolution rates measured first."""
+    limits = measure_limits(ctx.device, ctx.profile.name == "tiny")
+    dtype = "bf16" if ctx.amp_dtype == torch.bfloat16 else "fp32"
+    limit = limits[f"matmul_{dtype}"]
     rows: list[dict[str, Any]] = []
     for name, kwargs in zoo_models(ctx.profile).items():
         rows += _knet_rows(ctx, name, kwargs)
     m2f_rows, m2f_note = _mask2former_rows(ctx)
     rows += m2f_rows
+    for row in rows:
+        _rates(row, limit)
     warmup, repeats = _repeats(ctx.profile)
     return {
         "rows": rows,
+        "limits": limits,
         "notes": [
             f"batch 1, N={ctx.profile.num_proposals} proposals + 53 stuff kernels, S={ctx.profile.num_stages}; "
-            f"median of {repeats} runs after {warmup} warm-up; random weights",
+            f"median of {repeats} runs after {warmup} warm-up; random weights; {dtype}"
+            + (" autocast" if dtype == "bf16" else ""),
             "GFLOPs: torch.utils.flop_counter, one forward of one image (a multiply-add is 2 FLOPs); a deformable "
             "conv counts as its convolution plus 4 multiply-adds per bilinear sample",
-            "inference = forward + panoptic post-processing; train = forward + matching + losses + backward + AdamW "
-            "step (Mask2Former: its own point-sampled loss)",
+            "inference = forward + panoptic post-processing; forward = the median inference run less its "
+            "post-processing; train = forward + matching + losses + backward + AdamW step (Mask2Former: its own "
+            "point-sampled loss)",
+            f"GFLOP/s = GFLOPs / forward time; of matmul = that over the {dtype} matmul rate measured in this run: "
+            f"torch.mm {limits['matmul_size']}^2 fp32 {limits['matmul_fp32']:.0f} GFLOP/s, bf16 "
+            f"{limits['matmul_bf16']:.0f} GFLOP/s; conv {limits['conv']} fp32 {limits['conv_fp32']:.0f} GFLOP/s",
             "peak MB: CPU peak RSS of the process during that measurement (weights included); CUDA: max allocated",
+            *_ratios(rows),
             m2f_note,
         ],
     }
