@@ -11,8 +11,9 @@ after one warm-up run, in one process:
 - ``mask2former``: HF Mask2Former Swin-L (window 12) by component (backbone, pixel decoder,
   transformer decoder);
 - ``backbones``: our ``SwinBackbone`` alone against ``transformers``' ``SwinBackbone`` with the
-  same configuration (Swin-L, window 7) and with Mask2Former's (window 12). Times do not depend on
-  the weights' values, so each has its own random ones.
+  same configuration (Swin-L, window 7) and with Mask2Former's (window 12), one forward of each in
+  turn per round (median and minimum over the rounds). Times do not depend on the weights'
+  values, so each has its own random ones.
 
 Prints a table and writes the JSON (needs the ``bench`` extra: ``pip install -e '.[bench]'``).
 ``--tiny`` (Swin-T, the bench's tiny Mask2Former; ``--sizes 64x64``) is the smoke test of
@@ -23,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,15 +103,19 @@ def backbone_rows(ctx: Context, size: tuple[int, int], repeats: int) -> list[dic
         config = SwinConfig(**dims, window_size=window, out_features=["stage1", "stage2", "stage3", "stage4"])
         hf = SwinBackbone(config).to(ctx.device).eval()
         candidates.append((f"transformers SwinBackbone (window {window})", hf, lambda hf=hf: hf(images)))
-    for name, net, call in candidates:
-
-        def step(call: Any = call) -> None:
-            with torch.inference_mode():
+    # round robin, one forward of each per round: a slow spell of a shared host (here +-20% over
+    # minutes) then hits every backbone alike, and the ratios stay comparable
+    runs: dict[str, list[float]] = {name: [] for name, _, _ in candidates}
+    with torch.inference_mode():
+        for round_ in range(repeats + 1):  # round 0: warm-up
+            for name, _, call in candidates:
+                start = time.perf_counter()
                 call()
-
-        result = measure(step, ctx.device, 1, repeats)
-        rows.append({"backbone": name, "total_ms": result["total_ms"], "runs_ms": result["runs_ms"]})
-        del net
+                if round_:
+                    runs[name].append((time.perf_counter() - start) * 1e3)
+    for name, _, _ in candidates:
+        rows.append({"backbone": name, "total_ms": statistics.median(runs[name]), "min_ms": min(runs[name]),
+                     "runs_ms": runs[name]})  # fmt: skip
     return rows
 
 
@@ -141,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             parts = ", ".join(f"{k} {v:.0f}" for k, v in row["parts_ms"].items())
             print(f"{text} {row['model']} {row.get('layout', '')}: {row['total_ms']:.0f} ms ({parts})")
         for row in entry.get("backbones", []):
-            print(f"{text} backbone {row['backbone']}: {row['total_ms']:.0f} ms")
+            print(f"{text} backbone {row['backbone']}: {row['total_ms']:.0f} ms (min {row['min_ms']:.0f})")
     print(f"wrote {args.out}")
     return 0
 

@@ -316,11 +316,17 @@ def test_profile_swin_l_tiny_knet_components_add_up(tmp_path: Path) -> None:
     """scripts/profile_swin_l.py --tiny (Swin-T): K-Net's components in both layouts, which add up
     to the run's total (the Mask2Former and backbone rows need the bench extra's transformers)."""
     out = tmp_path / "profile.json"
+    has_hf = importlib.util.find_spec("transformers") is not None
+    sections = ["knet", "backbones"] if has_hf else ["knet"]
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_swin_l.py"), "--tiny", "--sizes", "64x64",
-                           "--repeats", "1", "--sections", "knet", "--threads", "1", "--out", str(out)],
+                           "--repeats", "2", "--sections", *sections, "--threads", "1", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["sizes"]["64x64"]["knet"]
+    entry = json.loads(out.read_text())["sizes"]["64x64"]
+    if has_hf:  # round robin: every backbone timed once per round
+        assert [len(r["runs_ms"]) for r in entry["backbones"]] == [2, 2, 2]
+        assert all(r["min_ms"] <= r["total_ms"] for r in entry["backbones"])
+    rows = entry["knet"]
     assert [r["layout"] for r in rows] == ["nchw", "channels-last"] and rows[0]["model"] == "K-Net Swin-T"
     for row in rows:
         parts = row["parts_ms"]

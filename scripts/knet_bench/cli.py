@@ -111,7 +111,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=None,
         metavar="HxW",
-        help="input sizes of the knet section (multiples of 32), instead of the mode's",
+        help="input sizes of the knet, mask2former and zoo sections (multiples of 32), instead of the mode's",
     )
     parser.add_argument(
         "--memory-format",
