@@ -2,12 +2,14 @@
 
     python scripts/profile_swin_l.py [--sizes 512x512 800x1216] [--threads 2] [--out profile_swin_l.json]
 
-For each size, forward only under ``inference_mode``, random weights, median of ``--repeats``
-after one warm-up run, in one process:
+For each size, random weights, median of ``--repeats`` after one warm-up run, in one process;
+forward only under ``inference_mode`` except ``knet-train``:
 
 - ``knet``: K-Net Swin-L (window 7, the bench's ``zoo`` model) by component (backbone, FPN + neck,
   kernel head, update stages) from forward hooks, in NCHW and in channels-last (the bench's
   layout on an AVX-512 CPU), and the panoptic post-processing of the bench's inference step;
+- ``knet-train`` (not in the default run): K-Net Swin-L's training step by part (forward
+  components from hooks, backward and AdamW step as wholes), the bench's ``zoo`` step;
 - ``mask2former``: HF Mask2Former Swin-L (window 12) by component (backbone, pixel decoder,
   transformer decoder);
 - ``backbones``: our ``SwinBackbone`` alone against ``transformers``' ``SwinBackbone`` with the
@@ -34,9 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from knet_bench.common import PROFILES, Context, make_batch  # noqa: E402
-from knet_bench.model import attach_knet, build_knet, in_layout  # noqa: E402
-from knet_bench.timing import PartTimer, measure  # noqa: E402
+from knet_bench.common import PROFILES, TRAIN_PARTS, Context, make_batch  # noqa: E402
+from knet_bench.model import attach_knet, build_knet, in_layout, knet_train_step, make_optimizer  # noqa: E402
+from knet_bench.timing import PartTimer, breakdown, measure  # noqa: E402
 from knet_bench.zoo import build_mask2former_swin, zoo_models  # noqa: E402
 
 
@@ -65,6 +67,24 @@ def knet_rows(ctx: Context, size: tuple[int, int], repeats: int) -> list[dict[st
         rows.append({"model": f"K-Net {name}", "layout": layout, "total_ms": result["total_ms"],
                      "forward_ms": result["parts_total_ms"] - parts["postprocess"], "parts_ms": parts})  # fmt: skip
     return rows
+
+
+def knet_train_row(ctx: Context, size: tuple[int, int], repeats: int) -> dict[str, Any]:
+    """K-Net Swin-L's training step (the bench's: forward, matching, losses, backward, AdamW) by
+    part, in the bench's layout for training on this CPU."""
+    name = "Swin-T" if ctx.profile.name == "tiny" else "Swin-L"
+    module = build_knet(ctx, ctx.profile.num_proposals, ctx.profile.num_stages, **zoo_models(ctx.profile)[name])
+    module.train()
+    images, targets = make_batch(ctx.profile, size, 1, ctx.device, ctx.seed)
+    ctx.memory_format = "auto"
+    images = in_layout(ctx, module, images, training=True)
+    timer = PartTimer(ctx.device)
+    attach_knet(timer, module)
+    step = knet_train_step(module, make_optimizer(module), images, targets, timer)
+    result = measure(step, ctx.device, 1, repeats, timer)
+    timer.remove()
+    return {"model": f"K-Net {name} training step", "total_ms": result["total_ms"],
+            "parts_ms": breakdown(result, TRAIN_PARTS)}  # fmt: skip
 
 
 def mask2former_row(ctx: Context, size: tuple[int, int], repeats: int) -> dict[str, Any]:
@@ -124,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", default=["512x512", "800x1216"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sections", nargs="+", default=["knet", "mask2former", "backbones"])
+    parser.add_argument("--sections", nargs="+", default=["knet", "mask2former", "backbones"],
+                        choices=["knet", "knet-train", "mask2former", "backbones"])  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("profile_swin_l.json"))
     parser.add_argument("--tiny", action="store_true", help="Swin-T and the bench's tiny Mask2Former (a smoke test)")
     args = parser.parse_args(argv)
@@ -138,13 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         entry: dict[str, Any] = {}
         if "knet" in args.sections:
             entry["knet"] = knet_rows(ctx, size, args.repeats)
+        if "knet-train" in args.sections:
+            entry["knet_train"] = knet_train_row(ctx, size, args.repeats)
         if "mask2former" in args.sections:
             entry["mask2former"] = mask2former_row(ctx, size, args.repeats)
         if "backbones" in args.sections:
             entry["backbones"] = backbone_rows(ctx, size, args.repeats)
         record["sizes"][text] = entry
         args.out.write_text(json.dumps(record, indent=2))
-        for row in entry.get("knet", []) + ([entry["mask2former"]] if "mask2former" in entry else []):
+        singles = [entry[k] for k in ("knet_train", "mask2former") if k in entry]
+        for row in entry.get("knet", []) + singles:
             parts = ", ".join(f"{k} {v:.0f}" for k, v in row["parts_ms"].items())
             print(f"{text} {row['model']} {row.get('layout', '')}: {row['total_ms']:.0f} ms ({parts})")
         for row in entry.get("backbones", []):

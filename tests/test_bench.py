@@ -317,7 +317,7 @@ def test_profile_swin_l_tiny_knet_components_add_up(tmp_path: Path) -> None:
     to the run's total (the Mask2Former and backbone rows need the bench extra's transformers)."""
     out = tmp_path / "profile.json"
     has_hf = importlib.util.find_spec("transformers") is not None
-    sections = ["knet", "backbones"] if has_hf else ["knet"]
+    sections = ["knet", "knet-train", "backbones"] if has_hf else ["knet", "knet-train"]
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_swin_l.py"), "--tiny", "--sizes", "64x64",
                            "--repeats", "2", "--sections", *sections, "--threads", "1", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -326,6 +326,10 @@ def test_profile_swin_l_tiny_knet_components_add_up(tmp_path: Path) -> None:
     if has_hf:  # round robin: every backbone timed once per round
         assert [len(r["runs_ms"]) for r in entry["backbones"]] == [2, 2, 2]
         assert all(r["min_ms"] <= r["total_ms"] for r in entry["backbones"])
+    train = entry["knet_train"]
+    assert list(train["parts_ms"]) == list(common.TRAIN_PARTS) and train["total_ms"] > 0
+    assert all(train["parts_ms"][k] > 0 for k in ("backbone", "fpn_neck", "losses", "backward", "optimizer"))
+    assert "K-Net Swin-T training step" in proc.stdout
     rows = entry["knet"]
     assert [r["layout"] for r in rows] == ["nchw", "channels-last"] and rows[0]["model"] == "K-Net Swin-T"
     for row in rows:
