@@ -116,24 +116,24 @@ def backbone_rows(ctx: Context, size: tuple[int, int], repeats: int) -> list[dic
     rows = []
     tiny = ctx.profile.name == "tiny"
     ours = OurSwin(arch="tiny" if tiny else "large", window_size=7, drop_path_rate=0.0).to(ctx.device).eval()
-    candidates: list[tuple[str, Any, Any]] = [("ours (window 7)", ours, lambda: ours(images))]
+    candidates: list[tuple[str, Any]] = [("ours (window 7)", lambda: ours(images))]
     dims = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24]) if tiny else \
         dict(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48])  # fmt: skip
     for window in (7, 12):
         config = SwinConfig(**dims, window_size=window, out_features=["stage1", "stage2", "stage3", "stage4"])
         hf = SwinBackbone(config).to(ctx.device).eval()
-        candidates.append((f"transformers SwinBackbone (window {window})", hf, lambda hf=hf: hf(images)))
+        candidates.append((f"transformers SwinBackbone (window {window})", lambda hf=hf: hf(images)))
     # round robin, one forward of each per round: a slow spell of a shared host (here +-20% over
     # minutes) then hits every backbone alike, and the ratios stay comparable
-    runs: dict[str, list[float]] = {name: [] for name, _, _ in candidates}
+    runs: dict[str, list[float]] = {name: [] for name, _ in candidates}
     with torch.inference_mode():
         for round_ in range(repeats + 1):  # round 0: warm-up
-            for name, _, call in candidates:
+            for name, call in candidates:
                 start = time.perf_counter()
                 call()
                 if round_:
                     runs[name].append((time.perf_counter() - start) * 1e3)
-    for name, _, _ in candidates:
+    for name in runs:
         rows.append({"backbone": name, "total_ms": statistics.median(runs[name]), "min_ms": min(runs[name]),
                      "runs_ms": runs[name]})  # fmt: skip
     return rows

@@ -4,7 +4,6 @@ batches, reported as ratios K-Net / Mask2Former."""
 
 from __future__ import annotations
 
-import contextlib
 import gc
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +13,7 @@ from torch import nn
 
 from .common import NUM_CLASSES, Context, Profile, count_params, make_batch
 from .model import autocast
-from .timing import PartTimer, PeakMemory, measure
+from .timing import PartTimer, PeakMemory, measure, part_of
 
 
 def build_mask2former(profile: Profile, device: torch.device, seed: int) -> nn.Module:
@@ -81,7 +80,7 @@ def m2f_steps(
     class_labels = [t["labels"] for t in targets]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
 
-    part = timer.part if timer is not None else (lambda name: contextlib.nullcontext())
+    part = part_of(timer)
 
     def infer() -> None:
         with torch.inference_mode():

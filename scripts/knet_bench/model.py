@@ -23,7 +23,7 @@ from knet_lightning.runtime.memory_format import prefers_channels_last
 from knet_lightning.training.optim import OptimizerSettings, build_optimizer
 
 from .common import NUM_STUFF, NUM_THINGS, Context
-from .timing import PartTimer
+from .timing import PartTimer, part_of
 
 
 def build_knet(ctx: Context, num_proposals: int, num_stages: int, **net_kwargs: Any) -> KNetModule:
@@ -101,7 +101,7 @@ def knet_infer_step(
     """Forward + panoptic post-processing of every image (the module's task object, as
     validation runs it), under ``inference_mode``."""
     size = tuple(images.shape[-2:])
-    part = timer.part if timer is not None else (lambda name: contextlib.nullcontext())
+    part = part_of(timer)
 
     def step() -> None:
         with torch.inference_mode():
@@ -126,7 +126,7 @@ def knet_train_step(
 
     The criterion and matching parts come from the hooks of :func:`attach_knet`.
     """
-    part = timer.part if timer is not None else (lambda name: contextlib.nullcontext())
+    part = part_of(timer)
 
     def step() -> None:
         with autocast(images.device, amp_dtype):

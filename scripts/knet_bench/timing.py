@@ -76,6 +76,11 @@ class PartTimer:
         self._handles.clear()
 
 
+def part_of(timer: PartTimer | None) -> Callable[[str], contextlib.AbstractContextManager]:
+    """``timer.part``, or a block that times nothing where there is no timer."""
+    return timer.part if timer is not None else (lambda name: contextlib.nullcontext())
+
+
 def measure(
     step: Callable[[], Any],
     device: torch.device,
