@@ -9,7 +9,9 @@ the CPU), and K-Net R101-DCN against R50 (issue 30, item 3).
 forward and forward + backward (input, offsets and weight gradients) of both, and their largest
 relative difference. ``models``: K-Net R50 and R101-DCN panoptic (the bench's ``zoo`` models)
 inference (forward + post-processing) and training step (forward, losses, backward, AdamW), fp32,
-median of ``--repeats`` after one warm-up. Prints a table and writes the JSON.
+median of ``--repeats`` rounds after one warm-up round, one step of each model per round (a
+shared host drifts by +-20% over minutes; this way the ratio holds). Prints a table and writes
+the JSON.
 """
 
 from __future__ import annotations
@@ -73,24 +75,28 @@ def op_rows(size: int, repeats: int, tiny: bool) -> list[dict[str, Any]]:
 def model_rows(size: int, repeats: int, tiny: bool) -> list[dict[str, Any]]:
     from knet_bench.common import PROFILES, Context, make_batch
     from knet_bench.model import build_knet, knet_infer_step, knet_train_step, make_optimizer
+    from knet_bench.timing import round_robin
     from knet_bench.zoo import zoo_models
 
     profile = PROFILES["tiny" if tiny else "full"]
     ctx = Context(profile=profile, device=torch.device("cpu"), seed=0, results={})
     models = zoo_models(profile)
     names = ["R50-DCN (1/4 width)"] if tiny else ["R50", "R101-DCN"]
-    rows = []
-    for name in names:
-        module = build_knet(ctx, profile.num_proposals, profile.num_stages, **models[name])
-        images, targets = make_batch(profile, (size, size), 1, ctx.device, ctx.seed)
+    images, targets = make_batch(profile, (size, size), 1, ctx.device, ctx.seed)
+    modules = {name: build_knet(ctx, profile.num_proposals, profile.num_stages, **models[name]) for name in names}
+    # one step of each model per round, so that the R101-DCN / R50 ratios survive the host's drift
+    for module in modules.values():
         module.eval()
-        infer = timed(knet_infer_step(module, images, None), repeats)
+    infer = round_robin([(n, knet_infer_step(m, images, None)) for n, m in modules.items()], ctx.device, repeats)
+    for module in modules.values():
         module.train()
-        optimizer = make_optimizer(module)
-        train = timed(knet_train_step(module, optimizer, images, targets, None), repeats)
-        rows.append({"model": f"K-Net {name}", "size": size, "infer_ms": infer, "train_ms": train})
-        del module, optimizer
-    return rows
+    steps = [(n, knet_train_step(m, make_optimizer(m), images, targets, None)) for n, m in modules.items()]
+    train = round_robin(steps, ctx.device, repeats)
+    return [
+        {"model": f"K-Net {name}", "size": size, "infer_ms": infer[name]["total_ms"], "train_ms": train[name]["total_ms"],
+         "infer_runs_ms": infer[name]["runs_ms"], "train_runs_ms": train[name]["runs_ms"]}
+        for name in names
+    ]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

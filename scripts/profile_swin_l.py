@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from knet_bench.common import PROFILES, TRAIN_PARTS, Context, make_batch  # noqa: E402
 from knet_bench.model import attach_knet, build_knet, in_layout, knet_train_step, make_optimizer  # noqa: E402
-from knet_bench.timing import PartTimer, breakdown, measure  # noqa: E402
+from knet_bench.timing import PartTimer, breakdown, measure, round_robin  # noqa: E402
 from knet_bench.zoo import build_mask2former_swin, zoo_models  # noqa: E402
 
 
@@ -123,19 +121,10 @@ def backbone_rows(ctx: Context, size: tuple[int, int], repeats: int) -> list[dic
         config = SwinConfig(**dims, window_size=window, out_features=["stage1", "stage2", "stage3", "stage4"])
         hf = SwinBackbone(config).to(ctx.device).eval()
         candidates.append((f"transformers SwinBackbone (window {window})", lambda hf=hf: hf(images)))
-    # round robin, one forward of each per round: a slow spell of a shared host (here +-20% over
-    # minutes) then hits every backbone alike, and the ratios stay comparable
-    runs: dict[str, list[float]] = {name: [] for name, _ in candidates}
     with torch.inference_mode():
-        for round_ in range(repeats + 1):  # round 0: warm-up
-            for name, call in candidates:
-                start = time.perf_counter()
-                call()
-                if round_:
-                    runs[name].append((time.perf_counter() - start) * 1e3)
-    for name in runs:
-        rows.append({"backbone": name, "total_ms": statistics.median(runs[name]), "min_ms": min(runs[name]),
-                     "runs_ms": runs[name]})  # fmt: skip
+        timed = round_robin(candidates, ctx.device, repeats)
+    for name, result in timed.items():
+        rows.append({"backbone": name, **result})
     return rows
 
 

@@ -230,6 +230,29 @@ def test_breakdown_splits_criterion_and_closes_the_sum() -> None:
     assert parts["other"] == pytest.approx(100.0 - 40.0 - 25.0 - 20.0)
 
 
+def test_round_robin_interleaves_the_steps_and_drops_the_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One run of each step per round, round 0 untimed: a slow spell of the host (round 2 runs 3x
+    slower) hits both steps alike, and the medians keep their 1 : 2 ratio."""
+    now = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    calls: list[str] = []
+    slowdown = [10.0, 1.0, 3.0, 1.0]  # per round; round 0 is the warm-up
+
+    def step(name: str, ms: float) -> tuple[str, Any]:
+        def run() -> None:
+            now[0] += ms * 1e-3 * slowdown[calls.count(name)]
+            calls.append(name)
+
+        return name, run
+
+    result = timing.round_robin([step("a", 1.0), step("b", 2.0)], torch.device("cpu"), repeats=3)
+    assert calls == ["a", "b"] * 4
+    assert result["a"]["runs_ms"] == pytest.approx([1.0, 3.0, 1.0])
+    assert result["b"]["runs_ms"] == pytest.approx([2.0, 6.0, 2.0])
+    assert result["a"]["total_ms"] == pytest.approx(1.0) and result["b"]["total_ms"] == pytest.approx(2.0)
+    assert result["b"]["min_ms"] == pytest.approx(2.0)
+
+
 @pytest.mark.parametrize(
     "argv",
     [["--quick", "--tiny"], ["--sections", "nope"], ["--threads", "0"], ["--device", "tpu"]],
