@@ -377,3 +377,37 @@ def test_auto_method_picks_sparse_for_smooth_outputs_and_dense_for_noise(monkeyp
     calls.clear()
     panoptic_inference(smooth[:, :16, :16], cls_logits, 7, 35, (64, 64), (64, 64), (64, 64))  # 40 x 64 x 64: small
     assert calls == ["dense"]
+
+
+@pytest.mark.parametrize("image_size,padded_size,output_size", CHAINS)
+def test_both_dense_folds_equal_the_official_argmax_and_areas(
+    image_size: tuple[int, int], padded_size: tuple[int, int], output_size: tuple[int, int]
+) -> None:
+    """The CPU's map-by-map fold and the GPU's whole-chunk fold both give torch.argmax of the
+    official ``score * prob`` maps (the first kernel on ties) and the official ``prob >= 0.5`` areas."""
+    import knet_lightning.postprocess.merge as pp
+
+    gen = torch.Generator().manual_seed(4)
+    for trial in range(4):
+        mask_logits, cls_logits = _random_outputs(gen, trial, num_kernels=20)
+        if trial == 2:  # kernels 10-19 copy 0-9: exact ties wherever they lead
+            mask_logits[10:], cls_logits[10:] = mask_logits[:10], cls_logits[:10]
+        if trial == 3:  # every prob exactly 0.5, every score equal: all ties, every area on the threshold
+            mask_logits.zero_()
+            cls_logits.zero_()
+        probs = F.interpolate(mask_logits[None].sigmoid(), size=padded_size, mode="bilinear", align_corners=False)
+        probs = probs[:, :, : image_size[0], : image_size[1]]
+        probs = F.interpolate(probs, size=output_size, mode="bilinear", align_corners=False)[0]
+        scores = cls_logits.sigmoid().max(1).values
+        cur = scores[:, None, None] * probs
+        for fold, chunk in ((pp._fold_maps, 8), (pp._fold_chunk, 32)):
+            best = torch.full(output_size, -1.0)
+            owner = torch.zeros(output_size, dtype=torch.long)
+            kernels = torch.arange(20)
+            chunks = pp.rescale_probs_chunks(mask_logits, image_size, padded_size, output_size, chunk)
+            area = torch.cat(
+                [fold(p, scores[s : s + len(p)], kernels[s : s + len(p)], 0.5, best, owner) for s, p in chunks]
+            )
+            assert torch.equal(owner, cur.argmax(0)), fold.__name__
+            assert torch.equal(best, cur.max(0).values)
+            assert torch.equal(area, (probs >= 0.5).flatten(1).sum(1))

@@ -61,6 +61,43 @@ def _possible_owners(mask_logits: Tensor, scores: Tensor, margin: float = 1e-5) 
     return possible.nonzero().flatten()
 
 
+# Kernels rescaled at once by the CPU's dense merge: 8 maps of 512 x 512 (8 MB) are still in
+# the cache when the per-kernel passes read them; chunks of 32 measured 1.5x slower (issue 30).
+_CPU_DENSE_CHUNK = 8
+
+
+def _fold_chunk(probs: Tensor, scores: Tensor, kernels: Tensor, mask_thr: float, best: Tensor, owner: Tensor) -> Tensor:
+    """Folds a chunk of rescaled maps into the running argmax, in whole-chunk ops (GPUs).
+
+    ``probs`` ``(n, H, W)``, ``scores`` and ``kernels`` ``(n,)``; ``best`` and ``owner``
+    ``(H, W)`` are updated in place. Returns the chunk's ``prob >= mask_thr`` areas ``(n,)``.
+    """
+    # summing floats is about twice as fast as summing bools here
+    area = (probs >= mask_thr).flatten(1).to(exact_count_dtype(probs[0].numel())).sum(1).long()
+    chunk_best, chunk_arg = (scores[:, None, None] * probs).max(dim=0)
+    # strict '>' keeps the first maximum, like torch.argmax over all kernels at once
+    better = chunk_best > best
+    torch.where(better, chunk_best, best, out=best)
+    torch.where(better, kernels[chunk_arg], owner, out=owner)
+    return area
+
+
+def _fold_maps(probs: Tensor, scores: Tensor, kernels: Tensor, mask_thr: float, best: Tensor, owner: Tensor) -> Tensor:
+    """:func:`_fold_chunk` one map at a time, for the CPU: every pass reads a map the cache still
+    holds and writes into reused buffers, where the chunk's ops each stream its ``n x H x W``
+    values through memory (2x faster on a noisy 153-kernel merge at 512 x 512)."""
+    area = torch.empty(len(kernels), dtype=torch.long)
+    mask = torch.empty(best.shape, dtype=torch.bool)
+    for j, kernel in enumerate(kernels.tolist()):
+        prob = probs[j]
+        area[j] = torch.count_nonzero(torch.ge(prob, mask_thr, out=mask))
+        prob.mul_(scores[j])
+        torch.gt(prob, best, out=mask)
+        torch.where(mask, prob, best, out=best)
+        owner.masked_fill_(mask, kernel)
+    return area
+
+
 def _merge_dense(
     mask_logits: Tensor,
     scores: Tensor,
@@ -78,28 +115,21 @@ def _merge_dense(
     kernels that can own a pixel, when already known (else found here if ``prune``).
     """
     num_kernels, device = mask_logits.shape[0], mask_logits.device
-    img, pad, out = image_size, padded_size, output_size
     # Only kernels that can win some pixel need the full-resolution work; the others
     # never own a pixel and are never kept, so the result is the same without them.
     if candidates is None:
         candidates = _possible_owners(mask_logits, scores) if prune else torch.arange(num_kernels, device=device)
 
-    # Running argmax of score * prob over kernel chunks; strict '>' keeps the first
-    # maximum, like torch.argmax over all kernels at once.
-    best = torch.full(out, -1.0, device=device)
-    owner = torch.zeros(out, dtype=torch.long, device=device)
+    # Running argmax of score * prob over the candidates, in their order.
+    best = torch.full(output_size, -1.0, device=device)
+    owner = torch.zeros(output_size, dtype=torch.long, device=device)
     area_orig = torch.zeros(num_kernels, dtype=torch.long, device=device)
     cand_scores = scores[candidates]
-    for start, probs in rescale_probs_chunks(mask_logits[candidates], img, pad, out):
-        n = probs.shape[0]
-        # summing floats is about twice as fast as summing bools here
-        count_dtype = exact_count_dtype(probs[0].numel())
-        area_orig[candidates[start : start + n]] = (probs >= mask_thr).flatten(1).to(count_dtype).sum(1).long()
-        cur_prob = cand_scores[start : start + n, None, None] * probs
-        chunk_best, chunk_arg = cur_prob.max(dim=0)
-        better = chunk_best > best
-        best = torch.where(better, chunk_best, best)
-        owner = torch.where(better, candidates[chunk_arg + start], owner)
+    fold, chunk = (_fold_chunk, RESCALE_CHUNK) if mask_logits.is_cuda else (_fold_maps, _CPU_DENSE_CHUNK)
+    chunks = rescale_probs_chunks(mask_logits[candidates], image_size, padded_size, output_size, chunk)
+    for start, probs in chunks:
+        kernels = candidates[start : start + probs.shape[0]]
+        area_orig[kernels] = fold(probs, cand_scores[start : start + len(kernels)], kernels, mask_thr, best, owner)
     return owner, area_orig
 
 

@@ -73,10 +73,12 @@ def rescale_probs_chunks(
     image_size: tuple[int, int],
     padded_size: tuple[int, int],
     output_size: tuple[int, int],
+    chunk_size: int = RESCALE_CHUNK,
 ) -> Iterator[tuple[int, Tensor]]:
-    """Yield ``(start, probs)`` with ``probs`` ``(n, H, W)`` rescaled sigmoid masks, chunk by chunk."""
-    for start in range(0, mask_logits.shape[0], RESCALE_CHUNK):
-        chunk = mask_logits[start : start + RESCALE_CHUNK].float().sigmoid()
+    """Yield ``(start, probs)`` with ``probs`` ``(n, H, W)`` rescaled sigmoid masks, ``n <=
+    chunk_size`` kernels at a time."""
+    for start in range(0, mask_logits.shape[0], chunk_size):
+        chunk = mask_logits[start : start + chunk_size].float().sigmoid()
         yield start, rescale_maps(chunk, image_size, padded_size, output_size)
 
 
