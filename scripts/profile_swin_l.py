@@ -15,7 +15,10 @@ forward only under ``inference_mode`` except ``knet-train``:
 - ``backbones``: our ``SwinBackbone`` alone against ``transformers``' ``SwinBackbone`` with the
   same configuration (Swin-L, window 7) and with Mask2Former's (window 12), one forward of each in
   turn per round (median and minimum over the rounds). Times do not depend on the weights'
-  values, so each has its own random ones.
+  values, so each has its own random ones;
+- ``ratios`` (not in the default run): K-Net Swin-L against Mask2Former Swin-L, inference and
+  training step as the bench's ``zoo`` times them, one step of each per round (median of the
+  per-round ratios): the issue's target ratios without the host's drift between the zoo's rows.
 
 Prints a table and writes the JSON (needs the ``bench`` extra: ``pip install -e '.[bench]'``).
 ``--tiny`` (Swin-T, the bench's tiny Mask2Former; ``--sizes 64x64``) is the smoke test of
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from knet_bench.common import PROFILES, TRAIN_PARTS, Context, make_batch  # noqa: E402
-from knet_bench.model import attach_knet, build_knet, in_layout, knet_train_step, make_optimizer  # noqa: E402
+from knet_bench.mask2former import m2f_steps  # noqa: E402
+from knet_bench.model import (  # noqa: E402
+    attach_knet,
+    build_knet,
+    in_layout,
+    knet_infer_step,
+    knet_train_step,
+    make_optimizer,
+)
 from knet_bench.timing import PartTimer, breakdown, measure, round_robin  # noqa: E402
 from knet_bench.zoo import build_mask2former_swin, zoo_models  # noqa: E402
 
@@ -128,13 +140,50 @@ def backbone_rows(ctx: Context, size: tuple[int, int], repeats: int) -> list[dic
     return rows
 
 
+def ratio_rows(ctx: Context, size: tuple[int, int], repeats: int) -> dict[str, Any]:
+    """K-Net Swin-L against Mask2Former Swin-L as the bench's ``zoo`` times them (inference with
+    each one's panoptic post-processing; training step with each one's loss, backward and AdamW),
+    one step of each per round, inference rounds first: the ratios the issue's targets name, free
+    of the host's drift between the zoo's back-to-back rows."""
+    from transformers import Mask2FormerImageProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its post-processing warns on every call
+    name = "Swin-T" if ctx.profile.name == "tiny" else "Swin-L"
+    knet = build_knet(ctx, ctx.profile.num_proposals, ctx.profile.num_stages, **zoo_models(ctx.profile)[name])
+    m2f = build_mask2former_swin(ctx.profile, ctx.device, ctx.seed)
+    images, targets = make_batch(ctx.profile, size, 1, ctx.device, ctx.seed)
+    ctx.memory_format = "auto"
+    knet.eval()
+    m2f.eval()
+    m2f_infer, m2f_train = m2f_steps(m2f, Mask2FormerImageProcessor(), images, targets, size)
+    knet_infer = knet_infer_step(knet, in_layout(ctx, knet, images, training=False), None)
+    infer = round_robin([("knet", knet_infer), ("mask2former", m2f_infer)], ctx.device, repeats)
+    knet.train()
+    m2f.train()
+    knet_train = knet_train_step(knet, make_optimizer(knet), in_layout(ctx, knet, images, training=True), targets, None)
+    train = round_robin([("knet", knet_train), ("mask2former", m2f_train)], ctx.device, repeats)
+    other = "Mask2Former Swin (HF, tiny)" if ctx.profile.name == "tiny" else "Mask2Former Swin-L (HF)"
+    row: dict[str, Any] = {"model": f"K-Net {name} / {other}"}
+    for kind, timed in (("infer", infer), ("train", train)):
+        row[f"knet_{kind}_ms"], row[f"m2f_{kind}_ms"] = timed["knet"]["total_ms"], timed["mask2former"]["total_ms"]
+        row[f"knet_{kind}_runs_ms"], row[f"m2f_{kind}_runs_ms"] = (
+            timed["knet"]["runs_ms"],
+            timed["mask2former"]["runs_ms"],
+        )
+        row[f"{kind}_ratio"] = statistics.median(
+            k / m for k, m in zip(timed["knet"]["runs_ms"], timed["mask2former"]["runs_ms"])
+        )
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["512x512", "800x1216"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sections", nargs="+", default=["knet", "mask2former", "backbones"],
-                        choices=["knet", "knet-train", "mask2former", "backbones"])  # fmt: skip
+                        choices=["knet", "knet-train", "mask2former", "backbones", "ratios"])  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("profile_swin_l.json"))
     parser.add_argument("--tiny", action="store_true", help="Swin-T and the bench's tiny Mask2Former (a smoke test)")
     args = parser.parse_args(argv)
@@ -154,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             entry["mask2former"] = mask2former_row(ctx, size, args.repeats)
         if "backbones" in args.sections:
             entry["backbones"] = backbone_rows(ctx, size, args.repeats)
+        if "ratios" in args.sections:
+            entry["ratios"] = ratio_rows(ctx, size, args.repeats)
         record["sizes"][text] = entry
         args.out.write_text(json.dumps(record, indent=2))
         singles = [entry[k] for k in ("knet_train", "mask2former") if k in entry]
@@ -162,6 +213,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{text} {row['model']} {row.get('layout', '')}: {row['total_ms']:.0f} ms ({parts})")
         for row in entry.get("backbones", []):
             print(f"{text} backbone {row['backbone']}: {row['total_ms']:.0f} ms (min {row['min_ms']:.0f})")
+        if "ratios" in entry:
+            r = entry["ratios"]
+            print(f"{text} {r['model']}: inference {r['knet_infer_ms']:.0f} / {r['m2f_infer_ms']:.0f} ms "
+                  f"({r['infer_ratio']:.2f}x), training step {r['knet_train_ms']:.0f} / {r['m2f_train_ms']:.0f} ms "
+                  f"({r['train_ratio']:.2f}x)")  # fmt: skip
     print(f"wrote {args.out}")
     return 0
 

@@ -337,10 +337,10 @@ def test_a_failing_section_is_reported_and_the_others_still_run(
 
 def test_profile_swin_l_tiny_knet_components_add_up(tmp_path: Path) -> None:
     """scripts/profile_swin_l.py --tiny (Swin-T): K-Net's components in both layouts, which add up
-    to the run's total (the Mask2Former and backbone rows need the bench extra's transformers)."""
+    to the run's total (the Mask2Former, backbone and ratio rows need the bench extra's transformers)."""
     out = tmp_path / "profile.json"
     has_hf = importlib.util.find_spec("transformers") is not None
-    sections = ["knet", "knet-train", "backbones"] if has_hf else ["knet", "knet-train"]
+    sections = ["knet", "knet-train", "backbones", "ratios"] if has_hf else ["knet", "knet-train"]
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_swin_l.py"), "--tiny", "--sizes", "64x64",
                            "--repeats", "2", "--sections", *sections, "--threads", "1", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -349,6 +349,11 @@ def test_profile_swin_l_tiny_knet_components_add_up(tmp_path: Path) -> None:
     if has_hf:  # round robin: every backbone timed once per round
         assert [len(r["runs_ms"]) for r in entry["backbones"]] == [2, 2, 2]
         assert all(r["min_ms"] <= r["total_ms"] for r in entry["backbones"])
+        ratios = entry["ratios"]  # K-Net Swin-T against the tiny Mask2Former, round robin
+        assert ratios["model"] == "K-Net Swin-T / Mask2Former Swin (HF, tiny)"
+        assert all(ratios[f"{m}_{k}_ms"] > 0 for m in ("knet", "m2f") for k in ("infer", "train"))
+        assert ratios["infer_ratio"] > 0 and ratios["train_ratio"] > 0
+        assert "inference" in proc.stdout and "training step" in proc.stdout
     train = entry["knet_train"]
     assert list(train["parts_ms"]) == list(common.TRAIN_PARTS) and train["total_ms"] > 0
     assert all(train["parts_ms"][k] > 0 for k in ("backbone", "fpn_neck", "losses", "backward", "optimizer"))
