@@ -10,14 +10,15 @@ forward and forward + backward (input, offsets and weight gradients) of both, an
 relative difference. ``models``: K-Net R50 and R101-DCN panoptic (the bench's ``zoo`` models)
 inference (forward + post-processing) and training step (forward, losses, backward, AdamW), fp32,
 median of ``--repeats`` rounds after one warm-up round, one step of each model per round (a
-shared host drifts by +-20% over minutes; this way the ratio holds). Prints a table and writes
-the JSON.
+shared host drifts by +-20% over minutes; this way the ratio holds), and R101-DCN's ratios to R50
+as the median of the per-round ratios. Prints a table and writes the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -92,11 +93,16 @@ def model_rows(size: int, repeats: int, tiny: bool) -> list[dict[str, Any]]:
         module.train()
     steps = [(n, knet_train_step(m, make_optimizer(m), images, targets, None)) for n, m in modules.items()]
     train = round_robin(steps, ctx.device, repeats)
-    return [
-        {"model": f"K-Net {name}", "size": size, "infer_ms": infer[name]["total_ms"], "train_ms": train[name]["total_ms"],
-         "infer_runs_ms": infer[name]["runs_ms"], "train_runs_ms": train[name]["runs_ms"]}
-        for name in names
-    ]  # fmt: skip
+    rows = []
+    for name in names:
+        row = {"model": f"K-Net {name}", "size": size, "infer_ms": infer[name]["total_ms"],
+               "train_ms": train[name]["total_ms"], "infer_runs_ms": infer[name]["runs_ms"],
+               "train_runs_ms": train[name]["runs_ms"]}  # fmt: skip
+        for kind in ("infer", "train"):  # the median of the per-round ratios to the first model
+            pairs = zip(row[f"{kind}_runs_ms"], rows[0][f"{kind}_runs_ms"] if rows else row[f"{kind}_runs_ms"])
+            row[f"{kind}_ratio"] = statistics.median(mine / first for mine, first in pairs)
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     if "models" in args.sections:
         record["models"] = model_rows(size, args.repeats, args.tiny)
         for r in record["models"]:
-            print(
-                f"{r['model']} {r['size']}x{r['size']}: inference {r['infer_ms']:.0f} ms, train step {r['train_ms']:.0f} ms"
-            )
+            first = record["models"][0]["model"]
+            print(f"{r['model']} {r['size']}x{r['size']}: inference {r['infer_ms']:.0f} ms ({r['infer_ratio']:.2f}x "
+                  f"{first}), train step {r['train_ms']:.0f} ms ({r['train_ratio']:.2f}x)")  # fmt: skip
     args.out.write_text(json.dumps(record, indent=2))
     print(f"wrote {args.out}")
     return 0

@@ -140,11 +140,12 @@ def backbone_rows(ctx: Context, size: tuple[int, int], repeats: int) -> list[dic
     return rows
 
 
-def ratio_rows(ctx: Context, size: tuple[int, int], repeats: int) -> dict[str, Any]:
+def ratio_rows(ctx: Context, size: tuple[int, int], repeats: int, settle: int = 1) -> dict[str, Any]:
     """K-Net Swin-L against Mask2Former Swin-L as the bench's ``zoo`` times them (inference with
     each one's panoptic post-processing; training step with each one's loss, backward and AdamW),
     one step of each per round, inference rounds first: the ratios the issue's targets name, free
-    of the host's drift between the zoo's back-to-back rows."""
+    of the host's drift between the zoo's back-to-back rows. ``settle`` untimed steps precede each
+    timed one, so each model is timed in its own steady state, as the zoo times it alone."""
     from transformers import Mask2FormerImageProcessor
     from transformers.utils import logging as hf_logging
 
@@ -158,11 +159,11 @@ def ratio_rows(ctx: Context, size: tuple[int, int], repeats: int) -> dict[str, A
     m2f.eval()
     m2f_infer, m2f_train = m2f_steps(m2f, Mask2FormerImageProcessor(), images, targets, size)
     knet_infer = knet_infer_step(knet, in_layout(ctx, knet, images, training=False), None)
-    infer = round_robin([("knet", knet_infer), ("mask2former", m2f_infer)], ctx.device, repeats)
+    infer = round_robin([("knet", knet_infer), ("mask2former", m2f_infer)], ctx.device, repeats, settle)
     knet.train()
     m2f.train()
     knet_train = knet_train_step(knet, make_optimizer(knet), in_layout(ctx, knet, images, training=True), targets, None)
-    train = round_robin([("knet", knet_train), ("mask2former", m2f_train)], ctx.device, repeats)
+    train = round_robin([("knet", knet_train), ("mask2former", m2f_train)], ctx.device, repeats, settle)
     other = "Mask2Former Swin (HF, tiny)" if ctx.profile.name == "tiny" else "Mask2Former Swin-L (HF)"
     row: dict[str, Any] = {"model": f"K-Net {name} / {other}"}
     for kind, timed in (("infer", infer), ("train", train)):

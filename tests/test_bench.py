@@ -253,6 +253,26 @@ def test_round_robin_interleaves_the_steps_and_drops_the_warm_up(monkeypatch: py
     assert result["b"]["min_ms"] == pytest.approx(2.0)
 
 
+def test_round_robin_settles_each_step_untimed_before_timing_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """settle=1: every timed run follows an untimed one of the same step (its own steady state),
+    and only the timed runs count: here the settling runs take 100 ms, the timed ones 1 ms."""
+    now = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    calls: list[str] = []
+
+    def step(name: str) -> tuple[str, Any]:
+        def run() -> None:
+            previous = calls[-1] if calls else None
+            now[0] += 1e-3 if previous == name else 0.1  # a run right after itself is fast
+            calls.append(name)
+
+        return name, run
+
+    result = timing.round_robin([step("a"), step("b")], torch.device("cpu"), repeats=2, settle=1)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2
+    assert result["a"]["runs_ms"] == pytest.approx([1.0, 1.0]) and result["b"]["runs_ms"] == pytest.approx([1.0, 1.0])
+
+
 @pytest.mark.parametrize(
     "argv",
     [["--quick", "--tiny"], ["--sections", "nope"], ["--threads", "0"], ["--device", "tpu"]],

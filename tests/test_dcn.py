@@ -353,3 +353,4 @@ def test_bench_dcn_tiny_reports_both_implementations(tmp_path: Path) -> None:
         assert row["max_rel_diff"] < 1e-5
     assert [r["model"] for r in record["models"]] == ["K-Net R50-DCN (1/4 width)"]
     assert record["models"][0]["infer_ms"] > 0 and record["models"][0]["train_ms"] > 0
+    assert record["models"][0]["infer_ratio"] == 1.0 and record["models"][0]["train_ratio"] == 1.0  # to itself

@@ -133,17 +133,23 @@ def measure(
 
 
 def round_robin(
-    steps: Sequence[tuple[str, Callable[[], Any]]], device: torch.device, repeats: int
+    steps: Sequence[tuple[str, Callable[[], Any]]], device: torch.device, repeats: int, settle: int = 0
 ) -> dict[str, dict[str, Any]]:
     """Median and minimum milliseconds of each named step, timed one run of each per round.
 
     A slow spell of a shared host (+-20% over minutes on the AMD machine) then hits every step
     alike, so their ratios hold where back-to-back medians of :func:`measure` drift apart.
-    Round 0 is the warm-up. Returns ``{name: {total_ms, min_ms, runs_ms}}``.
+    Round 0 is the warm-up. ``settle`` untimed runs of a step precede each of its timed runs,
+    so that it is timed in its own steady state (its memory back in the allocator's pools, its
+    weights in the cache) rather than in the state the previous step left: a model that
+    allocates more otherwise pays page faults a model timed alone does not.
+    Returns ``{name: {total_ms, min_ms, runs_ms}}``.
     """
     runs: dict[str, list[float]] = {name: [] for name, _ in steps}
     for round_ in range(repeats + 1):
         for name, step in steps:
+            for _ in range(settle if round_ else 0):
+                step()
             _sync(device)
             start = time.perf_counter()
             step()
@@ -151,7 +157,6 @@ def round_robin(
             if round_:
                 runs[name].append((time.perf_counter() - start) * 1e3)
     return {name: {"total_ms": statistics.median(ms), "min_ms": min(ms), "runs_ms": ms} for name, ms in runs.items()}
-
 
 def breakdown(result: dict[str, Any], order: Sequence[str]) -> dict[str, float]:
     """Parts in ``order``: ``losses`` = criterion - matching; ``other`` = the run's total - the rest."""
