@@ -51,7 +51,8 @@ def sampled_deform_conv2d(
     grid = torch.stack((xx * (2.0 / (w - 1)) - 1.0, y * (2.0 / (h - 1)) - 1.0), dim=-1)
     # grid_sample's CPU kernel splits its work over the batch only, so one image would run on one
     # thread: each tap gets its own "image", a stride-0 view of the same input (no copy), which
-    # makes B * G * taps work items (forward 2.5x faster at c3, 1.2x at c4 on 2 threads).
+    # makes B * G * taps work items (R101-DCN's strided c3 conv: forward 1.6x faster on 2 threads,
+    # scripts/bench_dcn.py).
     source = x.reshape(b * groups, 1, c // groups, h, w).expand(-1, taps, -1, -1, -1)
     sampled = F.grid_sample(
         source.reshape(b * groups * taps, c // groups, h, w), grid.view(b * groups * taps, h_out, w_out, 2),

@@ -61,8 +61,8 @@ def _possible_owners(mask_logits: Tensor, scores: Tensor, margin: float = 1e-5) 
     return possible.nonzero().flatten()
 
 
-# Kernels rescaled at once by the CPU's dense merge: 8 maps of 512 x 512 (8 MB) are still in
-# the cache when the per-kernel passes read them; chunks of 32 measured 1.5x slower (issue 30).
+# Kernels rescaled at once by the CPU's dense merge: 8 maps of 512 x 512 (8 MB), about what a
+# cache holds when the per-kernel passes read them back.
 _CPU_DENSE_CHUNK = 8
 
 
@@ -85,7 +85,7 @@ def _fold_chunk(probs: Tensor, scores: Tensor, kernels: Tensor, mask_thr: float,
 def _fold_maps(probs: Tensor, scores: Tensor, kernels: Tensor, mask_thr: float, best: Tensor, owner: Tensor) -> Tensor:
     """:func:`_fold_chunk` one map at a time, for the CPU: every pass reads a map the cache still
     holds and writes into reused buffers, where the chunk's ops each stream its ``n x H x W``
-    values through memory (2x faster on a noisy 153-kernel merge at 512 x 512)."""
+    values through memory (the dense merge 1.6-1.8x faster, ``scripts/bench.py --sections knet``)."""
     area = torch.empty(len(kernels), dtype=torch.long)
     mask = torch.empty(best.shape, dtype=torch.bool)
     for j, kernel in enumerate(kernels.tolist()):
