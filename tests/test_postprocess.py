@@ -411,3 +411,28 @@ def test_both_dense_folds_equal_the_official_argmax_and_areas(
             assert torch.equal(owner, cur.argmax(0)), fold.__name__
             assert torch.equal(best, cur.max(0).values)
             assert torch.equal(area, (probs >= 0.5).flatten(1).sum(1))
+
+
+@pytest.mark.parametrize("image_size,padded_size,output_size", CHAINS)
+def test_semantic_argmax_folds_equal_torch_argmax_with_ties(
+    image_size: tuple[int, int], padded_size: tuple[int, int], output_size: tuple[int, int]
+) -> None:
+    """The CPU's map-by-map fold (what semantic_inference runs here) and the GPU's chunk-wide fold
+    both equal torch.argmax of the official rescale chain, the first class winning ties."""
+    import knet_lightning.postprocess.merge as pp
+
+    gen = torch.Generator().manual_seed(5)
+    seg_logits = torch.randn(40, 16, 24, generator=gen)
+    seg_logits[20:] = seg_logits[:20]  # classes 20-39 copy 0-19: exact ties everywhere
+    seg_logits[5, :4] = 1e4  # one class leads a band by far
+    logits = F.interpolate(seg_logits[None], size=padded_size, mode="bilinear", align_corners=False)
+    logits = logits[:, :, : image_size[0], : image_size[1]]
+    expected = F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)[0].argmax(0)
+    assert (expected < 20).all()  # the ties went to the first copies
+    assert torch.equal(semantic_inference(seg_logits, image_size, padded_size, output_size), expected)
+    for by_map in (True, False):
+        best, arg = torch.full(output_size, float("-inf")), torch.zeros(output_size, dtype=torch.long)
+        for start in range(0, 40, 8):
+            chunk = pp.rescale_maps(seg_logits[start : start + 8], image_size, padded_size, output_size)
+            pp._fold_argmax(chunk, start, best, arg, by_map)
+        assert torch.equal(arg, expected), by_map

@@ -341,6 +341,23 @@ def instance_inference(
     return {"masks": masks, "scores": scores, "labels": labels}
 
 
+def _fold_argmax(maps: Tensor, start: int, best: Tensor, arg: Tensor, by_map: bool) -> None:
+    """Folds maps ``start .. start + n - 1`` ``(n, H, W)`` into the running ``best`` and ``arg``
+    ``(H, W)`` in place; strict '>' gives a tie to the first map, as torch.argmax. ``by_map``
+    (the CPU): one map at a time; else in whole-chunk ops (GPUs)."""
+    if not by_map:
+        chunk_best, chunk_arg = maps.max(dim=0)
+        better = chunk_best > best
+        torch.where(better, chunk_best, best, out=best)
+        torch.where(better, chunk_arg + start, arg, out=arg)
+        return
+    better = torch.empty(best.shape, dtype=torch.bool)
+    for j in range(maps.shape[0]):
+        torch.gt(maps[j], best, out=better)
+        torch.where(better, maps[j], best, out=best)
+        arg.masked_fill_(better, start + j)
+
+
 @torch.no_grad()
 def semantic_inference(
     seg_logits: Tensor,
@@ -364,19 +381,15 @@ def semantic_inference(
     if seg_logits.shape[0] == 0:
         raise ValueError("postprocess: `seg_logits` has no classes (C = 0)")
     img, pad, out = check_sizes(image_size, padded_size, output_size)
-    # Argmax only needs the running max over classes, so chunk over classes to bound memory.
-    best: Tensor | None = None
-    arg: Tensor | None = None
-    for start in range(0, seg_logits.shape[0], RESCALE_CHUNK):
-        logits = rescale_maps(seg_logits[start : start + RESCALE_CHUNK], img, pad, out)
-        chunk_best, chunk_arg = logits.max(dim=0)
-        if best is None or arg is None:
-            best, arg = chunk_best, chunk_arg
-        else:
-            better = chunk_best > best
-            best = torch.where(better, chunk_best, best)
-            arg = torch.where(better, chunk_arg + start, arg)
-    assert arg is not None  # C >= 1, so the loop ran
+    # Argmax only needs the running max over classes, so chunk over classes to bound memory;
+    # the CPU folds the maps one at a time, as the panoptic merge's _fold_maps does.
+    device = seg_logits.device
+    best = torch.full(out, float("-inf"), device=device)
+    arg = torch.zeros(out, dtype=torch.long, device=device)
+    chunk = RESCALE_CHUNK if seg_logits.is_cuda else _CPU_DENSE_CHUNK
+    for start in range(0, seg_logits.shape[0], chunk):
+        logits = rescale_maps(seg_logits[start : start + chunk], img, pad, out)
+        _fold_argmax(logits, start, best, arg, by_map=not seg_logits.is_cuda)
     return arg
 
 
