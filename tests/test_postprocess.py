@@ -383,8 +383,9 @@ def test_auto_method_picks_sparse_for_smooth_outputs_and_dense_for_noise(monkeyp
 def test_both_dense_folds_equal_the_official_argmax_and_areas(
     image_size: tuple[int, int], padded_size: tuple[int, int], output_size: tuple[int, int]
 ) -> None:
-    """The CPU's map-by-map fold and the GPU's whole-chunk fold both give torch.argmax of the
-    official ``score * prob`` maps (the first kernel on ties) and the official ``prob >= 0.5`` areas."""
+    """The dense merge folding one map at a time (the CPU's) and chunk-wide (the GPU's) both give
+    torch.argmax of the official ``score * prob`` maps (the first kernel on ties) and the
+    official ``prob >= 0.5`` areas, over all kernels and over a subset of candidates."""
     import knet_lightning.postprocess.merge as pp
 
     gen = torch.Generator().manual_seed(4)
@@ -395,22 +396,34 @@ def test_both_dense_folds_equal_the_official_argmax_and_areas(
         if trial == 3:  # every prob exactly 0.5, every score equal: all ties, every area on the threshold
             mask_logits.zero_()
             cls_logits.zero_()
-        probs = F.interpolate(mask_logits[None].sigmoid(), size=padded_size, mode="bilinear", align_corners=False)
-        probs = probs[:, :, : image_size[0], : image_size[1]]
-        probs = F.interpolate(probs, size=output_size, mode="bilinear", align_corners=False)[0]
         scores = cls_logits.sigmoid().max(1).values
-        cur = scores[:, None, None] * probs
-        for fold, chunk in ((pp._fold_maps, 8), (pp._fold_chunk, 32)):
-            best = torch.full(output_size, -1.0)
-            owner = torch.zeros(output_size, dtype=torch.long)
-            kernels = torch.arange(20)
-            chunks = pp.rescale_probs_chunks(mask_logits, image_size, padded_size, output_size, chunk)
-            area = torch.cat(
-                [fold(p, scores[s : s + len(p)], kernels[s : s + len(p)], 0.5, best, owner) for s, p in chunks]
-            )
-            assert torch.equal(owner, cur.argmax(0)), fold.__name__
-            assert torch.equal(best, cur.max(0).values)
-            assert torch.equal(area, (probs >= 0.5).flatten(1).sum(1))
+        for candidates in (torch.arange(20), torch.tensor([1, 4, 5, 11, 14, 15])):
+            # the official chain on the maps the merge rescales (a downsampling resize rounds a
+            # channel by its place in the call's vector lanes, so a subset is its own call)
+            probs = F.interpolate(mask_logits[candidates][None].sigmoid(), size=padded_size, mode="bilinear")
+            probs = probs[:, :, : image_size[0], : image_size[1]]
+            probs = F.interpolate(probs, size=output_size, mode="bilinear", align_corners=False)[0]
+            cur = scores[candidates, None, None] * probs
+            for by_map in (True, False):
+                args = (mask_logits, scores, image_size, padded_size, output_size, 0.5, False)
+                owner, area = pp._merge_dense(*args, candidates=candidates, by_map=by_map)
+                assert torch.equal(owner, candidates[cur.argmax(0)]), by_map
+                assert torch.equal(area[candidates], (probs >= 0.5).flatten(1).sum(1))
+
+
+@pytest.mark.parametrize("image_size,padded_size,output_size", CHAINS)
+def test_rescaling_in_chunks_of_8_equals_one_call(
+    image_size: tuple[int, int], padded_size: tuple[int, int], output_size: tuple[int, int]
+) -> None:
+    """The dense merge's chunks (8 on the CPU, 32 on GPUs) keep every channel's value bit for bit
+    that of one call on all maps, which the official code makes."""
+    from knet_lightning.postprocess.rescale import rescale_maps, rescale_probs_chunks
+
+    logits = torch.randn(45, 16, 24, generator=torch.Generator().manual_seed(6))
+    whole = rescale_maps(logits.sigmoid(), image_size, padded_size, output_size)
+    for chunk in (8, 32):
+        chunks = rescale_probs_chunks(logits, image_size, padded_size, output_size, chunk)
+        assert torch.equal(torch.cat([probs for _, probs in chunks]), whole)
 
 
 @pytest.mark.parametrize("image_size,padded_size,output_size", CHAINS)

@@ -61,41 +61,17 @@ def _possible_owners(mask_logits: Tensor, scores: Tensor, margin: float = 1e-5) 
     return possible.nonzero().flatten()
 
 
-# Kernels rescaled at once by the CPU's dense merge: 8 maps of 512 x 512 (8 MB), about what a
-# cache holds when the per-kernel passes read them back.
+# Maps rescaled at once by the CPU's dense merge and semantic argmax (see _merge_dense).
 _CPU_DENSE_CHUNK = 8
 
 
-def _fold_chunk(probs: Tensor, scores: Tensor, kernels: Tensor, mask_thr: float, best: Tensor, owner: Tensor) -> Tensor:
-    """Folds a chunk of rescaled maps into the running argmax, in whole-chunk ops (GPUs).
-
-    ``probs`` ``(n, H, W)``, ``scores`` and ``kernels`` ``(n,)``; ``best`` and ``owner``
-    ``(H, W)`` are updated in place. Returns the chunk's ``prob >= mask_thr`` areas ``(n,)``.
-    """
-    # summing floats is about twice as fast as summing bools here
-    area = (probs >= mask_thr).flatten(1).to(exact_count_dtype(probs[0].numel())).sum(1).long()
-    chunk_best, chunk_arg = (scores[:, None, None] * probs).max(dim=0)
-    # strict '>' keeps the first maximum, like torch.argmax over all kernels at once
-    better = chunk_best > best
-    torch.where(better, chunk_best, best, out=best)
-    torch.where(better, kernels[chunk_arg], owner, out=owner)
-    return area
-
-
-def _fold_maps(probs: Tensor, scores: Tensor, kernels: Tensor, mask_thr: float, best: Tensor, owner: Tensor) -> Tensor:
-    """:func:`_fold_chunk` one map at a time, for the CPU: every pass reads a map the cache still
-    holds and writes into reused buffers, where the chunk's ops each stream its ``n x H x W``
-    values through memory (the dense merge 1.6-1.8x faster, ``scripts/bench.py --sections knet``)."""
-    area = torch.empty(len(kernels), dtype=torch.long)
-    mask = torch.empty(best.shape, dtype=torch.bool)
-    for j, kernel in enumerate(kernels.tolist()):
-        prob = probs[j]
-        area[j] = torch.count_nonzero(torch.ge(prob, mask_thr, out=mask))
-        prob.mul_(scores[j])
-        torch.gt(prob, best, out=mask)
-        torch.where(mask, prob, best, out=best)
-        owner.masked_fill_(mask, kernel)
-    return area
+def _areas(probs: Tensor, mask_thr: float, by_map: bool) -> Tensor:
+    """``(n,)`` int64 ``prob >= mask_thr`` pixel counts of ``probs`` ``(n, H, W)``: one map at a
+    time on the CPU (each map read while the cache holds it), in one chunk-wide op on GPUs."""
+    if not by_map:  # summing floats is about twice as fast as summing bools here
+        return (probs >= mask_thr).flatten(1).to(exact_count_dtype(probs[0].numel())).sum(1).long()
+    mask = torch.empty(probs.shape[1:], dtype=torch.bool)
+    return torch.stack([torch.count_nonzero(torch.ge(prob, mask_thr, out=mask)) for prob in probs])
 
 
 def _merge_dense(
@@ -107,12 +83,14 @@ def _merge_dense(
     mask_thr: float,
     prune: bool,
     candidates: Tensor | None = None,
+    by_map: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Owner map and original mask areas from full-resolution maps, as the official code.
 
     Same contract as :func:`~knet_lightning.postprocess.sparse_merge.merge_sparse`; the masks are rescaled with ``F.interpolate``
     (in kernel chunks), so every value is bit for bit the official one. ``candidates``: the
-    kernels that can own a pixel, when already known (else found here if ``prune``).
+    kernels that can own a pixel, when already known (else found here if ``prune``). ``by_map``:
+    fold the maps one at a time (default on the CPU) or chunk-wide (default on GPUs).
     """
     num_kernels, device = mask_logits.shape[0], mask_logits.device
     # Only kernels that can win some pixel need the full-resolution work; the others
@@ -120,16 +98,22 @@ def _merge_dense(
     if candidates is None:
         candidates = _possible_owners(mask_logits, scores) if prune else torch.arange(num_kernels, device=device)
 
-    # Running argmax of score * prob over the candidates, in their order.
-    best = torch.full(output_size, -1.0, device=device)
-    owner = torch.zeros(output_size, dtype=torch.long, device=device)
-    area_orig = torch.zeros(num_kernels, dtype=torch.long, device=device)
+    # Running argmax of score * prob over the candidates, in their order; the CPU folds the maps
+    # one at a time, 8 rescaled at once (about what a cache holds), into reused buffers, where
+    # whole-chunk ops each stream the chunk through memory (1.6-1.8x, scripts/bench.py).
+    by_map = not mask_logits.is_cuda if by_map is None else by_map
+    best = torch.full(output_size, float("-inf"), device=device)
+    arg = torch.zeros(output_size, dtype=torch.long, device=device)
+    area = torch.zeros(len(candidates), dtype=torch.long, device=device)
     cand_scores = scores[candidates]
-    fold, chunk = (_fold_chunk, RESCALE_CHUNK) if mask_logits.is_cuda else (_fold_maps, _CPU_DENSE_CHUNK)
-    chunks = rescale_probs_chunks(mask_logits[candidates], image_size, padded_size, output_size, chunk)
-    for start, probs in chunks:
-        kernels = candidates[start : start + probs.shape[0]]
-        area_orig[kernels] = fold(probs, cand_scores[start : start + len(kernels)], kernels, mask_thr, best, owner)
+    chunk = _CPU_DENSE_CHUNK if by_map else RESCALE_CHUNK
+    for start, probs in rescale_probs_chunks(mask_logits[candidates], image_size, padded_size, output_size, chunk):
+        n = probs.shape[0]
+        area[start : start + n] = _areas(probs, mask_thr, by_map)
+        _fold_argmax(probs.mul_(cand_scores[start : start + n, None, None]), start, best, arg, by_map)
+    area_orig = torch.zeros(num_kernels, dtype=torch.long, device=device)
+    area_orig[candidates] = area
+    owner = candidates[arg]
     return owner, area_orig
 
 
