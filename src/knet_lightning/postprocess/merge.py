@@ -70,8 +70,25 @@ def _areas(probs: Tensor, mask_thr: float, by_map: bool) -> Tensor:
     time on the CPU (each map read while the cache holds it), in one chunk-wide op on GPUs."""
     if not by_map:  # summing floats is about twice as fast as summing bools here
         return (probs >= mask_thr).flatten(1).to(exact_count_dtype(probs[0].numel())).sum(1).long()
-    mask = torch.empty(probs.shape[1:], dtype=torch.bool)
+    mask = torch.empty(probs.shape[1:], dtype=torch.bool, device=probs.device)
     return torch.stack([torch.count_nonzero(torch.ge(prob, mask_thr, out=mask)) for prob in probs])
+
+
+def _fold_argmax(maps: Tensor, start: int, best: Tensor, arg: Tensor, by_map: bool) -> None:
+    """Folds maps ``start .. start + n - 1`` ``(n, H, W)`` into the running ``best`` and ``arg``
+    ``(H, W)`` in place; strict '>' gives a tie to the first map, as torch.argmax. ``by_map``
+    (the CPU): one map at a time; else in whole-chunk ops (GPUs)."""
+    if not by_map:
+        chunk_best, chunk_arg = maps.max(dim=0)
+        better = chunk_best > best
+        torch.where(better, chunk_best, best, out=best)
+        torch.where(better, chunk_arg + start, arg, out=arg)
+        return
+    better = torch.empty(best.shape, dtype=torch.bool, device=best.device)
+    for j in range(maps.shape[0]):
+        torch.gt(maps[j], best, out=better)
+        torch.where(better, maps[j], best, out=best)
+        arg.masked_fill_(better, start + j)
 
 
 def _merge_dense(
@@ -88,7 +105,9 @@ def _merge_dense(
     """Owner map and original mask areas from full-resolution maps, as the official code.
 
     Same contract as :func:`~knet_lightning.postprocess.sparse_merge.merge_sparse`; the masks are rescaled with ``F.interpolate``
-    (in kernel chunks), so every value is bit for bit the official one. ``candidates``: the
+    (in kernel chunks of a multiple of 8, which keep each value bit for bit that of one call on
+    all the maps, as the official code makes; a pruned subset is its own call, where a
+    downsampling resize may round a value differently in the last bit). ``candidates``: the
     kernels that can own a pixel, when already known (else found here if ``prune``). ``by_map``:
     fold the maps one at a time (default on the CPU) or chunk-wide (default on GPUs).
     """
@@ -325,23 +344,6 @@ def instance_inference(
     return {"masks": masks, "scores": scores, "labels": labels}
 
 
-def _fold_argmax(maps: Tensor, start: int, best: Tensor, arg: Tensor, by_map: bool) -> None:
-    """Folds maps ``start .. start + n - 1`` ``(n, H, W)`` into the running ``best`` and ``arg``
-    ``(H, W)`` in place; strict '>' gives a tie to the first map, as torch.argmax. ``by_map``
-    (the CPU): one map at a time; else in whole-chunk ops (GPUs)."""
-    if not by_map:
-        chunk_best, chunk_arg = maps.max(dim=0)
-        better = chunk_best > best
-        torch.where(better, chunk_best, best, out=best)
-        torch.where(better, chunk_arg + start, arg, out=arg)
-        return
-    better = torch.empty(best.shape, dtype=torch.bool)
-    for j in range(maps.shape[0]):
-        torch.gt(maps[j], best, out=better)
-        torch.where(better, maps[j], best, out=best)
-        arg.masked_fill_(better, start + j)
-
-
 @torch.no_grad()
 def semantic_inference(
     seg_logits: Tensor,
@@ -366,7 +368,7 @@ def semantic_inference(
         raise ValueError("postprocess: `seg_logits` has no classes (C = 0)")
     img, pad, out = check_sizes(image_size, padded_size, output_size)
     # Argmax only needs the running max over classes, so chunk over classes to bound memory;
-    # the CPU folds the maps one at a time, as the panoptic merge's _fold_maps does.
+    # the CPU folds the maps one at a time, as the panoptic merge does.
     device = seg_logits.device
     best = torch.full(out, float("-inf"), device=device)
     arg = torch.zeros(out, dtype=torch.long, device=device)
