@@ -158,6 +158,7 @@ def round_robin(
                 runs[name].append((time.perf_counter() - start) * 1e3)
     return {name: {"total_ms": statistics.median(ms), "min_ms": min(ms), "runs_ms": ms} for name, ms in runs.items()}
 
+
 def breakdown(result: dict[str, Any], order: Sequence[str]) -> dict[str, float]:
     """Parts in ``order``: ``losses`` = criterion - matching; ``other`` = the run's total - the rest."""
     parts = dict(result["parts_ms"])
