@@ -13,8 +13,8 @@ Steps, each recorded (with its seconds) even when another fails:
 3. ``ddp_resume``: two epochs of 25 steps with ``trainer=ddp`` (the NCCL path of the headline
    command, one process), against one epoch, stopped, then resumed with ``ckpt_path=last``: the
    largest weight difference between the two ends (0: exact).
-4. ``device_paths``: the sparse panoptic merge and the fused AdamW on the device against their
-   CPU results.
+4. ``device_paths``: the sparse and dense panoptic merges and the fused AdamW on the device
+   against their CPU results (the dense merge's two folds against each other).
 
 ``--tiny``: ResNet-18 at 64x64 and a few steps, for the CPU; its numbers mean nothing.
 """
@@ -115,10 +115,11 @@ def step_ddp_resume(opts: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def step_device_paths(opts: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """The sparse merge and the fused AdamW on ``--device`` against the CPU (on the CPU: the fused
-    AdamW against the for-loop one)."""
+    """The sparse and dense merges and the fused AdamW on ``--device`` against the CPU (on the CPU:
+    the fused AdamW against the for-loop one, and the dense merge's two folds)."""
     import torch
 
+    from knet_lightning.postprocess.merge import _merge_dense
     from knet_lightning.postprocess.sparse_merge import merge_sparse
 
     device = torch.device(opts.device)
@@ -131,6 +132,17 @@ def step_device_paths(opts: argparse.Namespace, work: Path) -> dict[str, Any]:
     merge = {
         "owner_equal": bool(torch.equal(owner.cpu(), cpu_owner)),
         "areas_equal": bool(torch.equal(area.cpu(), cpu_area)),
+    }
+    # the dense merge: the device's chunk-wide fold (its default) against the map-by-map fold (the
+    # CPU's default) on the same device, which must agree exactly; and against the CPU, whose
+    # bilinear resize may round differently, as the share of pixels with the same owner
+    logits = torch.logit(probs.clamp(1e-4, 1 - 1e-4))
+    chunked = _merge_dense(logits.to(device), scores.to(device), *args, prune=False, by_map=False)
+    by_map = _merge_dense(logits.to(device), scores.to(device), *args, prune=False, by_map=True)
+    cpu_dense = _merge_dense(logits, scores, *args, prune=False)
+    dense = {
+        "folds_equal": bool(torch.equal(chunked[0], by_map[0]) and torch.equal(chunked[1], by_map[1])),
+        "owner_agreement_with_cpu": (chunked[0].cpu() == cpu_dense[0]).float().mean().item(),
     }
 
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16), torch.nn.Conv2d(16, 8, 1))
@@ -152,6 +164,7 @@ def step_device_paths(opts: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {
         "device": str(device),
         "sparse_merge": merge,
+        "dense_merge": dense,
         "fused_adamw_max_diff": diff,
         "fused_adamw_close": diff < 1e-5,
     }

@@ -63,4 +63,5 @@ def test_the_gpu_check_runs_every_step_tiny_on_the_cpu(tmp_path: Path) -> None:
 
     paths = steps["device_paths"]
     assert paths["sparse_merge"] == {"owner_equal": True, "areas_equal": True} and paths["fused_adamw_close"]
+    assert paths["dense_merge"] == {"folds_equal": True, "owner_agreement_with_cpu": 1.0}
     assert "gpu_check:" in proc.stdout
