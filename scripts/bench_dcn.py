@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -76,7 +75,7 @@ def op_rows(size: int, repeats: int, tiny: bool) -> list[dict[str, Any]]:
 def model_rows(size: int, repeats: int, tiny: bool) -> list[dict[str, Any]]:
     from knet_bench.common import PROFILES, Context, make_batch
     from knet_bench.model import build_knet, knet_infer_step, knet_train_step, make_optimizer
-    from knet_bench.timing import round_robin
+    from knet_bench.timing import per_round_ratio, round_robin
     from knet_bench.zoo import zoo_models
 
     profile = PROFILES["tiny" if tiny else "full"]
@@ -98,9 +97,8 @@ def model_rows(size: int, repeats: int, tiny: bool) -> list[dict[str, Any]]:
         row = {"model": f"K-Net {name}", "size": size, "infer_ms": infer[name]["total_ms"],
                "train_ms": train[name]["total_ms"], "infer_runs_ms": infer[name]["runs_ms"],
                "train_runs_ms": train[name]["runs_ms"]}  # fmt: skip
-        for kind in ("infer", "train"):  # the median of the per-round ratios to the first model
-            pairs = zip(row[f"{kind}_runs_ms"], rows[0][f"{kind}_runs_ms"] if rows else row[f"{kind}_runs_ms"])
-            row[f"{kind}_ratio"] = statistics.median(mine / first for mine, first in pairs)
+        for kind, timed in (("infer", infer), ("train", train)):  # against the first model, per round
+            row[f"{kind}_ratio"] = per_round_ratio(timed, name, names[0])
         rows.append(row)
     return rows
 

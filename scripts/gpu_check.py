@@ -137,8 +137,9 @@ def step_device_paths(opts: argparse.Namespace, work: Path) -> dict[str, Any]:
     # CPU's default) on the same device, which must agree exactly; and against the CPU, whose
     # bilinear resize may round differently, as the share of pixels with the same owner
     logits = torch.logit(probs.clamp(1e-4, 1 - 1e-4))
-    chunked = _merge_dense(logits.to(device), scores.to(device), *args, prune=False, by_map=False)
-    by_map = _merge_dense(logits.to(device), scores.to(device), *args, prune=False, by_map=True)
+    on_device = (logits.to(device), scores.to(device), *args)
+    chunked = _merge_dense(*on_device, prune=False, by_map=False)
+    by_map = _merge_dense(*on_device, prune=False, by_map=True)
     cpu_dense = _merge_dense(logits, scores, *args, prune=False)
     dense = {
         "folds_equal": bool(torch.equal(chunked[0], by_map[0]) and torch.equal(chunked[1], by_map[1])),

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,13 +47,20 @@ from knet_bench.model import (  # noqa: E402
     knet_train_step,
     make_optimizer,
 )
-from knet_bench.timing import PartTimer, breakdown, measure, round_robin  # noqa: E402
-from knet_bench.zoo import build_mask2former_swin, zoo_models  # noqa: E402
+from knet_bench.timing import PartTimer, breakdown, measure, per_round_ratio, round_robin  # noqa: E402
+from knet_bench.zoo import build_mask2former_swin, mask2former_swin_name, zoo_models  # noqa: E402
+
+from knet_lightning.module import KNetModule  # noqa: E402
+
+
+def knet_swin(ctx: Context) -> tuple[str, KNetModule]:
+    """The bench's ``zoo`` K-Net Swin-L (tiny profile: Swin-T), random weights, and its name."""
+    name = "Swin-T" if ctx.profile.name == "tiny" else "Swin-L"
+    return name, build_knet(ctx, ctx.profile.num_proposals, ctx.profile.num_stages, **zoo_models(ctx.profile)[name])
 
 
 def knet_rows(ctx: Context, size: tuple[int, int], repeats: int) -> list[dict[str, Any]]:
-    name = "Swin-T" if ctx.profile.name == "tiny" else "Swin-L"
-    module = build_knet(ctx, ctx.profile.num_proposals, ctx.profile.num_stages, **zoo_models(ctx.profile)[name])
+    name, module = knet_swin(ctx)
     module.eval()
     images, _ = make_batch(ctx.profile, size, 1, ctx.device, ctx.seed)
     rows = []
@@ -82,8 +88,7 @@ def knet_rows(ctx: Context, size: tuple[int, int], repeats: int) -> list[dict[st
 def knet_train_row(ctx: Context, size: tuple[int, int], repeats: int) -> dict[str, Any]:
     """K-Net Swin-L's training step (the bench's: forward, matching, losses, backward, AdamW) by
     part, in the bench's layout for training on this CPU."""
-    name = "Swin-T" if ctx.profile.name == "tiny" else "Swin-L"
-    module = build_knet(ctx, ctx.profile.num_proposals, ctx.profile.num_stages, **zoo_models(ctx.profile)[name])
+    name, module = knet_swin(ctx)
     module.train()
     images, targets = make_batch(ctx.profile, size, 1, ctx.device, ctx.seed)
     ctx.memory_format = "auto"
@@ -113,8 +118,7 @@ def mask2former_row(ctx: Context, size: tuple[int, int], repeats: int) -> dict[s
     result = measure(step, ctx.device, 1, repeats, timer)
     parts = result["parts_ms"]
     parts["other"] = result["parts_total_ms"] - sum(parts.values())
-    name = "Mask2Former Swin (HF, tiny)" if ctx.profile.name == "tiny" else "Mask2Former Swin-L (HF)"
-    return {"model": name, "total_ms": result["total_ms"], "parts_ms": parts}
+    return {"model": mask2former_swin_name(ctx.profile), "total_ms": result["total_ms"], "parts_ms": parts}
 
 
 def backbone_rows(ctx: Context, size: tuple[int, int], repeats: int) -> list[dict[str, Any]]:
@@ -150,8 +154,7 @@ def ratio_rows(ctx: Context, size: tuple[int, int], repeats: int, settle: int = 
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # its post-processing warns on every call
-    name = "Swin-T" if ctx.profile.name == "tiny" else "Swin-L"
-    knet = build_knet(ctx, ctx.profile.num_proposals, ctx.profile.num_stages, **zoo_models(ctx.profile)[name])
+    name, knet = knet_swin(ctx)
     m2f = build_mask2former_swin(ctx.profile, ctx.device, ctx.seed)
     images, targets = make_batch(ctx.profile, size, 1, ctx.device, ctx.seed)
     ctx.memory_format = "auto"
@@ -164,17 +167,14 @@ def ratio_rows(ctx: Context, size: tuple[int, int], repeats: int, settle: int = 
     m2f.train()
     knet_train = knet_train_step(knet, make_optimizer(knet), in_layout(ctx, knet, images, training=True), targets, None)
     train = round_robin([("knet", knet_train), ("mask2former", m2f_train)], ctx.device, repeats, settle)
-    other = "Mask2Former Swin (HF, tiny)" if ctx.profile.name == "tiny" else "Mask2Former Swin-L (HF)"
-    row: dict[str, Any] = {"model": f"K-Net {name} / {other}"}
+    row: dict[str, Any] = {"model": f"K-Net {name} / {mask2former_swin_name(ctx.profile)}"}
     for kind, timed in (("infer", infer), ("train", train)):
         row[f"knet_{kind}_ms"], row[f"m2f_{kind}_ms"] = timed["knet"]["total_ms"], timed["mask2former"]["total_ms"]
         row[f"knet_{kind}_runs_ms"], row[f"m2f_{kind}_runs_ms"] = (
             timed["knet"]["runs_ms"],
             timed["mask2former"]["runs_ms"],
         )
-        row[f"{kind}_ratio"] = statistics.median(
-            k / m for k, m in zip(timed["knet"]["runs_ms"], timed["mask2former"]["runs_ms"])
-        )
+        row[f"{kind}_ratio"] = per_round_ratio(timed, "knet", "mask2former")
     return row
 
 

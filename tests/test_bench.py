@@ -251,6 +251,7 @@ def test_round_robin_interleaves_the_steps_and_drops_the_warm_up(monkeypatch: py
     assert result["b"]["runs_ms"] == pytest.approx([2.0, 6.0, 2.0])
     assert result["a"]["total_ms"] == pytest.approx(1.0) and result["b"]["total_ms"] == pytest.approx(2.0)
     assert result["b"]["min_ms"] == pytest.approx(2.0)
+    assert timing.per_round_ratio(result, "b", "a") == pytest.approx(2.0)  # the slow round cancels
 
 
 def test_round_robin_settles_each_step_untimed_before_timing_it(monkeypatch: pytest.MonkeyPatch) -> None:

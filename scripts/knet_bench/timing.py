@@ -159,6 +159,13 @@ def round_robin(
     return {name: {"total_ms": statistics.median(ms), "min_ms": min(ms), "runs_ms": ms} for name, ms in runs.items()}
 
 
+def per_round_ratio(timed: dict[str, dict[str, Any]], name: str, reference: str) -> float:
+    """Median over the rounds of :func:`round_robin`'s ``timed`` of ``name``'s time over
+    ``reference``'s in the same round (a ratio that a slow spell spanning a round cancels)."""
+    pairs = zip(timed[name]["runs_ms"], timed[reference]["runs_ms"])
+    return statistics.median(mine / theirs for mine, theirs in pairs)
+
+
 def breakdown(result: dict[str, Any], order: Sequence[str]) -> dict[str, float]:
     """Parts in ``order``: ``losses`` = criterion - matching; ``other`` = the run's total - the rest."""
     parts = dict(result["parts_ms"])

@@ -56,6 +56,11 @@ def zoo_models(profile: Profile) -> dict[str, dict[str, Any]]:
     }
 
 
+def mask2former_swin_name(profile: Profile) -> str:
+    """The row name of :func:`build_mask2former_swin`'s model."""
+    return "Mask2Former Swin (HF, tiny)" if profile.name == "tiny" else "Mask2Former Swin-L (HF)"
+
+
 def build_mask2former_swin(profile: Profile, device: torch.device, seed: int) -> nn.Module:
     """Hugging Face Mask2Former with a Swin backbone (Swin-L, window 12; tiny: a 1-block Swin), random weights."""
     import inspect
@@ -150,7 +155,7 @@ def _mask2former_rows(ctx: Context) -> tuple[list[dict[str, Any]], str]:
     rows = []
     for size in p.sizes:
         images, targets = make_batch(p, size, 1, device, ctx.seed)
-        row: dict[str, Any] = {"model": "Mask2Former Swin-L (HF)" if p.name != "tiny" else "Mask2Former Swin (HF, tiny)",
+        row: dict[str, Any] = {"model": mask2former_swin_name(p),
                                "size": f"{size[0]}x{size[1]}", "params_m": params / 1e6, "trainable_m": trainable / 1e6}  # fmt: skip
         try:
             model.eval()
