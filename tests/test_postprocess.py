@@ -210,6 +210,16 @@ def _random_outputs(gen: torch.Generator, trial: int, num_kernels: int = 30) -> 
     return mask_logits, torch.randn(num_kernels, 12, generator=gen) * 3
 
 
+def _official_resize(
+    maps: torch.Tensor, image_size: tuple[int, int], padded_size: tuple[int, int], output_size: tuple[int, int]
+) -> torch.Tensor:
+    """``(C, h, w)`` -> ``(C, H, W)`` by the official ``rescale_masks`` chain, in one call on all maps:
+    bilinear to the padded size, crop to the image, bilinear to the output size."""
+    resized = F.interpolate(maps[None], size=padded_size, mode="bilinear", align_corners=False)
+    resized = resized[:, :, : image_size[0], : image_size[1]]
+    return F.interpolate(resized, size=output_size, mode="bilinear", align_corners=False)[0]
+
+
 def _official_scores(
     mask_logits: torch.Tensor,
     cls_logits: torch.Tensor,
@@ -220,9 +230,7 @@ def _official_scores(
     output_size: tuple[int, int],
 ) -> torch.Tensor:
     """score * prob of every kernel at every output pixel, by the official rescale chain."""
-    probs = F.interpolate(mask_logits[None].sigmoid(), size=padded_size, mode="bilinear", align_corners=False)
-    probs = probs[:, :, : image_size[0], : image_size[1]]
-    probs = F.interpolate(probs, size=output_size, mode="bilinear", align_corners=False)[0]
+    probs = _official_resize(mask_logits.sigmoid(), image_size, padded_size, output_size)
     cls = cls_logits.sigmoid()
     num_stuff = cls.shape[0] - num_proposals
     scores = torch.cat(
@@ -291,9 +299,7 @@ def test_sparse_merge_owner_and_areas_against_brute_force(
 def test_composed_taps_equal_the_official_resize_chain() -> None:
     x = torch.rand(3, 16, 24, dtype=torch.float64)
     for image_size, padded_size, output_size in CHAINS:
-        chain = F.interpolate(x[None], size=padded_size, mode="bilinear", align_corners=False)
-        chain = chain[:, :, : image_size[0], : image_size[1]]
-        chain = F.interpolate(chain, size=output_size, mode="bilinear", align_corners=False)[0]
+        chain = _official_resize(x, image_size, padded_size, output_size)
         ystart, wy = _axis_taps(output_size[0], image_size[0], padded_size[0], 16)
         xstart, wx = _axis_taps(output_size[1], image_size[1], padded_size[1], 24)
         assert wy.shape[1] <= 3 and wx.shape[1] <= 3
@@ -400,9 +406,7 @@ def test_both_dense_folds_equal_the_official_argmax_and_areas(
         for candidates in (torch.arange(20), torch.tensor([1, 4, 5, 11, 14, 15])):
             # the official chain on the maps the merge rescales (a downsampling resize rounds a
             # channel by its place in the call's vector lanes, so a subset is its own call)
-            probs = F.interpolate(mask_logits[candidates][None].sigmoid(), size=padded_size, mode="bilinear")
-            probs = probs[:, :, : image_size[0], : image_size[1]]
-            probs = F.interpolate(probs, size=output_size, mode="bilinear", align_corners=False)[0]
+            probs = _official_resize(mask_logits[candidates].sigmoid(), image_size, padded_size, output_size)
             cur = scores[candidates, None, None] * probs
             for by_map in (True, False):
                 args = (mask_logits, scores, image_size, padded_size, output_size, 0.5, False)
@@ -438,9 +442,7 @@ def test_semantic_argmax_folds_equal_torch_argmax_with_ties(
     seg_logits = torch.randn(40, 16, 24, generator=gen)
     seg_logits[20:] = seg_logits[:20]  # classes 20-39 copy 0-19: exact ties everywhere
     seg_logits[5, :4] = 1e4  # one class leads a band by far
-    logits = F.interpolate(seg_logits[None], size=padded_size, mode="bilinear", align_corners=False)
-    logits = logits[:, :, : image_size[0], : image_size[1]]
-    expected = F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)[0].argmax(0)
+    expected = _official_resize(seg_logits, image_size, padded_size, output_size).argmax(0)
     assert (expected < 20).all()  # the ties went to the first copies
     assert torch.equal(semantic_inference(seg_logits, image_size, padded_size, output_size), expected)
     for by_map in (True, False):
